@@ -1,0 +1,64 @@
+/* mn_maps.h: the maps every meshnode capture program shares, and their key/value structs.
+ *
+ * Each program file is compiled as its own bcc module; they meet in these maps because every
+ * map is pinned under MN_PIN_DIR (BPF_TABLE_PINNED: the first module to load creates and pins
+ * a map, the others open the pin). meshnode/bpf/maps.py packs the same layouts in Python:
+ * change a struct here and there together.
+ *
+ * Every number comes in as a -D flag from meshnode/constants.py (MN_<NAME>) plus MN_PIN_DIR;
+ * nothing here restates one.
+ */
+#ifndef MN_MAPS_H
+#define MN_MAPS_H
+
+#include <uapi/linux/bpf.h>
+
+/* bcc's BPF C environment does not define the socket type constants. */
+#ifndef SOCK_STREAM
+#define SOCK_STREAM 1
+#endif
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+
+/* Verdicts of cgroup sock_addr and sockopt programs, by what they mean to the caller. */
+#define MN_VERDICT_PROCEED 1 /* the syscall goes on (possibly with a rewritten address) */
+#define MN_VERDICT_REFUSE 0  /* the syscall fails with EPERM at once */
+
+/* An IPv4 endpoint exactly as the kernel hands it to us: both fields in network byte order,
+ * padded to 8 bytes so key comparison never sees stack garbage. Used as the mn_dest key
+ * (port 0: every port of a VIP), the mn_origdst key (the captured client's local address)
+ * and the value of both original-destination maps. */
+struct mn_addr4 {
+    __u32 ip;
+    __u16 port;
+    __u16 pad;
+};
+
+/* Destination -> service id: connects to these belong to the mesh. */
+BPF_TABLE_PINNED("hash", struct mn_addr4, __u32, mn_dest, MN_MAP_DEST_ENTRIES,
+                 MN_PIN_DIR "/mn_dest");
+/* Service id -> MN_SVC_READY | MN_SVC_FAIL_CLOSED. A missing entry means neither. */
+BPF_TABLE_PINNED("hash", __u32, __u32, mn_svc, MN_MAP_SVC_ENTRIES, MN_PIN_DIR "/mn_svc");
+/* Socket cookie -> original destination, from connect until the handshake completes.
+ * LRU: a connect that never establishes must not leak an entry forever. */
+BPF_TABLE_PINNED("lru_hash", __u64, struct mn_addr4, mn_cookie, MN_MAP_COOKIE_ENTRIES,
+                 MN_PIN_DIR "/mn_cookie");
+/* Client local (ip, port) -> original destination: what the proxy's accepted socket sees as
+ * its peer. LRU, since nothing deletes an entry when the connection closes. */
+BPF_TABLE_PINNED("lru_hash", struct mn_addr4, struct mn_addr4, mn_origdst,
+                 MN_MAP_ORIGDST_ENTRIES, MN_PIN_DIR "/mn_origdst");
+/* Counters by MN_STAT_* slot; per-CPU so the hot path never contends on a cache line. */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, mn_stats, MN_STAT_SLOTS, MN_PIN_DIR "/mn_stats");
+
+static __always_inline void mn_count(__u32 slot)
+{
+    __u64 *n = mn_stats.lookup(&slot);
+    if (n)
+        *n += 1; /* per-CPU slot: no atomic needed */
+}
+
+#endif /* MN_MAPS_H */

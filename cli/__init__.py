@@ -1,0 +1,2 @@
+"""The meshnode command line (typer). The only place that turns typed errors into messages and
+exit codes; everything below it raises."""

@@ -1,0 +1,3 @@
+from meshnode.cli.app import main
+
+main()

@@ -1,0 +1,200 @@
+"""`meshnode`: the typer app.
+
+Examples:
+  sudo meshnode agent --capture auto
+  sudo meshnode service add web --port 80
+  sudo meshnode run --service web -- python3 -m http.server 8001
+  sudo meshnode enroll 4242 --service api
+  sudo meshnode status --output json
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from typing import Annotated, Any, NoReturn
+
+import click
+import typer
+from meshnode.cli.output import Output, emit_json, status_text
+
+from meshnode import __version__
+from meshnode.agent.client import AgentClient
+from meshnode.config import AgentConfig, control_socket_path, instance_name
+from meshnode.errors import MeshnodeError, UsageError
+
+app = typer.Typer(help="meshnode: a per-host service mesh for Linux hosts and VMs.",
+                  no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+service_app = typer.Typer(help="Services and their static endpoints.", no_args_is_help=True)
+bpf_app = typer.Typer(help="BPF programs.", no_args_is_help=True, hidden=True)
+app.add_typer(service_app, name="service")
+app.add_typer(bpf_app, name="bpf")
+
+Instance = Annotated[str, typer.Option("--instance", envvar="MESHNODE_INSTANCE",
+                                       help="Which agent (several can run side by side).")]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
+
+
+def _client(instance: str) -> AgentClient:
+    return AgentClient(control_socket_path(instance_name(instance)))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"meshnode {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version.")] = False) -> None:
+    pass
+
+
+@app.command()
+def agent(
+    instance: Instance = "default",
+    capture: Annotated[str, typer.Option(help="ebpf, iptables or auto")] = "auto",
+    workers: Annotated[int, typer.Option(help="proxy worker processes")] = os.cpu_count() or 1,
+    netns: Annotated[str | None, typer.Option(help="run inside /run/netns/NAME")] = None,
+    host_address: Annotated[str, typer.Option(help="address of this host's endpoints")] =
+        "127.0.0.1",
+    outbound_port: Annotated[int, typer.Option(help="port captured connections land on")] =
+        15001,
+    restart_backoff: Annotated[float, typer.Option(help="seconds before a dead worker "
+                                                         "is restarted")] = 0.2,
+    drain_grace: Annotated[float, typer.Option(help="seconds connections get to finish "
+                                                     "on stop")] = 5.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+) -> None:
+    """Run the host agent (root): capture, proxy workers, registry, control socket."""
+    from meshnode.agent.host_agent import run_agent
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_agent(AgentConfig(instance=instance, capture=capture, workers=workers, netns=netns,
+                          host_address=host_address, outbound_port=outbound_port,
+                          restart_backoff=restart_backoff, drain_grace=drain_grace))
+
+
+@app.command()
+def status(instance: Instance = "default", output: OutputOpt = Output.table) -> None:
+    """Capture mode, workers, services with VIPs, endpoints and counters, enrolled processes."""
+    s = _client(instance).call("status")
+    if output is Output.json:
+        emit_json(s)
+    else:
+        typer.echo(status_text(s))
+
+
+@app.command()
+def enroll(pid: Annotated[int, typer.Argument(help="a running process")],
+           service: Annotated[str, typer.Option(help="service it serves or belongs to")],
+           instance: Instance = "default", output: OutputOpt = Output.table) -> None:
+    """Put a running process (and its children) into the mesh, without restarting it."""
+    r = _client(instance).call("enroll", pid=pid, service=service)
+    if output is Output.json:
+        emit_json(r)
+    else:
+        eps = ", ".join(r["endpoints"]) or "none yet"
+        typer.echo(f"enrolled PID {r['pid']} in {r['service']} (endpoints: {eps})")
+
+
+@app.command()
+def unenroll(pid: int, instance: Instance = "default") -> None:
+    """Take a process out of the mesh: its new connections are no longer captured."""
+    r = _client(instance).call("unenroll", pid=pid)
+    typer.echo(f"unenrolled PID {r['pid']} from {r['service']}")
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def run(service: Annotated[str, typer.Option(help="service the command belongs to")],
+        command: Annotated[list[str], typer.Argument(help="the command, after --")],
+        instance: Instance = "default") -> None:
+    """Start a command already enrolled: meshnode run --service web -- CMD ARGS..."""
+    if shutil.which(command[0]) is None:
+        raise UsageError(f"command not found: {command[0]}", "check the command after --")
+    # Enroll this very process, then become the command: same PID, same start time.
+    _client(instance).call("enroll", pid=os.getpid(), service=service)
+    sys.stdout.flush()
+    os.execvp(command[0], command)
+
+
+@service_app.command("add")
+def service_add(
+    name: str,
+    port: Annotated[int | None, typer.Option(help="VIP port that reaches every endpoint")] = None,
+    endpoint: Annotated[list[str] | None, typer.Option(help="HOST:PORT (repeatable)")] = None,
+    fail_closed: Annotated[bool | None, typer.Option(
+        "--fail-closed/--fail-open", help="refuse connections while the proxy is down")] = None,
+    instance: Instance = "default", output: OutputOpt = Output.table,
+) -> None:
+    """Create a service (or update it) and add endpoints that are not local processes."""
+    r = _client(instance).call("service.add", name=name, port=port, endpoints=endpoint or [],
+                               fail_closed=fail_closed)
+    if output is Output.json:
+        emit_json(r)
+    else:
+        eps = ", ".join(e["addr"] for e in r["endpoints"]) or "none"
+        typer.echo(f"service {r['name']}: VIP {r['vip']}, port {r['port'] or '*'}, "
+                   f"endpoints {eps}")
+
+
+@service_app.command("remove")
+def service_remove(
+    name: str,
+    endpoint: Annotated[list[str] | None, typer.Option(help="only this HOST:PORT (repeatable)")]
+        = None,
+    instance: Instance = "default",
+) -> None:
+    """Remove a service, or only some of its endpoints."""
+    r = _client(instance).call("service.remove", name=name, endpoints=endpoint or [])
+    what = f"endpoints {', '.join(r['endpoints'])} of " if r["endpoints"] else ""
+    typer.echo(f"removed {what}service {r['removed']}")
+
+
+@bpf_app.command("source")
+def bpf_source() -> None:
+    """Print the exact C and compiler flags handed to bcc."""
+    from meshnode.bpf.compile import render_source
+
+    typer.echo(render_source())
+
+
+@app.command()
+def demo(instance: Instance = "default",
+         calls: Annotated[int, typer.Option(help="calls the client makes")] = 30) -> None:
+    """Start an agent (unless one runs), three instances of a service and an enrolled client
+    calling its VIP; print how the calls spread."""
+    from meshnode.cli.demo import run_demo
+
+    run_demo(instance_name(instance), calls)
+
+
+def _fail(err: MeshnodeError) -> NoReturn:
+    msg = f"meshnode: error: {err.message}"
+    if err.hint:
+        msg += f" (hint: {err.hint})"
+    typer.echo(msg, err=True)
+    sys.exit(err.exit_code)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console entry point: the one place that prints errors and picks exit codes."""
+    try:
+        return app(args=argv, standalone_mode=False)
+    except MeshnodeError as err:
+        _fail(err)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(64)  # EX_USAGE
+    except KeyboardInterrupt:
+        sys.exit(130)

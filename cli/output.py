@@ -1,0 +1,61 @@
+"""Rendering for read commands: human tables by default, `--output json` on each."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any
+
+import typer
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    cols = [header, *rows]
+    widths = [max(len(r[i]) for r in cols) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cols]
+    return "\n".join(lines)
+
+
+def emit_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def status_text(s: dict[str, Any]) -> str:
+    cap = s["capture"]
+    alive = sum(1 for w in s["workers"] if w["alive"])
+    out = [
+        f"agent     instance {s['instance']}, pid {s['pid']}, "
+        f"{'ready' if s['ready'] else 'NOT READY (capture passes through)'}, "
+        f"started in {s['ready_after_s']}s",
+        f"capture   {cap['backend']}: {cap['reason']}",
+        f"workers   {alive}/{len(s['workers'])} alive"
+        + "".join(f", #{w['id']} pid {w['pid']}" + ("" if w["alive"] else " DOWN")
+                  for w in s["workers"]),
+        f"cgroup    {s['cgroup']}",
+    ]
+    kernel = cap.get("kernel") or {}
+    if kernel:
+        out.append("kernel    " + ", ".join(f"{k} {v}" for k, v in sorted(kernel.items())))
+    out.append("")
+    rows = []
+    for svc in s["services"]:
+        c = svc["counters"]
+        eps = ", ".join(e["addr"] for e in svc["endpoints"]) or "-"
+        rows.append([svc["name"], svc["vip"], str(svc["port"] or "*"), eps,
+                     str(c.get("connections", 0)), str(c.get("active", 0)),
+                     str(c.get("bytes_up", 0)), str(c.get("bytes_down", 0)),
+                     str(c.get("connect_errors", 0))])
+    out.append(table(rows, ["SERVICE", "VIP", "PORT", "ENDPOINTS", "CONNS", "ACTIVE",
+                            "BYTES_UP", "BYTES_DOWN", "CONN_ERRS"]) if rows
+               else "no services (add one: meshnode service add NAME)")
+    out.append("")
+    procs = [[str(e["pid"]), e["service"], ", ".join(e["endpoints"]) or "-"]
+             for e in s["enrolled"]]
+    out.append(table(procs, ["PID", "SERVICE", "LISTENING"]) if procs
+               else "no enrolled processes (meshnode enroll PID --service NAME)")
+    return "\n".join(out)

@@ -1,0 +1,1 @@
+"""meshnode.agent."""

@@ -1,0 +1,216 @@
+"""Enrollment: put running processes into the mesh without restarting them.
+
+Enrolling moves a process (and its current descendants; later children follow by themselves)
+into its service's cgroup, which is what capture keys on, and registers the TCP ports the tree
+listens on as the service's endpoints, rescanning as ports open and close. A pidfd tells the
+agent the moment the process exits; the start time guards against PID reuse across restarts.
+Records persist, so a restarted agent re-enrolls the processes that are still the same ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from meshnode.discovery.embedded import EmbeddedRegistry
+from meshnode.discovery.registry import EndpointRecord
+from meshnode.errors import ConflictError, NotFoundError, UsageError
+from meshnode.host import cgroup, process
+from meshnode.model import HostPort, service_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Enrollment:
+    pid: int
+    start_time: float
+    service: str
+    origin_cgroup: str  # where it came from: unenroll and agent stop move it back there
+    ports: set[HostPort] = field(default_factory=set)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ports"] = sorted(str(p) for p in self.ports)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Enrollment:
+        return cls(int(d["pid"]), float(d["start_time"]), str(d["service"]),
+                   str(d["origin_cgroup"]), {HostPort.parse(p) for p in d.get("ports", [])})
+
+
+class EnrollmentManager:
+    def __init__(self, registry: EmbeddedRegistry, apps_cgroup: Path, mount: Path,
+                 state_file: Path, host_address: str, protected_pids: set[int]) -> None:
+        self.registry = registry
+        self.apps_cgroup = apps_cgroup
+        self.mount = mount
+        self.state_file = state_file
+        self.host_address = IPv4Address(host_address)
+        self.protected = protected_pids  # the agent and its workers: never enrollable
+        self.by_pid: dict[int, Enrollment] = {}
+        self._pidfds: dict[int, int] = {}
+
+    # -- persistence ----------------------------------------------------------------------
+    def _save(self) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps([e.to_json() for e in self.by_pid.values()], indent=1))
+        os.replace(tmp, self.state_file)
+
+    def _load(self) -> list[Enrollment]:
+        try:
+            return [Enrollment.from_json(d) for d in json.loads(self.state_file.read_text())]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("enrollment file %s unreadable (%s); ignoring it", self.state_file, exc)
+            return []
+
+    def service_cgroup(self, service: str) -> Path:
+        return self.apps_cgroup / service
+
+    # -- operations -----------------------------------------------------------------------
+    def restore(self) -> None:
+        """After a (re)start: re-enroll recorded processes that still run; forget the rest and
+        their endpoints (a reused PID is another process: its start time differs)."""
+        for e in self._load():
+            if process.ProcessId(e.pid, e.start_time).alive():
+                try:
+                    self._attach(e)
+                    continue
+                except Exception as exc:
+                    log.warning("cannot re-enroll PID %d: %s", e.pid, exc)
+            log.info("enrolled PID %d (%s) is gone; removing its endpoints", e.pid, e.service)
+            self._drop_endpoints(e, e.ports)
+        self._save()
+
+    def enroll(self, pid: int, service: str) -> Enrollment:
+        service_name(service)
+        if pid in self.protected:
+            raise UsageError(f"PID {pid} is meshnode itself", "enroll an application process")
+        pid_id = process.identify(pid)
+        if not process.same_netns(pid):
+            raise UsageError(f"PID {pid} is in another network namespace than this agent",
+                             "start an agent in that namespace (meshnode agent --netns NAME)")
+        current = self.by_pid.get(pid)
+        if current is not None:
+            if current.service == service and current.start_time == pid_id.start_time:
+                return current
+            if current.start_time == pid_id.start_time:
+                raise ConflictError(f"PID {pid} is already enrolled in service {current.service!r}",
+                                    f"unenroll it first: meshnode unenroll {pid}")
+            self._forget(current)  # the old process is gone and its PID was reused
+        self.registry.ensure_service(service)
+        origin = cgroup.process_cgroup(pid, self.mount)
+        if origin.is_relative_to(self.apps_cgroup):
+            origin = self.mount
+        e = Enrollment(pid, pid_id.start_time, service, str(origin))
+        self._attach(e)
+        self._save()
+        self.scan_one(e)
+        log.info("enrolled PID %d into %s", pid, service)
+        return e
+
+    def _attach(self, e: Enrollment) -> None:
+        group = self.service_cgroup(e.service)
+        cgroup.create(group)
+        for p in process.tree(e.pid):
+            with contextlib.suppress(NotFoundError):
+                cgroup.move(p.pid, group)
+        fd = process.pidfd(e.pid)
+        self.by_pid[e.pid] = e
+        self._pidfds[e.pid] = fd
+        with contextlib.suppress(RuntimeError):  # no running loop (sync callers, tests)
+            asyncio.get_running_loop().add_reader(fd, self._exited, e.pid)
+
+    def _exited(self, pid: int) -> None:
+        e = self.by_pid.get(pid)
+        if e is not None:
+            log.info("enrolled PID %d (%s) exited", pid, e.service)
+            self._forget(e)
+            self._save()
+
+    def _forget(self, e: Enrollment) -> None:
+        self.by_pid.pop(e.pid, None)
+        fd = self._pidfds.pop(e.pid, None)
+        if fd is not None:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+        self._drop_endpoints(e, e.ports)
+
+    def _drop_endpoints(self, e: Enrollment, ports: set[HostPort]) -> None:
+        if ports:
+            self.registry.remove_endpoints(e.service, ports)
+
+    def unenroll(self, pid: int) -> Enrollment:
+        e = self.by_pid.get(pid)
+        if e is None:
+            raise NotFoundError(f"PID {pid} is not enrolled",
+                                "see enrolled processes: meshnode status")
+        self._release(e)
+        self._forget(e)
+        self._save()
+        log.info("unenrolled PID %d from %s", pid, e.service)
+        return e
+
+    def _release(self, e: Enrollment) -> None:
+        """Move the process tree back to where it came from (or the root if that is gone)."""
+        origin = Path(e.origin_cgroup)
+        target = origin if origin.is_dir() else self.mount
+        for p in process.tree(e.pid):
+            with contextlib.suppress(NotFoundError):
+                try:
+                    cgroup.move(p.pid, target)
+                except Exception:
+                    cgroup.move(p.pid, self.mount)
+
+    def release_all(self) -> None:
+        """Agent stop: hand every process back to its old cgroup; the records stay so the next
+        agent re-enrolls them."""
+        for e in list(self.by_pid.values()):
+            self._release(e)
+            fd = self._pidfds.pop(e.pid, None)
+            if fd is not None:
+                with contextlib.suppress(RuntimeError):
+                    asyncio.get_running_loop().remove_reader(fd)
+                os.close(fd)
+        self._save()
+
+    def scan_one(self, e: Enrollment) -> None:
+        ports = process.listening(e.pid, self.host_address)
+        if ports == e.ports:
+            return
+        added, removed = ports - e.ports, e.ports - ports
+        if removed:
+            self.registry.remove_endpoints(e.service, removed)
+        if added:
+            try:
+                self.registry.add_endpoints(
+                    e.service, [EndpointRecord(a, "process", e.pid) for a in added])
+            except ConflictError as exc:
+                log.warning("PID %d: %s", e.pid, exc)
+                added = set()
+        e.ports = (e.ports - removed) | added
+        self._save()
+
+    def scan(self) -> None:
+        for e in list(self.by_pid.values()):
+            if not process.ProcessId(e.pid, e.start_time).alive():
+                self._exited(e.pid)
+            else:
+                self.scan_one(e)
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"pid": e.pid, "service": e.service,
+                 "cgroup": str(self.service_cgroup(e.service)),
+                 "endpoints": sorted(str(p) for p in e.ports)} for e in self.by_pid.values()]

@@ -1,0 +1,352 @@
+"""HostAgent: the one privileged process per host (or per test namespace).
+
+Owns the kernel state (cgroups, capture, all recorded in a ledger), the registry, enrollment,
+the proxy workers and the control socket. Start is all or nothing; stop removes capture first
+(connections fall back to their original destinations), then drains the workers, hands enrolled
+processes back to their old cgroups and removes everything the ledger lists. A new agent sweeps
+what a crashed one left before it creates anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from meshnode import __version__
+from meshnode.agent.control import ControlServer, Handler
+from meshnode.agent.enrollment import EnrollmentManager
+from meshnode.agent.workers import WorkerPool
+from meshnode.capture import CaptureBackend, CaptureContext, undo_functions
+from meshnode.config import AgentConfig
+from meshnode.discovery import updates
+from meshnode.discovery.embedded import EmbeddedRegistry
+from meshnode.discovery.registry import EndpointRecord
+from meshnode.errors import ConflictError, MeshnodeError, PermissionError_, UsageError
+from meshnode.host import cgroup, process
+from meshnode.host.ledger import Ledger, UndoFn
+from meshnode.model import HostPort, Update
+
+log = logging.getLogger(__name__)
+
+
+def enter_netns(name: str) -> None:
+    """Join /run/netns/NAME (network namespace only: the mount namespace, and so the cgroup2
+    mount, stays the host's)."""
+    from pyroute2 import netns  # only here: pyroute2 is slow to import and rarely needed
+
+    if not Path(f"/run/netns/{name}").exists():
+        raise UsageError(f"no network namespace named {name!r}", "create it: ip netns add NAME")
+    netns.setns(name)
+
+
+class HostAgent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.state = cfg.state_path
+        self.ledger = Ledger(self.state / "ledger.json")
+        self.mount = Path()
+        self.root_cgroup = Path()
+        self.capture: CaptureBackend | None = None
+        self.capture_reason = ""
+        self.registry: EmbeddedRegistry | None = None
+        self.enrollments: EnrollmentManager | None = None
+        self.workers: WorkerPool | None = None
+        self.control: ControlServer | None = None
+        self.ready = False
+        self.started_at = 0.0
+        self.ready_after = 0.0
+        self._pushed: updates.Snapshot = {}
+        self._reconcile_lock = asyncio.Lock()
+        self._dirty = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lock_fd: int | None = None
+
+    # -- start ----------------------------------------------------------------------------
+    def _take_lock(self) -> None:
+        self.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.state / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConflictError(f"an agent for instance {self.cfg.instance!r} is already running",
+                                "stop it first, or start this one with --instance OTHER") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def _undo(self) -> dict[str, UndoFn]:
+        return {**undo_functions(), **cgroup.UNDO}
+
+    def sweep(self) -> None:
+        """Remove whatever an earlier agent of this instance left in the kernel."""
+        leftovers = self.ledger.entries()
+        if not leftovers:
+            return
+        log.warning("sweeping %d kernel objects left by an earlier agent", len(leftovers))
+        for failure in self.ledger.undo_all(self._undo()):
+            log.error("sweep: %s", failure)
+
+    async def start(self) -> None:
+        self.started_at = time.monotonic()
+        if not process.is_root():
+            raise PermissionError_("meshnode agent must run as root (it loads kernel rules)")
+        if self.cfg.netns:
+            enter_netns(self.cfg.netns)
+        self._take_lock()
+        self.sweep()
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.ready_after = time.monotonic() - self.started_at
+
+    async def _start(self) -> None:
+        from meshnode.capture import auto  # imported late: it pulls the loader helpers
+
+        self.mount = cgroup.cgroup2_mount()
+        self.root_cgroup = self.mount / self.cfg.cgroup_name
+        self.ledger.record("cgroup", path=str(self.root_cgroup))
+        cgroup.create(self.root_cgroup)
+        apps, proxy = self.root_cgroup / "apps", self.root_cgroup / "proxy"
+        cgroup.create(apps)
+        cgroup.create(proxy)
+
+        self.registry = EmbeddedRegistry(self.state / "registry.json")
+        ctx = CaptureContext(self.cfg.instance, self.mount, apps, proxy, self.cfg.pin_path,
+                             self.cfg.outbound_port, self.cfg.proxy_mark, self.ledger)
+        choice = await asyncio.to_thread(auto.choose, ctx, self.cfg.capture)
+        self.capture, self.capture_reason = choice.backend, choice.reason
+        await asyncio.to_thread(self.capture.install)
+        log.info("capture: %s", self.capture_reason)
+
+        self.workers = WorkerPool(self.cfg, proxy, lambda: updates.resets(self._pushed),
+                                  self._workers_changed)
+        self._pushed = updates.snapshot(self.registry.services())
+        await self.workers.start()
+        self.enrollments = EnrollmentManager(
+            self.registry, apps, self.mount, self.state / "enrollments.json",
+            self.cfg.host_address, self._protected_pids())
+        self.enrollments.restore()
+        self.registry.subscribe(self._dirty.set)
+
+        self.control = ControlServer(self.cfg.control_socket, self._handlers())
+        await self.control.start()
+        await self._reconcile()
+        self._tasks = [asyncio.ensure_future(self._reconcile_loop()),
+                       asyncio.ensure_future(self._scan_loop())]
+
+    def _protected_pids(self) -> set[int]:
+        pids = {os.getpid()}
+        if self.workers is not None:
+            pids.update(w.pid for w in self.workers.workers if w.pid)
+        return pids
+
+    # -- keeping workers and kernel in step with the registry ------------------------------
+    async def _workers_changed(self) -> None:
+        if self.enrollments is not None:
+            self.enrollments.protected |= self._protected_pids()
+        await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        """Push registry changes to the workers, wait until they applied them, then tell the
+        kernel which services to redirect: a service is only captured once the proxy knows it."""
+        assert self.registry and self.workers and self.capture
+        async with self._reconcile_lock:
+            services = self.registry.services()
+            snap = updates.snapshot(services)
+            pending: list[Update] = updates.diff(self._pushed, snap)
+            self._pushed = snap
+            if pending:
+                self.workers.broadcast(pending)
+            self.ready = await self.workers.barrier()
+            state = updates.capture_state(services, self.ready)
+            await asyncio.to_thread(self.capture.sync, state)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self._reconcile()
+            except Exception:
+                log.exception("reconcile failed; retrying on the next change")
+
+    async def _scan_loop(self) -> None:
+        assert self.enrollments
+        while True:
+            await asyncio.sleep(self.cfg.scan_interval)
+            try:
+                await asyncio.to_thread(self.enrollments.scan)
+            except Exception:
+                log.exception("enrollment scan failed")
+
+    # -- stop -----------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Fail open first, then drain, then remove every recorded kernel object."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # 1. capture off: new connections go to their original destinations
+        if self.capture is not None:
+            try:
+                await asyncio.to_thread(self.capture.remove)
+            except MeshnodeError as exc:
+                log.error("removing capture: %s", exc)
+        # 2. no new control requests
+        if self.control is not None:
+            await self.control.stop()
+        # 3. drain the proxy: established connections finish within the grace period
+        if self.workers is not None:
+            await self.workers.stop()
+        # 4. enrolled processes go back to the cgroups they came from (records are kept)
+        if self.enrollments is not None:
+            self.enrollments.release_all()
+        # 5. everything else the ledger lists (cgroups, pins, chains a failed remove left)
+        for failure in self.ledger.undo_all(self._undo()):
+            log.error("stop: %s", failure)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.start()
+        assert self.workers is not None
+        log.info("meshnode agent ready in %.2fs (instance %s, capture %s, %d workers)",
+                 self.ready_after, self.cfg.instance, self.capture.name if self.capture else "-",
+                 len(self.workers.workers))
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("stopping")
+            await self.stop()
+
+    # -- control operations ---------------------------------------------------------------
+    def _handlers(self) -> dict[str, Handler]:
+        return {
+            "ping": self._op_ping,
+            "status": self._op_status,
+            "enroll": self._op_enroll,
+            "unenroll": self._op_unenroll,
+            "service.add": self._op_service_add,
+            "service.remove": self._op_service_remove,
+        }
+
+    async def _op_ping(self, _: dict[str, Any]) -> Any:
+        return {"version": __version__, "pid": os.getpid(), "ready": self.ready}
+
+    async def _settled(self) -> None:
+        """Apply a change now, so the caller's next connection already sees it."""
+        self._dirty.clear()
+        await self._reconcile()
+
+    @staticmethod
+    def _int(args: dict[str, Any], key: str) -> int:
+        try:
+            return int(args[key])
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(f"{key} must be a number", f"pass a valid {key}") from None
+
+    async def _op_enroll(self, args: dict[str, Any]) -> Any:
+        assert self.enrollments
+        e = self.enrollments.enroll(self._int(args, "pid"), str(args.get("service", "")))
+        await self._settled()
+        return {"pid": e.pid, "service": e.service,
+                "cgroup": str(self.enrollments.service_cgroup(e.service)),
+                "endpoints": sorted(str(p) for p in e.ports)}
+
+    async def _op_unenroll(self, args: dict[str, Any]) -> Any:
+        assert self.enrollments
+        e = self.enrollments.unenroll(self._int(args, "pid"))
+        await self._settled()
+        return {"pid": e.pid, "service": e.service}
+
+    async def _op_service_add(self, args: dict[str, Any]) -> Any:
+        assert self.registry
+        name = str(args.get("name", ""))
+        port = args.get("port")
+        eps = [HostPort.parse(str(e)) for e in args.get("endpoints", [])]
+        fail_closed = args.get("fail_closed")
+        rec = self.registry.ensure_service(
+            name, port=None if port is None else self._int(args, "port"),
+            fail_closed=None if fail_closed is None else bool(fail_closed))
+        if eps:
+            self.registry.add_endpoints(name, [EndpointRecord(a, "static") for a in eps])
+        await self._settled()
+        return self._describe_service(self.registry.services()[rec.name], {})
+
+    async def _op_service_remove(self, args: dict[str, Any]) -> Any:
+        assert self.registry
+        name = str(args.get("name", ""))
+        eps = [HostPort.parse(str(e)) for e in args.get("endpoints", [])]
+        if eps:
+            rec = self.registry.services().get(name)
+            known = {e.addr for e in rec.endpoints} if rec else set()
+            if missing := [str(a) for a in eps if a not in known]:
+                raise UsageError(f"service {name!r} has no endpoint {', '.join(missing)}",
+                                 "see its endpoints: meshnode status")
+            self.registry.remove_endpoints(name, eps)
+        else:
+            self.registry.remove_service(name)
+        await self._settled()
+        return {"removed": name, "endpoints": [str(a) for a in eps]}
+
+    @staticmethod
+    def _describe_service(rec: Any, counters: dict[str, int]) -> dict[str, Any]:
+        return {"name": rec.name, "vip": str(rec.vip), "port": rec.port,
+                "fail_closed": rec.fail_closed,
+                "endpoints": [e.to_json() for e in sorted(rec.endpoints, key=lambda e: e.addr)],
+                "counters": counters}
+
+    async def _op_status(self, _: dict[str, Any]) -> Any:
+        assert self.registry and self.workers and self.enrollments and self.capture
+        totals: dict[str, dict[str, int]] = {}
+        proxy: dict[str, int] = {}
+        for s in await self.workers.stats():
+            for name, counters in s.get("services", {}).items():
+                acc = totals.setdefault(name, {})
+                for k, v in counters.items():
+                    acc[k] = acc.get(k, 0) + int(v)
+            for k in ("unrouted", "origdst_errors", "active"):
+                proxy[k] = proxy.get(k, 0) + int(s.get(k, 0))
+        try:
+            kernel = await asyncio.to_thread(self.capture.stats)
+        except MeshnodeError as exc:
+            kernel = {"error": str(exc)}  # type: ignore[dict-item]
+        return {
+            "instance": self.cfg.instance,
+            "version": __version__,
+            "pid": os.getpid(),
+            "ready": self.ready,
+            "ready_after_s": round(self.ready_after, 3),
+            "capture": {"backend": self.capture.name, "reason": self.capture_reason,
+                        "kernel": kernel},
+            "cgroup": str(self.root_cgroup),
+            "workers": self.workers.describe(),
+            "proxy": proxy,
+            "services": [self._describe_service(rec, totals.get(name, {}))
+                         for name, rec in sorted(self.registry.services().items())],
+            "enrolled": self.enrollments.describe(),
+        }
+
+
+async def _main(cfg: AgentConfig) -> None:
+    await HostAgent(cfg).run()
+
+
+def run_agent(cfg: AgentConfig) -> None:
+    """Entry point for `meshnode agent`: stdlib asyncio (pyroute2 and netlink need it)."""
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main(cfg))

@@ -1,0 +1,237 @@
+"""Proxy worker supervision: spawn N uvloop workers in the proxy cgroup, feed them discovery
+updates over a socketpair, run sync barriers, collect stats, restart the dead with backoff,
+and drain them on stop.
+
+The agent never imports the proxy package (it would pull uvloop into the agent): workers are
+separate processes started with `python -m meshnode.proxy.worker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from meshnode.config import AgentConfig
+from meshnode.errors import UnavailableError
+from meshnode.model import Update, update_to_wire
+
+log = logging.getLogger(__name__)
+
+# Joins the cgroup before exec, so the worker's listening socket (and every socket accepted on
+# it) belongs to the proxy cgroup from the first instant: capture hooks key on socket cgroups.
+_IN_CGROUP = 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"'
+_MAX_BACKOFF = 5.0
+
+
+class Worker:
+    def __init__(self, worker_id: int) -> None:
+        self.id = worker_id
+        self.proc: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.listening = asyncio.Event()
+        self.error: str | None = None
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.started_at = 0.0
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None and self.listening.is_set()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+
+
+class WorkerPool:
+    def __init__(self, cfg: AgentConfig, proxy_cgroup: Path,
+                 initial_updates: Callable[[], list[Update]],
+                 on_change: Callable[[], Awaitable[None]]) -> None:
+        self.cfg = cfg
+        self.proxy_cgroup = proxy_cgroup
+        self._initial = initial_updates
+        self._on_change = on_change
+        self.workers = [Worker(i) for i in range(cfg.workers)]
+        self._seq = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self, timeout: float = 20.0) -> None:
+        """Start every worker and wait until all listen; UnavailableError if one cannot."""
+        for w in self.workers:
+            await self._spawn(w)
+        try:
+            async with asyncio.timeout(timeout):
+                for w in self.workers:
+                    await self._wait_listening(w)
+        except TimeoutError:
+            raise UnavailableError("proxy workers did not start listening in time",
+                                   "check the agent log for the worker's error") from None
+        for w in self.workers:
+            self._watch(w)
+
+    async def _wait_listening(self, w: Worker) -> None:
+        assert w.proc is not None
+        listening = asyncio.ensure_future(w.listening.wait())
+        exited = asyncio.ensure_future(w.proc.wait())
+        await asyncio.wait({listening, exited}, return_when=asyncio.FIRST_COMPLETED)
+        listening.cancel()
+        exited.cancel()
+        if not w.listening.is_set():
+            raise UnavailableError(
+                f"proxy worker {w.id} exited: {w.error or 'no reason given'}",
+                f"is port {self.cfg.outbound_port} taken by another program? (ss -ltnp)")
+
+    async def _spawn(self, w: Worker) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        argv = self.cfg.worker(w.id, child.fileno()).to_argv()
+        try:
+            w.proc = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", _IN_CGROUP, "sh", str(self.proxy_cgroup),
+                sys.executable, "-m", "meshnode.proxy.worker", *argv,
+                pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL)
+        finally:
+            child.close()
+        w.listening.clear()
+        w.error = None
+        w.started_at = time.monotonic()
+        reader, w.writer = await asyncio.open_unix_connection(sock=parent)
+        self._spawn_task(self._read(w, reader))
+        # Routes first: the worker applies them before its first accepted connection needs them.
+        for u in self._initial():
+            w.send(update_to_wire(u))
+
+    def _spawn_task(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read(self, w: Worker, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                log.warning("worker %d sent garbage: %r", w.id, line[:100])
+                continue
+            t = msg.get("t")
+            if t == "listening":
+                w.listening.set()
+            elif t == "error":
+                w.error = f"{msg.get('message')} ({msg.get('hint', '')})"
+                log.error("worker %d: %s", w.id, w.error)
+            elif t in ("synced", "stats"):
+                fut = w.pending.pop(int(msg.get("seq", -1)), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
+        for fut in w.pending.values():
+            if not fut.done():
+                fut.cancel()
+        w.pending.clear()
+
+    def _watch(self, w: Worker) -> None:
+        self._spawn_task(self._supervise(w))
+
+    async def _supervise(self, w: Worker) -> None:
+        backoff = self.cfg.restart_backoff
+        while not self._stopping:
+            assert w.proc is not None
+            code = await w.proc.wait()
+            if self._stopping:
+                return
+            w.listening.clear()
+            log.warning("proxy worker %d (pid %s) exited with %s; restarting in %.1fs",
+                        w.id, w.pid, code, backoff)
+            await self._on_change()  # capture falls back to pass-through before anything else
+            await asyncio.sleep(backoff)
+            if self._stopping:
+                return
+            ran_for = time.monotonic() - w.started_at
+            await self._spawn(w)
+            w.restarts += 1
+            try:
+                async with asyncio.timeout(10):
+                    await self._wait_listening(w)
+            except (TimeoutError, UnavailableError) as exc:
+                log.error("proxy worker %d failed to restart: %s", w.id, exc)
+                if w.proc and w.proc.returncode is None:
+                    w.proc.kill()
+            # a worker that keeps dying right away backs off further; a healthy run resets it
+            backoff = (min(backoff * 2, _MAX_BACKOFF) if ran_for < 10
+                       else self.cfg.restart_backoff)
+            await self._on_change()
+
+    async def stop(self) -> None:
+        """Drain: SIGTERM every worker, wait out the grace period, then kill what is left."""
+        self._stopping = True
+        live = [w for w in self.workers if w.proc and w.proc.returncode is None]
+        for w in live:
+            assert w.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.cfg.drain_grace + 2):
+                await asyncio.gather(*(w.proc.wait() for w in live if w.proc))
+        for w in live:
+            if w.proc and w.proc.returncode is None:
+                w.proc.kill()
+                await w.proc.wait()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for w in self.workers:
+            if w.writer is not None:
+                w.writer.close()
+
+    # -- messages -------------------------------------------------------------------------
+    @property
+    def alive(self) -> list[Worker]:
+        return [w for w in self.workers if w.alive]
+
+    def broadcast(self, updates: list[Update]) -> None:
+        for w in self.workers:
+            for u in updates:
+                w.send(update_to_wire(u))
+
+    async def _ask(self, w: Worker, msg: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        seq = next(self._seq)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        w.pending[seq] = fut
+        w.send({**msg, "seq": seq})
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except (TimeoutError, asyncio.CancelledError):
+            w.pending.pop(seq, None)
+            return None
+
+    async def barrier(self, timeout: float = 2.0) -> bool:
+        """True when every live worker has applied everything sent so far (and one is live)."""
+        live = self.alive
+        if not live:
+            return False
+        answers = await asyncio.gather(*(self._ask(w, {"t": "sync"}, timeout) for w in live))
+        return all(a is not None for a in answers) and all(w.alive for w in live)
+
+    async def stats(self, timeout: float = 1.0) -> list[dict[str, Any]]:
+        answers = await asyncio.gather(*(self._ask(w, {"t": "stats"}, timeout)
+                                         for w in self.alive))
+        return [a for a in answers if a is not None]
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"id": w.id, "pid": w.pid, "alive": w.alive, "restarts": w.restarts}
+                for w in self.workers]

@@ -1,0 +1,116 @@
+"""Compile, load and pin the capture programs with bcc; and show the exact C and flags the
+compiler gets (`meshnode bpf source`).
+
+bcc is imported inside `load_and_pin` only: this module runs in the short-lived loader process
+(meshnode.bpf.loader), never in the agent, whose memory must not carry LLVM (~130 MB).
+Constants reach the C code as -D flags from constants.bpf_defines() plus MN_PIN_DIR; the
+source text is never edited.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from meshnode import constants
+from meshnode.bpf import syscall
+from meshnode.bpf.program import MAP_PINS, ProgramSpec, all_programs
+from meshnode.errors import BpfError, UsageError
+
+_SAFE_PIN_DIR = re.compile(r"^/[A-Za-z0-9._/-]+$")
+
+
+def check_pin_dir(pin_dir: Path) -> str:
+    """The pin dir as it goes into a C string literal: absolute, no quotes or spaces."""
+    text = str(pin_dir)
+    if not _SAFE_PIN_DIR.match(text) or ".." in pin_dir.parts:
+        raise UsageError(f"unusable BPF pin directory {text!r}",
+                         "use an absolute path on bpffs of letters, digits and ._-/")
+    return text
+
+
+def cflags(pin_dir: Path, include_dir: Path) -> list[str]:
+    """The flags handed to clang: include path, every constant, the pin dir."""
+    flags = [f"-I{include_dir}"]
+    flags += [f"-D{name}={value}" for name, value in sorted(constants.bpf_defines().items())]
+    flags.append(f'-DMN_PIN_DIR="{check_pin_dir(pin_dir)}"')
+    return flags
+
+
+@contextmanager
+def _sources() -> Iterator[Path]:
+    """The bpf/ source directory as a real path (bcc needs files for #include)."""
+    with resources.as_file(resources.files("meshnode.bpf_src")) as root:
+        yield Path(root)
+
+
+def render_source(pin_dir: Path = Path(constants.PIN_ROOT) / constants.DEFAULT_INSTANCE) -> str:
+    """Every C file exactly as compiled, each preceded by the flags it is compiled with."""
+    out: list[str] = []
+    with _sources() as root:
+        flags = cflags(pin_dir, root / "include")
+        out.append("/* ==== include/mn_maps.h ==== */\n")
+        out.append((root / "include" / "mn_maps.h").read_text())
+        for prog in all_programs():
+            out.append(f"\n/* ==== {prog.source} ==== */\n")
+            out.append(f"/* clang {' '.join(flags)} */\n")
+            out.append((root / prog.source).read_text())
+    return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedEntry:
+    function: str
+    pin: str
+    prog_id: int
+
+
+def load_and_pin(pin_dir: Path) -> list[LoadedEntry]:
+    """Compile every program, load its entries, pin maps (by mn_maps.h) and programs under
+    `pin_dir`. The pins keep everything alive after this process exits."""
+    try:
+        from bcc import BPF  # a foreign module: imported here only (see module docstring)
+    except ImportError as exc:
+        raise BpfError(f"bcc is not importable: {exc}",
+                       "install python3-bpfcc and use a venv made with "
+                       "--system-site-packages") from exc
+    loaded: list[LoadedEntry] = []
+    with _sources() as root, ExitStack() as modules:
+        flags = cflags(pin_dir, root / "include")
+        for prog in all_programs():
+            bpf = _compile(BPF, root / prog.source, flags, prog)
+            modules.callback(bpf.cleanup)
+            for entry in prog.entries:
+                try:
+                    fn = bpf.load_func(entry.function, int(entry.prog_type),
+                                       attach_type=int(entry.attach_type))
+                except Exception as exc:  # bcc raises bare Exception
+                    raise BpfError(f"the kernel rejected {entry.function}: {exc}",
+                                   "run `meshnode bpf source` and check the verifier log "
+                                   "(rerun the loader with MESHNODE_BPF_DEBUG=1)") from exc
+                path = str(pin_dir / entry.pin_name)
+                syscall.obj_pin(fn.fd, path)
+                loaded.append(LoadedEntry(entry.function, path,
+                                          syscall.prog_info(fn.fd).id))
+    missing = [m for m in MAP_PINS if not (pin_dir / m).exists()]
+    if missing:
+        raise BpfError(f"maps not pinned: {', '.join(missing)}",
+                       "check that bpffs is mounted at /sys/fs/bpf")
+    return loaded
+
+
+def _compile(bpf_cls: Any, source: Path, flags: list[str], prog: ProgramSpec) -> Any:
+    debug = 0x4 if os.environ.get("MESHNODE_BPF_DEBUG") else 0  # DEBUG_BPF: verifier log
+    try:
+        bpf = bpf_cls(src_file=str(source).encode(), cflags=flags, debug=debug)
+    except Exception as exc:  # bcc raises bare Exception on compile errors
+        raise BpfError(f"compiling {prog.source} failed: {exc}",
+                       "check kernel headers at /lib/modules/$(uname -r)/build "
+                       "(see `meshnode bpf source`)") from exc
+    return bpf

@@ -1,0 +1,53 @@
+"""The short-lived loader: `python -m meshnode.bpf.loader --pin-dir DIR`.
+
+Compiles every capture program with bcc, pins maps and programs under DIR, prints one JSON
+object on stdout and exits. The agent runs it as a subprocess so LLVM's ~130 MB never stays in
+a long-running process; it attaches the pinned programs itself afterwards with raw syscalls.
+Attaching is deliberately not done here: an attachment outlives its process, and only the agent
+records it in its ledger first.
+
+Output, exit 0: {"ok": true, "entries": [{"function", "pin", "prog_id"}...], "elapsed_ms"}
+Output, exit 1: {"ok": false, "error": "<one line>", "hint": "<what to do>"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from meshnode.errors import MeshnodeError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m meshnode.bpf.loader",
+        description="Compile meshnode's capture programs and pin them (maps and programs).",
+        epilog="example: python -m meshnode.bpf.loader --pin-dir /sys/fs/bpf/meshnode/default",
+    )
+    parser.add_argument("--pin-dir", required=True, type=Path,
+                        help="existing empty directory on bpffs")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    try:
+        from meshnode.bpf.compile import load_and_pin
+
+        entries = load_and_pin(args.pin_dir)
+    except MeshnodeError as exc:
+        print(json.dumps({"ok": False, "error": exc.message.splitlines()[0] if exc.message
+                          else type(exc).__name__, "hint": exc.hint}))
+        return 1
+    result = {
+        "ok": True,
+        "entries": [{"function": e.function, "pin": e.pin, "prog_id": e.prog_id}
+                    for e in entries],
+        "elapsed_ms": round((time.monotonic() - started) * 1000),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""What a capture program is, as data: its C source, entry points, kernel program and attach
+types, and the cgroup it attaches to.
+
+Owns the kernel enum numbers meshnode uses (uapi/linux/bpf.h), so the agent can attach pinned
+programs with raw syscalls without importing bcc. Imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Literal
+
+CgroupRole = Literal["apps", "proxy"]
+
+
+class ProgType(IntEnum):
+    """enum bpf_prog_type."""
+
+    SOCK_OPS = 13
+    CGROUP_SOCK_ADDR = 18
+    CGROUP_SOCKOPT = 25  # bcc 0.26 has no BPF.CGROUP_SOCKOPT; BPFProgType has it
+
+
+class AttachType(IntEnum):
+    """enum bpf_attach_type."""
+
+    CGROUP_SOCK_OPS = 3
+    CGROUP_INET4_CONNECT = 10
+    CGROUP_INET6_CONNECT = 11
+    CGROUP_GETSOCKOPT = 21
+
+
+@dataclass(frozen=True, slots=True)
+class EntrySpec:
+    """One entry function: loaded as `prog_type` (with `attach_type` as the expected attach
+    type, which sock_addr and sockopt programs need at load time), pinned as `pin_name`,
+    attached to the `cgroup` role's cgroup."""
+
+    function: str
+    prog_type: ProgType
+    attach_type: AttachType
+    cgroup: CgroupRole
+    # Order in which `remove` detaches: lower first. Connect hooks go first, so capture stops
+    # (fails open) before the pieces that serve already-captured connections.
+    detach_order: int
+
+    @property
+    def pin_name(self) -> str:
+        return f"prog_{self.function}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramSpec:
+    """One C file under bpf/ (compiled as one bcc module) and its entry points."""
+
+    source: str  # file name inside the meshnode.bpf_src package
+    entries: tuple[EntrySpec, ...]
+
+
+def all_programs() -> tuple[ProgramSpec, ...]:
+    """Every capture program, in load order (the first one creates the pinned maps)."""
+    from meshnode.bpf import connect, getsockopt, sockops
+
+    return (connect.PROGRAM, sockops.PROGRAM, getsockopt.PROGRAM)
+
+
+def all_entries() -> tuple[EntrySpec, ...]:
+    return tuple(e for p in all_programs() for e in p.entries)
+
+
+# Maps pinned by bpf/include/mn_maps.h (BPF_TABLE_PINNED), by pin file name.
+MAP_PINS: tuple[str, ...] = ("mn_dest", "mn_svc", "mn_cookie", "mn_origdst", "mn_stats")

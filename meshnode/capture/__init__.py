@@ -1,0 +1,64 @@
+"""Capture: the kernel rules that send enrolled processes' connections to the proxy.
+
+One interface (`CaptureBackend`), two mechanisms (`ebpf.BpfCapture`, `iptables.IptablesCapture`)
+and a chooser (`auto.choose`). Backends never import bcc: compiling runs in a short-lived
+loader process; the long-running agent only touches pinned objects with raw syscalls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from meshnode.host.ledger import Ledger, UndoFn
+from meshnode.model import CaptureState
+
+
+@dataclass(frozen=True)
+class CaptureContext:
+    """Where one agent's capture applies; several agents side by side each have their own."""
+
+    instance: str
+    cgroup2_mount: Path  # e.g. /sys/fs/cgroup or /sys/fs/cgroup/unified
+    apps_cgroup: Path  # absolute; every enrolled process lives below it
+    proxy_cgroup: Path  # absolute; the proxy workers (never captured)
+    pin_dir: Path  # this agent's folder on bpffs
+    outbound_port: int
+    proxy_mark: int
+    ledger: Ledger
+
+    @property
+    def apps_cgroup_rel(self) -> str:
+        """The apps cgroup as the cgroup2 hierarchy names it (for `-m cgroup --path`)."""
+        return "/" + str(self.apps_cgroup.relative_to(self.cgroup2_mount)).lstrip("/")
+
+
+class CaptureBackend(Protocol):
+    name: str  # "ebpf" or "iptables"
+
+    def install(self) -> None:
+        """Create the capture machinery, redirecting nothing yet. All or nothing: on failure,
+        whatever was created is removed before the error propagates."""
+
+    def sync(self, state: CaptureState) -> None:
+        """Make the kernel redirect exactly `state.redirected()` and refuse `state.refused()`."""
+
+    def stats(self) -> dict[str, int]:
+        """Kernel-side counters (captured, passthrough, ...) where the backend has them."""
+
+    def remove(self) -> None:
+        """Remove everything `install` created; fail-open: redirect stops first."""
+
+
+@dataclass(frozen=True)
+class CaptureChoice:
+    backend: CaptureBackend
+    reason: str  # why this backend (shown by `meshnode status`)
+
+
+def undo_functions() -> dict[str, UndoFn]:
+    """Ledger kinds the capture backends create, and how to remove each."""
+    from meshnode.capture import ebpf, iptables
+
+    return {**ebpf.UNDO, **iptables.UNDO}

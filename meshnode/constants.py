@@ -1,0 +1,68 @@
+"""The one source of ports, marks, map sizes and flags.
+
+C programs get these as -D flags (`bpf_defines`), iptables templates as template fields;
+nothing else may restate a number that lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+OUTBOUND_PORT: Final = 15001  # captured connections land here (127.0.0.1)
+INBOUND_PORT: Final = 15006
+TUNNEL_PORT: Final = 15008
+DNS_PORT: Final = 15053
+ADMIN_PORT: Final = 15090
+PROXY_ADDR: Final = "127.0.0.1"
+
+# SO_MARK on every socket the proxy opens upstream: capture skips it, so the proxy can never
+# capture itself (a loop that ends only when descriptors run out).
+PROXY_MARK: Final = 0x4D4E0001
+
+VIP_CIDR: Final = "127.240.0.0/16"  # loopback: a failed capture is refused locally
+
+SO_ORIGINAL_DST: Final = 80  # linux/netfilter_ipv4.h, level SOL_IP
+
+# BPF map sizes.
+MAP_DEST_ENTRIES: Final = 65536  # mesh destinations (VIPs and endpoints)
+MAP_SVC_ENTRIES: Final = 4096  # services: ready / fail-closed flags
+MAP_COOKIE_ENTRIES: Final = 65536  # captured sockets between connect and established (LRU)
+MAP_ORIGDST_ENTRIES: Final = 65536  # established captured sockets awaiting the proxy (LRU)
+
+# Per-service flags in the mn_svc map.
+SVC_READY: Final = 1
+SVC_FAIL_CLOSED: Final = 2
+
+# Slots of the per-CPU counter array mn_stats.
+STAT_CAPTURED: Final = 0  # connects redirected to the proxy
+STAT_PASSTHROUGH: Final = 1  # mesh destination, proxy not ready: left alone (fail open)
+STAT_REFUSED: Final = 2  # mesh destination, not ready, fail-closed: refused
+STAT_ORIGDST_HIT: Final = 3  # SO_ORIGINAL_DST answered from the map
+STAT_ORIGDST_MISS: Final = 4
+STAT_SLOTS: Final = 8
+
+# Defaults for paths; an instance name derives its own set so agents can run side by side.
+DEFAULT_INSTANCE: Final = "default"
+RUN_DIR: Final = "/run/meshnode"
+STATE_DIR: Final = "/var/lib/meshnode"
+BPF_FS: Final = "/sys/fs/bpf"
+PIN_ROOT: Final = "/sys/fs/bpf/meshnode"
+
+# Timeouts (seconds) with their defaults in config.
+CONNECT_TIMEOUT: Final = 2.0
+IDLE_TIMEOUT: Final = 300.0
+DRAIN_GRACE: Final = 5.0
+WORKER_RESTART_BACKOFF: Final = 0.2
+
+
+def bpf_defines() -> dict[str, int]:
+    """Every constant the C programs use, by its C name (MN_ + the Python name)."""
+    names = (
+        "OUTBOUND_PORT", "PROXY_MARK", "SO_ORIGINAL_DST",
+        "MAP_DEST_ENTRIES", "MAP_SVC_ENTRIES", "MAP_COOKIE_ENTRIES", "MAP_ORIGDST_ENTRIES",
+        "SVC_READY", "SVC_FAIL_CLOSED",
+        "STAT_CAPTURED", "STAT_PASSTHROUGH", "STAT_REFUSED", "STAT_ORIGDST_HIT",
+        "STAT_ORIGDST_MISS", "STAT_SLOTS",
+    )
+    g = globals()
+    return {f"MN_{n}": int(g[n]) for n in names}

@@ -1,0 +1,126 @@
+"""Typed errors. Library code raises these; only the CLI turns them into text and exit codes.
+
+Each carries a one-line message, a hint naming the fix, and a sysexits-style exit code.
+"""
+
+from __future__ import annotations
+
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_NOUSER = 67
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_OSERR = 71
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+
+class MeshnodeError(Exception):
+    exit_code = EX_SOFTWARE
+    default_hint = ""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+    def to_wire(self) -> dict[str, object]:
+        return {"type": type(self).__name__, "message": self.message, "hint": self.hint,
+                "exit_code": self.exit_code}
+
+
+class UsageError(MeshnodeError):
+    """Bad input from the user: an address, a name, an option."""
+
+    exit_code = EX_USAGE
+
+
+class ConfigError(MeshnodeError):
+    exit_code = EX_CONFIG
+
+
+class NotFoundError(MeshnodeError):
+    """No such process, service or endpoint."""
+
+    exit_code = EX_NOINPUT
+
+
+class PermissionError_(MeshnodeError):
+    exit_code = EX_NOPERM
+    default_hint = "run it as root (sudo meshnode ...)"
+
+
+class UnavailableError(MeshnodeError):
+    """A kernel feature, a tool or the agent is missing."""
+
+    exit_code = EX_UNAVAILABLE
+
+
+class AgentNotRunningError(UnavailableError):
+    default_hint = "start it with: sudo meshnode agent"
+
+
+class KernelError(MeshnodeError):
+    """A kernel operation failed; keeps the errno."""
+
+    exit_code = EX_OSERR
+
+    def __init__(self, message: str, hint: str | None = None, errno: int | None = 0) -> None:
+        super().__init__(message, hint)
+        self.errno = errno or 0
+
+
+class BpfError(KernelError):
+    pass
+
+
+class CaptureError(KernelError):
+    pass
+
+
+class CgroupError(KernelError):
+    pass
+
+
+class IptablesError(KernelError):
+    pass
+
+
+class RegistryError(MeshnodeError):
+    exit_code = EX_DATAERR
+
+
+class ConflictError(MeshnodeError):
+    """The request contradicts current state (already enrolled, address taken)."""
+
+    exit_code = EX_DATAERR
+
+
+class TemporaryError(MeshnodeError):
+    exit_code = EX_TEMPFAIL
+
+
+ERROR_TYPES: dict[str, type[MeshnodeError]] = {
+    cls.__name__: cls
+    for cls in (
+        MeshnodeError, UsageError, ConfigError, NotFoundError, PermissionError_,
+        UnavailableError, AgentNotRunningError, KernelError, BpfError, CaptureError,
+        CgroupError, IptablesError, RegistryError, ConflictError, TemporaryError,
+    )
+}
+
+
+def from_wire(data: dict[str, object]) -> MeshnodeError:
+    """Rebuild an error the agent sent over the control socket."""
+    cls = ERROR_TYPES.get(str(data.get("type")), MeshnodeError)
+    err = cls.__new__(cls)
+    MeshnodeError.__init__(err, str(data.get("message", "")), str(data.get("hint", "")))
+    code = data.get("exit_code")
+    if isinstance(code, int):
+        err.exit_code = code
+    return err

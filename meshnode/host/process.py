@@ -1,0 +1,110 @@
+"""Processes (psutil): validate a PID for enrollment, guard against PID reuse, read the TCP
+ports a process tree listens on, and watch for exit without polling (pidfd)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address, ip_address
+
+import psutil
+
+from meshnode.errors import NotFoundError, UsageError
+from meshnode.model import HostPort
+
+_PF_KTHREAD = 0x00200000  # include/linux/sched.h
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessId:
+    """A PID plus its start time: together they name one process, even after PID reuse."""
+
+    pid: int
+    start_time: float
+
+    def alive(self) -> bool:
+        try:
+            return bool(psutil.Process(self.pid).create_time() == self.start_time)
+        except psutil.Error:
+            return False
+
+
+def _no_such(pid: int) -> NotFoundError:
+    return NotFoundError(f"no process with PID {pid}", "check the PID with: ps -p PID")
+
+
+def identify(pid: int) -> ProcessId:
+    """Check that `pid` can be enrolled and return its identity."""
+    if pid <= 0:
+        raise UsageError(f"invalid PID {pid}", "give the PID of a running process")
+    if pid == 1:
+        raise UsageError("PID 1 cannot be enrolled", "enroll the service's own process instead")
+    try:
+        p = psutil.Process(pid)
+        with open(f"/proc/{pid}/stat") as f:
+            # the comm field may hold spaces and parentheses: split after the last ')'
+            flags = int(f.read().rpartition(")")[2].split()[6])
+        start = p.create_time()
+    except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
+        raise _no_such(pid) from None
+    if flags & _PF_KTHREAD:
+        raise UsageError(f"PID {pid} is a kernel thread", "enroll a user-space process")
+    return ProcessId(pid, start)
+
+
+def same_netns(pid: int) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+    except FileNotFoundError:
+        raise _no_such(pid) from None
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    try:
+        p = psutil.Process(pid)
+        return [p, *p.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _endpoint_ip(ip: str, host_address: IPv4Address) -> IPv4Address | None:
+    addr = ip_address(ip.split("%")[0])
+    if addr.is_unspecified:
+        return host_address
+    if isinstance(addr, IPv6Address):
+        return addr.ipv4_mapped  # a v6-only listener on a v6 address is not reachable by IPv4
+    return addr
+
+
+def listening(pid: int, host_address: IPv4Address) -> set[HostPort]:
+    """The TCP addresses the process and its descendants listen on, as IPv4 endpoints
+    (wildcard listeners are reachable at the host's address)."""
+    found: set[HostPort] = set()
+    for p in tree(pid):
+        try:
+            conns = p.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        for c in conns:
+            if c.status != psutil.CONN_LISTEN or not c.laddr:
+                continue
+            ip = _endpoint_ip(c.laddr.ip, host_address)
+            if ip is not None:
+                found.add(HostPort(ip, c.laddr.port))
+    return found
+
+
+def pidfd(pid: int) -> int:
+    """A descriptor that becomes readable when the process exits."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        raise _no_such(pid) from None
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+__all__ = ["IPv4Address", "ProcessId", "identify", "is_root", "listening", "pidfd", "same_netns",
+           "tree"]

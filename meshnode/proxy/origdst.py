@@ -1,0 +1,99 @@
+"""Where an accepted connection was going: the `OrigDstSource` interface and its sources.
+
+`SockoptOrigDst` asks the kernel with `getsockopt(SOL_IP, SO_ORIGINAL_DST)`: iptables REDIRECT
+answers it from conntrack, and the eBPF capture answers the same call from its map through a
+`cgroup/getsockopt` program, so the proxy has one code path for both captures.
+`StaticOrigDst` returns one fixed address: unit and worker tests run without capture, and it is
+the explicit (non-transparent) listener mode, where every client of the listener means the same
+destination.
+
+Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/bpf/host.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from ipaddress import IPv4Address
+from typing import Any, Protocol
+
+from meshnode import constants as C
+from meshnode.errors import KernelError
+from meshnode.model import OrigDstAddr
+
+__all__ = [
+    "OrigDstError",
+    "OrigDstSource",
+    "SocketLike",
+    "SockoptOrigDst",
+    "StaticOrigDst",
+    "parse_sockaddr_in",
+]
+
+_SOCKADDR_IN_LEN = 16  # struct sockaddr_in: family, port, addr, 8 bytes of padding
+# sin_family is in host byte order, sin_port in network byte order.
+_FAMILY = struct.Struct("=H")
+_PORT = struct.Struct("!H")
+
+
+class OrigDstError(KernelError):
+    """The original destination of an accepted connection could not be read (keeps the errno)."""
+
+    default_hint = "the connection did not come through meshnode's capture; it is refused"
+
+
+class SocketLike(Protocol):
+    """What a source may ask of an accepted socket (a `socket.socket` or uvloop's
+    pseudo-socket from `transport.get_extra_info("socket")`)."""
+
+    def getsockopt(self, level: int, optname: int, buflen: int, /) -> Any: ...
+
+    def getpeername(self) -> Any: ...
+
+
+class OrigDstSource(Protocol):
+    """Recovers the destination a captured client meant to reach."""
+
+    def lookup(self, sock: SocketLike) -> OrigDstAddr:
+        """The original destination of `sock`; raises OrigDstError when there is none."""
+        ...
+
+
+def parse_sockaddr_in(raw: bytes) -> OrigDstAddr:
+    """Decode a `struct sockaddr_in` as the kernel returns it."""
+    if len(raw) < 8 or _FAMILY.unpack_from(raw, 0)[0] != socket.AF_INET:
+        raise OrigDstError(f"original destination is not an IPv4 address ({raw[:2].hex()})",
+                           errno=errno.EAFNOSUPPORT)
+    port = _PORT.unpack_from(raw, 2)[0]
+    if port == 0:
+        raise OrigDstError("original destination has port 0", errno=errno.EINVAL)
+    return OrigDstAddr(IPv4Address(raw[4:8]), port)
+
+
+class SockoptOrigDst:
+    """`getsockopt(SOL_IP, SO_ORIGINAL_DST)`: iptables REDIRECT, or eBPF via cgroup/getsockopt."""
+
+    __slots__ = ()
+
+    def lookup(self, sock: SocketLike) -> OrigDstAddr:
+        try:
+            raw = sock.getsockopt(socket.SOL_IP, C.SO_ORIGINAL_DST, _SOCKADDR_IN_LEN)
+        except OSError as exc:
+            # ENOENT: the kernel has no NAT record for this connection (it reached the listener
+            # directly, or the capture's map entry is gone).
+            raise OrigDstError(f"SO_ORIGINAL_DST failed: {exc.strerror}",
+                               errno=exc.errno or 0) from exc
+        return parse_sockaddr_in(bytes(raw))
+
+
+class StaticOrigDst:
+    """Every connection's original destination is `dst` (tests; explicit listener mode)."""
+
+    __slots__ = ("dst",)
+
+    def __init__(self, dst: OrigDstAddr) -> None:
+        self.dst = dst
+
+    def lookup(self, sock: SocketLike) -> OrigDstAddr:
+        return self.dst

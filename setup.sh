@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# meshnode set-up for a fresh Debian 12 host, as root; idempotent.
+#   ./setup.sh          install system packages, kernel headers, bpffs, venv + meshnode
+#   ./setup.sh demo     ... then start an agent and run the demo
+#   ./setup.sh test     ... with test tools, then run the whole test suite
+# Vagrant provisioning runs this same script (no second install path).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+mode=${1:-install}
+shift || true
+venv=${MESHNODE_VENV:-$here/.venv}
+
+if [ "$(id -u)" -ne 0 ]; then
+  exec sudo --preserve-env=MESHNODE_VENV "$0" "$mode" "$@"
+fi
+export DEBIAN_FRONTEND=noninteractive
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+# 1. Debian packages: only what is missing, so a second run touches nothing.
+pkgs=(python3-bpfcc python3-venv python3-dev iptables bpftool linux-headers-amd64 iproute2 util-linux procps gcc)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. Kernel headers for bcc: a kernel without its own build tree gets Debian's headers
+#    (our programs only use uapi structs); Debian splits them into -amd64 and -common.
+mods=/lib/modules/$(uname -r)
+if [ ! -e "$mods/build/include" ]; then
+  arch_dir=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+  common_dir=${arch_dir%-amd64}-common
+  if [ -z "$arch_dir" ] || [ ! -d "$common_dir" ]; then
+    log "no kernel headers under /usr/src: install linux-headers-amd64"; exit 69
+  fi
+  log "linking $mods/build -> $arch_dir"
+  mkdir -p "$mods"
+  ln -sfn "$arch_dir" "$mods/build"
+  ln -sfn "$common_dir" "$mods/source"
+fi
+
+# 3. bpffs for pinned maps and programs.
+if ! mountpoint -q /sys/fs/bpf; then
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf
+fi
+
+# 4. The venv: Debian's python3 so that bcc (python3-bpfcc) is importable.
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import bcc' 2>/dev/null; then
+  log "creating venv $venv"
+  /usr/bin/python3 -m venv --system-site-packages "$venv"
+fi
+extra=""
+[ "$mode" = test ] && extra="[test]"
+stamp="$venv/.meshnode-installed$extra"
+if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
+  log "installing meshnode$extra into $venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -e "$here$extra"
+  touch "$stamp"
+fi
+ln -sfn "$venv/bin/meshnode" /usr/local/bin/meshnode
+
+case "$mode" in
+  install) log "ready: meshnode $("$venv/bin/meshnode" --version)";;
+  demo) exec "$venv/bin/meshnode" demo "$@";;
+  test) cd "$here" && exec "$venv/bin/python" -m pytest "$@";;
+  *) log "unknown mode '$mode' (install, demo or test)"; exit 64;;
+esac
