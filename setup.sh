@@ -69,6 +69,13 @@ ln -sfn "$venv/bin/meshnode" /usr/local/bin/meshnode
 case "$mode" in
   install) log "ready: meshnode $("$venv/bin/meshnode" --version)";;
   demo) exec "$venv/bin/meshnode" demo "$@";;
-  test) cd "$here" && exec "$venv/bin/python" -m pytest "$@";;
+  test)
+    cd "$here"
+    log "static checks: ruff, mypy, import contracts"
+    "$venv/bin/ruff" check meshnode cli tests
+    "$venv/bin/mypy" --no-error-summary meshnode cli
+    "$venv/bin/lint-imports" --no-cache >/dev/null || "$venv/bin/lint-imports" --no-cache
+    log "tests: unit (no root) and integration (root, real BPF and iptables, both backends)"
+    exec "$venv/bin/python" -m pytest "$@";;
   *) log "unknown mode '$mode' (install, demo or test)"; exit 64;;
 esac

@@ -10,6 +10,14 @@
  */
 #include "mn_maps.h"
 
+/* Bump one MN_STAT_* counter (per-CPU slot: no atomic needed). */
+static __always_inline void mn_count(__u32 slot)
+{
+    __u64 *n = mn_stats.lookup(&slot);
+    if (n)
+        *n += 1;
+}
+
 #define MN_LOOPBACK_IP4 0x7f000001 /* 127.0.0.1, host byte order */
 
 /* What to do with one connect, decided from the destination alone. */

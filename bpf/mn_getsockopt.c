@@ -11,6 +11,14 @@
  */
 #include "mn_maps.h"
 
+/* Bump one MN_STAT_* counter (per-CPU slot: no atomic needed). */
+static __always_inline void mn_count(__u32 slot)
+{
+    __u64 *n = mn_stats.lookup(&slot);
+    if (n)
+        *n += 1;
+}
+
 #define MN_SOL_IP 0 /* kernel ABI: SOL_IP == IPPROTO_IP */
 
 /* struct sockaddr_in, spelled out: the uapi header drags in more than bcc can parse. */

@@ -8,16 +8,14 @@
  */
 #include "mn_maps.h"
 
-/* The client's local address as the proxy will see it as its peer, in network byte order. */
+/* The client's local address as the proxy will see it as its peer, in network byte order.
+ * local_ip4 is right for AF_INET6 sockets connected to a v4-mapped address too: the IPv4 path
+ * they take sets the IPv4 source (skc_rcv_saddr) that this field reads. */
 static __always_inline struct mn_addr4 mn_local_addr(struct bpf_sock_ops *skops)
 {
     struct mn_addr4 a = {.ip = skops->local_ip4, .port = 0, .pad = 0};
     /* local_port is in host byte order, unlike remote_port. */
     a.port = bpf_htons((__u16)skops->local_port);
-    /* An AF_INET6 socket connected to a v4-mapped address: its IPv4 source sits in the last
-     * word of local_ip6. */
-    if (skops->family == AF_INET6)
-        a.ip = skops->local_ip6[3];
     return a;
 }
 

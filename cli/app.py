@@ -14,9 +14,8 @@ import logging
 import os
 import shutil
 import sys
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, NoReturn
 
-import click
 import typer
 from meshnode.cli.output import Output, emit_json, status_text
 
@@ -182,19 +181,14 @@ def _fail(err: MeshnodeError) -> NoReturn:
     sys.exit(err.exit_code)
 
 
-def main(argv: list[str] | None = None) -> Any:
+def main(argv: list[str] | None = None) -> None:
     """Console entry point: the one place that prints errors and picks exit codes."""
     try:
-        return app(args=argv, standalone_mode=False)
+        app(args=argv)
     except MeshnodeError as err:
         _fail(err)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(64)  # EX_USAGE
+    except SystemExit as exc:
+        # click reports bad arguments with exit 2; meshnode uses sysexits (EX_USAGE)
+        sys.exit(64 if exc.code == 2 else exc.code)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -46,15 +46,21 @@ class WorkerConfig:
     connect_timeout: float = C.CONNECT_TIMEOUT
     idle_timeout: float = C.IDLE_TIMEOUT
     drain_grace: float = C.DRAIN_GRACE
-    control_fd: int = -1
+    control_fd: int = -1  # -1: no agent channel (standalone explicit proxy, benchmarks)
+    # Explicit (non-transparent) listener: "IPv4:PORT" taken as the original destination of
+    # every accepted connection instead of asking the kernel (tests, benchmarks, a plain proxy).
+    explicit_target: str | None = None
 
     def to_argv(self) -> list[str]:
-        return [
+        argv = [
             f"--worker-id={self.worker_id}", f"--listen-host={self.listen_host}",
             f"--listen-port={self.listen_port}", f"--mark={self.mark}",
             f"--connect-timeout={self.connect_timeout}", f"--idle-timeout={self.idle_timeout}",
             f"--drain-grace={self.drain_grace}", f"--control-fd={self.control_fd}",
         ]
+        if self.explicit_target is not None:
+            argv.append(f"--explicit-target={self.explicit_target}")
+        return argv
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> WorkerConfig:
@@ -67,9 +73,10 @@ class WorkerConfig:
         p.add_argument("--idle-timeout", type=float, default=C.IDLE_TIMEOUT)
         p.add_argument("--drain-grace", type=float, default=C.DRAIN_GRACE)
         p.add_argument("--control-fd", type=int, required=True)
+        p.add_argument("--explicit-target", default=None, metavar="IPv4:PORT")
         a = p.parse_args(argv)
         return cls(a.worker_id, a.listen_host, a.listen_port, a.mark, a.connect_timeout,
-                   a.idle_timeout, a.drain_grace, a.control_fd)
+                   a.idle_timeout, a.drain_grace, a.control_fd, a.explicit_target)
 
 
 @dataclass(frozen=True)

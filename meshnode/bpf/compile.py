@@ -106,7 +106,7 @@ def load_and_pin(pin_dir: Path) -> list[LoadedEntry]:
 
 
 def _compile(bpf_cls: Any, source: Path, flags: list[str], prog: ProgramSpec) -> Any:
-    debug = 0x4 if os.environ.get("MESHNODE_BPF_DEBUG") else 0  # DEBUG_BPF: verifier log
+    debug = 0x2 if os.environ.get("MESHNODE_BPF_DEBUG") else 0  # DEBUG_BPF: verifier log
     try:
         bpf = bpf_cls(src_file=str(source).encode(), cflags=flags, debug=debug)
     except Exception as exc:  # bcc raises bare Exception on compile errors

@@ -1,0 +1,275 @@
+"""The eBPF capture backend: cgroup connect4/connect6 + sock_ops on the apps cgroup, getsockopt
+on the proxy cgroup, steered by pinned maps.
+
+Owns the pin dir and the cgroup attachments, their ledger kinds (`UNDO`) and the map sync.
+Compiling runs in a subprocess (meshnode.bpf.loader) so this process never imports bcc; the
+attachments are made here with raw bpf(2), each recorded in the ledger before it exists, so a
+sweep from a fresh process after a SIGKILL removes them (attachments outlive processes).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from meshnode import constants
+from meshnode.bpf import syscall
+from meshnode.bpf.maps import CaptureMaps, MapContents
+from meshnode.bpf.program import EntrySpec, all_entries
+from meshnode.capture import CaptureContext
+from meshnode.errors import BpfError, CaptureError, MeshnodeError, UnavailableError
+from meshnode.host.ledger import Entry, UndoFn
+from meshnode.model import CaptureState
+
+log = logging.getLogger(__name__)
+
+KIND_PIN_DIR = "bpf_pin_dir"
+KIND_ATTACH = "bpf_attach"
+LOADER_TIMEOUT = 60.0  # compiling four programs takes ~0.7 s; a wedged clang must not hang us
+BPFFS_MAGIC_MOUNT_TYPE = "bpf"
+
+
+class BpfCapture:
+    """Capture with cgroup eBPF programs. `install` → `sync`* → `remove`."""
+
+    name = "ebpf"
+
+    def __init__(self, ctx: CaptureContext, python: str = sys.executable) -> None:
+        self.ctx = ctx
+        self._python = python  # interpreter that runs the loader (must see bcc)
+        self._maps: CaptureMaps | None = None
+        self.timings: dict[str, float] = {}  # seconds: "loader", "install"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def install(self) -> None:
+        started = time.monotonic()
+        for role, path in (("apps", self.ctx.apps_cgroup), ("proxy", self.ctx.proxy_cgroup)):
+            if not path.is_dir():
+                raise CaptureError(f"{role} cgroup {path} does not exist",
+                                   "create the agent's cgroups before installing capture",
+                                   errno=errno.ENOENT)
+        created: list[Entry] = []  # ledger entries of this install, for the unwind
+        try:
+            ensure_bpffs()
+            self._make_pin_dir(created)
+            loaded = self._run_loader()
+            for entry in all_entries():
+                self._attach(entry, loaded[entry.function], created)
+            self._maps = CaptureMaps.open(self.ctx.pin_dir)
+        except BaseException:
+            # All or nothing: take back what this install made, newest first.
+            for rec in reversed(created):
+                try:
+                    UNDO[rec["kind"]](rec)
+                    self.ctx.ledger.forget(rec)
+                except MeshnodeError as exc:
+                    log.warning("unwinding %s failed: %s", rec, exc)
+            raise
+        self.timings["install"] = time.monotonic() - started
+
+    def sync(self, state: CaptureState) -> None:
+        self._require_maps().apply(MapContents.of(state))
+
+    def stats(self) -> dict[str, int]:
+        return self._require_maps().stats()
+
+    def remove(self) -> None:
+        # Fail open first: with no service flagged, every connect passes untouched even while
+        # the programs are still attached.
+        if self._maps is not None:
+            try:
+                self._maps.clear_services()
+            except MeshnodeError as exc:
+                log.warning("clearing service flags failed: %s", exc)
+            self._maps.close()
+            self._maps = None
+        # Then detach, connect hooks first (see EntrySpec.detach_order), then unpin.
+        order = {e.function: e.detach_order for e in all_entries()}
+        attaches = sorted(self._own_entries(KIND_ATTACH),
+                          key=lambda e: order.get(str(e.get("function")), 99))
+        failures: list[str] = []
+        for rec in [*attaches, *self._own_entries(KIND_PIN_DIR)]:
+            try:
+                UNDO[rec["kind"]](rec)
+                self.ctx.ledger.forget(rec)
+            except MeshnodeError as exc:
+                failures.append(str(exc))
+        if failures:
+            raise CaptureError("eBPF capture not fully removed: " + "; ".join(failures),
+                               "the next agent start sweeps the rest (or run the sweep now)")
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _own_entries(self, kind: str) -> list[Entry]:
+        pin_dir = str(self.ctx.pin_dir)
+        return [e for e in self.ctx.ledger.entries(kind)
+                if e.get("pin_dir") == pin_dir or e.get("path") == pin_dir]
+
+    def _make_pin_dir(self, created: list[Entry]) -> None:
+        pin_dir = self.ctx.pin_dir
+        # Checked before recording: a dir in use is not ours, and a sweep must not remove it.
+        if pin_dir.is_dir() and any(pin_dir.iterdir()):
+            raise CaptureError(
+                f"BPF pin directory {pin_dir} is not empty",
+                "another agent uses this instance name, or a crashed one was not swept: "
+                "stop it or run the sweep", errno=errno.EEXIST)
+        created.append(self.ctx.ledger.record(KIND_PIN_DIR, path=str(pin_dir)))
+        # Parents (e.g. /sys/fs/bpf/meshnode) are shared by every instance and left in place
+        # unless empty at removal; another instance may remove an empty parent meanwhile.
+        for _ in range(3):
+            try:
+                pin_dir.parent.mkdir(parents=True, exist_ok=True)
+                pin_dir.mkdir()
+                break
+            except FileExistsError:
+                break
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise BpfError(f"cannot create {pin_dir}: {exc.strerror}",
+                               "is bpffs mounted at /sys/fs/bpf?", errno=exc.errno) from exc
+
+    def _run_loader(self) -> dict[str, dict[str, object]]:
+        cmd = [self._python, "-m", "meshnode.bpf.loader", "--pin-dir", str(self.ctx.pin_dir)]
+        started = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LOADER_TIMEOUT,
+                                  check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise BpfError(f"BPF loader did not run: {exc}",
+                           "check `python -m meshnode.bpf.loader --help` with the agent's "
+                           "interpreter") from exc
+        self.timings["loader"] = time.monotonic() - started
+        try:
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            stderr_tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BpfError(f"BPF loader failed (exit {proc.returncode}): {stderr_tail}",
+                           "run the loader by hand to see its output: "
+                           + " ".join(cmd)) from None
+        if not result.get("ok"):
+            raise UnavailableError(f"eBPF capture unavailable: {result.get('error')}",
+                                   str(result.get("hint") or "use --capture iptables"))
+        return {str(e["function"]): e for e in result["entries"]}
+
+    def _attach(self, entry: EntrySpec, loaded: dict[str, object],
+                created: list[Entry]) -> None:
+        cgroup = self.ctx.apps_cgroup if entry.cgroup == "apps" else self.ctx.proxy_cgroup
+        created.append(self.ctx.ledger.record(
+            KIND_ATTACH, cgroup=str(cgroup), attach_type=int(entry.attach_type),
+            function=entry.function, pin=str(loaded["pin"]), prog_id=int(str(loaded["prog_id"])),
+            pin_dir=str(self.ctx.pin_dir)))
+        prog_fd = syscall.obj_get(str(loaded["pin"]))
+        try:
+            cg_fd = _open_cgroup(cgroup)
+            try:
+                syscall.prog_attach(cg_fd, prog_fd, int(entry.attach_type))
+            finally:
+                os.close(cg_fd)
+        finally:
+            os.close(prog_fd)
+
+    def _require_maps(self) -> CaptureMaps:
+        if self._maps is None:
+            raise CaptureError("eBPF capture is not installed", "call install() first")
+        return self._maps
+
+
+def ensure_bpffs() -> None:
+    """Mount bpffs at /sys/fs/bpf unless it is there already (left mounted: it is shared)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if left.split()[4] == constants.BPF_FS and right.split()[0] == "bpf":
+                return
+    proc = subprocess.run(["mount", "-t", "bpf", "bpf", constants.BPF_FS],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise UnavailableError(f"cannot mount bpffs at {constants.BPF_FS}: "
+                               f"{proc.stderr.strip()}",
+                               f"mount it yourself: mount -t bpf bpf {constants.BPF_FS}")
+
+
+def _open_cgroup(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise CaptureError(f"cannot open cgroup {path}: {exc.strerror}", errno=exc.errno) from exc
+
+
+# -- ledger undo (must work from a fresh process: no state but the entry) -----------------------
+
+def _undo_attach(entry: Entry) -> None:
+    """Detach one program from one cgroup. A gone cgroup took its attachments with it; a gone
+    program (neither pinned nor attached) is already detached."""
+    try:
+        cg_fd = os.open(entry["cgroup"], os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    try:
+        attach_type = int(entry["attach_type"])
+        prog_fd = _find_prog(entry, cg_fd, attach_type)
+        if prog_fd is None:
+            return
+        try:
+            syscall.prog_detach(cg_fd, prog_fd, attach_type)  # False: not attached, done
+        finally:
+            os.close(prog_fd)
+    finally:
+        os.close(cg_fd)
+
+
+def _find_prog(entry: Entry, cg_fd: int, attach_type: int) -> int | None:
+    """An fd of the attached program: through its pin, else by querying the cgroup for the
+    recorded id (pins can be gone while the attachment lives on)."""
+    try:
+        return syscall.obj_get(str(entry["pin"]))
+    except BpfError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+    if int(entry["prog_id"]) not in syscall.prog_query(cg_fd, attach_type):
+        return None
+    try:
+        return syscall.prog_fd_by_id(int(entry["prog_id"]))
+    except BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def _undo_pin_dir(entry: Entry) -> None:
+    """Unpin everything in the pin dir, remove it, and its parent if now empty."""
+    path = Path(entry["path"])
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        try:
+            os.unlink(path / name)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise BpfError(f"cannot unpin {path / name}: {exc.strerror}",
+                           errno=exc.errno) from exc
+    for d in (path, path.parent):
+        if d == Path(constants.BPF_FS):
+            break
+        try:
+            d.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if d == path or exc.errno not in (errno.ENOTEMPTY, errno.EBUSY):
+                raise BpfError(f"cannot remove {d}: {exc.strerror}", errno=exc.errno) from exc
+            break  # a shared parent still in use by another instance
+
+
+UNDO: dict[str, UndoFn] = {KIND_ATTACH: _undo_attach, KIND_PIN_DIR: _undo_pin_dir}

@@ -1,0 +1,320 @@
+"""One proxy worker process: `python -m meshnode.proxy.worker <WorkerConfig argv>`.
+
+Owns the worker's life: listen (SO_REUSEPORT, several workers share the port), talk to the agent
+over the inherited control socket, route each accepted connection by its original destination,
+connect upstream (SO_MARK before connect, so capture skips the proxy's own sockets), hand the
+pair to the relay, sweep idle relays, and drain on SIGTERM/SIGINT or when the agent goes away.
+
+Control channel (newline-delimited JSON; see control.py for framing):
+  worker → agent  {"t":"listening","worker":ID,"pid":PID}          once bound
+                  {"t":"error","message":M,"hint":H}                startup failed (then exit)
+                  {"t":"synced","seq":N}                            answer to sync
+                  {"t":"stats","seq":N,"worker":ID,"services":{...},"unrouted":U,
+                   "origdst_errors":E,"active":A}                   answer to stats
+  agent → worker  reset / add / remove / gone (model.update_to_wire), {"t":"sync","seq":N},
+                  {"t":"stats","seq":N}
+Exit codes: 0 after a drain, 69 when the listener cannot be bound, 77 when SO_MARK is refused
+(needs CAP_NET_ADMIN; mark 0 skips it), 64 for a bad explicit target.
+
+Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/bpf/host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Address
+from typing import Any
+
+import uvloop
+
+from meshnode.config import WorkerConfig
+from meshnode.errors import (
+    EX_UNAVAILABLE,
+    MeshnodeError,
+    PermissionError_,
+    UnavailableError,
+    UsageError,
+)
+from meshnode.model import HostPort, OrigDstAddr, update_from_wire
+from meshnode.proxy.control import ControlChannel, open_control
+from meshnode.proxy.origdst import OrigDstError, OrigDstSource, SockoptOrigDst, StaticOrigDst
+from meshnode.proxy.relay import BufferPool, Relay, RelayRegistry
+from meshnode.proxy.routing import NoEndpoint, ServiceTable, ToService
+from meshnode.proxy.stats import ServiceStats, WorkerStats
+
+__all__ = ["ListenError", "MarkError", "ProxyWorker", "bind_listener", "main"]
+
+log = logging.getLogger("meshnode.proxy")
+
+SO_MARK = getattr(socket, "SO_MARK", 36)  # Python < 3.12 lacks the name; asm-generic value
+BACKLOG = 4096  # clamped by net.core.somaxconn
+_UPDATES = frozenset({"reset", "add", "remove", "gone"})
+
+
+class ListenError(UnavailableError):
+    """The worker's listener could not be bound."""
+
+    exit_code = EX_UNAVAILABLE
+
+
+class MarkError(PermissionError_):
+    default_hint = "SO_MARK needs CAP_NET_ADMIN: run the agent as root, or use mark 0 in tests"
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket shared with the other workers through SO_REUSEPORT."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        hints = {
+            errno.EADDRINUSE: f"another program holds the port: ss -ltnp 'sport = :{port}'",
+            errno.EACCES: "ports below 1024 need root (CAP_NET_BIND_SERVICE)",
+            errno.EADDRNOTAVAIL: f"{host} is not an address of this host (or namespace)",
+        }
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                          hints.get(exc.errno or 0, "check the listen address and port")) from exc
+    return sock
+
+
+def check_mark(mark: int) -> None:
+    """Fail at startup, not on every connect, when the mark cannot be set."""
+    if not mark:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        except OSError as exc:
+            raise MarkError(f"cannot set SO_MARK {mark:#x}: {exc.strerror}") from exc
+
+
+class ProxyWorker:
+    """The worker's state and its asyncio wiring; `run()` is its whole life."""
+
+    def __init__(self, config: WorkerConfig, origdst: OrigDstSource,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.origdst = origdst
+        self.table = ServiceTable()
+        self.stats = WorkerStats()
+        self.pool = BufferPool()
+        self.registry = RelayRegistry(clock)
+        self._control: ControlChannel | None = None
+        self._stop: asyncio.Event | None = None
+        self._force = False
+        self._own = _own_addresses(config.listen_host, config.listen_port)
+
+    # -- control channel ---------------------------------------------------------------------
+
+    def on_message(self, msg: dict[str, Any]) -> None:
+        t = msg["t"]
+        if t in _UPDATES:
+            try:
+                self.table.apply(update_from_wire(msg))
+            except (MeshnodeError, KeyError, TypeError, ValueError) as exc:
+                log.error("bad %s update ignored: %s", t, exc)
+        elif t == "sync":
+            # Every message before this one has been applied: they are handled in order.
+            self._send({"t": "synced", "seq": msg.get("seq")})
+        elif t == "stats":
+            self._send(self.stats.to_wire(msg.get("seq", 0), self.config.worker_id,
+                                          len(self.registry)))
+        else:
+            log.warning("unknown control message %r ignored", t)
+
+    def on_control_closed(self) -> None:
+        if self._stop is not None and not self._stop.is_set():
+            log.info("agent channel closed: draining")
+        self.request_stop()
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self._control is not None:
+            self._control.send(msg)
+
+    # -- accept, route, connect --------------------------------------------------------------
+
+    def _new_relay(self) -> asyncio.BaseProtocol:
+        return Relay(self.pool, self.registry, self._accepted, self.stats.passthrough).client
+
+    def _accepted(self, relay: Relay) -> None:
+        transport = relay.client.transport
+        assert transport is not None
+        try:
+            dst = self.origdst.lookup(transport.get_extra_info("socket"))
+        except OrigDstError:
+            self.stats.origdst_errors += 1
+            relay.reset()
+            return
+        if (dst.ip, dst.port) in self._own:
+            # A connection whose destination is the proxy itself would loop forever.
+            self.stats.origdst_errors += 1
+            relay.reset()
+            return
+        route = self.table.route(dst)
+        attempts: Sequence[HostPort]
+        if isinstance(route, ToService):
+            stats = self.stats.service(route.service)
+            stats.connections += 1
+            relay.assign(stats)
+            attempts = [ep.addr for ep in route.attempts]
+        elif isinstance(route, NoEndpoint):
+            stats = self.stats.service(route.service)
+            stats.connections += 1
+            stats.no_endpoint += 1
+            relay.reset()
+            return
+        else:
+            self.stats.unrouted += 1
+            stats = self.stats.passthrough
+            attempts = (route.dst,)
+        relay.connect_task = asyncio.get_running_loop().create_task(
+            self._connect(relay, attempts, stats))
+
+    async def _connect(self, relay: Relay, attempts: Sequence[HostPort],
+                       stats: ServiceStats) -> None:
+        """Try each address in turn; the first that answers becomes the relay's upstream."""
+        loop = asyncio.get_running_loop()
+        mark, timeout = self.config.mark, self.config.connect_timeout
+        for addr in attempts:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                if mark:
+                    # Before connect: the capture hooks look at the mark when connect() runs.
+                    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                async with asyncio.timeout(timeout):
+                    await loop.sock_connect(sock, addr.pair())
+                await loop.create_connection(lambda: relay.upstream, sock=sock)
+            except (OSError, TimeoutError):
+                sock.close()
+                stats.connect_errors += 1
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            relay.connect_task = None
+            return
+        relay.connect_task = None
+        relay.reset()  # every endpoint failed: refuse the client
+
+    # -- life --------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if self._stop is None:
+            return
+        if self._stop.is_set():
+            self._force = True  # a second signal: skip the grace period
+            self.registry.reset_all()
+        self._stop.set()
+
+    async def _sweep_idle(self) -> None:
+        idle = self.config.idle_timeout
+        interval = min(max(idle / 8, 0.05), 5.0)  # closes within idle + interval
+        while True:
+            await asyncio.sleep(interval)
+            self.registry.sweep(idle)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        if self.config.control_fd >= 0:
+            self._control = await open_control(self.config.control_fd, self)
+        try:
+            check_mark(self.config.mark)
+            lsock = bind_listener(self.config.listen_host, self.config.listen_port)
+        except MeshnodeError as err:
+            log.error("%s", err)
+            self._send({"t": "error", "message": err.message, "hint": err.hint})
+            if self._control is not None:
+                await self._control.close(timeout=2.0)
+            return err.exit_code
+        server = await loop.create_server(self._new_relay, sock=lsock, backlog=BACKLOG)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        self._send({"t": "listening", "worker": self.config.worker_id, "pid": os.getpid()})
+        sweeper = loop.create_task(self._sweep_idle())
+        await self._stop.wait()
+        await self._shutdown(server, sweeper)
+        return 0
+
+    async def _shutdown(self, server: asyncio.AbstractServer,
+                        sweeper: asyncio.Task[None]) -> None:
+        # The order follows uvicorn's Server.shutdown.
+        # 1. Stop accepting: close the listener. With SO_REUSEPORT the kernel sends new
+        #    connections to the workers still listening (or, last one out, refuses them).
+        server.close()
+        # 2. Ask connections to close: a byte relay has no way to ask politely (no GOAWAY at
+        #    L4), so connections simply get the grace period to finish on their own.
+        # 3. Wait for active connections to finish, up to drain_grace. The control channel and
+        #    the idle sweep keep working meanwhile (stats requests are answered).
+        if len(self.registry) and not self._force:
+            try:
+                async with asyncio.timeout(self.config.drain_grace):
+                    await self.registry.wait_empty()
+            except TimeoutError:
+                log.warning("drain: %d connections still open after %.1fs; resetting them",
+                            len(self.registry), self.config.drain_grace)
+        # 4. Abort the rest with RST, so no client mistakes a cut-off stream for a clean end,
+        #    and give their connection_lost callbacks a moment to run.
+        if self.registry.reset_all():
+            try:
+                async with asyncio.timeout(1.0):
+                    await self.registry.wait_empty()
+            except TimeoutError:
+                pass
+        sweeper.cancel()
+        # 5. Flush the control channel: replies already written (a last stats answer) go out
+        #    before the socket closes.
+        if self._control is not None:
+            await self._control.close(timeout=2.0)
+
+
+def _own_addresses(host: str, port: int) -> frozenset[tuple[IPv4Address, int]]:
+    """Destinations that are this proxy's own listener (a wildcard listener is every local
+    loopback address we can name cheaply)."""
+    try:
+        ip = IPv4Address(host)
+    except ValueError:
+        return frozenset()
+    if ip.is_unspecified:
+        return frozenset({(ip, port), (IPv4Address("127.0.0.1"), port)})
+    return frozenset({(ip, port)})
+
+
+def origdst_source(config: WorkerConfig) -> OrigDstSource:
+    if config.explicit_target is None:
+        return SockoptOrigDst()
+    target = HostPort.parse(config.explicit_target)
+    return StaticOrigDst(OrigDstAddr(target.ip, target.port))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = WorkerConfig.from_argv(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=os.environ.get("MESHNODE_PROXY_LOG", "WARNING").upper(),
+        format=f"meshnode-proxy[{config.worker_id}] %(levelname)s %(name)s: %(message)s")
+    try:
+        source = origdst_source(config)
+    except UsageError as err:
+        log.error("%s", err)
+        return err.exit_code
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(ProxyWorker(config, source).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

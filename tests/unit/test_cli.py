@@ -1,0 +1,43 @@
+"""The CLI edge: typed errors become one line and a sysexits code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def meshnode(*args: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    env = {"MESHNODE_RUN_DIR": str(tmp), "PATH": "/usr/bin:/bin"}
+    return subprocess.run([sys.executable, "-m", "meshnode.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=30)
+
+
+def test_no_agent_is_one_line_with_the_fix(tmp_path: Path) -> None:
+    r = meshnode("status", tmp=tmp_path)
+    assert r.returncode == 69
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no meshnode agent" in lines[0] and "meshnode agent" in lines[0]
+
+
+@pytest.mark.parametrize("args", [["enroll", "abc", "--service", "x"], ["enroll", "1"],
+                                  ["status", "--output", "yaml"], ["nope"]])
+def test_usage_errors_exit_64(args: list[str], tmp_path: Path) -> None:
+    assert meshnode(*args, tmp=tmp_path).returncode == 64
+
+
+def test_bad_instance_name(tmp_path: Path) -> None:
+    r = meshnode("status", "--instance", "../x", tmp=tmp_path)
+    assert r.returncode == 64 and "invalid instance name" in r.stderr
+
+
+def test_run_unknown_command_is_refused_before_enrolling(tmp_path: Path) -> None:
+    r = meshnode("run", "--service", "web", "--", "no-such-cmd-xyz", tmp=tmp_path)
+    assert r.returncode == 64 and "command not found" in r.stderr
+
+
+def test_version(tmp_path: Path) -> None:
+    r = meshnode("--version", tmp=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("meshnode ")
