@@ -66,6 +66,7 @@ class HostAgent:
         self._reconcile_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
         self._stop = asyncio.Event()
+        self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
 
@@ -162,6 +163,8 @@ class HostAgent:
         kernel which services to redirect: a service is only captured once the proxy knows it."""
         assert self.registry and self.workers and self.capture
         async with self._reconcile_lock:
+            if self._stopping:  # capture is being removed: never re-install rules
+                return
             services = self.registry.services()
             snap = updates.snapshot(services)
             pending: list[Update] = updates.diff(self._pushed, snap)
@@ -193,6 +196,7 @@ class HostAgent:
     # -- stop -----------------------------------------------------------------------------
     async def stop(self) -> None:
         """Fail open first, then drain, then remove every recorded kernel object."""
+        self._stopping = True
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

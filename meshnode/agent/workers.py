@@ -41,6 +41,7 @@ class Worker:
         self.listening = asyncio.Event()
         self.error: str | None = None
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.channel_open = False  # False from the moment the worker's end closes (it died)
         self.started_at = 0.0
         self.restarts = 0
 
@@ -50,7 +51,8 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.returncode is None and self.listening.is_set()
+        return (self.proc is not None and self.proc.returncode is None and self.channel_open
+                and self.listening.is_set())
 
     def send(self, msg: dict[str, Any]) -> None:
         if self.writer is not None and not self.writer.is_closing():
@@ -111,6 +113,7 @@ class WorkerPool:
         w.error = None
         w.started_at = time.monotonic()
         reader, w.writer = await asyncio.open_unix_connection(sock=parent)
+        w.channel_open = True
         self._spawn_task(self._read(w, reader))
         # Routes first: the worker applies them before its first accepted connection needs them.
         for u in self._initial():
@@ -122,26 +125,36 @@ class WorkerPool:
         task.add_done_callback(self._tasks.discard)
 
     async def _read(self, w: Worker, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                log.warning("worker %d sent garbage: %r", w.id, line[:100])
-                continue
-            t = msg.get("t")
-            if t == "listening":
-                w.listening.set()
-            elif t == "error":
-                w.error = f"{msg.get('message')} ({msg.get('hint', '')})"
-                log.error("worker %d: %s", w.id, w.error)
-            elif t in ("synced", "stats"):
-                fut = w.pending.pop(int(msg.get("seq", -1)), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
+        # a killed worker with unread input resets the socketpair: that is EOF too
+        with contextlib.suppress(ConnectionError):
+            while line := await reader.readline():
+                self._dispatch(w, line)
+        # EOF: the worker is gone (or going); nobody waits on it any more
+        w.channel_open = False
+        w.listening.clear()
+        if not self._stopping:
+            self._spawn_task(self._on_change())
         for fut in w.pending.values():
             if not fut.done():
                 fut.cancel()
         w.pending.clear()
+
+    def _dispatch(self, w: Worker, line: bytes) -> None:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            log.warning("worker %d sent garbage: %r", w.id, line[:100])
+            return
+        t = msg.get("t")
+        if t == "listening":
+            w.listening.set()
+        elif t == "error":
+            w.error = f"{msg.get('message')} ({msg.get('hint', '')})"
+            log.error("worker %d: %s", w.id, w.error)
+        elif t in ("synced", "stats"):
+            fut = w.pending.pop(int(msg.get("seq", -1)), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
 
     def _watch(self, w: Worker) -> None:
         self._spawn_task(self._supervise(w))
@@ -208,6 +221,8 @@ class WorkerPool:
                 w.send(update_to_wire(u))
 
     async def _ask(self, w: Worker, msg: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        if not w.channel_open:
+            return None
         seq = next(self._seq)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         w.pending[seq] = fut

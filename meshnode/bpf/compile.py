@@ -35,10 +35,25 @@ def check_pin_dir(pin_dir: Path) -> str:
     return text
 
 
-def cflags(pin_dir: Path, include_dir: Path) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class BuildConfig:
+    """What one agent instance compiles in: where maps are pinned, and the two constants an
+    instance may override (agents side by side use their own port and mark)."""
+
+    pin_dir: Path = Path(constants.PIN_ROOT) / constants.DEFAULT_INSTANCE
+    outbound_port: int = constants.OUTBOUND_PORT
+    proxy_mark: int = constants.PROXY_MARK
+
+    def defines(self) -> dict[str, int]:
+        return {**constants.bpf_defines(), "MN_OUTBOUND_PORT": self.outbound_port,
+                "MN_PROXY_MARK": self.proxy_mark}
+
+
+def cflags(config: BuildConfig, include_dir: Path) -> list[str]:
     """The flags handed to clang: include path, every constant, the pin dir."""
+    pin_dir = config.pin_dir
     flags = [f"-I{include_dir}"]
-    flags += [f"-D{name}={value}" for name, value in sorted(constants.bpf_defines().items())]
+    flags += [f"-D{name}={value}" for name, value in sorted(config.defines().items())]
     flags.append(f'-DMN_PIN_DIR="{check_pin_dir(pin_dir)}"')
     return flags
 
@@ -50,11 +65,12 @@ def _sources() -> Iterator[Path]:
         yield Path(root)
 
 
-def render_source(pin_dir: Path = Path(constants.PIN_ROOT) / constants.DEFAULT_INSTANCE) -> str:
-    """Every C file exactly as compiled, each preceded by the flags it is compiled with."""
+def render_source(config: BuildConfig | None = None) -> str:
+    """Every C file exactly as compiled, each preceded by the flags it is compiled with
+    (`meshnode bpf source`)."""
     out: list[str] = []
     with _sources() as root:
-        flags = cflags(pin_dir, root / "include")
+        flags = cflags(config or BuildConfig(), root / "include")
         out.append("/* ==== include/mn_maps.h ==== */\n")
         out.append((root / "include" / "mn_maps.h").read_text())
         for prog in all_programs():
@@ -71,9 +87,10 @@ class LoadedEntry:
     prog_id: int
 
 
-def load_and_pin(pin_dir: Path) -> list[LoadedEntry]:
+def load_and_pin(config: BuildConfig) -> list[LoadedEntry]:
     """Compile every program, load its entries, pin maps (by mn_maps.h) and programs under
-    `pin_dir`. The pins keep everything alive after this process exits."""
+    `config.pin_dir`. The pins keep everything alive after this process exits."""
+    pin_dir = config.pin_dir
     try:
         from bcc import BPF  # a foreign module: imported here only (see module docstring)
     except ImportError as exc:
@@ -82,7 +99,7 @@ def load_and_pin(pin_dir: Path) -> list[LoadedEntry]:
                        "--system-site-packages") from exc
     loaded: list[LoadedEntry] = []
     with _sources() as root, ExitStack() as modules:
-        flags = cflags(pin_dir, root / "include")
+        flags = cflags(config, root / "include")
         for prog in all_programs():
             bpf = _compile(BPF, root / prog.source, flags, prog)
             modules.callback(bpf.cleanup)

@@ -1,4 +1,5 @@
-"""The short-lived loader: `python -m meshnode.bpf.loader --pin-dir DIR`.
+"""The short-lived loader: `python -m meshnode.bpf.loader --pin-dir DIR [--outbound-port P]
+[--proxy-mark M]`.
 
 Compiles every capture program with bcc, pins maps and programs under DIR, prints one JSON
 object on stdout and exits. The agent runs it as a subprocess so LLVM's ~130 MB never stays in
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from meshnode import constants
 from meshnode.errors import MeshnodeError
 
 
@@ -29,12 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--pin-dir", required=True, type=Path,
                         help="existing empty directory on bpffs")
+    parser.add_argument("--outbound-port", type=int, default=constants.OUTBOUND_PORT,
+                        help="the proxy's outbound listener port on 127.0.0.1")
+    parser.add_argument("--proxy-mark", type=lambda v: int(v, 0), default=constants.PROXY_MARK,
+                        help="SO_MARK of the proxy's upstream sockets (never captured)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
-        from meshnode.bpf.compile import load_and_pin
+        from meshnode.bpf.compile import BuildConfig, load_and_pin
 
-        entries = load_and_pin(args.pin_dir)
+        entries = load_and_pin(BuildConfig(args.pin_dir, args.outbound_port, args.proxy_mark))
     except MeshnodeError as exc:
         print(json.dumps({"ok": False, "error": exc.message.splitlines()[0] if exc.message
                           else type(exc).__name__, "hint": exc.hint}))

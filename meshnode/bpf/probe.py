@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import logging
 import os
 import platform
 import struct
@@ -22,6 +23,8 @@ from meshnode.bpf import syscall
 from meshnode.bpf.program import all_entries
 from meshnode.errors import MeshnodeError
 from meshnode.host import cgroup
+
+log = logging.getLogger(__name__)
 
 # r0 = 1; exit: "proceed" for every hook the backend uses.
 _PROCEED = struct.pack("<BBhi", 0xB7, 0, 0, 1) + struct.pack("<BBhi", 0x95, 0, 0, 0)
@@ -58,26 +61,36 @@ def _probe_kernel(mount: Path) -> ProbeResult:
     try:
         cg_fd = os.open(group, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for entry in all_entries():
-                what = f"{entry.attach_type.name.lower()} program"
-                try:
-                    fd = syscall.prog_load(entry.prog_type, _PROCEED, entry.attach_type,
-                                           "mn_probe")
-                except MeshnodeError as exc:
-                    return ProbeResult(False, f"kernel cannot load a {what}: {exc.message}")
-                try:
-                    syscall.prog_attach(cg_fd, fd, entry.attach_type)
-                    syscall.prog_detach(cg_fd, fd, entry.attach_type)
-                except MeshnodeError as exc:
-                    return ProbeResult(False, f"kernel cannot attach a {what}: {exc.message}")
-                finally:
-                    os.close(fd)
+            result = _load_and_attach_each(cg_fd)
         finally:
             os.close(cg_fd)
     finally:
+        _remove_group(group)
+    return result
+
+
+def _load_and_attach_each(cg_fd: int) -> ProbeResult:
+    for entry in all_entries():
+        what = f"{entry.attach_type.name.lower()} program"
         try:
-            group.rmdir()
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:
-                return ProbeResult(False, f"cannot remove probe cgroup {group}: {exc.strerror}")
+            fd = syscall.prog_load(entry.prog_type, _PROCEED, entry.attach_type, "mn_probe")
+        except MeshnodeError as exc:
+            return ProbeResult(False, f"kernel cannot load a {what}: {exc.message}")
+        try:
+            syscall.prog_attach(cg_fd, fd, entry.attach_type)
+            syscall.prog_detach(cg_fd, fd, entry.attach_type)
+        except MeshnodeError as exc:
+            return ProbeResult(False, f"kernel cannot attach a {what}: {exc.message}")
+        finally:
+            os.close(fd)
     return ProbeResult(True, "cgroup connect4/connect6/sockops/getsockopt load and attach")
+
+
+def _remove_group(group: Path) -> None:
+    # An empty cgroup with nothing attached any more: rmdir cannot be busy for long, and a
+    # leftover would only be an empty directory. A warning, not an error: probe() never raises.
+    try:
+        group.rmdir()
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("cannot remove probe cgroup %s: %s", group, exc.strerror)

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 KIND_PIN_DIR = "bpf_pin_dir"
 KIND_ATTACH = "bpf_attach"
 LOADER_TIMEOUT = 60.0  # compiling four programs takes ~0.7 s; a wedged clang must not hang us
-BPFFS_MAGIC_MOUNT_TYPE = "bpf"
 
 
 class BpfCapture:
@@ -137,7 +136,9 @@ class BpfCapture:
                                "is bpffs mounted at /sys/fs/bpf?", errno=exc.errno) from exc
 
     def _run_loader(self) -> dict[str, dict[str, object]]:
-        cmd = [self._python, "-m", "meshnode.bpf.loader", "--pin-dir", str(self.ctx.pin_dir)]
+        cmd = [self._python, "-m", "meshnode.bpf.loader", "--pin-dir", str(self.ctx.pin_dir),
+               "--outbound-port", str(self.ctx.outbound_port),
+               "--proxy-mark", hex(self.ctx.proxy_mark)]
         started = time.monotonic()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LOADER_TIMEOUT,

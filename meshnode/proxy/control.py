@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import socket
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 __all__ = ["MAX_LINE", "ControlChannel", "ControlHandler", "open_control"]
 
@@ -39,8 +39,8 @@ class ControlChannel(asyncio.Protocol):
         self._closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._buf += data

@@ -27,6 +27,7 @@ import contextlib
 import socket
 import struct
 from collections.abc import Callable
+from typing import cast
 
 from meshnode.proxy.flow_control import HIGH_WATER, LOW_WATER, FlowControl
 from meshnode.proxy.stats import ServiceStats
@@ -86,7 +87,8 @@ class _Side(asyncio.BufferedProtocol):
         self.lost = False
 
     def _attach(self, transport: asyncio.BaseTransport) -> asyncio.Transport:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self.flow = FlowControl(transport)
         transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
@@ -190,8 +192,9 @@ class Relay:
     """One proxied connection. The worker creates it per accepted socket (`client` is the
     server protocol), routes it in `on_accept`, then connects `upstream`."""
 
-    __slots__ = ("bytes_down", "bytes_up", "client", "connect_task", "finished", "idle_since",
-                 "on_accept", "pending", "registry", "seen", "started", "stats", "upstream")
+    __slots__ = ("bytes_down", "bytes_up", "client", "closing", "connect_task", "finished",
+                 "idle_since", "on_accept", "pending", "registry", "seen", "started", "stats",
+                 "upstream")
 
     def __init__(self, pool: BufferPool, registry: RelayRegistry,
                  on_accept: Callable[[Relay], None], stats: ServiceStats) -> None:
@@ -207,6 +210,7 @@ class Relay:
         self.pending: bytearray | None = None
         self.connect_task: asyncio.Task[None] | None = None
         self.started = False
+        self.closing = False
         self.finished = False
         self.seen = 0
         self.idle_since = 0.0
@@ -240,6 +244,7 @@ class Relay:
 
     def close(self) -> None:
         """Close both sides cleanly (FIN after what is buffered)."""
+        self.closing = True
         for side in (self.client, self.upstream):
             if side.transport is not None and not side.lost:
                 side.transport.close()
@@ -294,8 +299,8 @@ class RelayRegistry:
         now = self._clock()
         idle = []
         for r in self._relays:
-            if not r.started or r.finished:
-                continue  # connecting: bounded by the connect timeout instead
+            if not r.started or r.closing or r.finished:
+                continue  # connecting (bounded by the connect timeout) or already closing
             total = r.bytes_up + r.bytes_down
             if total != r.seen:
                 r.seen = total

@@ -91,6 +91,7 @@ class Host:
         self.workers = workers
         self.restart_backoff = restart_backoff
         self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "MESHNODE_RUN_DIR": str(tmp / "run"),
                     "MESHNODE_STATE_DIR": str(tmp / "state"), "PYTHONUNBUFFERED": "1"}
         self.agent: subprocess.Popen[bytes] | None = None

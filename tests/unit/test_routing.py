@@ -1,0 +1,172 @@
+"""The worker's service table: updates in, routing decisions (a), (b), (c) out."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from ipaddress import IPv4Address
+
+import pytest
+
+from meshnode.model import (
+    Add,
+    DoesNotExist,
+    Endpoint,
+    HostPort,
+    OrigDstAddr,
+    Remove,
+    Reset,
+    ServiceSpec,
+    update_from_wire,
+    update_to_wire,
+)
+from meshnode.proxy.origdst import OrigDstError, SockoptOrigDst, StaticOrigDst, parse_sockaddr_in
+from meshnode.proxy.routing import NoEndpoint, Passthrough, ServiceTable, ToService
+
+pytestmark = pytest.mark.timeout(10)
+
+VIP = IPv4Address("127.240.0.7")
+
+
+def ep(text: str) -> Endpoint:
+    return Endpoint(HostPort.parse(text))
+
+
+def dst(text: str) -> OrigDstAddr:
+    hp = HostPort.parse(text)
+    return OrigDstAddr(hp.ip, hp.port)
+
+
+def spec(port: int | None = 80, name: str = "web", vip: IPv4Address = VIP) -> ServiceSpec:
+    return ServiceSpec(name, 7, vip, port)
+
+
+def attempts(route: object) -> list[str]:
+    assert isinstance(route, ToService), route
+    return [str(e.addr) for e in route.attempts]
+
+
+def table_with(*updates: object) -> ServiceTable:
+    t = ServiceTable()
+    for u in updates:
+        # Through the wire form, as the worker receives them.
+        t.apply(update_from_wire(update_to_wire(u)))  # type: ignore[arg-type]
+    return t
+
+
+def test_vip_on_service_port_reaches_every_endpoint_in_turn() -> None:
+    t = table_with(Reset(spec(80), (ep("10.0.0.1:8080"), ep("10.0.0.2:9090"))))
+    assert attempts(t.route(dst("127.240.0.7:80"))) == ["10.0.0.1:8080", "10.0.0.2:9090"]
+    assert attempts(t.route(dst("127.240.0.7:80"))) == ["10.0.0.2:9090", "10.0.0.1:8080"]
+    r = t.route(dst("127.240.0.7:80"))
+    assert isinstance(r, ToService) and r.service == "web"
+
+
+def test_vip_on_another_port_reaches_endpoints_on_that_port() -> None:
+    t = table_with(Reset(spec(None), (ep("10.0.0.1:8080"), ep("10.0.0.2:8080"),
+                                      ep("10.0.0.3:9090"))))
+    assert attempts(t.route(dst("127.240.0.7:8080"))) == ["10.0.0.1:8080", "10.0.0.2:8080"]
+    assert attempts(t.route(dst("127.240.0.7:9090"))) == ["10.0.0.3:9090"]
+    # Each candidate set keeps its own turn.
+    assert attempts(t.route(dst("127.240.0.7:8080"))) == ["10.0.0.2:8080", "10.0.0.1:8080"]
+    # A service port that is set but not the one dialled falls back to the port rule.
+    t2 = table_with(Reset(spec(80), (ep("10.0.0.1:8080"), ep("10.0.0.3:9090"))))
+    assert attempts(t2.route(dst("127.240.0.7:9090"))) == ["10.0.0.3:9090"]
+
+
+def test_vip_without_candidates_is_no_endpoint() -> None:
+    t = table_with(Reset(spec(None), (ep("10.0.0.1:8080"),)))
+    assert t.route(dst("127.240.0.7:1234")) == NoEndpoint("web")
+    t = table_with(Reset(spec(80), ()))
+    assert t.route(dst("127.240.0.7:80")) == NoEndpoint("web")
+
+
+def test_endpoint_address_routes_to_that_endpoint_only() -> None:
+    t = table_with(Reset(spec(80), (ep("10.0.0.1:8080"), ep("10.0.0.2:8080"))))
+    for _ in range(3):
+        r = t.route(dst("10.0.0.2:8080"))  # an OrigDstAddr finds a HostPort-keyed endpoint
+        assert isinstance(r, ToService) and r.service == "web"
+        assert attempts(r) == ["10.0.0.2:8080"]
+
+
+def test_anything_else_passes_through() -> None:
+    t = table_with(Reset(spec(80), (ep("10.0.0.1:8080"),)))
+    d = dst("10.0.0.9:8080")
+    assert t.route(d) == Passthrough(d)
+    assert isinstance(t.route(dst("10.0.0.1:8081")), Passthrough)
+
+
+def test_add_and_remove() -> None:
+    t = table_with(Reset(spec(80), (ep("10.0.0.1:80"),)))
+    t.apply(Add("web", (ep("10.0.0.2:80"), ep("10.0.0.1:80"))))  # re-adding is harmless
+    assert [str(e.addr) for e in t.endpoints("web")] == ["10.0.0.1:80", "10.0.0.2:80"]
+    assert isinstance(t.route(dst("10.0.0.2:80")), ToService)
+    t.apply(Remove("web", (ep("10.0.0.1:80"),)))
+    assert attempts(t.route(dst("127.240.0.7:80"))) == ["10.0.0.2:80"]
+    assert isinstance(t.route(dst("10.0.0.1:80")), Passthrough)
+    t.apply(Remove("web", (ep("10.0.0.2:80"),)))
+    assert t.route(dst("127.240.0.7:80")) == NoEndpoint("web")
+
+
+def test_updates_for_unknown_services_are_ignored() -> None:
+    t = ServiceTable()
+    t.apply(Add("nope", (ep("10.0.0.1:80"),)))
+    t.apply(Remove("nope", (ep("10.0.0.1:80"),)))
+    t.apply(DoesNotExist("nope"))
+    assert t.services() == []
+    assert isinstance(t.route(dst("10.0.0.1:80")), Passthrough)
+
+
+def test_does_not_exist_forgets_vip_and_endpoints() -> None:
+    t = table_with(Reset(spec(80), (ep("10.0.0.1:80"),)), DoesNotExist("web"))
+    assert isinstance(t.route(dst("127.240.0.7:80")), Passthrough)
+    assert isinstance(t.route(dst("10.0.0.1:80")), Passthrough)
+    assert t.services() == []
+
+
+def test_reset_replaces_endpoints_and_vip() -> None:
+    t = table_with(Reset(spec(80), (ep("10.0.0.1:80"), ep("10.0.0.2:80"))))
+    new_vip = IPv4Address("127.240.0.8")
+    t.apply(Reset(spec(80, vip=new_vip), (ep("10.0.0.3:80"),)))
+    assert isinstance(t.route(dst("127.240.0.7:80")), Passthrough)
+    assert isinstance(t.route(dst("10.0.0.1:80")), Passthrough)
+    assert attempts(t.route(dst("127.240.0.8:80"))) == ["10.0.0.3:80"]
+
+
+def test_shared_endpoint_address_survives_one_claimant_leaving() -> None:
+    shared = ep("10.0.0.1:80")
+    t = table_with(Reset(spec(80, "a", IPv4Address("127.240.0.1")), (shared,)),
+                   Reset(spec(80, "b", IPv4Address("127.240.0.2")), (shared,)))
+    r = t.route(dst("10.0.0.1:80"))
+    assert isinstance(r, ToService) and r.service == "a"
+    t.apply(DoesNotExist("a"))
+    r = t.route(dst("10.0.0.1:80"))
+    assert isinstance(r, ToService) and r.service == "b"
+
+
+# The routing input: original destinations as the kernel hands them over.
+
+
+def test_parse_sockaddr_in() -> None:
+    raw = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 8080) \
+        + socket.inet_aton("127.240.0.7") + bytes(8)
+    assert parse_sockaddr_in(raw) == dst("127.240.0.7:8080")
+    with pytest.raises(OrigDstError):
+        parse_sockaddr_in(struct.pack("=H", socket.AF_INET6) + bytes(14))
+
+
+def test_sockopt_source_without_capture_is_a_typed_error() -> None:
+    with socket.socket() as ls:
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(1)
+        with socket.create_connection(ls.getsockname(), timeout=5):
+            conn, _ = ls.accept()
+            with conn, pytest.raises(OrigDstError) as info:
+                SockoptOrigDst().lookup(conn)
+    assert info.value.errno != 0 and info.value.hint
+
+
+def test_static_source() -> None:
+    d = dst("127.0.0.1:9")
+    with socket.socket() as s:
+        assert StaticOrigDst(d).lookup(s) is d

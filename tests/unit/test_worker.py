@@ -1,0 +1,367 @@
+"""The real worker as a subprocess on a loopback port, in explicit-listener mode (no capture).
+
+It gets its discovery updates over a socketpair exactly as the agent sends them, and real
+connections go through it to threaded backends on 127.0.0.1. Every wait polls with a deadline
+or blocks on a socket with a timeout; nothing sleeps to synchronise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshnode import constants as C
+from meshnode.config import WorkerConfig
+from meshnode.model import DoesNotExist, Endpoint, HostPort, Reset, ServiceSpec, update_to_wire
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parents[2]
+VIP = "127.240.0.10"
+IO_TIMEOUT = 15.0
+BULK = 20 * 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dead_port() -> int:
+    """A loopback port nobody listens on (connects are refused at once)."""
+    return free_port()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)  # polling interval, not synchronisation: cond() decides
+
+
+def recv_all(s: socket.socket) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        b = s.recv(1 << 20)
+        if not b:
+            return b"".join(chunks)
+        chunks.append(b)
+
+
+class Backend:
+    """A threaded TCP server speaking a one-line command protocol:
+    NAME -> replies its name and closes; ECHO -> echoes until EOF;
+    BULK n -> hashes everything until EOF, then sends sha256 + n bytes of `payload`."""
+
+    def __init__(self, name: str, payload: bytes = b"") -> None:
+        self.name = name
+        self.payload = payload
+        self.accepted = 0
+        self._ls = socket.socket()
+        self._ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._ls.bind(("127.0.0.1", 0))
+        self._ls.listen(128)
+        self.port = int(self._ls.getsockname()[1])
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self._ls.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._handle, args=(c,), daemon=True).start()
+
+    def _handle(self, c: socket.socket) -> None:
+        with c, contextlib.suppress(OSError):
+            c.settimeout(IO_TIMEOUT)
+            f = c.makefile("rb")
+            cmd = f.readline().split() or [b""]
+            if cmd[0] == b"NAME":
+                c.sendall(self.name.encode())
+            elif cmd[0] == b"ECHO":
+                while True:
+                    b = f.read1(65536)
+                    if not b:
+                        break
+                    c.sendall(b)
+            elif cmd[0] == b"BULK":
+                h = hashlib.sha256()
+                while True:
+                    b = f.read1(1 << 20)
+                    if not b:
+                        break
+                    h.update(b)
+                c.sendall(h.digest())
+                c.sendall(self.payload[: int(cmd[1])])
+
+    def close(self) -> None:
+        self._ls.close()
+
+
+class Worker:
+    """The worker process and the agent's end of its control channel."""
+
+    def __init__(self, target: str, drain_grace: float = 10.0, idle_timeout: float = 30.0,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.ctl.settimeout(IO_TIMEOUT)
+        self.config = WorkerConfig(
+            worker_id=3, listen_host="127.0.0.1", listen_port=self.port,
+            mark=C.PROXY_MARK if os.geteuid() == 0 else 0,  # SO_MARK needs CAP_NET_ADMIN
+            connect_timeout=2.0, idle_timeout=idle_timeout, drain_grace=drain_grace,
+            control_fd=child.fileno(), explicit_target=target)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meshnode.proxy.worker", *self.config.to_argv()],
+            pass_fds=(child.fileno(),), cwd=REPO)
+        child.close()
+        self._rfile = self.ctl.makefile("rb")
+        self._seq = 0
+
+    def send(self, msg: dict[str, Any]) -> None:
+        self.ctl.sendall(json.dumps(msg).encode() + b"\n")
+
+    def recv(self) -> dict[str, Any]:
+        line = self._rfile.readline()
+        assert line, "control channel closed"
+        msg: dict[str, Any] = json.loads(line)
+        return msg
+
+    def request(self, t: str) -> dict[str, Any]:
+        self._seq += 1
+        self.send({"t": t, "seq": self._seq})
+        msg = self.recv()
+        assert msg["seq"] == self._seq, msg
+        return msg
+
+    def sync(self) -> None:
+        assert self.request("sync")["t"] == "synced"
+
+    def stats(self) -> dict[str, Any]:
+        return self.request("stats")
+
+    def connect(self) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=IO_TIMEOUT)
+        return s
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.ctl.close()
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., Worker]]:
+    started: list[Worker] = []
+
+    def _start(*args: Any, listening: bool = True, **kw: Any) -> Worker:
+        w = Worker(*args, **kw)
+        started.append(w)
+        if listening:
+            msg = w.recv()
+            assert msg == {"t": "listening", "worker": 3, "pid": w.proc.pid}
+        return w
+
+    yield _start
+    for w in started:
+        w.stop()
+
+
+def reset(w: Worker, *eps: str, port: int | None = 80, name: str = "web") -> None:
+    spec = ServiceSpec(name, 1, IPv4Address(VIP), port)
+    w.send(update_to_wire(Reset(spec, tuple(Endpoint(HostPort.parse(e)) for e in eps))))
+    w.sync()
+
+
+def ask_name(w: Worker) -> bytes:
+    with w.connect() as s:
+        s.sendall(b"NAME\n")
+        return recv_all(s)
+
+
+def assert_refused(w: Worker) -> None:
+    """The worker resets the client: seen at connect (on loopback the RST can beat the connect
+    call's return), at recv, or as an empty read."""
+    try:
+        with w.connect() as s:
+            assert recv_all(s) == b""
+    except ConnectionResetError:
+        pass
+
+
+def zero_active(w: Worker) -> Callable[[], bool]:
+    return lambda: w.stats()["active"] == 0
+
+
+def test_sync_barrier_and_round_robin(start: Callable[..., Worker]) -> None:
+    backends = [Backend(n) for n in ("a", "b", "c")]
+    w = start(f"{VIP}:80")
+    reset(w, *(b.addr for b in backends))
+    assert [ask_name(w) for _ in range(6)] == [b"a", b"b", b"c", b"a", b"b", b"c"]
+    wait_for(zero_active(w), what="connections to close")
+    st = w.stats()
+    assert st["worker"] == 3 and st["unrouted"] == 0 and st["origdst_errors"] == 0
+    web = st["services"]["web"]
+    assert web == {"connections": 6, "active": 0, "bytes_up": 6 * len(b"NAME\n"),
+                   "bytes_down": 6, "connect_errors": 0, "no_endpoint": 0}
+
+
+def test_dead_endpoint_is_skipped_and_counted(start: Callable[..., Worker]) -> None:
+    a, c = Backend("a"), Backend("c")
+    w = start(f"{VIP}:80")
+    reset(w, a.addr, f"127.0.0.1:{dead_port()}", c.addr)
+    # Turns start at a, dead (-> c), c, a, dead (-> c), c.
+    assert [ask_name(w) for _ in range(6)] == [b"a", b"c", b"c", b"a", b"c", b"c"]
+    wait_for(zero_active(w), what="connections to close")
+    web = w.stats()["services"]["web"]
+    assert web["connect_errors"] == 2 and web["connections"] == 6 and web["bytes_down"] == 6
+
+
+def test_bulk_both_ways_with_half_close(start: Callable[..., Worker]) -> None:
+    payload = random.Random(7).randbytes(BULK)
+    upload = random.Random(8).randbytes(BULK)
+    backend = Backend("bulk", payload)
+    w = start(f"{VIP}:80")
+    reset(w, backend.addr)
+    with w.connect() as s:
+        header = f"BULK {BULK}\n".encode()
+        s.sendall(header + upload)
+        s.shutdown(socket.SHUT_WR)  # half-close: the reply must still arrive
+        reply = recv_all(s)
+    assert reply[:32] == hashlib.sha256(upload).digest()
+    assert len(reply) == 32 + BULK
+    assert hashlib.sha256(reply[32:]).digest() == hashlib.sha256(payload).digest()
+    wait_for(zero_active(w), what="the bulk connection to close")
+    web = w.stats()["services"]["web"]
+    assert web["bytes_up"] == len(header) + BULK
+    assert web["bytes_down"] == 32 + BULK
+
+
+def test_no_endpoint_endpoint_address_and_unrouted(start: Callable[..., Worker]) -> None:
+    backend = Backend("direct")
+    w = start(backend.addr)  # every client "meant" the backend's own address
+    # No service knows the address yet: (c) pass straight through.
+    assert ask_name(w) == b"direct"
+    # (b) the address is an endpoint of a service: counted under it.
+    reset(w, backend.addr)
+    assert ask_name(w) == b"direct"
+    w.send(update_to_wire(DoesNotExist("web")))
+    w.sync()
+    assert ask_name(w) == b"direct"  # unrouted again
+    wait_for(zero_active(w), what="connections to close")
+    st = w.stats()
+    assert st["unrouted"] == 2
+    assert st["services"]["web"]["connections"] == 1  # counters outlive the service
+
+    # (a) a VIP with no endpoint for the port: the client is refused at once.
+    w2 = start(f"{VIP}:80")
+    reset(w2, port=80)
+    assert_refused(w2)
+    wait_for(lambda: w2.stats()["services"]["web"]["no_endpoint"] == 1, what="no_endpoint")
+
+
+def test_own_address_is_refused(start: Callable[..., Worker]) -> None:
+    port = free_port()
+    w = start(f"127.0.0.1:{port}", port=port)
+    assert_refused(w)
+    wait_for(lambda: w.stats()["origdst_errors"] == 1, what="origdst_errors")
+
+
+def test_sigterm_drains_open_connections_then_exits_0(start: Callable[..., Worker]) -> None:
+    backend = Backend("echo")
+    w = start(f"{VIP}:80", drain_grace=30.0)
+    reset(w, backend.addr)
+    with w.connect() as s:
+        s.sendall(b"ECHO\nbefore")
+        assert s.recv(100) == b"before"
+        w.proc.send_signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", w.port), timeout=1).close()
+            except ConnectionRefusedError:
+                return True
+            return False
+
+        wait_for(refused, what="the listener to close")
+        # Stats are still answered while draining (probes that got in before the listener
+        # closed are relayed and closed too).
+        wait_for(lambda: w.stats()["active"] == 1, what="only our connection to remain")
+        s.sendall(b"during grace")
+        got = b""
+        while len(got) < len(b"during grace"):
+            got += s.recv(100)
+        assert got == b"during grace"
+        assert w.proc.poll() is None
+    # The last connection closed: the worker finishes well before the 30 s grace.
+    assert w.proc.wait(timeout=10) == 0
+
+
+def test_drain_grace_expiry_resets_the_rest(start: Callable[..., Worker]) -> None:
+    backend = Backend("echo")
+    w = start(f"{VIP}:80", drain_grace=0.5)
+    reset(w, backend.addr)
+    with w.connect() as s:
+        s.sendall(b"ECHO\nx")
+        assert s.recv(10) == b"x"
+        t0 = time.monotonic()
+        w.proc.send_signal(signal.SIGTERM)
+        assert w.proc.wait(timeout=10) == 0
+        assert time.monotonic() - t0 >= 0.5
+        with pytest.raises(ConnectionResetError):
+            s.sendall(b"y")
+            s.recv(10)
+
+
+def test_agent_gone_means_drain_and_exit(start: Callable[..., Worker]) -> None:
+    w = start(f"{VIP}:80")
+    w.ctl.shutdown(socket.SHUT_RDWR)
+    assert w.proc.wait(timeout=10) == 0
+
+
+def test_bind_failure_reports_and_exits_69(start: Callable[..., Worker]) -> None:
+    with socket.socket() as squatter:  # no SO_REUSEPORT: the worker cannot share it
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen(1)
+        port = int(squatter.getsockname()[1])
+        w = start(f"{VIP}:80", port=port, listening=False)
+        msg = w.recv()
+        assert msg["t"] == "error" and str(port) in msg["message"] and msg["hint"]
+        assert w.proc.wait(timeout=10) == 69
+
+
+def test_two_workers_share_the_port(start: Callable[..., Worker]) -> None:
+    backend = Backend("shared")
+    w1 = start(f"{VIP}:80")
+    w2 = start(f"{VIP}:80", port=w1.port)
+    for w in (w1, w2):
+        reset(w, backend.addr)
+    for _ in range(8):
+        assert ask_name(w1) == b"shared"
+    wait_for(lambda: (w1.stats()["services"].get("web", {}).get("connections", 0)
+                      + w2.stats()["services"].get("web", {}).get("connections", 0)) == 8,
+             what="both workers' counts")
