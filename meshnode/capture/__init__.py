@@ -59,6 +59,8 @@ class CaptureChoice:
 
 def undo_functions() -> dict[str, UndoFn]:
     """Ledger kinds the capture backends create, and how to remove each."""
-    from meshnode.capture import ebpf, iptables
+    # imported here: both backends import this module for CaptureContext
+    import meshnode.capture.ebpf as ebpf_backend
+    import meshnode.capture.iptables as iptables_backend
 
-    return {**ebpf.UNDO, **iptables.UNDO}
+    return {**ebpf_backend.UNDO, **iptables_backend.UNDO}

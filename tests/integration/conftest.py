@@ -153,7 +153,8 @@ class Host:
         return self.client.call(op, **args)
 
     # -- processes in this host -----------------------------------------------------------
-    def popen(self, argv: list[str], service: str | None = None, **kw: Any) -> subprocess.Popen[Any]:
+    def popen(self, argv: list[str], service: str | None = None,
+              **kw: Any) -> subprocess.Popen[Any]:
         if service is not None:
             argv = [sys.executable, "-m", "meshnode.cli", "run", "--instance", self.tag,
                     "--service", service, "--", *argv]
@@ -264,5 +265,6 @@ def kernel_leftovers(h: Host) -> list[str]:
     for tool in ("iptables-save", "iptables-legacy-save"):
         with contextlib.suppress(FileNotFoundError):
             out = subprocess.run([tool], capture_output=True, text=True).stdout
-            found += [f"{tool}: {line}" for line in out.splitlines() if h.tag.upper() in line.upper()]
+            found += [f"{tool}: {line}" for line in out.splitlines()
+                      if h.tag.upper() in line.upper()]
     return found

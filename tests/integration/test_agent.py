@@ -56,7 +56,8 @@ def test_spread_with_several_workers_and_v4_mapped(make_host, backend: str) -> N
         assert r["ok"] and r["reply"].startswith("instance-"), r
 
 
-def test_only_enrolled_processes_and_mesh_destinations_are_captured(make_host, backend: str) -> None:
+def test_only_enrolled_processes_and_mesh_destinations_are_captured(make_host,
+                                                                   backend: str) -> None:
     h = make_host(backend)
     h.start()
     vip, ports = three_instances(h)
