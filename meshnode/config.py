@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import get_type_hints
 
 from meshnode import constants as C
 from meshnode.errors import ConfigError, UsageError
@@ -52,31 +53,18 @@ class WorkerConfig:
     explicit_target: str | None = None
 
     def to_argv(self) -> list[str]:
-        argv = [
-            f"--worker-id={self.worker_id}", f"--listen-host={self.listen_host}",
-            f"--listen-port={self.listen_port}", f"--mark={self.mark}",
-            f"--connect-timeout={self.connect_timeout}", f"--idle-timeout={self.idle_timeout}",
-            f"--drain-grace={self.drain_grace}", f"--control-fd={self.control_fd}",
-        ]
-        if self.explicit_target is not None:
-            argv.append(f"--explicit-target={self.explicit_target}")
-        return argv
+        return [f"--{f.name.replace('_', '-')}={getattr(self, f.name)}"
+                for f in fields(self) if getattr(self, f.name) is not None]
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> WorkerConfig:
+        # the parser is derived from the fields, so a new setting cannot be half-wired
         p = argparse.ArgumentParser(prog="meshnode-proxy")
-        p.add_argument("--worker-id", type=int, default=0)
-        p.add_argument("--listen-host", default=C.PROXY_ADDR)
-        p.add_argument("--listen-port", type=int, default=C.OUTBOUND_PORT)
-        p.add_argument("--mark", type=int, default=C.PROXY_MARK)
-        p.add_argument("--connect-timeout", type=float, default=C.CONNECT_TIMEOUT)
-        p.add_argument("--idle-timeout", type=float, default=C.IDLE_TIMEOUT)
-        p.add_argument("--drain-grace", type=float, default=C.DRAIN_GRACE)
-        p.add_argument("--control-fd", type=int, required=True)
-        p.add_argument("--explicit-target", default=None, metavar="IPv4:PORT")
-        a = p.parse_args(argv)
-        return cls(a.worker_id, a.listen_host, a.listen_port, a.mark, a.connect_timeout,
-                   a.idle_timeout, a.drain_grace, a.control_fd, a.explicit_target)
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            kind = {int: int, float: float}.get(hints[f.name], str)
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+        return cls(**vars(p.parse_args(argv)))
 
 
 @dataclass(frozen=True)
