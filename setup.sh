@@ -20,6 +20,8 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
 # 1. Debian packages: only what is missing, so a second run touches nothing.
 pkgs=(python3-bpfcc python3-venv python3-dev iptables bpftool linux-headers-amd64 iproute2 util-linux procps gcc)
+# the tests start real etcd clusters (multi-host discovery)
+[ "$mode" = test ] && pkgs+=(etcd-server etcd-client)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -48,6 +49,8 @@ class WorkerConfig:
     idle_timeout: float = C.IDLE_TIMEOUT
     drain_grace: float = C.DRAIN_GRACE
     control_fd: int = -1  # -1: no agent channel (standalone explicit proxy, benchmarks)
+    node: str = ""  # this host's node name and zone: locality-aware balancing prefers them
+    zone: str = ""
     # Explicit (non-transparent) listener: "IPv4:PORT" taken as the original destination of
     # every accepted connection instead of asking the kernel (tests, benchmarks, a plain proxy).
     explicit_target: str | None = None
@@ -83,6 +86,12 @@ class AgentConfig:
     scan_interval: float = 0.5  # how often enrolled processes' listening ports are read
     state_dir: Path | None = None
     pin_dir: Path | None = None
+    registry: str = "embedded"  # embedded | etcd://HOST:PORT[,HOST:PORT...]
+    node: str | None = None  # this host's name in the mesh (default: hostname[-instance])
+    zone: str = ""
+    dns_port: int = C.DNS_PORT  # the agent answers <service>.<dns_suffix> here (127.0.0.1)
+    dns_suffix: str = "mesh"
+    dns_upstreams: tuple[str, ...] = ()  # IPv4[:PORT] resolvers for other names; () = resolv.conf
 
     def __post_init__(self) -> None:
         instance_name(self.instance)
@@ -93,6 +102,13 @@ class AgentConfig:
             raise ConfigError(f"workers must be 1..64, not {self.workers}", "use --workers N")
         if not 0 < self.outbound_port < 65536:
             raise ConfigError(f"invalid outbound port {self.outbound_port}", "use 1..65535")
+
+    @property
+    def node_name(self) -> str:
+        if self.node:
+            return self.node
+        host = socket.gethostname().split(".")[0] or "localhost"
+        return host if self.instance == C.DEFAULT_INSTANCE else f"{host}-{self.instance}"
 
     @property
     def suffix(self) -> str:
@@ -122,5 +138,8 @@ class AgentConfig:
         return f"meshnode{self.suffix}.slice"
 
     def worker(self, worker_id: int, control_fd: int) -> WorkerConfig:
-        return WorkerConfig(worker_id, C.PROXY_ADDR, self.outbound_port, self.proxy_mark,
-                            self.connect_timeout, self.idle_timeout, self.drain_grace, control_fd)
+        return WorkerConfig(worker_id=worker_id, listen_host=C.PROXY_ADDR,
+                            listen_port=self.outbound_port, mark=self.proxy_mark,
+                            connect_timeout=self.connect_timeout, idle_timeout=self.idle_timeout,
+                            drain_grace=self.drain_grace, control_fd=control_fd,
+                            node=self.node_name, zone=self.zone)

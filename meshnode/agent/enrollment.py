@@ -19,8 +19,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from meshnode.discovery.embedded import EmbeddedRegistry
-from meshnode.discovery.registry import EndpointRecord
+from meshnode.discovery.registry import EndpointRecord, Registry
 from meshnode.errors import ConflictError, NotFoundError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.model import HostPort, service_name
@@ -48,9 +47,12 @@ class Enrollment:
 
 
 class EnrollmentManager:
-    def __init__(self, registry: EmbeddedRegistry, apps_cgroup: Path, mount: Path,
-                 state_file: Path, host_address: str, protected_pids: set[int]) -> None:
+    def __init__(self, registry: Registry, apps_cgroup: Path, mount: Path,
+                 state_file: Path, host_address: str, protected_pids: set[int],
+                 node: str = "", zone: str = "") -> None:
         self.registry = registry
+        self.node = node
+        self.zone = zone
         self.apps_cgroup = apps_cgroup
         self.mount = mount
         self.state_file = state_file
@@ -58,6 +60,7 @@ class EnrollmentManager:
         self.protected = protected_pids  # the agent and its workers: never enrollable
         self.by_pid: dict[int, Enrollment] = {}
         self._pidfds: dict[int, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- persistence ----------------------------------------------------------------------
     def _save(self) -> None:
@@ -79,7 +82,7 @@ class EnrollmentManager:
         return self.apps_cgroup / service
 
     # -- operations -----------------------------------------------------------------------
-    def restore(self) -> None:
+    async def restore(self) -> None:
         """After a (re)start: re-enroll recorded processes that still run; forget the rest and
         their endpoints (a reused PID is another process: its start time differs)."""
         for e in self._load():
@@ -90,10 +93,10 @@ class EnrollmentManager:
                 except Exception as exc:
                     log.warning("cannot re-enroll PID %d: %s", e.pid, exc)
             log.info("enrolled PID %d (%s) is gone; removing its endpoints", e.pid, e.service)
-            self._drop_endpoints(e, e.ports)
+            await self._drop_endpoints(e, e.ports)
         self._save()
 
-    def enroll(self, pid: int, service: str) -> Enrollment:
+    async def enroll(self, pid: int, service: str) -> Enrollment:
         service_name(service)
         if pid in self.protected:
             raise UsageError(f"PID {pid} is meshnode itself", "enroll an application process")
@@ -108,15 +111,15 @@ class EnrollmentManager:
             if current.start_time == pid_id.start_time:
                 raise ConflictError(f"PID {pid} is already enrolled in service {current.service!r}",
                                     f"unenroll it first: meshnode unenroll {pid}")
-            self._forget(current)  # the old process is gone and its PID was reused
-        self.registry.ensure_service(service)
+            await self._forget(current)  # the old process is gone and its PID was reused
+        await self.registry.ensure_service(service)
         origin = cgroup.process_cgroup(pid, self.mount)
         if origin.is_relative_to(self.apps_cgroup):
             origin = self.mount
         e = Enrollment(pid, pid_id.start_time, service, str(origin))
         self._attach(e)
         self._save()
-        self.scan_one(e)
+        await self.scan_one(e)
         log.info("enrolled PID %d into %s", pid, service)
         return e
 
@@ -133,32 +136,43 @@ class EnrollmentManager:
             asyncio.get_running_loop().add_reader(fd, self._exited, e.pid)
 
     def _exited(self, pid: int) -> None:
+        """pidfd readable: the process is gone. Its endpoints go at once, not at the next scan."""
         e = self.by_pid.get(pid)
         if e is not None:
             log.info("enrolled PID %d (%s) exited", pid, e.service)
-            self._forget(e)
-            self._save()
+            self._close_pidfd(pid)
+            task = asyncio.ensure_future(self._forget_and_save(e))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def _forget(self, e: Enrollment) -> None:
-        self.by_pid.pop(e.pid, None)
-        fd = self._pidfds.pop(e.pid, None)
+    async def _forget_and_save(self, e: Enrollment) -> None:
+        await self._forget(e)
+        self._save()
+
+    def _close_pidfd(self, pid: int) -> None:
+        fd = self._pidfds.pop(pid, None)
         if fd is not None:
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
-        self._drop_endpoints(e, e.ports)
 
-    def _drop_endpoints(self, e: Enrollment, ports: set[HostPort]) -> None:
+    async def _forget(self, e: Enrollment) -> None:
+        if self.by_pid.get(e.pid) is e:
+            del self.by_pid[e.pid]
+        self._close_pidfd(e.pid)
+        await self._drop_endpoints(e, e.ports)
+
+    async def _drop_endpoints(self, e: Enrollment, ports: set[HostPort]) -> None:
         if ports:
-            self.registry.remove_endpoints(e.service, ports)
+            await self.registry.remove_endpoints(e.service, ports)
 
-    def unenroll(self, pid: int) -> Enrollment:
+    async def unenroll(self, pid: int) -> Enrollment:
         e = self.by_pid.get(pid)
         if e is None:
             raise NotFoundError(f"PID {pid} is not enrolled",
                                 "see enrolled processes: meshnode status")
         self._release(e)
-        self._forget(e)
+        await self._forget(e)
         self._save()
         log.info("unenrolled PID %d from %s", pid, e.service)
         return e
@@ -179,36 +193,33 @@ class EnrollmentManager:
         agent re-enrolls them."""
         for e in list(self.by_pid.values()):
             self._release(e)
-            fd = self._pidfds.pop(e.pid, None)
-            if fd is not None:
-                with contextlib.suppress(RuntimeError):
-                    asyncio.get_running_loop().remove_reader(fd)
-                os.close(fd)
+            self._close_pidfd(e.pid)
         self._save()
 
-    def scan_one(self, e: Enrollment) -> None:
-        ports = process.listening(e.pid, self.host_address)
-        if ports == e.ports:
+    async def scan_one(self, e: Enrollment) -> None:
+        ports = await asyncio.to_thread(process.listening, e.pid, self.host_address)
+        if ports == e.ports or self.by_pid.get(e.pid) is not e:
             return
         added, removed = ports - e.ports, e.ports - ports
         if removed:
-            self.registry.remove_endpoints(e.service, removed)
+            await self.registry.remove_endpoints(e.service, removed)
         if added:
             try:
-                self.registry.add_endpoints(
-                    e.service, [EndpointRecord(a, "process", e.pid) for a in added])
+                await self.registry.add_endpoints(
+                    e.service, [EndpointRecord(a, "process", e.pid, self.node, self.zone)
+                                for a in added])
             except ConflictError as exc:
                 log.warning("PID %d: %s", e.pid, exc)
                 added = set()
         e.ports = (e.ports - removed) | added
         self._save()
 
-    def scan(self) -> None:
+    async def scan(self) -> None:
         for e in list(self.by_pid.values()):
             if not process.ProcessId(e.pid, e.start_time).alive():
-                self._exited(e.pid)
+                await self._forget_and_save(e)
             else:
-                self.scan_one(e)
+                await self.scan_one(e)
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"pid": e.pid, "service": e.service,

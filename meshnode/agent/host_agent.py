@@ -26,12 +26,12 @@ from meshnode.agent.workers import WorkerPool
 from meshnode.capture import CaptureBackend, CaptureContext, undo_functions
 from meshnode.config import AgentConfig
 from meshnode.discovery import updates
-from meshnode.discovery.embedded import EmbeddedRegistry
-from meshnode.discovery.registry import EndpointRecord
+from meshnode.discovery.factory import open_registry
+from meshnode.discovery.registry import EndpointRecord, Registry
 from meshnode.errors import ConflictError, MeshnodeError, PermissionError_, UsageError
 from meshnode.host import cgroup, process
 from meshnode.host.ledger import Ledger, UndoFn
-from meshnode.model import HostPort, Update
+from meshnode.model import BalancerConfig, HealthConfig, HostPort, OutlierConfig, Update
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class HostAgent:
         self.root_cgroup = Path()
         self.capture: CaptureBackend | None = None
         self.capture_reason = ""
-        self.registry: EmbeddedRegistry | None = None
+        self.registry: Registry | None = None
         self.enrollments: EnrollmentManager | None = None
         self.workers: WorkerPool | None = None
         self.control: ControlServer | None = None
@@ -122,7 +122,8 @@ class HostAgent:
         cgroup.create(apps)
         cgroup.create(proxy)
 
-        self.registry = EmbeddedRegistry(self.state / "registry.json")
+        self.registry = open_registry(self.cfg.registry, self.state, self.cfg.node_name)
+        await self.registry.start()
         ctx = CaptureContext(self.cfg.instance, self.mount, apps, proxy, self.cfg.pin_path,
                              self.cfg.outbound_port, self.cfg.proxy_mark, self.ledger)
         choice = await asyncio.to_thread(auto.choose, ctx, self.cfg.capture)
@@ -136,8 +137,8 @@ class HostAgent:
         await self.workers.start()
         self.enrollments = EnrollmentManager(
             self.registry, apps, self.mount, self.state / "enrollments.json",
-            self.cfg.host_address, self._protected_pids())
-        self.enrollments.restore()
+            self.cfg.host_address, self._protected_pids(), self.cfg.node_name, self.cfg.zone)
+        await self.enrollments.restore()
         self.registry.subscribe(self._dirty.set)
 
         self.control = ControlServer(self.cfg.control_socket, self._handlers())
@@ -189,7 +190,7 @@ class HostAgent:
         while True:
             await asyncio.sleep(self.cfg.scan_interval)
             try:
-                await asyncio.to_thread(self.enrollments.scan)
+                await self.enrollments.scan()
             except Exception:
                 log.exception("enrollment scan failed")
 
@@ -215,7 +216,13 @@ class HostAgent:
         # 4. enrolled processes go back to the cgroups they came from (records are kept)
         if self.enrollments is not None:
             self.enrollments.release_all()
-        # 5. everything else the ledger lists (cgroups, pins, chains a failed remove left)
+        # 5. this node's endpoints leave the shared registry (with etcd: the lease is revoked)
+        if self.registry is not None:
+            try:
+                await self.registry.close()
+            except MeshnodeError as exc:
+                log.error("closing the registry: %s", exc)
+        # 6. everything else the ledger lists (cgroups, pins, chains a failed remove left)
         for failure in self.ledger.undo_all(self._undo()):
             log.error("stop: %s", failure)
         if self._lock_fd is not None:
@@ -265,7 +272,7 @@ class HostAgent:
 
     async def _op_enroll(self, args: dict[str, Any]) -> Any:
         assert self.enrollments
-        e = self.enrollments.enroll(self._int(args, "pid"), str(args.get("service", "")))
+        e = await self.enrollments.enroll(self._int(args, "pid"), str(args.get("service", "")))
         await self._settled()
         return {"pid": e.pid, "service": e.service,
                 "cgroup": str(self.enrollments.service_cgroup(e.service)),
@@ -273,7 +280,7 @@ class HostAgent:
 
     async def _op_unenroll(self, args: dict[str, Any]) -> Any:
         assert self.enrollments
-        e = self.enrollments.unenroll(self._int(args, "pid"))
+        e = await self.enrollments.unenroll(self._int(args, "pid"))
         await self._settled()
         return {"pid": e.pid, "service": e.service}
 
@@ -283,11 +290,15 @@ class HostAgent:
         port = args.get("port")
         eps = [HostPort.parse(str(e)) for e in args.get("endpoints", [])]
         fail_closed = args.get("fail_closed")
-        rec = self.registry.ensure_service(
+        settings = service_settings(args)
+        rec = await self.registry.ensure_service(
             name, port=None if port is None else self._int(args, "port"),
-            fail_closed=None if fail_closed is None else bool(fail_closed))
+            fail_closed=None if fail_closed is None else bool(fail_closed), **settings)
         if eps:
-            self.registry.add_endpoints(name, [EndpointRecord(a, "static") for a in eps])
+            weight = self._int(args, "weight") if args.get("weight") is not None else 1
+            await self.registry.add_endpoints(
+                name, [EndpointRecord(a, "static", None, self.cfg.node_name, self.cfg.zone,
+                                      weight) for a in eps])
         await self._settled()
         return self._describe_service(self.registry.services()[rec.name], {})
 
@@ -301,9 +312,9 @@ class HostAgent:
             if missing := [str(a) for a in eps if a not in known]:
                 raise UsageError(f"service {name!r} has no endpoint {', '.join(missing)}",
                                  "see its endpoints: meshnode status")
-            self.registry.remove_endpoints(name, eps)
+            await self.registry.remove_endpoints(name, eps)
         else:
-            self.registry.remove_service(name)
+            await self.registry.remove_service(name)
         await self._settled()
         return {"removed": name, "endpoints": [str(a) for a in eps]}
 
@@ -344,6 +355,26 @@ class HostAgent:
                          for name, rec in sorted(self.registry.services().items())],
             "enrolled": self.enrollments.describe(),
         }
+
+
+def service_settings(args: dict[str, Any]) -> dict[str, Any]:
+    """The optional per-service policies of a service.add request, validated."""
+    out: dict[str, Any] = {}
+    if args.get("lb") is not None:
+        out["lb"] = BalancerConfig.from_wire(args["lb"])
+    if args.get("outlier") is not None:
+        out["outlier"] = _from_wire(OutlierConfig, args["outlier"])
+    if args.get("health") is not None:
+        out["health"] = _from_wire(HealthConfig, args["health"])
+    return out
+
+
+def _from_wire(cls: Any, data: Any) -> Any:
+    try:
+        return cls.from_wire(data)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"invalid {cls.__name__}: {exc}", "see: meshnode service add --help") \
+            from None
 
 
 async def _main(cfg: AgentConfig) -> None:

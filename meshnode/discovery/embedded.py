@@ -15,9 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from meshnode import constants as C
-from meshnode.discovery.registry import EndpointRecord, Listener, ServiceRecord
+from meshnode.discovery.registry import (
+    EndpointRecord,
+    Listener,
+    ServiceRecord,
+    apply_settings,
+)
 from meshnode.errors import ConflictError, NotFoundError, RegistryError, UsageError
-from meshnode.model import HostPort, service_name
+from meshnode.model import (
+    BalancerConfig,
+    HealthConfig,
+    HostPort,
+    OutlierConfig,
+    service_name,
+)
 
 
 class EmbeddedRegistry:
@@ -75,6 +86,15 @@ class EmbeddedRegistry:
         self._listeners.append(listener)
 
     # -- changes --------------------------------------------------------------------------
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "embedded", "path": str(self.path), "connected": True}
+
     def _allocate_vip(self) -> IPv4Address:
         used = {s.vip for s in self._services.values()}
         for ip in self._net.hosts():
@@ -83,30 +103,31 @@ class EmbeddedRegistry:
         raise RegistryError(f"no free VIP left in {self._net}",
                             "remove unused services with: meshnode service remove NAME")
 
-    def ensure_service(self, name: str, *, port: int | None = None,
-                       fail_closed: bool | None = None) -> ServiceRecord:
+    async def ensure_service(self, name: str, *, port: int | None = None,
+                             fail_closed: bool | None = None, lb: BalancerConfig | None = None,
+                             outlier: OutlierConfig | None = None,
+                             health: HealthConfig | None = None) -> ServiceRecord:
         service_name(name)
         if port is not None and not 0 < port < 65536:
             raise UsageError(f"invalid service port {port}", "use a port from 1 to 65535")
         rec = self._services.get(name)
         if rec is None:
-            rec = ServiceRecord(name, self._next_id, self._allocate_vip(), port, bool(fail_closed))
+            rec = ServiceRecord(name, self._next_id, self._allocate_vip())
             self._next_id += 1
-        else:
-            rec = replace(rec, port=port if port is not None else rec.port,
-                          fail_closed=rec.fail_closed if fail_closed is None else fail_closed)
-            if rec == self._services[name]:
-                return rec
+        rec = apply_settings(rec, port=port, fail_closed=fail_closed, lb=lb, outlier=outlier,
+                             health=health)
+        if rec == self._services.get(name):
+            return rec
         self._services[name] = rec
         self._changed()
         return rec
 
-    def remove_service(self, name: str) -> None:
+    async def remove_service(self, name: str) -> None:
         if self._services.pop(name, None) is None:
             raise NotFoundError(f"no service named {name!r}", "list services: meshnode status")
         self._changed()
 
-    def add_endpoints(self, name: str, endpoints: Iterable[EndpointRecord]) -> None:
+    async def add_endpoints(self, name: str, endpoints: Iterable[EndpointRecord]) -> None:
         rec = self._get(name)
         new = {e for e in endpoints if e not in rec.endpoints}
         for e in new:
@@ -119,7 +140,7 @@ class EmbeddedRegistry:
             self._services[name] = replace(rec, endpoints=rec.endpoints | new)
             self._changed()
 
-    def remove_endpoints(self, name: str, addrs: Iterable[HostPort]) -> None:
+    async def remove_endpoints(self, name: str, addrs: Iterable[HostPort]) -> None:
         rec = self._services.get(name)
         if rec is None:
             return

@@ -41,10 +41,11 @@ def diff(old: Snapshot, new: Snapshot) -> list[Update]:
         if prev is None or prev[0] != spec:
             out.append(Reset(spec, tuple(sorted(eps))))
             continue
-        if added := eps - prev[1]:
-            out.append(Add(name, tuple(sorted(added))))
+        # removals first: an endpoint whose weight or zone changed is removed, then added
         if removed := prev[1] - eps:
             out.append(Remove(name, tuple(sorted(removed))))
+        if added := eps - prev[1]:
+            out.append(Add(name, tuple(sorted(added))))
     return out
 
 
