@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import re
+import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import get_type_hints
