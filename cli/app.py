@@ -67,6 +67,17 @@ def agent(
                                                          "is restarted")] = 0.2,
     drain_grace: Annotated[float, typer.Option(help="seconds connections get to finish "
                                                      "on stop")] = 5.0,
+    registry: Annotated[str, typer.Option(help="embedded, or etcd://HOST:PORT[,HOST:PORT...]")] =
+        "embedded",
+    node: Annotated[str | None, typer.Option(help="this host's name in the mesh "
+                                                  "(default: hostname)")] = None,
+    zone: Annotated[str, typer.Option(help="this host's zone (locality-aware balancing)")] = "",
+    dns_port: Annotated[int, typer.Option(help="where the agent answers DNS (127.0.0.1)")] =
+        15053,
+    dns_suffix: Annotated[str, typer.Option(help="services resolve as NAME.SUFFIX")] = "mesh",
+    dns_upstream: Annotated[list[str] | None, typer.Option(
+        help="IPv4[:PORT] resolver for other names (repeatable; default: /etc/resolv.conf)")] =
+        None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Run the host agent (root): capture, proxy workers, registry, control socket."""
@@ -76,7 +87,9 @@ def agent(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_agent(AgentConfig(instance=instance, capture=capture, workers=workers, netns=netns,
                           host_address=host_address, outbound_port=outbound_port,
-                          restart_backoff=restart_backoff, drain_grace=drain_grace))
+                          restart_backoff=restart_backoff, drain_grace=drain_grace,
+                          registry=registry, node=node, zone=zone, dns_port=dns_port,
+                          dns_suffix=dns_suffix, dns_upstreams=tuple(dns_upstream or ())))
 
 
 @app.command()
@@ -129,17 +142,61 @@ def service_add(
     endpoint: Annotated[list[str] | None, typer.Option(help="HOST:PORT (repeatable)")] = None,
     fail_closed: Annotated[bool | None, typer.Option(
         "--fail-closed/--fail-open", help="refuse connections while the proxy is down")] = None,
+    weight: Annotated[int | None, typer.Option(help="weight of the --endpoint(s) added")] = None,
+    lb: Annotated[str | None, typer.Option(
+        help="p2c-ewma (default), round-robin, random or ring-hash")] = None,
+    locality: Annotated[bool | None, typer.Option(
+        "--locality/--no-locality", help="prefer this host, then this zone")] = None,
+    health: Annotated[str | None, typer.Option(
+        help="active check: tcp, http:/PATH or none")] = None,
+    health_interval: Annotated[float | None, typer.Option(help="seconds between checks")] = None,
+    health_timeout: Annotated[float | None, typer.Option(help="seconds a check may take")] =
+        None,
+    healthy_threshold: Annotated[int | None, typer.Option(help="passes to become healthy")] =
+        None,
+    unhealthy_threshold: Annotated[int | None, typer.Option(
+        help="failures to become unhealthy")] = None,
+    eject_after: Annotated[int | None, typer.Option(
+        help="consecutive connect failures that eject an endpoint")] = None,
+    eject_for: Annotated[float | None, typer.Option(help="base ejection, seconds")] = None,
+    eject_max_share: Annotated[float | None, typer.Option(
+        help="most of a service's endpoints ejected at once (0-1)")] = None,
     instance: Instance = "default", output: OutputOpt = Output.table,
 ) -> None:
     """Create a service (or update it) and add endpoints that are not local processes."""
-    r = _client(instance).call("service.add", name=name, port=port, endpoints=endpoint or [],
-                               fail_closed=fail_closed)
+    client = _client(instance)
+    current = {s["name"]: s for s in client.call("status")["services"]}.get(name, {})
+    r = client.call(
+        "service.add", name=name, port=port, endpoints=endpoint or [], fail_closed=fail_closed,
+        weight=weight,
+        lb=_merge(current.get("lb"), algorithm=lb, locality=locality),
+        health=_merge(current.get("health"), **_health_kind(health), interval=health_interval,
+                      timeout=health_timeout, healthy_threshold=healthy_threshold,
+                      unhealthy_threshold=unhealthy_threshold),
+        outlier=_merge(current.get("outlier"), consecutive_failures=eject_after,
+                       base_ejection=eject_for, max_ejected_share=eject_max_share))
     if output is Output.json:
         emit_json(r)
     else:
         eps = ", ".join(e["addr"] for e in r["endpoints"]) or "none"
         typer.echo(f"service {r['name']}: VIP {r['vip']}, port {r['port'] or '*'}, "
                    f"endpoints {eps}")
+
+
+def _health_kind(spec: str | None) -> dict[str, str | None]:
+    if spec is None:
+        return {}
+    if spec in ("tcp", "none"):
+        return {"kind": spec}
+    if spec.startswith("http:"):
+        return {"kind": "http", "path": spec[5:] or "/"}
+    raise UsageError(f"invalid health check {spec!r}", "use tcp, http:/PATH or none")
+
+
+def _merge(current: dict[str, object] | None, **changes: object) -> dict[str, object] | None:
+    """A policy with the options given applied over its current value (None: unchanged)."""
+    given = {k: v for k, v in changes.items() if v is not None}
+    return {**(current or {}), **given} if given else None
 
 
 @service_app.command("remove")

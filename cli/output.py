@@ -28,8 +28,9 @@ def emit_json(data: Any) -> None:
 def status_text(s: dict[str, Any]) -> str:
     cap = s["capture"]
     alive = sum(1 for w in s["workers"] if w["alive"])
+    reg = s.get("registry", {})
     out = [
-        f"agent     instance {s['instance']}, pid {s['pid']}, "
+        f"agent     instance {s['instance']}, node {s.get('node', '-')}, pid {s['pid']}, "
         f"{'ready' if s['ready'] else 'NOT READY (capture passes through)'}, "
         f"started in {s['ready_after_s']}s",
         f"capture   {cap['backend']}: {cap['reason']}",
@@ -37,22 +38,37 @@ def status_text(s: dict[str, Any]) -> str:
         + "".join(f", #{w['id']} pid {w['pid']}" + ("" if w["alive"] else " DOWN")
                   for w in s["workers"]),
         f"cgroup    {s['cgroup']}",
+        f"registry  {reg.get('backend', '?')}"
+        + ("" if reg.get("connected", True) else f" (DISCONNECTED: {reg.get('last_error')})"),
     ]
     kernel = cap.get("kernel") or {}
     if kernel:
         out.append("kernel    " + ", ".join(f"{k} {v}" for k, v in sorted(kernel.items())))
     out.append("")
-    rows = []
+    rows, eps = [], []
     for svc in s["services"]:
         c = svc["counters"]
-        eps = ", ".join(e["addr"] for e in svc["endpoints"]) or "-"
-        rows.append([svc["name"], svc["vip"], str(svc["port"] or "*"), eps,
+        healthy = sum(1 for e in svc["endpoints"] if e["health"]["healthy"])
+        rows.append([svc["name"], svc["vip"], str(svc["port"] or "*"), svc["lb"]["algorithm"],
+                     f"{healthy}/{len(svc['endpoints'])}",
                      str(c.get("connections", 0)), str(c.get("active", 0)),
                      str(c.get("bytes_up", 0)), str(c.get("bytes_down", 0)),
                      str(c.get("connect_errors", 0))])
-    out.append(table(rows, ["SERVICE", "VIP", "PORT", "ENDPOINTS", "CONNS", "ACTIVE",
+        for e in svc["endpoints"]:
+            p = e.get("proxy", {})
+            ejected = p.get("ejected_for", 0)
+            eps.append([svc["name"], e["addr"], e.get("node") or "-", str(e.get("weight", 1)),
+                        ("ok" if e["health"]["healthy"] else "DOWN")
+                        + (f", ejected {ejected:.0f}s" if ejected else ""),
+                        e["health"]["reason"], str(p.get("active", 0)),
+                        str(p.get("connections", 0))])
+    out.append(table(rows, ["SERVICE", "VIP", "PORT", "LB", "HEALTHY", "CONNS", "ACTIVE",
                             "BYTES_UP", "BYTES_DOWN", "CONN_ERRS"]) if rows
                else "no services (add one: meshnode service add NAME)")
+    if eps:
+        out.append("")
+        out.append(table(eps, ["SERVICE", "ENDPOINT", "NODE", "WEIGHT", "STATE", "WHY",
+                               "ACTIVE", "CONNS"]))
     out.append("")
     procs = [[str(e["pid"]), e["service"], ", ".join(e["endpoints"]) or "-"]
              for e in s["enrolled"]]

@@ -27,7 +27,8 @@ from meshnode.capture import CaptureBackend, CaptureContext, undo_functions
 from meshnode.config import AgentConfig
 from meshnode.discovery import updates
 from meshnode.discovery.factory import open_registry
-from meshnode.discovery.registry import EndpointRecord, Registry
+from meshnode.discovery.health import HealthMonitor
+from meshnode.discovery.registry import EndpointRecord, Registry, ServiceRecord
 from meshnode.errors import ConflictError, MeshnodeError, PermissionError_, UsageError
 from meshnode.host import cgroup, process
 from meshnode.host.ledger import Ledger, UndoFn
@@ -65,6 +66,7 @@ class HostAgent:
         self._pushed: updates.Snapshot = {}
         self._reconcile_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
+        self.health = HealthMonitor(on_change=self._dirty.set)
         self._stop = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -167,7 +169,8 @@ class HostAgent:
             if self._stopping:  # capture is being removed: never re-install rules
                 return
             services = self.registry.services()
-            snap = updates.snapshot(services)
+            self.health.sync(services)
+            snap = updates.snapshot(services, self.health.healthy)
             pending: list[Update] = updates.diff(self._pushed, snap)
             self._pushed = snap
             if pending:
@@ -210,6 +213,7 @@ class HostAgent:
         # 2. no new control requests
         if self.control is not None:
             await self.control.stop()
+        await self.health.close()
         # 3. drain the proxy: established connections finish within the grace period
         if self.workers is not None:
             await self.workers.stop()
@@ -318,36 +322,57 @@ class HostAgent:
         await self._settled()
         return {"removed": name, "endpoints": [str(a) for a in eps]}
 
-    @staticmethod
-    def _describe_service(rec: Any, counters: dict[str, int]) -> dict[str, Any]:
-        return {"name": rec.name, "vip": str(rec.vip), "port": rec.port,
-                "fail_closed": rec.fail_closed,
-                "endpoints": [e.to_json() for e in sorted(rec.endpoints, key=lambda e: e.addr)],
-                "counters": counters}
+    def _describe_service(self, rec: ServiceRecord, counters: dict[str, Any]) -> dict[str, Any]:
+        per_ep: dict[str, dict[str, Any]] = counters.get("endpoints", {})
+        return {
+            **rec.settings_json(),
+            "counters": {k: v for k, v in counters.items() if k != "endpoints"},
+            "endpoints": [
+                {**e.to_json(), "health": self.health.describe(rec.name, e.addr),
+                 "proxy": per_ep.get(str(e.addr), {})}
+                for e in sorted(rec.endpoints, key=lambda e: e.addr)],
+        }
 
-    async def _op_status(self, _: dict[str, Any]) -> Any:
-        assert self.registry and self.workers and self.enrollments and self.capture
-        totals: dict[str, dict[str, int]] = {}
+    async def _proxy_counters(self) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+        """Every worker's counters, summed (ejection: the longest any worker has left)."""
+        assert self.workers
+        totals: dict[str, dict[str, Any]] = {}
         proxy: dict[str, int] = {}
         for s in await self.workers.stats():
             for name, counters in s.get("services", {}).items():
-                acc = totals.setdefault(name, {})
+                acc = totals.setdefault(name, {"endpoints": {}})
                 for k, v in counters.items():
-                    acc[k] = acc.get(k, 0) + int(v)
+                    if k == "endpoints":
+                        for addr, ep in v.items():
+                            dst = acc["endpoints"].setdefault(addr, {})
+                            for ek, ev in ep.items():
+                                dst[ek] = (max(dst.get(ek, 0), ev) if ek in ("ejected_for",
+                                                                            "ewma_ms")
+                                           else dst.get(ek, 0) + ev)
+                    elif isinstance(v, int | float):
+                        acc[k] = acc.get(k, 0) + v
             for k in ("unrouted", "origdst_errors", "active"):
                 proxy[k] = proxy.get(k, 0) + int(s.get(k, 0))
+        return totals, proxy
+
+    async def _op_status(self, _: dict[str, Any]) -> Any:
+        assert self.registry and self.workers and self.enrollments and self.capture
+        totals, proxy = await self._proxy_counters()
         try:
             kernel = await asyncio.to_thread(self.capture.stats)
         except MeshnodeError as exc:
             kernel = {"error": str(exc)}  # type: ignore[dict-item]
         return {
             "instance": self.cfg.instance,
+            "node": self.cfg.node_name,
+            "zone": self.cfg.zone,
             "version": __version__,
             "pid": os.getpid(),
             "ready": self.ready,
             "ready_after_s": round(self.ready_after, 3),
             "capture": {"backend": self.capture.name, "reason": self.capture_reason,
                         "kernel": kernel},
+            "registry": self.registry.describe(),
             "cgroup": str(self.root_cgroup),
             "workers": self.workers.describe(),
             "proxy": proxy,

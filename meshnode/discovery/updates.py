@@ -3,7 +3,7 @@ workers (Reset/Add/Remove/DoesNotExist) and the capture state for the kernel. Pu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from meshnode.discovery.registry import ServiceRecord
 from meshnode.model import (
@@ -12,6 +12,7 @@ from meshnode.model import (
     CaptureState,
     DoesNotExist,
     Endpoint,
+    HostPort,
     Remove,
     Reset,
     ServiceSpec,
@@ -21,9 +22,13 @@ from meshnode.model import (
 Snapshot = Mapping[str, tuple[ServiceSpec, frozenset[Endpoint]]]
 
 
-def snapshot(services: Mapping[str, ServiceRecord]) -> dict[str, tuple[ServiceSpec,
-                                                                     frozenset[Endpoint]]]:
-    return {name: (rec.spec, rec.endpoint_set()) for name, rec in services.items()}
+def snapshot(services: Mapping[str, ServiceRecord],
+             healthy: Callable[[str, HostPort], bool] | None = None,
+             ) -> dict[str, tuple[ServiceSpec, frozenset[Endpoint]]]:
+    """What the workers should balance over: every endpoint, less those failing health checks."""
+    return {name: (rec.spec, frozenset(e.endpoint for e in rec.endpoints
+                                       if healthy is None or healthy(name, e.addr)))
+            for name, rec in services.items()}
 
 
 def resets(snap: Snapshot) -> list[Update]:
