@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.integration.conftest import Host, free_port, kernel_leftovers, wait_for
+from tests.harness import Host, free_port, kernel_leftovers, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 

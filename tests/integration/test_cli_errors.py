@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.integration.conftest import Host, free_port
+from tests.harness import Host, free_port
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
@@ -80,7 +80,7 @@ def test_static_endpoints_and_fail_closed(make_host, backend: str) -> None:
     assert h.service("db")["counters"]["connections"] == 1
     for w in h.status()["workers"]:
         subprocess.run(["kill", "-KILL", str(w["pid"])], check=True)
-    from tests.integration.conftest import wait_for
+    from tests.harness import wait_for
 
     wait_for("fail-closed", lambda: not h.status()["ready"], timeout=2)
     # fail-closed: even the endpoint's own address is refused while the proxy is down

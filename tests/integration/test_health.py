@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.integration.conftest import Host, free_port, wait_for
+from tests.harness import Host, free_port, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
