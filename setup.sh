@@ -3,7 +3,6 @@
 #   ./setup.sh          install system packages, kernel headers, bpffs, venv + meshnode
 #   ./setup.sh demo     ... then start an agent and run the demo
 #   ./setup.sh test     ... with test tools, then run the whole test suite
-# Vagrant provisioning runs this same script (no second install path).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

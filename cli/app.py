@@ -69,6 +69,8 @@ def agent(
                                                      "on stop")] = 5.0,
     registry: Annotated[str, typer.Option(help="embedded, or etcd://HOST:PORT[,HOST:PORT...]")] =
         "embedded",
+    registry_ttl: Annotated[int, typer.Option(
+        help="seconds until a dead agent's endpoints vanish (etcd lease)")] = 10,
     node: Annotated[str | None, typer.Option(help="this host's name in the mesh "
                                                   "(default: hostname)")] = None,
     zone: Annotated[str, typer.Option(help="this host's zone (locality-aware balancing)")] = "",
@@ -88,7 +90,7 @@ def agent(
     run_agent(AgentConfig(instance=instance, capture=capture, workers=workers, netns=netns,
                           host_address=host_address, outbound_port=outbound_port,
                           restart_backoff=restart_backoff, drain_grace=drain_grace,
-                          registry=registry, node=node, zone=zone, dns_port=dns_port,
+                          registry=registry, registry_ttl=registry_ttl, node=node, zone=zone, dns_port=dns_port,
                           dns_suffix=dns_suffix, dns_upstreams=tuple(dns_upstream or ())))
 
 

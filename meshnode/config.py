@@ -87,6 +87,7 @@ class AgentConfig:
     state_dir: Path | None = None
     pin_dir: Path | None = None
     registry: str = "embedded"  # embedded | etcd://HOST:PORT[,HOST:PORT...]
+    registry_ttl: int = 10  # etcd lease: a dead agent's endpoints vanish within this
     node: str | None = None  # this host's name in the mesh (default: hostname[-instance])
     zone: str = ""
     dns_port: int = C.DNS_PORT  # the agent answers <service>.<dns_suffix> here (127.0.0.1)

@@ -149,9 +149,10 @@ class Host:
         self.procs.append(p)
         return p
 
-    def server(self, name: str, port: int, service: str | None = None) -> subprocess.Popen[Any]:
-        p = self.popen([sys.executable, "-c", progs.NAME_SERVER, name, str(port)], service,
-                       stdout=subprocess.PIPE, text=True)
+    def server(self, name: str, port: int, service: str | None = None,
+               host: str = "127.0.0.1") -> subprocess.Popen[Any]:
+        p = self.popen([sys.executable, "-c", progs.NAME_SERVER, name, str(port), host],
+                       service, stdout=subprocess.PIPE, text=True)
         assert p.stdout is not None and p.stdout.readline().strip() == "listening"
         return p
 

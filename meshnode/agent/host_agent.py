@@ -124,7 +124,8 @@ class HostAgent:
         cgroup.create(apps)
         cgroup.create(proxy)
 
-        self.registry = open_registry(self.cfg.registry, self.state, self.cfg.node_name)
+        self.registry = open_registry(self.cfg.registry, self.state, self.cfg.node_name,
+                                      self.cfg.registry_ttl)
         await self.registry.start()
         ctx = CaptureContext(self.cfg.instance, self.mount, apps, proxy, self.cfg.pin_path,
                              self.cfg.outbound_port, self.cfg.proxy_mark, self.ledger)
@@ -175,9 +176,10 @@ class HostAgent:
             self._pushed = snap
             if pending:
                 self.workers.broadcast(pending)
-            self.ready = await self.workers.barrier()
-            state = updates.capture_state(services, self.ready)
+            ready = await self.workers.barrier()
+            state = updates.capture_state(services, ready)
             await asyncio.to_thread(self.capture.sync, state)
+            self.ready = ready  # published only once the kernel rules match it
 
     async def _reconcile_loop(self) -> None:
         while True:

@@ -8,7 +8,7 @@ from meshnode.discovery.registry import Registry
 from meshnode.errors import ConfigError
 
 
-def open_registry(url: str, state_dir: Path, node: str) -> Registry:
+def open_registry(url: str, state_dir: Path, node: str, ttl: int = 10) -> Registry:
     if url in ("", "embedded"):
         from meshnode.discovery.embedded import EmbeddedRegistry
 
@@ -16,6 +16,8 @@ def open_registry(url: str, state_dir: Path, node: str) -> Registry:
     if url.startswith("etcd://"):
         from meshnode.discovery.etcd import EtcdRegistry
 
-        return EtcdRegistry.from_url(url, node=node, cache_path=state_dir / "etcd-cache.json")
+        registry: Registry = EtcdRegistry.from_url(
+            url, node=node, cache_path=state_dir / "etcd-cache.json", ttl=ttl)
+        return registry
     raise ConfigError(f"unknown registry {url!r}",
                       "use --registry embedded or --registry etcd://HOST:PORT[,HOST:PORT...]")

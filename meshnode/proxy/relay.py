@@ -27,10 +27,13 @@ import contextlib
 import socket
 import struct
 from collections.abc import Callable
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from meshnode.proxy.flow_control import HIGH_WATER, LOW_WATER, FlowControl
 from meshnode.proxy.stats import ServiceStats
+
+if TYPE_CHECKING:
+    from meshnode.balance import Balancer, EndpointLoad
 
 __all__ = ["BUFFER_SIZE", "BufferPool", "Relay", "RelayRegistry", "reset"]
 
@@ -192,9 +195,9 @@ class Relay:
     """One proxied connection. The worker creates it per accepted socket (`client` is the
     server protocol), routes it in `on_accept`, then connects `upstream`."""
 
-    __slots__ = ("bytes_down", "bytes_up", "client", "closing", "connect_task", "finished",
-                 "idle_since", "on_accept", "pending", "registry", "seen", "started", "stats",
-                 "upstream")
+    __slots__ = ("balancer", "bytes_down", "bytes_up", "client", "closing", "connect_task",
+                 "finished", "idle_since", "on_accept", "pending", "registry", "seen", "started",
+                 "stats", "token", "upstream")
 
     def __init__(self, pool: BufferPool, registry: RelayRegistry,
                  on_accept: Callable[[Relay], None], stats: ServiceStats) -> None:
@@ -214,6 +217,23 @@ class Relay:
         self.finished = False
         self.seen = 0
         self.idle_since = 0.0
+        # The balancer told of this connection's upstream (its in-flight count) and the token
+        # it handed out: told `on_done` once, when the relay finishes.
+        self.balancer: Balancer | None = None
+        self.token: EndpointLoad | None = None
+
+    def hold(self, balancer: Balancer, token: EndpointLoad) -> None:
+        """The upstream connection counts as in flight on `token` until the relay ends."""
+        self.balancer = balancer
+        self.token = token
+        if self.finished:
+            self.release()  # the client left while we connected: nothing will end it later
+
+    def release(self) -> None:
+        balancer, token = self.balancer, self.token
+        if balancer is not None and token is not None:
+            self.balancer = self.token = None
+            balancer.on_done(token)
 
     def assign(self, stats: ServiceStats) -> None:
         """Count this relay under `stats` from now on (moves the `active` gauge with it)."""
@@ -265,6 +285,7 @@ class Relay:
         self.finished = True
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
+        self.release()
         self.registry.discard(self)
 
 

@@ -1,8 +1,10 @@
 """The worker's service table, fed by discovery updates, and the routing decision for one
 accepted connection by its original destination.
 
-Owns: applying Reset / Add / Remove / DoesNotExist, the VIP and endpoint-address indexes, one
-balancer per candidate set, and `ServiceTable.route` (the contract's rules a, b, c):
+Owns: applying Reset / Add / Remove / DoesNotExist, the VIP and endpoint-address indexes, and
+per service: its endpoint load records (`Loads`, shared by its balancers), its outlier detector,
+one balancer per candidate set built from the spec (`balance.factory.for_service`), and
+`ServiceTable.route` (the contract's rules a, b, c):
   (a) the destination's IP is a service VIP: if the service has a `port` and the destination port
       equals it, every endpoint is a candidate; otherwise the endpoints listening on the
       destination port. No candidate: `NoEndpoint`.
@@ -10,7 +12,9 @@ balancer per candidate set, and `ServiceTable.route` (the contract's rules a, b,
   (c) anything else: `Passthrough` to the destination itself (fail open).
 
 Updates are rare and routing happens per connection, so updates rebuild the derived tuples and
-routing is a couple of dict lookups.
+routing is a couple of dict lookups, the outlier filter (a truth test when nothing is ejected)
+and the balancer's pick. Load records and ejections survive Add/Remove for the endpoints that
+stay; a Reset keeps them too, and rebuilds the balancers only when the spec's `lb` changed.
 
 Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/bpf/host.
 """
@@ -18,12 +22,16 @@ Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/b
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
 from meshnode.balance import Balancer
-from meshnode.balance.round_robin import RoundRobin
+from meshnode.balance.factory import for_service
+from meshnode.balance.load import Loads
+from meshnode.balance.outlier import OutlierDetector
 from meshnode.model import (
     Add,
     DoesNotExist,
@@ -46,10 +54,13 @@ _AddrKey = tuple[IPv4Address, int]
 
 @dataclass(frozen=True, slots=True)
 class ToService:
-    """Connect to `attempts` in order; the first that answers serves the connection."""
+    """Connect to `attempts` in order; the first that answers serves the connection. Report
+    each attempt to `balancer` (load feedback) and `outlier` (passive ejection)."""
 
     service: str
     attempts: Sequence[Endpoint]
+    balancer: Balancer
+    outlier: OutlierDetector
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,15 +81,19 @@ Route = ToService | NoEndpoint | Passthrough
 
 
 class _Service:
-    __slots__ = ("all", "balancers", "by_port", "endpoints", "spec")
+    __slots__ = ("all", "balancers", "by_port", "endpoints", "loads", "outlier", "singles",
+                 "spec")
 
-    def __init__(self, spec: ServiceSpec) -> None:
+    def __init__(self, spec: ServiceSpec, loads: Loads, outlier: OutlierDetector) -> None:
         self.spec = spec
         self.endpoints: dict[_AddrKey, Endpoint] = {}  # insertion-ordered: stable rotation
         self.all: tuple[Endpoint, ...] = ()
         self.by_port: dict[int, tuple[Endpoint, ...]] = {}
+        self.singles: dict[_AddrKey, tuple[Endpoint, ...]] = {}  # rule (b): one-endpoint sets
+        self.loads = loads
+        self.outlier = outlier
         # One balancer per candidate set (None: all endpoints; P: those on port P), so each
-        # set rotates on its own turn. They survive endpoint changes.
+        # set rotates on its own turn. They survive endpoint changes; a new `lb` drops them.
         self.balancers: dict[int | None, Balancer] = {}
 
     def rebuild(self) -> None:
@@ -87,13 +102,23 @@ class _Service:
         for ep in self.all:
             by_port.setdefault(ep.addr.port, []).append(ep)
         self.by_port = {port: tuple(eps) for port, eps in by_port.items()}
+        self.singles = {key: (ep,) for key, ep in self.endpoints.items()}
+        self.loads.retain(self.all)
+        self.outlier.retain(self.all)
 
 
 class ServiceTable:
     """Services by name, by VIP, and by endpoint address."""
 
-    def __init__(self, balancer_factory: Callable[[], Balancer] = RoundRobin) -> None:
-        self._new_balancer = balancer_factory
+    def __init__(self, node: str = "", zone: str = "",
+                 clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        # This worker's node and zone (locality), and the clock and RNG its balancers and
+        # outlier detectors are given.
+        self._node = node
+        self._zone = zone
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
         self._services: dict[str, _Service] = {}
         self._by_vip: dict[IPv4Address, _Service] = {}
         # An address could be claimed by two services for a moment (an endpoint moving between
@@ -127,11 +152,17 @@ class ServiceTable:
     def _reset(self, spec: ServiceSpec, eps: Sequence[Endpoint]) -> None:
         old = self._services.get(spec.name)
         if old is not None:
-            balancers = old.balancers
+            # Keep what was learnt about the endpoints that stay (their EWMA, in-flight counts,
+            # ejections); the balancers only while the algorithm and locality are unchanged.
+            loads, outlier = old.loads, old.outlier
+            outlier.config = spec.outlier
+            balancers = old.balancers if old.spec.lb == spec.lb else {}
             self._drop(spec.name)
         else:
+            loads = Loads(self._clock, self._node, self._zone)
+            outlier = OutlierDetector(spec.outlier, self._clock)
             balancers = {}
-        svc = _Service(spec)
+        svc = _Service(spec, loads, outlier)
         svc.balancers = balancers
         self._services[spec.name] = svc
         self._by_vip[spec.vip] = svc
@@ -176,13 +207,23 @@ class ServiceTable:
                 return NoEndpoint(svc.spec.name)
             balancer = svc.balancers.get(set_key)
             if balancer is None:
-                balancer = svc.balancers[set_key] = self._new_balancer()
-            return ToService(svc.spec.name, balancer.order(candidates, key))
-        claimants = self._by_addr.get((dst.ip, dst.port))
-        if claimants:  # (b) an endpoint address: exactly that endpoint
-            name, ep = next(iter(claimants.items()))
-            return ToService(name, (ep,))
+                balancer = svc.balancers[set_key] = self._new_balancer(svc)
+            healthy = svc.outlier.filter(candidates)
+            return ToService(svc.spec.name, balancer.order(healthy, key), balancer,
+                             svc.outlier)
+        addr = (dst.ip, dst.port)
+        claimants = self._by_addr.get(addr)
+        if claimants:  # (b) an endpoint address: exactly that endpoint, ejected or not
+            name = next(iter(claimants))
+            svc = self._services[name]
+            balancer = svc.balancers.get(None)
+            if balancer is None:
+                balancer = svc.balancers[None] = self._new_balancer(svc)
+            return ToService(name, svc.singles[addr], balancer, svc.outlier)
         return Passthrough(dst)  # (c) not ours: fail open
+
+    def _new_balancer(self, svc: _Service) -> Balancer:
+        return for_service(svc.spec, self._node, self._zone, self._clock, self._rng, svc.loads)
 
     def services(self) -> list[str]:
         return list(self._services)
@@ -190,6 +231,27 @@ class ServiceTable:
     def endpoints(self, name: str) -> tuple[Endpoint, ...]:
         svc = self._services.get(name)
         return svc.all if svc is not None else ()
+
+    def spec(self, name: str) -> ServiceSpec | None:
+        svc = self._services.get(name)
+        return svc.spec if svc is not None else None
+
+    def endpoint_report(self, name: str) -> dict[str, dict[str, float | int]]:
+        """Per endpoint of a current service: the stats message's `endpoints` entry."""
+        svc = self._services.get(name)
+        if svc is None:
+            return {}
+        report: dict[str, dict[str, float | int]] = {}
+        now = self._clock()
+        for ep in svc.all:
+            rec = svc.loads.find(ep.addr)
+            if rec is None:
+                continue
+            report[str(ep.addr)] = {
+                "active": rec.inflight, "connections": rec.connections,
+                "connect_errors": rec.failures, "ewma_ms": round(rec.ewma.peek(now) * 1000, 3),
+                "ejected_for": round(svc.outlier.ejected_for(ep.addr), 3)}
+        return report
 
 
 def _key(addr: HostPort) -> _AddrKey:

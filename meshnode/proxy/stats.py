@@ -12,6 +12,12 @@ Semantics (what the agent and `meshnode stats` show):
   bytes_down      upstream → client bytes relayed
   connect_errors  failed or timed-out upstream connect attempts (one connection may add several)
   no_endpoint     connections refused because the service had no endpoint for the port
+  endpoints       per current endpoint of the service, from its balancer's load records:
+                  {ADDR: {"active": open connections and connect attempts to it through this
+                  worker, "connections": successful connects, "connect_errors": failed connect
+                  attempts, "ewma_ms": peak-EWMA connect latency in ms (balance/ewma.py),
+                  "ejected_for": seconds left of its outlier ejection, 0 if not ejected}};
+                  these go away with the endpoint (unlike the service counters)
 Worker-wide: `unrouted` connections passed straight to their original destination,
 `origdst_errors` connections refused because their original destination was unreadable or was
 the proxy itself, `active` every open client connection.
@@ -21,6 +27,7 @@ Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/b
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["ServiceStats", "WorkerStats"]
@@ -64,8 +71,14 @@ class WorkerStats:
             s = self.services[name] = ServiceStats()
         return s
 
-    def to_wire(self, seq: int, worker: int, active: int) -> dict[str, Any]:
-        return {"t": "stats", "seq": seq, "worker": worker,
-                "services": {name: s.to_wire() for name, s in self.services.items()},
+    def to_wire(self, seq: int, worker: int, active: int,
+                endpoints: Callable[[str], dict[str, Any]] = lambda name: {}) -> dict[str, Any]:
+        """`endpoints(name)` gives a service's per-endpoint report (the routing table's)."""
+        services: dict[str, Any] = {}
+        for name, s in self.services.items():
+            wire: dict[str, Any] = s.to_wire()
+            wire["endpoints"] = endpoints(name)
+            services[name] = wire
+        return {"t": "stats", "seq": seq, "worker": worker, "services": services,
                 "unrouted": self.unrouted, "origdst_errors": self.origdst_errors,
                 "active": active}

@@ -11,6 +11,9 @@ Control channel (newline-delimited JSON; see control.py for framing):
                   {"t":"synced","seq":N}                            answer to sync
                   {"t":"stats","seq":N,"worker":ID,"services":{...},"unrouted":U,
                    "origdst_errors":E,"active":A}                   answer to stats
+                  (each service: stats.ServiceStats fields plus "endpoints": {ADDR: {"active",
+                   "connections","connect_errors","ewma_ms","ejected_for"}} for its current
+                   endpoints; see stats.py)
   agent → worker  reset / add / remove / gone (model.update_to_wire), {"t":"sync","seq":N},
                   {"t":"stats","seq":N}
 Exit codes: 0 after a drain, 69 when the listener cannot be bound, 77 when SO_MARK is refused
@@ -25,6 +28,7 @@ import asyncio
 import errno
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -35,6 +39,8 @@ from typing import Any
 
 import uvloop
 
+from meshnode.balance import Balancer
+from meshnode.balance.outlier import OutlierDetector
 from meshnode.config import WorkerConfig
 from meshnode.errors import (
     EX_UNAVAILABLE,
@@ -43,7 +49,7 @@ from meshnode.errors import (
     UnavailableError,
     UsageError,
 )
-from meshnode.model import HostPort, OrigDstAddr, update_from_wire
+from meshnode.model import Endpoint, HostPort, OrigDstAddr, update_from_wire
 from meshnode.proxy.control import ControlChannel, open_control
 from meshnode.proxy.origdst import OrigDstError, OrigDstSource, SockoptOrigDst, StaticOrigDst
 from meshnode.proxy.relay import BufferPool, Relay, RelayRegistry
@@ -108,7 +114,9 @@ class ProxyWorker:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.origdst = origdst
-        self.table = ServiceTable()
+        self.clock = clock
+        # Seeded from the OS per process, so workers sharing a port do not draw in lockstep.
+        self.table = ServiceTable(config.node, config.zone, clock, random.Random())
         self.stats = WorkerStats()
         self.pool = BufferPool()
         self.registry = RelayRegistry(clock)
@@ -131,7 +139,7 @@ class ProxyWorker:
             self._send({"t": "synced", "seq": msg.get("seq")})
         elif t == "stats":
             self._send(self.stats.to_wire(msg.get("seq", 0), self.config.worker_id,
-                                          len(self.registry)))
+                                          len(self.registry), self.table.endpoint_report))
         else:
             log.warning("unknown control message %r ignored", t)
 
@@ -163,32 +171,34 @@ class ProxyWorker:
             self.stats.origdst_errors += 1
             relay.reset()
             return
-        route = self.table.route(dst)
-        attempts: Sequence[HostPort]
+        route = self.table.route(dst, _client_key(transport))
         if isinstance(route, ToService):
             stats = self.stats.service(route.service)
             stats.connections += 1
             relay.assign(stats)
-            attempts = [ep.addr for ep in route.attempts]
+            relay.connect_task = asyncio.get_running_loop().create_task(
+                self._connect(relay, route.attempts, stats, route.balancer, route.outlier))
         elif isinstance(route, NoEndpoint):
             stats = self.stats.service(route.service)
             stats.connections += 1
             stats.no_endpoint += 1
             relay.reset()
-            return
         else:
             self.stats.unrouted += 1
-            stats = self.stats.passthrough
-            attempts = (route.dst,)
-        relay.connect_task = asyncio.get_running_loop().create_task(
-            self._connect(relay, attempts, stats))
+            relay.connect_task = asyncio.get_running_loop().create_task(
+                self._connect(relay, (Endpoint(route.dst),), self.stats.passthrough))
 
-    async def _connect(self, relay: Relay, attempts: Sequence[HostPort],
-                       stats: ServiceStats) -> None:
-        """Try each address in turn; the first that answers becomes the relay's upstream."""
+    async def _connect(self, relay: Relay, attempts: Sequence[Endpoint], stats: ServiceStats,
+                       balancer: Balancer | None = None,
+                       outlier: OutlierDetector | None = None) -> None:
+        """Try each endpoint in turn; the first that answers becomes the relay's upstream.
+        Each attempt is reported to the balancer (in-flight, latency) and the outlier detector
+        (consecutive failures); passthrough connections have neither."""
         loop = asyncio.get_running_loop()
-        mark, timeout = self.config.mark, self.config.connect_timeout
-        for addr in attempts:
+        mark, timeout, clock = self.config.mark, self.config.connect_timeout, self.clock
+        for ep in attempts:
+            token = balancer.on_start(ep) if balancer is not None else None
+            started = clock()
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 sock.setblocking(False)
@@ -197,12 +207,33 @@ class ProxyWorker:
                     sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 async with asyncio.timeout(timeout):
-                    await loop.sock_connect(sock, addr.pair())
-                await loop.create_connection(lambda: relay.upstream, sock=sock)
+                    await loop.sock_connect(sock, ep.addr.pair())
             except (OSError, TimeoutError):
                 sock.close()
                 stats.connect_errors += 1
+                if balancer is not None and token is not None:
+                    balancer.on_failed(token, clock() - started)
+                    balancer.on_done(token)
+                if outlier is not None and outlier.failure(ep.addr):
+                    log.warning("%s ejected after %d consecutive connect failures",
+                                ep.addr, outlier.config.consecutive_failures)
                 continue
+            except BaseException:
+                sock.close()
+                if balancer is not None and token is not None:
+                    balancer.on_done(token)
+                raise
+            if balancer is not None and token is not None:
+                balancer.on_connected(token, clock() - started)
+                # From here the relay owns the in-flight count: on_done when it finishes.
+                relay.hold(balancer, token)
+            if outlier is not None:
+                outlier.success(ep.addr)
+            try:
+                await loop.create_connection(lambda: relay.upstream, sock=sock)
+            except OSError:
+                sock.close()
+                break  # the socket died between connect and wrapping it: refuse the client
             except BaseException:
                 sock.close()
                 raise
@@ -281,6 +312,16 @@ class ProxyWorker:
         #    before the socket closes.
         if self._control is not None:
             await self._control.close(timeout=2.0)
+
+
+def _client_key(transport: asyncio.BaseTransport) -> int:
+    """The client's IPv4 address as an integer: the ring-hash key (client affinity). An int,
+    not a `ClientAddr`: this runs for every connection and needs no validation."""
+    peer = transport.get_extra_info("peername")
+    try:
+        return int.from_bytes(socket.inet_aton(peer[0]), "big")
+    except (OSError, TypeError, IndexError):
+        return 0
 
 
 def _own_addresses(host: str, port: int) -> frozenset[tuple[IPv4Address, int]]:

@@ -17,7 +17,9 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
 
 def three_instances(h: Host, service: str = "web", port: int = 80) -> tuple[str, list[int]]:
-    vip = h.call("service.add", name=service, port=port)["vip"]
+    # round robin: these tests assert rotation (p2c-ewma, the default, is tested on its own)
+    vip = h.call("service.add", name=service, port=port,
+                 lb={"algorithm": "round-robin"})["vip"]
     ports = sorted({free_port() for _ in range(3)})
     while len(ports) < 3:
         ports = sorted({*ports, free_port()})

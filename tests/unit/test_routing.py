@@ -10,10 +10,12 @@ import pytest
 
 from meshnode.model import (
     Add,
+    BalancerConfig,
     DoesNotExist,
     Endpoint,
     HostPort,
     OrigDstAddr,
+    OutlierConfig,
     Remove,
     Reset,
     ServiceSpec,
@@ -38,7 +40,8 @@ def dst(text: str) -> OrigDstAddr:
 
 
 def spec(port: int | None = 80, name: str = "web", vip: IPv4Address = VIP) -> ServiceSpec:
-    return ServiceSpec(name, 7, vip, port)
+    # Round robin: these tests read the attempt order (the default, p2c-ewma, is random).
+    return ServiceSpec(name, 7, vip, port, lb=BalancerConfig("round-robin"))
 
 
 def attempts(route: object) -> list[str]:
@@ -170,3 +173,69 @@ def test_static_source() -> None:
     d = dst("127.0.0.1:9")
     with socket.socket() as s:
         assert StaticOrigDst(d).lookup(s) is d
+
+
+# Balancers, load records and ejection inside the table.
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 50.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_load_state_survives_add_remove_and_reset_with_the_same_lb() -> None:
+    clock = FakeClock()
+    t = ServiceTable(clock=clock)
+    a, b = ep("10.0.0.1:80"), ep("10.0.0.2:80")
+    t.apply(Reset(spec(80), (a, b)))
+    r = t.route(dst("127.240.0.7:80"))
+    assert isinstance(r, ToService)
+    tok = r.balancer.on_start(a)
+    r.balancer.on_connected(tok, 0.005)
+    t.apply(Add("web", (ep("10.0.0.3:80"),)))
+    t.apply(Remove("web", (b,)))
+    t.apply(Reset(spec(80), (a, ep("10.0.0.3:80"))))
+    r2 = t.route(dst("127.240.0.7:80"))
+    assert isinstance(r2, ToService) and r2.balancer is r.balancer  # same lb: same balancer
+    report = t.endpoint_report("web")
+    assert report["10.0.0.1:80"]["active"] == 1 and report["10.0.0.1:80"]["ewma_ms"] == 5.0
+    assert report["10.0.0.1:80"]["connections"] == 1 and "10.0.0.2:80" not in report
+    r.balancer.on_done(tok)
+    assert t.endpoint_report("web")["10.0.0.1:80"]["active"] == 0
+
+
+def test_a_new_lb_rebuilds_the_balancer_but_keeps_the_loads() -> None:
+    t = ServiceTable(clock=FakeClock())
+    a = ep("10.0.0.1:80")
+    t.apply(Reset(spec(80), (a, ep("10.0.0.2:80"))))
+    r = t.route(dst("127.240.0.7:80"))
+    assert isinstance(r, ToService)
+    r.balancer.on_connected(r.balancer.on_start(a), 0.002)
+    t.apply(Reset(ServiceSpec("web", 7, VIP, 80, lb=BalancerConfig("ring-hash")),
+                  (a, ep("10.0.0.2:80"))))
+    r2 = t.route(dst("127.240.0.7:80"), key=12345)
+    assert isinstance(r2, ToService) and r2.balancer is not r.balancer
+    assert [t.route(dst("127.240.0.7:80"), key=12345).attempts[0]  # type: ignore[union-attr]
+            for _ in range(5)] == [r2.attempts[0]] * 5
+    assert t.endpoint_report("web")["10.0.0.1:80"]["ewma_ms"] == 2.0
+
+
+def test_ejected_endpoints_are_left_out_until_they_return() -> None:
+    clock = FakeClock()
+    t = ServiceTable(clock=clock)
+    a, b = ep("10.0.0.1:80"), ep("10.0.0.2:80")
+    t.apply(Reset(ServiceSpec("web", 7, VIP, 80, lb=BalancerConfig("round-robin"),
+                              outlier=OutlierConfig(consecutive_failures=1,
+                                                    base_ejection=5.0)), (a, b)))
+    r = t.route(dst("127.240.0.7:80"))
+    assert isinstance(r, ToService) and r.outlier.failure(b.addr)
+    assert {attempts(t.route(dst("127.240.0.7:80")))[0] for _ in range(4)} == {"10.0.0.1:80"}
+    assert t.endpoint_report("web")["10.0.0.2:80"]["ejected_for"] == 5.0
+    # The endpoint's own address still reaches it (rule b): the client asked for exactly it.
+    assert attempts(t.route(dst("10.0.0.2:80"))) == ["10.0.0.2:80"]
+    clock.now += 5.0
+    assert {attempts(t.route(dst("127.240.0.7:80")))[0] for _ in range(4)} == {
+        "10.0.0.1:80", "10.0.0.2:80"}

@@ -18,7 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,16 @@ import pytest
 
 from meshnode import constants as C
 from meshnode.config import WorkerConfig
-from meshnode.model import DoesNotExist, Endpoint, HostPort, Reset, ServiceSpec, update_to_wire
+from meshnode.model import (
+    BalancerConfig,
+    DoesNotExist,
+    Endpoint,
+    HostPort,
+    OutlierConfig,
+    Reset,
+    ServiceSpec,
+    update_to_wire,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,12 +78,15 @@ def recv_all(s: socket.socket) -> bytes:
 
 class Backend:
     """A threaded TCP server speaking a one-line command protocol:
-    NAME -> replies its name and closes; ECHO -> echoes until EOF;
+    NAME -> replies its name and closes (after `delay` seconds: a slow endpoint);
+    ECHO -> echoes until EOF;
     BULK n -> hashes everything until EOF, then sends sha256 + n bytes of `payload`."""
 
-    def __init__(self, name: str, payload: bytes = b"") -> None:
+    def __init__(self, name: str, payload: bytes = b"", delay: float = 0.0) -> None:
         self.name = name
         self.payload = payload
+        self.delay = delay
+        self._slow = threading.Event()  # never set: waiting on it is the server's delay
         self.accepted = 0
         self._ls = socket.socket()
         self._ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -100,6 +114,8 @@ class Backend:
             f = c.makefile("rb")
             cmd = f.readline().split() or [b""]
             if cmd[0] == b"NAME":
+                if self.delay:
+                    self._slow.wait(self.delay)  # the behaviour under test, not a sync
                 c.sendall(self.name.encode())
             elif cmd[0] == b"ECHO":
                 while True:
@@ -191,8 +207,11 @@ def start() -> Iterator[Callable[..., Worker]]:
         w.stop()
 
 
-def reset(w: Worker, *eps: str, port: int | None = 80, name: str = "web") -> None:
-    spec = ServiceSpec(name, 1, IPv4Address(VIP), port)
+def reset(w: Worker, *eps: str, port: int | None = 80, name: str = "web",
+          lb: str = "round-robin", outlier: OutlierConfig | None = None) -> None:
+    # Round robin unless a test says otherwise: most tests read the order of endpoints.
+    spec = ServiceSpec(name, 1, IPv4Address(VIP), port, lb=BalancerConfig(lb),
+                       outlier=outlier or OutlierConfig())
     w.send(update_to_wire(Reset(spec, tuple(Endpoint(HostPort.parse(e)) for e in eps))))
     w.sync()
 
@@ -226,8 +245,13 @@ def test_sync_barrier_and_round_robin(start: Callable[..., Worker]) -> None:
     st = w.stats()
     assert st["worker"] == 3 and st["unrouted"] == 0 and st["origdst_errors"] == 0
     web = st["services"]["web"]
+    endpoints = web.pop("endpoints")
     assert web == {"connections": 6, "active": 0, "bytes_up": 6 * len(b"NAME\n"),
                    "bytes_down": 6, "connect_errors": 0, "no_endpoint": 0}
+    assert set(endpoints) == {b.addr for b in backends}
+    for e in endpoints.values():
+        assert e["active"] == 0 and e["connections"] == 2 and e["connect_errors"] == 0
+        assert e["ejected_for"] == 0 and e["ewma_ms"] > 0
 
 
 def test_dead_endpoint_is_skipped_and_counted(start: Callable[..., Worker]) -> None:
@@ -365,3 +389,46 @@ def test_two_workers_share_the_port(start: Callable[..., Worker]) -> None:
     wait_for(lambda: (w1.stats()["services"].get("web", {}).get("connections", 0)
                       + w2.stats()["services"].get("web", {}).get("connections", 0)) == 8,
              what="both workers' counts")
+
+
+def names_under_load(w: Worker, calls: int, concurrency: int) -> Counter[bytes]:
+    with ThreadPoolExecutor(concurrency) as pool:
+        return Counter(pool.map(lambda _: ask_name(w), range(calls)))
+
+
+def test_p2c_ewma_sends_less_to_a_slow_endpoint(start: Callable[..., Worker]) -> None:
+    # "slow" holds every connection 100 ms before answering; with 8 calls in flight it always
+    # has more connections open than the fast ones, and P2C's load ((in-flight + 1) * EWMA)
+    # steers away from it. Round robin would give each a third.
+    fast1, fast2, slow = Backend("fast1"), Backend("fast2"), Backend("slow", delay=0.1)
+    w = start(f"{VIP}:80")
+    reset(w, fast1.addr, fast2.addr, slow.addr, lb="p2c-ewma")
+    got = names_under_load(w, 300, concurrency=8)
+    assert sum(got.values()) == 300
+    share = {name: n / 300 for name, n in got.items()}
+    assert share.get(b"slow", 0) < 0.15, share
+    assert share[b"fast1"] > 0.3 and share[b"fast2"] > 0.3, share
+    wait_for(zero_active(w), what="connections to close")
+    eps = w.stats()["services"]["web"]["endpoints"]
+    assert eps[slow.addr]["connections"] == got.get(b"slow", 0)
+    assert all(e["active"] == 0 for e in eps.values())  # in-flight returned to zero
+
+
+def test_dead_endpoint_is_ejected_then_skipped(start: Callable[..., Worker]) -> None:
+    a, c = Backend("a"), Backend("c")
+    dead = f"127.0.0.1:{dead_port()}"
+    w = start(f"{VIP}:80")
+    reset(w, a.addr, dead, c.addr,
+          outlier=OutlierConfig(consecutive_failures=2, base_ejection=60.0))
+    # Round robin: a, dead (-> c), c, a, dead (-> c): the second failure in a row ejects it;
+    # the sixth turns over the two that are left.
+    assert [ask_name(w) for _ in range(6)] == [b"a", b"c", b"c", b"a", b"c", b"a"]
+    st = w.stats()["services"]["web"]
+    assert st["endpoints"][dead]["connect_errors"] == 2
+    assert 55.0 < st["endpoints"][dead]["ejected_for"] <= 60.0
+    # Ejected: later connections alternate between the two live endpoints, never trying it.
+    assert sorted(Counter(ask_name(w) for _ in range(20)).values()) == [10, 10]
+    wait_for(zero_active(w), what="connections to close")
+    st = w.stats()["services"]["web"]
+    assert st["connect_errors"] == 2 and st["endpoints"][dead]["connect_errors"] == 2
+    assert st["connections"] == 26
