@@ -90,7 +90,8 @@ def agent(
     run_agent(AgentConfig(instance=instance, capture=capture, workers=workers, netns=netns,
                           host_address=host_address, outbound_port=outbound_port,
                           restart_backoff=restart_backoff, drain_grace=drain_grace,
-                          registry=registry, registry_ttl=registry_ttl, node=node, zone=zone, dns_port=dns_port,
+                          registry=registry, registry_ttl=registry_ttl, node=node, zone=zone,
+                          dns_port=dns_port,
                           dns_suffix=dns_suffix, dns_upstreams=tuple(dns_upstream or ())))
 
 

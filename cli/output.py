@@ -41,6 +41,14 @@ def status_text(s: dict[str, Any]) -> str:
         f"registry  {reg.get('backend', '?')}"
         + ("" if reg.get("connected", True) else f" (DISCONNECTED: {reg.get('last_error')})"),
     ]
+    dns = s.get("dns")
+    if dns:
+        c = dns.get("counters", {})
+        out.append(f"dns       {dns['address']}, *.{dns['suffix']}"
+                   f"{'' if dns.get('redirecting') else ' (redirect OFF)'}: "
+                   f"{c.get('answers', 0)} answered, {c.get('nxdomain', 0)} nxdomain, "
+                   f"{c.get('forwarded', 0)} forwarded"
+                   f" to {', '.join(dns.get('upstreams', [])) or 'no upstream'}")
     kernel = cap.get("kernel") or {}
     if kernel:
         out.append("kernel    " + ", ".join(f"{k} {v}" for k, v in sorted(kernel.items())))

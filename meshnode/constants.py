@@ -11,7 +11,10 @@ from typing import Final
 OUTBOUND_PORT: Final = 15001  # captured connections land here (127.0.0.1)
 INBOUND_PORT: Final = 15006
 TUNNEL_PORT: Final = 15008
-DNS_PORT: Final = 15053
+DNS_PORT: Final = 15053  # the agent's DNS server (127.0.0.1) for <service>.<suffix>
+DNS_SERVICE_PORT: Final = 53  # enrolled processes' queries to any resolver on it are redirected
+DNS_TTL: Final = 5  # seconds: short, so a service's new VIP is seen soon
+DNS_FORWARD_TIMEOUT: Final = 1.5  # seconds per upstream attempt (glibc waits 5 s per try)
 ADMIN_PORT: Final = 15090
 PROXY_ADDR: Final = "127.0.0.1"
 
@@ -28,6 +31,7 @@ MAP_DEST_ENTRIES: Final = 65536  # mesh destinations (VIPs and endpoints)
 MAP_SVC_ENTRIES: Final = 4096  # services: ready / fail-closed flags
 MAP_COOKIE_ENTRIES: Final = 65536  # captured sockets between connect and established (LRU)
 MAP_ORIGDST_ENTRIES: Final = 65536  # established captured sockets awaiting the proxy (LRU)
+MAP_DNS_ENTRIES: Final = 16384  # sockets whose DNS queries were redirected: their resolver (LRU)
 
 # Per-service flags in the mn_svc map.
 SVC_READY: Final = 1
@@ -39,7 +43,13 @@ STAT_PASSTHROUGH: Final = 1  # mesh destination, proxy not ready: left alone (fa
 STAT_REFUSED: Final = 2  # mesh destination, not ready, fail-closed: refused
 STAT_ORIGDST_HIT: Final = 3  # SO_ORIGINAL_DST answered from the map
 STAT_ORIGDST_MISS: Final = 4
+STAT_DNS_REDIRECTED: Final = 5  # DNS queries (sendmsg or connect) sent to the agent instead
 STAT_SLOTS: Final = 8
+
+# The one slot of the mn_dns_cfg array, and its flag: redirect DNS while the agent's server is
+# up. The port travels in the same map value, so it needs no recompiling.
+DNS_CFG_SLOT: Final = 0
+DNS_ENABLED: Final = 1
 
 # Defaults for paths; an instance name derives its own set so agents can run side by side.
 DEFAULT_INSTANCE: Final = "default"
@@ -63,6 +73,8 @@ def bpf_defines() -> dict[str, int]:
         "SVC_READY", "SVC_FAIL_CLOSED",
         "STAT_CAPTURED", "STAT_PASSTHROUGH", "STAT_REFUSED", "STAT_ORIGDST_HIT",
         "STAT_ORIGDST_MISS", "STAT_SLOTS",
+        "DNS_SERVICE_PORT", "MAP_DNS_ENTRIES", "STAT_DNS_REDIRECTED", "DNS_CFG_SLOT",
+        "DNS_ENABLED",
     )
     g = globals()
     return {f"MN_{n}": int(g[n]) for n in names}

@@ -22,6 +22,7 @@ from typing import Any
 from meshnode import __version__
 from meshnode.agent.control import ControlServer, Handler
 from meshnode.agent.enrollment import EnrollmentManager
+from meshnode.agent.names import MeshNames
 from meshnode.agent.workers import WorkerPool
 from meshnode.capture import CaptureBackend, CaptureContext, undo_functions
 from meshnode.config import AgentConfig
@@ -56,6 +57,7 @@ class HostAgent:
         self.root_cgroup = Path()
         self.capture: CaptureBackend | None = None
         self.capture_reason = ""
+        self.names: MeshNames | None = None
         self.registry: Registry | None = None
         self.enrollments: EnrollmentManager | None = None
         self.workers: WorkerPool | None = None
@@ -133,6 +135,9 @@ class HostAgent:
         self.capture, self.capture_reason = choice.backend, choice.reason
         await asyncio.to_thread(self.capture.install)
         log.info("capture: %s", self.capture_reason)
+        # names: the DNS server first, then the redirect of enrolled processes' port 53 to it
+        self.names = MeshNames.for_agent(self.cfg, self.capture, self.registry)
+        await self.names.start()
 
         self.workers = WorkerPool(self.cfg, proxy, lambda: updates.resets(self._pushed),
                                   self._workers_changed)
@@ -206,7 +211,10 @@ class HostAgent:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        # 1. capture off: new connections go to their original destinations
+        # 1. DNS redirect off, then capture off: new connections go to their original
+        #    destinations and queries to the resolvers they asked
+        if self.names is not None:
+            await self.names.stop()
         if self.capture is not None:
             try:
                 await asyncio.to_thread(self.capture.remove)
@@ -375,6 +383,7 @@ class HostAgent:
             "capture": {"backend": self.capture.name, "reason": self.capture_reason,
                         "kernel": kernel},
             "registry": self.registry.describe(),
+            "dns": self.names.describe() if self.names else None,
             "cgroup": str(self.root_cgroup),
             "workers": self.workers.describe(),
             "proxy": proxy,

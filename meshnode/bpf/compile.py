@@ -20,7 +20,7 @@ from typing import Any
 
 from meshnode import constants
 from meshnode.bpf import syscall
-from meshnode.bpf.program import MAP_PINS, ProgramSpec, all_programs
+from meshnode.bpf.program import DNS_MAP_PINS, MAP_PINS, ProgramSpec, all_programs
 from meshnode.errors import BpfError, UsageError
 
 _SAFE_PIN_DIR = re.compile(r"^/[A-Za-z0-9._/-]+$")
@@ -115,7 +115,7 @@ def load_and_pin(config: BuildConfig) -> list[LoadedEntry]:
                 syscall.obj_pin(fn.fd, path)
                 loaded.append(LoadedEntry(entry.function, path,
                                           syscall.prog_info(fn.fd).id))
-    missing = [m for m in MAP_PINS if not (pin_dir / m).exists()]
+    missing = [m for m in (*MAP_PINS, *DNS_MAP_PINS) if not (pin_dir / m).exists()]
     if missing:
         raise BpfError(f"maps not pinned: {', '.join(missing)}",
                        "check that bpffs is mounted at /sys/fs/bpf")

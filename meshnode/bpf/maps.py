@@ -34,6 +34,7 @@ STAT_NAMES: dict[str, int] = {
     "refused": constants.STAT_REFUSED,
     "origdst_hit": constants.STAT_ORIGDST_HIT,
     "origdst_miss": constants.STAT_ORIGDST_MISS,
+    "dns_redirected": constants.STAT_DNS_REDIRECTED,
 }
 
 
@@ -52,6 +53,11 @@ def pack_u32(value: int) -> bytes:
 
 def unpack_u32(raw: bytes) -> int:
     return int(_U32.unpack(raw[:4])[0])
+
+
+def pack_dns_cfg(enabled: bool, port: int) -> bytes:
+    """struct mn_dns_cfg { __u32 flags; __u32 port; }: host byte order, as C reads them."""
+    return _U32.pack(constants.DNS_ENABLED if enabled else 0) + _U32.pack(port)
 
 
 def service_flags(state: CaptureState, service_id: int) -> int:
@@ -92,12 +98,13 @@ class CaptureMaps:
         # What the last apply wrote: the agent is the maps' only writer, so diffing against
         # it saves reading 2 x up to 65k entries back from the kernel on every sync.
         self._applied: MapContents | None = None
+        self._dns_port = 0  # the last port set_dns was given (kept when DNS goes off)
 
     @classmethod
     def open(cls, pin_dir: Path) -> CaptureMaps:
         fds: dict[str, int] = {}
         try:
-            for name in ("mn_dest", "mn_svc", "mn_origdst", "mn_stats"):
+            for name in ("mn_dest", "mn_svc", "mn_origdst", "mn_stats", "mn_dns_cfg"):
                 fds[name] = syscall.obj_get(str(pin_dir / name))
         except BpfError:
             for fd in fds.values():
@@ -173,3 +180,14 @@ class CaptureMaps:
         fd = self._fds["mn_svc"]
         for key in syscall.map_keys(fd, 4):
             syscall.map_delete(fd, key)
+
+    def set_dns(self, port: int | None) -> None:
+        """Redirect DNS queries to 127.0.0.1:`port`, or stop (None). Turning it off keeps the
+        port in the map: replies to queries already redirected still get their resolver's
+        address back (mn_dns_restore)."""
+        if port is not None:
+            if not 0 < port < 65536:
+                raise BpfError(f"invalid DNS port {port}", "use 1..65535")
+            self._dns_port = port
+        syscall.map_update(self._fds["mn_dns_cfg"], pack_u32(constants.DNS_CFG_SLOT),
+                           pack_dns_cfg(port is not None, self._dns_port))

@@ -3,7 +3,8 @@
 Checks, cheapest first: root, a cgroup2 mount, bpffs, bcc findable by the loader's interpreter
 (without importing it: no LLVM in the agent), kernel headers for bcc, then the kernel itself:
 it loads a two-instruction program of each type the backend uses (connect4, connect6,
-sock_ops, getsockopt) with raw bpf(2) and attaches/detaches each on a throwaway empty cgroup.
+sock_ops, getsockopt; sendmsg4, recvmsg4, getpeername4 for DNS) with raw bpf(2) and
+attaches/detaches each on a throwaway empty cgroup.
 Feature probes over version checks: kernels backport, and a version says nothing about config.
 """
 
@@ -83,7 +84,8 @@ def _load_and_attach_each(cg_fd: int) -> ProbeResult:
             return ProbeResult(False, f"kernel cannot attach a {what}: {exc.message}")
         finally:
             os.close(fd)
-    return ProbeResult(True, "cgroup connect4/connect6/sockops/getsockopt load and attach")
+    return ProbeResult(True, "cgroup connect4/connect6/sockops/getsockopt and "
+                             "sendmsg4/recvmsg4/getpeername4 load and attach")
 
 
 def _remove_group(group: Path) -> None:

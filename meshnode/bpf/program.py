@@ -28,7 +28,10 @@ class AttachType(IntEnum):
     CGROUP_SOCK_OPS = 3
     CGROUP_INET4_CONNECT = 10
     CGROUP_INET6_CONNECT = 11
+    CGROUP_UDP4_SENDMSG = 14
+    CGROUP_UDP4_RECVMSG = 19
     CGROUP_GETSOCKOPT = 21
+    CGROUP_INET4_GETPEERNAME = 29
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +63,9 @@ class ProgramSpec:
 
 def all_programs() -> tuple[ProgramSpec, ...]:
     """Every capture program, in load order (the first one creates the pinned maps)."""
-    from meshnode.bpf import connect, getsockopt, sockops
+    from meshnode.bpf import connect, dns, getsockopt, sockops
 
-    return (connect.PROGRAM, sockops.PROGRAM, getsockopt.PROGRAM)
+    return (connect.PROGRAM, sockops.PROGRAM, getsockopt.PROGRAM, dns.PROGRAM)
 
 
 def all_entries() -> tuple[EntrySpec, ...]:
@@ -71,3 +74,5 @@ def all_entries() -> tuple[EntrySpec, ...]:
 
 # Maps pinned by bpf/include/mn_maps.h (BPF_TABLE_PINNED), by pin file name.
 MAP_PINS: tuple[str, ...] = ("mn_dest", "mn_svc", "mn_cookie", "mn_origdst", "mn_stats")
+# Maps pinned by bpf/mn_dns.c, which only it and the agent use.
+DNS_MAP_PINS: tuple[str, ...] = ("mn_dns_cfg", "mn_dns_orig")

@@ -44,6 +44,11 @@ class CaptureBackend(Protocol):
     def sync(self, state: CaptureState) -> None:
         """Make the kernel redirect exactly `state.redirected()` and refuse `state.refused()`."""
 
+    def set_dns(self, port: int | None) -> None:
+        """Send the apps cgroup's DNS queries (UDP and TCP to port 53 of any resolver) to
+        127.0.0.1:`port`, with replies appearing to come from the resolver asked; None stops
+        it. Off after `install`; call it only while a DNS server listens there (fail open)."""
+
     def stats(self) -> dict[str, int]:
         """Kernel-side counters (captured, passthrough, ...) where the backend has them."""
 

@@ -1,5 +1,6 @@
 """The eBPF capture backend: cgroup connect4/connect6 + sock_ops on the apps cgroup, getsockopt
-on the proxy cgroup, steered by pinned maps.
+on the proxy cgroup, steered by pinned maps; and the DNS redirect hooks (bpf/mn_dns.c) on the
+apps cgroup, off until `set_dns`.
 
 Owns the pin dir and the cgroup attachments, their ledger kinds (`UNDO`) and the map sync.
 Compiling runs in a subprocess (meshnode.bpf.loader) so this process never imports bcc; the
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 KIND_PIN_DIR = "bpf_pin_dir"
 KIND_ATTACH = "bpf_attach"
-LOADER_TIMEOUT = 60.0  # compiling four programs takes ~0.7 s; a wedged clang must not hang us
+LOADER_TIMEOUT = 60.0  # compiling the programs takes ~1 s; a wedged clang must not hang us
 
 
 class BpfCapture:
@@ -76,17 +77,24 @@ class BpfCapture:
     def sync(self, state: CaptureState) -> None:
         self._require_maps().apply(MapContents.of(state))
 
+    def set_dns(self, port: int | None) -> None:
+        self._require_maps().set_dns(port)
+
     def stats(self) -> dict[str, int]:
         return self._require_maps().stats()
 
     def remove(self) -> None:
-        # Fail open first: with no service flagged, every connect passes untouched even while
-        # the programs are still attached.
+        # Fail open first: with no service flagged and DNS off, every connect and query passes
+        # untouched even while the programs are still attached.
         if self._maps is not None:
             try:
                 self._maps.clear_services()
             except MeshnodeError as exc:
                 log.warning("clearing service flags failed: %s", exc)
+            try:
+                self._maps.set_dns(None)
+            except MeshnodeError as exc:
+                log.warning("turning DNS redirect off failed: %s", exc)
             self._maps.close()
             self._maps = None
         # Then detach, connect hooks first (see EntrySpec.detach_order), then unpin.

@@ -1,8 +1,9 @@
 """The iptables capture backend: nat REDIRECT for ready mesh destinations, filter REJECT for
 fail-closed ones, both only for connects from the apps cgroup (`-m cgroup --path`, which also
-matches descendants, i.e. every service's cgroup below it).
+matches descendants, i.e. every service's cgroup below it); and a nat REDIRECT of DNS queries
+(UDP and TCP port 53) to the agent's DNS server, filled only while `set_dns` says so.
 
-Owns this instance's two chains and their OUTPUT jumps, their ledger kinds (`UNDO`) and the
+Owns this instance's three chains and their OUTPUT jumps, their ledger kinds (`UNDO`) and the
 rendering of iptables/*.rules templates. Each sync rewrites only our chains, atomically, with
 `iptables-restore --noflush`. The proxy reads SO_ORIGINAL_DST from conntrack in this mode.
 Works with iptables-nft and iptables-legacy (whichever `detect_binary` finds usable, or the
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from importlib import resources
 from string import Template
 
+from meshnode import constants
 from meshnode.capture import CaptureContext
 from meshnode.errors import IptablesError, MeshnodeError, UnavailableError
 from meshnode.host.ledger import Entry, UndoFn
@@ -50,10 +52,15 @@ def chain_name(tag: str, instance: str) -> str:
 class Chains:
     nat: str
     filter: str
+    dns: str  # nat table too
 
     @classmethod
     def for_instance(cls, instance: str) -> Chains:
-        return cls(chain_name("NAT", instance), chain_name("REJ", instance))
+        return cls(chain_name("NAT", instance), chain_name("REJ", instance),
+                   chain_name("DNS", instance))
+
+    def all(self) -> tuple[str, ...]:
+        return (self.nat, self.filter, self.dns)
 
 
 def _rule_line(template: Template, chain: str, rule: CaptureRule, outbound_port: int) -> str:
@@ -79,9 +86,23 @@ def render_rules(chains: Chains, state: CaptureState, outbound_port: int,
     return nat + filt
 
 
-def jump_rule(chain: str, apps_cgroup_rel: str, instance: str) -> list[str]:
-    """The OUTPUT rule that sends the apps cgroup's TCP connects into our chain."""
-    return ["-p", "tcp", "-m", "cgroup", "--path", apps_cgroup_rel,
+def render_dns(chain: str, port: int | None, proxy_mark: int) -> str:
+    """The iptables-restore input for the DNS chain: redirect to 127.0.0.1:`port`, or (None)
+    nothing but the mark exemption."""
+    rules = ""
+    if port is not None:
+        rules = _template("capture-nat-dns-redirect.rules").substitute(
+            chain=chain, dns_service_port=constants.DNS_SERVICE_PORT, dns_port=port)
+    return _template("capture-nat-dns.rules").substitute(
+        chain=chain, proxy_mark=f"{proxy_mark:#x}", rules=rules)
+
+
+def jump_rule(chain: str, apps_cgroup_rel: str, instance: str,
+              protocol: str | None = "tcp") -> list[str]:
+    """The OUTPUT rule that sends the apps cgroup's TCP connects (or, with `protocol` None,
+    all its packets: the DNS chain sorts UDP and TCP itself) into our chain."""
+    proto = ["-p", protocol] if protocol else []
+    return [*proto, "-m", "cgroup", "--path", apps_cgroup_rel,
             "-m", "comment", "--comment", f"meshnode:{instance}", "-j", chain]
 
 
@@ -141,23 +162,29 @@ class IptablesCapture:
             raise UnavailableError(f"{binary} is not usable here",
                                    "choose another with the iptables binary setting")
         created: list[Entry] = []
+        apps = self.ctx.apps_cgroup_rel
         try:
-            # Chains first (created by an empty sync), then the jumps that lead into them.
-            for table, chain in (("nat", self.chains.nat), ("filter", self.chains.filter)):
+            # Chains first (created by an empty sync, DNS off), then the jumps into them.
+            for table, chain in (("nat", self.chains.nat), ("filter", self.chains.filter),
+                                 ("nat", self.chains.dns)):
                 created.append(self.ctx.ledger.record(KIND_CHAIN, binary=binary, table=table,
                                                       chain=chain))
             self._restore(CaptureState())
-            rule = {t: jump_rule(c, self.ctx.apps_cgroup_rel, self.ctx.instance)
-                    for t, c in (("nat", self.chains.nat), ("filter", self.chains.filter))}
-            for table in ("nat", "filter"):
+            self._restore_dns(None)
+            # The DNS jump is inserted first, so it ends up after the mesh capture jump: a TCP
+            # connect to a mesh destination's port 53 is mesh traffic, as under eBPF.
+            jumps = (("nat", jump_rule(self.chains.dns, apps, self.ctx.instance, None)),
+                     ("nat", jump_rule(self.chains.nat, apps, self.ctx.instance)),
+                     ("filter", jump_rule(self.chains.filter, apps, self.ctx.instance)))
+            for table, rule in jumps:
                 created.append(self.ctx.ledger.record(
                     KIND_JUMP, binary=binary, table=table, parent="OUTPUT",
-                    chain=rule[table][-1], rule=rule[table]))
-                if not _rule_exists(binary, table, "OUTPUT", rule[table]):
+                    chain=rule[-1], rule=rule))
+                if not _rule_exists(binary, table, "OUTPUT", rule):
                     # First in OUTPUT: our cgroup match is narrow, and must win over broad
                     # rules appended by others.
                     _check(_run([binary, "-w", WAIT_SECONDS, "-t", table, "-I", "OUTPUT", "1",
-                                 *rule[table]]), f"adding the {table} OUTPUT jump")
+                                 *rule]), f"adding the {table} OUTPUT jump")
         except BaseException:
             for rec in reversed(created):
                 try:
@@ -178,6 +205,18 @@ class IptablesCapture:
         _check(_run([self._bin() + "-restore", "-w", WAIT_SECONDS, "--noflush"], text),
                "iptables-restore of the capture chains")
 
+    def set_dns(self, port: int | None) -> None:
+        if not self._installed:
+            raise IptablesError("iptables capture is not installed", "call install() first")
+        if port is not None and not 0 < port < 65536:
+            raise IptablesError(f"invalid DNS port {port}", "use 1..65535")
+        self._restore_dns(port)
+
+    def _restore_dns(self, port: int | None) -> None:
+        text = render_dns(self.chains.dns, port, self.ctx.proxy_mark)
+        _check(_run([self._bin() + "-restore", "-w", WAIT_SECONDS, "--noflush"], text),
+               "iptables-restore of the DNS chain")
+
     def stats(self) -> dict[str, int]:
         return {}  # packet counters of REDIRECT rules count packets, not connections
 
@@ -185,7 +224,7 @@ class IptablesCapture:
         # Jumps first: capture stops at once (fail open), then the chains go.
         mine = [e for e in self.ctx.ledger.entries()
                 if e["kind"] in (KIND_JUMP, KIND_CHAIN)
-                and e.get("chain") in (self.chains.nat, self.chains.filter)]
+                and e.get("chain") in self.chains.all()]
         failures: list[str] = []
         for rec in sorted(mine, key=lambda e: (e["kind"] != KIND_JUMP, e["table"] != "nat")):
             try:

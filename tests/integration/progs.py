@@ -50,6 +50,8 @@ while True:
 # Reads one JSON command per stdin line, answers one JSON line:
 #   {"op": "connect", "host": H, "port": P, "v6": false} -> {"ok": true, "reply": "<first line>"}
 #   {"op": "bulk", "host": H, "port": P, "up": N, "down": M} -> hashes both ways
+#   {"op": "resolve", "name": N} -> {"ok": true, "addrs": [...]} (getaddrinfo, via glibc)
+#   {"op": "dns", "host": H, "port": P, "query": HEX} -> {"ok": true, "reply": HEX, "from": [..]}
 #   errors -> {"ok": false, "errno": E, "error": "...", "seconds": T}
 PROBE = r"""
 import hashlib, json, socket, sys, time
@@ -64,6 +66,14 @@ def connect(cmd):
     s.connect((host, cmd["port"]))
     return s
 def run(cmd):
+    if cmd["op"] == "resolve":  # through glibc, whatever nameserver resolv.conf names
+        return {"ok": True, "addrs": sorted({a[4][0] for a in socket.getaddrinfo(
+            cmd["name"], 80, socket.AF_INET, socket.SOCK_STREAM)})}
+    if cmd["op"] == "dns":  # one raw query (hex) to a resolver, as an app's own stub would
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+        u.sendto(bytes.fromhex(cmd["query"]), (cmd["host"], cmd["port"]))
+        data, src = u.recvfrom(4096)
+        return {"ok": True, "reply": data.hex(), "from": list(src)}
     s = connect(cmd)
     if cmd["op"] == "connect":
         data = b""
@@ -104,6 +114,8 @@ for line in sys.stdin:
     try:
         out = run(cmd)
     except OSError as e:
+        out = {"ok": False, "errno": e.errno, "error": str(e)}
+    except socket.gaierror as e:
         out = {"ok": False, "errno": e.errno, "error": str(e)}
     out["seconds"] = round(time.monotonic() - t0, 4)
     print(json.dumps(out), flush=True)

@@ -178,3 +178,30 @@ def test_instance_exit_removes_its_endpoint(make_host, backend: str) -> None:
     vip = h.service("web")["vip"]
     client = h.probe(service="client")
     assert {client.connect(vip, 80)["reply"] for _ in range(4)} == {"b"}
+
+
+def test_service_names_resolve_for_enrolled_processes(make_host, backend: str) -> None:
+    import dnslib
+
+    h = make_host(backend)
+    h.start()
+    vip, _ = three_instances(h)
+    client = h.probe(service="client")
+    q = dnslib.DNSRecord.question("web.mesh", "A")
+    r = client.ask(op="dns", host="127.0.0.53", port=53, query=q.pack().hex())
+    assert r["ok"], r
+    assert r["from"] == ["127.0.0.53", 53]  # the reply looks like it came from who was asked
+    answer = dnslib.DNSRecord.parse(bytes.fromhex(r["reply"]))
+    assert [str(rr.rdata) for rr in answer.rr] == [vip]
+    q = dnslib.DNSRecord.question("nope.mesh", "A")
+    r = client.ask(op="dns", host="127.0.0.53", port=53, query=q.pack().hex())
+    assert dnslib.DNSRecord.parse(bytes.fromhex(r["reply"])).header.rcode == dnslib.RCODE.NXDOMAIN
+    if backend == "ebpf":  # through glibc: the host's resolv.conf nameserver, redirected
+        assert client.ask(op="resolve", name="web.mesh") == {
+            "ok": True, "addrs": [vip], "seconds": pytest.approx(0, abs=2)}
+        assert {client.connect("web.mesh", 80)["reply"] for _ in range(3)} == {
+            "instance-0", "instance-1", "instance-2"}
+    outsider = h.probe()  # not enrolled: its queries are not redirected
+    r = outsider.ask(op="dns", host="127.0.0.53", port=53, query=q.pack().hex())
+    assert not r["ok"]
+    assert h.status()["dns"]["counters"]["answers"] >= 1

@@ -1,0 +1,97 @@
+"""Names for the agent: its DNS server and the capture switch that sends enrolled processes'
+queries there, started and stopped in the one safe order.
+
+`MeshNames.start` (after capture install): serve DNS on 127.0.0.1:<dns_port>, then turn the
+DNS redirect on. `MeshNames.stop` (before capture removal): redirect off, then stop serving.
+The redirect is thus only on while something answers (fail open): queries never vanish into
+a closed port. Imports the capture interface and discovery, never bcc or the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from meshnode import constants
+from meshnode.capture import CaptureBackend
+from meshnode.config import AgentConfig
+from meshnode.discovery.dns import MeshDns, Resolve
+from meshnode.discovery.dns_upstream import RESOLV_CONF, Upstream, resolv_conf_upstreams
+from meshnode.discovery.registry import Registry
+from meshnode.errors import MeshnodeError
+
+log = logging.getLogger(__name__)
+
+
+def upstreams_for(configured: Sequence[str], own: Upstream,
+                  resolv_conf: Path = RESOLV_CONF) -> tuple[Upstream, ...]:
+    """The configured upstreams (IPv4[:PORT]), or the resolv.conf nameservers but our own
+    address; either way never our own address (a forwarding loop)."""
+    if configured:
+        ups = tuple(Upstream.parse(text) for text in configured)
+    else:
+        ups = resolv_conf_upstreams(resolv_conf, exclude=[own])
+    return tuple(u for u in ups if u != own)
+
+
+def registry_resolver(registry: Registry) -> Resolve:
+    """Look a service's VIP up in the registry's local snapshot (never blocks)."""
+
+    def resolve(service: str) -> IPv4Address | None:
+        rec = registry.services().get(service)
+        return rec.vip if rec is not None else None
+
+    return resolve
+
+
+class MeshNames:
+    """The DNS server plus the capture switch. `start` -> `describe`* -> `stop`."""
+
+    def __init__(self, capture: CaptureBackend, resolve: Resolve, *,
+                 port: int = constants.DNS_PORT, suffix: str = "mesh",
+                 upstreams: Sequence[str] = (), host: str = constants.PROXY_ADDR,
+                 resolv_conf: Path = RESOLV_CONF) -> None:
+        self.capture = capture
+        own = Upstream(IPv4Address(host), port)
+        self.server = MeshDns(resolve, suffix, upstreams_for(upstreams, own, resolv_conf),
+                              host, port)
+        self.redirecting = False
+
+    @classmethod
+    def for_agent(cls, cfg: AgentConfig, capture: CaptureBackend,
+                  registry: Registry) -> MeshNames:
+        return cls(capture, registry_resolver(registry), port=cfg.dns_port,
+                   suffix=cfg.dns_suffix, upstreams=cfg.dns_upstreams)
+
+    async def start(self) -> None:
+        """Serve, then redirect. All or nothing: a failed switch stops the server again."""
+        await self.server.start()
+        try:
+            await asyncio.to_thread(self.capture.set_dns, self.server.port)
+        except BaseException:
+            await self.server.stop()
+            raise
+        self.redirecting = True
+
+    async def stop(self) -> None:
+        """Redirect off first (new queries go to their own resolvers), then stop serving.
+        A failed switch is logged, not raised: capture removal turns it off regardless."""
+        if self.redirecting:
+            try:
+                await asyncio.to_thread(self.capture.set_dns, None)
+            except MeshnodeError as exc:
+                log.error("turning the DNS redirect off: %s", exc)
+            self.redirecting = False
+        await self.server.stop()
+
+    def describe(self) -> dict[str, Any]:
+        """For `meshnode status`."""
+        return {"address": f"{self.server.host}:{self.server.port}",
+                "suffix": self.server.zone.suffix,
+                "upstreams": [str(u) for u in self.server.upstreams],
+                "redirecting": self.redirecting,
+                "counters": self.server.stats()}
