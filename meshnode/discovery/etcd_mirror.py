@@ -1,0 +1,194 @@
+"""The local mirror of the etcd registry: what `services()` serves without ever blocking.
+
+Built from a full read of the prefix (a Reset, which also drops whatever the previous state
+held) and then kept current by the watch's events and by the results of this agent's own
+writes, so an agent reads its writes at once instead of waiting for its watch. Both feed the
+same per-key mod revisions: an event older than what a key holds is stale and is dropped, and
+keys this agent deleted keep a tombstone until the watch has passed that revision, so a late
+event cannot bring them back. The cache file is this mirror as JSON: an agent restarting while
+etcd is down serves it. No network I/O here; imports no etcd client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from meshnode.discovery.etcd_keys import (
+    EndpointKey,
+    KeyLayout,
+    ServiceKey,
+    decode_endpoint,
+    decode_service,
+)
+from meshnode.discovery.registry import EndpointRecord, ServiceRecord
+from meshnode.errors import RegistryError
+from meshnode.model import HostPort
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+# (service, node, addr): what one endpoint key names
+EndpointId = tuple[str, str, HostPort]
+
+
+class Mirror:
+    def __init__(self, layout: KeyLayout) -> None:
+        self.layout = layout
+        self.revision = 0  # every watch event up to here is applied
+        self._revs: dict[bytes, int] = {}  # mod revision of each key held
+        self._tombs: dict[bytes, int] = {}  # deleted by our own writes, ahead of the watch
+        self._settings: dict[str, ServiceRecord] = {}  # without endpoints
+        self._eps: dict[str, dict[tuple[str, HostPort], tuple[EndpointRecord, int]]] = {}
+        self._view: dict[str, ServiceRecord] = {}
+
+    # -- reads ----------------------------------------------------------------------------
+    def services(self) -> dict[str, ServiceRecord]:
+        return dict(self._view)
+
+    def endpoints_of_node(self, node: str) -> dict[EndpointId, tuple[EndpointRecord, int]]:
+        """Every endpoint key `node` holds (including those of unknown services), with the
+        lease each is bound to."""
+        return {(svc, n, addr): v for svc, eps in self._eps.items()
+                for (n, addr), v in eps.items() if n == node}
+
+    def endpoint_nodes(self, service: str, addrs: set[HostPort]) -> list[tuple[str, HostPort]]:
+        return [(n, a) for (n, a) in self._eps.get(service, {}) if a in addrs]
+
+    # -- changes --------------------------------------------------------------------------
+    def reset(self, kvs: Iterable[tuple[bytes, bytes, int, int]], revision: int) -> None:
+        """Replace everything with a full read at `revision`: (key, value, mod_rev, lease)."""
+        self.revision = revision
+        self._revs.clear()
+        self._tombs.clear()
+        self._settings.clear()
+        self._eps.clear()
+        self._view.clear()
+        for key, value, rev, lease in kvs:
+            self._put(key, value, rev, lease)
+        for name in set(self._settings) | set(self._eps):
+            self._rebuild(name)
+
+    def put(self, key: bytes, value: bytes, rev: int, lease: int) -> str | None:
+        """Apply a put; the name of the service whose record changed, if one did."""
+        if rev <= max(self._revs.get(key, 0), self._tombs.get(key, 0)):
+            return None  # already applied (our own write), or older than what we hold
+        name = self._put(key, value, rev, lease)
+        if name is not None:
+            self._rebuild(name)
+        return name
+
+    def delete(self, key: bytes, rev: int, *, local: bool = False) -> str | None:
+        """Apply a delete. `local`: the result of our own write, which the watch has not
+        delivered yet; keep a tombstone so older events for the key are dropped."""
+        if rev <= self._revs.get(key, 0):
+            return None
+        if local:
+            self._tombs[key] = max(rev, self._tombs.get(key, 0))
+        self._revs.pop(key, None)
+        parsed = self.layout.parse(key)
+        if isinstance(parsed, ServiceKey):
+            if self._settings.pop(parsed.name, None) is None:
+                return None
+            self._rebuild(parsed.name)
+            return parsed.name
+        if isinstance(parsed, EndpointKey):
+            eps = self._eps.get(parsed.service, {})
+            if eps.pop((parsed.node, parsed.addr), None) is None:
+                return None
+            if not eps:
+                self._eps.pop(parsed.service, None)
+            self._rebuild(parsed.service)
+            return parsed.service
+        return None
+
+    def drop_lease(self, node: str, lease: int) -> None:
+        """Forget `node`'s endpoints bound to `lease`: we revoked it, and stop watching."""
+        for (svc, n, addr), (_, held) in self.endpoints_of_node(node).items():
+            if held == lease:
+                key = self.layout.endpoint(svc, n, addr)
+                self._revs.pop(key, None)
+                self._eps[svc].pop((n, addr), None)
+                if not self._eps[svc]:
+                    del self._eps[svc]
+                self._rebuild(svc)
+
+    def advance(self, revision: int) -> None:
+        """The watch has delivered everything up to `revision`: tombstones at or below it have
+        done their job."""
+        self.revision = max(self.revision, revision)
+        if self._tombs:
+            self._tombs = {k: r for k, r in self._tombs.items() if r > self.revision}
+
+    def _put(self, key: bytes, value: bytes, rev: int, lease: int) -> str | None:
+        parsed = self.layout.parse(key)
+        try:
+            if isinstance(parsed, ServiceKey):
+                rec = decode_service(value)
+                self._settings[parsed.name] = replace(rec, name=parsed.name)
+                self._revs[key] = rev
+                return parsed.name
+            if isinstance(parsed, EndpointKey):
+                ep = decode_endpoint(value)
+                # the key says who owns it (its lease is that node's), whatever the value says
+                ep = replace(ep, addr=parsed.addr, node=parsed.node)
+                self._eps.setdefault(parsed.service, {})[(parsed.node, parsed.addr)] = (ep,
+                                                                                         lease)
+                self._revs[key] = rev
+                return parsed.service
+        except RegistryError as exc:
+            # someone wrote garbage (by hand, or a newer format): skip that key, keep the rest
+            log.warning("ignoring etcd key %r: %s", key, exc)
+            return self.delete(key, rev)
+        return None  # VIP reservations, claims and policies do not shape the snapshot
+
+    def _rebuild(self, name: str) -> None:
+        rec = self._settings.get(name)
+        if rec is None:
+            # endpoints of a service that does not exist (yet) are kept but not shown
+            self._view.pop(name, None)
+            return
+        eps = self._eps.get(name, {})
+        self._view[name] = replace(rec, endpoints=frozenset(e for e, _ in eps.values()))
+
+    # -- the cache file -------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        """Write the snapshot atomically (tmp + fsync + rename)."""
+        data = {"format": CACHE_FORMAT, "prefix": self.layout.prefix,
+                "revision": self.revision,
+                "services": [s.to_json() for s in sorted(self._view.values(),
+                                                          key=lambda s: s.name)]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> bool:
+        """Serve the cache until etcd answers. False (and empty) without a usable cache."""
+        try:
+            data: dict[str, Any] = json.loads(path.read_text())
+            if data.get("format") != CACHE_FORMAT or data.get("prefix") != self.layout.prefix:
+                return False
+            recs = [ServiceRecord.from_json(d) for d in data.get("services", [])]
+        except FileNotFoundError:
+            return False
+        except Exception as exc:
+            # only a cache: etcd is the truth, so a bad file costs nothing but a warning
+            log.warning("ignoring the etcd cache %s: %s", path, exc)
+            return False
+        self.reset([], 0)  # revision 0: the first Reset from etcd replaces every key
+        for rec in recs:
+            self._settings[rec.name] = replace(rec, endpoints=frozenset())
+            self._eps[rec.name] = {(e.node, e.addr): (e, 0) for e in rec.endpoints}
+            self._rebuild(rec.name)
+        self.revision = int(data.get("revision", 0))
+        return True

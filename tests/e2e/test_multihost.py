@@ -1,0 +1,134 @@
+"""Discovery across hosts: three namespaces, an agent each, one etcd cluster of three."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.fabric import Fabric
+from tests.harness import Host, wait_for
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
+
+PORT = 18080
+TTL = 3
+
+
+@pytest.fixture
+def fabric(tmp_path: Path) -> Iterator[Fabric]:
+    f = Fabric(tmp_path, hosts=3, etcd_members=3, ttl=TTL)
+    try:
+        f.start()
+        yield f
+    finally:
+        f.close()
+
+
+def addrs(h: Host, service: str) -> set[str]:
+    svc = {s["name"]: s for s in h.status()["services"]}.get(service)
+    return {e["addr"] for e in svc["endpoints"]} if svc else set()
+
+
+def web_everywhere(f: Fabric, lb: str = "round-robin", locality: bool = False) -> str:
+    vip = f.hosts[0].call("service.add", name="web", port=80,
+                          lb={"algorithm": lb, "locality": locality})["vip"]
+    for i, h in enumerate(f.hosts):
+        h.server(f"web-{i}", PORT, service="web", host="0.0.0.0")
+    want = {f"{f.ip(i)}:{PORT}" for i in range(len(f.hosts))}
+    for h in f.hosts:
+        wait_for(f"all endpoints at {h.tag}", lambda h=h: addrs(h, "web") == want, timeout=10)
+    return str(vip)
+
+
+def test_service_on_three_hosts_reachable_from_every_host(fabric: Fabric) -> None:
+    t0 = time.monotonic()
+    vip = web_everywhere(fabric)
+    print(f"\nthree instances registered and seen by all three agents in "
+          f"{time.monotonic() - t0:.2f}s")
+    for h in fabric.hosts:
+        assert h.service("web")["vip"] == vip  # one VIP, whichever host asks
+        client = h.probe(service="client")
+        seen = collections.Counter(client.connect(vip, 80)["reply"] for _ in range(30))
+        assert set(seen) == {"web-0", "web-1", "web-2"}, (h.tag, seen)
+        print(f"from {h.tag}: {dict(sorted(seen.items()))}")
+
+
+def test_registration_on_one_host_is_used_from_another(fabric: Fabric) -> None:
+    h0, h1 = fabric.hosts[0], fabric.hosts[1]
+    vip = h0.call("service.add", name="api", port=80,
+                  lb={"algorithm": "round-robin", "locality": False})["vip"]
+    client = h0.probe(service="client")
+    t0 = time.monotonic()
+    h1.server("api-1", PORT, service="api", host="0.0.0.0")
+    wait_for("a call from h0 landing on h1's new instance",
+             lambda: client.connect(vip, 80, timeout=1).get("reply") == "api-1",
+             timeout=10, interval=0.01)
+    elapsed = time.monotonic() - t0
+    print(f"\nendpoint started on h1 -> used from h0 in {elapsed:.2f}s "
+          f"(includes the 0.5 s port scan)")
+    assert elapsed < 3
+
+
+def test_dead_agent_endpoints_leave_every_host_within_ttl(fabric: Fabric) -> None:
+    web_everywhere(fabric)
+    gone = f"{fabric.ip(2)}:{PORT}"
+    t0 = time.monotonic()
+    fabric.hosts[2].kill()
+    for h in fabric.hosts[:2]:
+        wait_for(f"{gone} gone at {h.tag}", lambda h=h: gone not in addrs(h, "web"),
+                 timeout=TTL + 5)
+    elapsed = time.monotonic() - t0
+    print(f"\nagent SIGKILLed -> its endpoints gone on both other hosts in {elapsed:.2f}s "
+          f"(lease TTL {TTL}s)")
+    assert elapsed <= TTL + 2
+    client = fabric.hosts[0].probe(service="client")
+    seen = {client.connect(fabric.hosts[0].service("web")["vip"], 80)["reply"]
+            for _ in range(10)}
+    assert seen == {"web-0", "web-1"}
+
+
+def test_instance_exit_removes_its_endpoint_everywhere_at_once(fabric: Fabric) -> None:
+    web_everywhere(fabric)
+    victim = fabric.hosts[1].procs[-1]
+    gone = f"{fabric.ip(1)}:{PORT}"
+    t0 = time.monotonic()
+    victim.send_signal(signal.SIGKILL)
+    for h in fabric.hosts:
+        wait_for(f"{gone} gone at {h.tag}", lambda h=h: gone not in addrs(h, "web"), timeout=3)
+    elapsed = time.monotonic() - t0
+    print(f"\ninstance killed -> endpoint gone on all three hosts in {elapsed:.2f}s")
+    assert elapsed < 1.5
+
+
+def test_etcd_members_restarted_one_at_a_time_lose_no_calls(fabric: Fabric) -> None:
+    vip = web_everywhere(fabric)
+    client = fabric.hosts[0].probe(service="client")
+    results: list[dict] = []
+    stop = threading.Event()
+
+    def call_forever() -> None:
+        while not stop.is_set():
+            results.append(client.connect(vip, 80, timeout=2))
+
+    caller = threading.Thread(target=call_forever)
+    caller.start()
+    try:
+        for i in range(3):
+            fabric.restart_etcd_member(i)  # returns once the member is healthy again
+    finally:
+        stop.set()
+        caller.join(10)
+    failed = [r for r in results if not r["ok"]]
+    print(f"\n{len(results)} calls during three member restarts, {len(failed)} failed")
+    assert len(results) > 50 and not failed, failed[:3]
+    want = {f"{fabric.ip(i)}:{PORT}" for i in range(3)}
+    for h in fabric.hosts:
+        assert addrs(h, "web") == want  # nothing was lost meanwhile
+        wait_for(f"{h.tag} reconnected to etcd",
+                 lambda h=h: h.status()["registry"]["connected"], timeout=10)
