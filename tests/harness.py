@@ -72,6 +72,8 @@ class Host:
         self.own_netns = netns is None
         self.netns = netns or f"mn-{self.tag}"
         self.agent_args = agent_args
+        self.node = next((agent_args[i + 1] for i, a in enumerate(agent_args[:-1])
+                          if a == "--node"), self.tag)
         self.backend = backend
         self.workers = workers
         self.restart_backoff = restart_backoff

@@ -51,6 +51,7 @@ from meshnode.errors import (
 )
 from meshnode.model import Endpoint, HostPort, OrigDstAddr, update_from_wire
 from meshnode.proxy.control import ControlChannel, open_control
+from meshnode.proxy.dial import SO_MARK, Dialers
 from meshnode.proxy.origdst import OrigDstError, OrigDstSource, SockoptOrigDst, StaticOrigDst
 from meshnode.proxy.relay import BufferPool, Relay, RelayRegistry
 from meshnode.proxy.routing import NoEndpoint, ServiceTable, ToService
@@ -60,7 +61,7 @@ __all__ = ["ListenError", "MarkError", "ProxyWorker", "bind_listener", "main"]
 
 log = logging.getLogger("meshnode.proxy")
 
-SO_MARK = getattr(socket, "SO_MARK", 36)  # Python < 3.12 lacks the name; asm-generic value
+
 BACKLOG = 4096  # clamped by net.core.somaxconn
 _UPDATES = frozenset({"reset", "add", "remove", "gone"})
 
@@ -115,6 +116,7 @@ class ProxyWorker:
         self.config = config
         self.origdst = origdst
         self.clock = clock
+        self.dialers = Dialers(config.node, config.mark)
         # Seeded from the OS per process, so workers sharing a port do not draw in lockstep.
         self.table = ServiceTable(config.node, config.zone, clock, random.Random())
         self.stats = WorkerStats()
@@ -195,21 +197,13 @@ class ProxyWorker:
         Each attempt is reported to the balancer (in-flight, latency) and the outlier detector
         (consecutive failures); passthrough connections have neither."""
         loop = asyncio.get_running_loop()
-        mark, timeout, clock = self.config.mark, self.config.connect_timeout, self.clock
+        timeout, clock = self.config.connect_timeout, self.clock
         for ep in attempts:
             token = balancer.on_start(ep) if balancer is not None else None
             started = clock()
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                sock.setblocking(False)
-                if mark:
-                    # Before connect: the capture hooks look at the mark when connect() runs.
-                    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                async with asyncio.timeout(timeout):
-                    await loop.sock_connect(sock, ep.addr.pair())
+                sock = await self.dialers.for_endpoint(ep).dial(ep, timeout)
             except (OSError, TimeoutError):
-                sock.close()
                 stats.connect_errors += 1
                 if balancer is not None and token is not None:
                     balancer.on_failed(token, clock() - started)
@@ -219,7 +213,6 @@ class ProxyWorker:
                                 ep.addr, outlier.config.consecutive_failures)
                 continue
             except BaseException:
-                sock.close()
                 if balancer is not None and token is not None:
                     balancer.on_done(token)
                 raise

@@ -56,7 +56,12 @@ def test_service_on_three_hosts_reachable_from_every_host(fabric: Fabric) -> Non
         client = h.probe(service="client")
         seen = collections.Counter(client.connect(vip, 80)["reply"] for _ in range(30))
         assert set(seen) == {"web-0", "web-1", "web-2"}, (h.tag, seen)
-        print(f"from {h.tag}: {dict(sorted(seen.items()))}")
+        # by name: glibc asks the namespace's resolver; the query is redirected to this agent
+        assert client.ask(op="resolve", name="web.mesh")["addrs"] == [vip]
+        by_name = collections.Counter(client.connect("web.mesh", 80)["reply"] for _ in range(30))
+        assert set(by_name) == {"web-0", "web-1", "web-2"}, (h.tag, by_name)
+        print(f"from {h.node}: by VIP {dict(sorted(seen.items()))}, "
+              f"by name {dict(sorted(by_name.items()))}")
 
 
 def test_registration_on_one_host_is_used_from_another(fabric: Fabric) -> None:
@@ -132,3 +137,17 @@ def test_etcd_members_restarted_one_at_a_time_lose_no_calls(fabric: Fabric) -> N
         assert addrs(h, "web") == want  # nothing was lost meanwhile
         wait_for(f"{h.tag} reconnected to etcd",
                  lambda h=h: h.status()["registry"]["connected"], timeout=10)
+
+
+def test_locality_keeps_calls_on_the_host_then_spills_over(fabric: Fabric) -> None:
+    vip = web_everywhere(fabric, lb="p2c-ewma", locality=True)  # the defaults
+    h1 = fabric.hosts[1]
+    client = h1.probe(service="client")
+    local = collections.Counter(client.connect(vip, 80)["reply"] for _ in range(20))
+    assert local == {"web-1": 20}  # idle local instance: no reason to cross hosts
+    h1.procs[-2].kill()  # the web-1 instance (the probe is the last process)
+    gone = f"{fabric.ip(1)}:{PORT}"
+    wait_for("web-1 gone at h1", lambda: gone not in addrs(h1, "web"), timeout=3)
+    spilled = collections.Counter(client.connect(vip, 80)["reply"] for _ in range(20))
+    assert sum(spilled.values()) == 20 and set(spilled) <= {"web-0", "web-2"}, spilled
+    print(f"\nlocality from h1: {dict(local)} while local, then {dict(spilled)}")
