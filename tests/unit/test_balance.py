@@ -399,3 +399,14 @@ def test_factory_builds_each_algorithm() -> None:
         assert isinstance(for_service(local, "", "", clock, random.Random()), cls)
 
 
+
+
+def test_round_robin_honours_weights() -> None:
+    from meshnode.balance.round_robin import RoundRobin
+    from meshnode.model import Endpoint, HostPort
+
+    eps = tuple(Endpoint(HostPort.parse(f"127.0.0.1:{p}"), weight=w)
+                for p, w in ((1, 1), (2, 3), (3, 0)))
+    rr = RoundRobin()
+    picks = [rr.order(eps)[0].addr.port for _ in range(40)]
+    assert picks.count(1) == 10 and picks.count(2) == 30 and 3 not in picks
