@@ -20,14 +20,14 @@ from meshnode.discovery.registry import (
     Listener,
     ServiceRecord,
     apply_settings,
+    check_service_args,
 )
-from meshnode.errors import ConflictError, NotFoundError, RegistryError, UsageError
+from meshnode.errors import ConflictError, NotFoundError, RegistryError
 from meshnode.model import (
     BalancerConfig,
     HealthConfig,
     HostPort,
     OutlierConfig,
-    service_name,
 )
 
 
@@ -107,9 +107,7 @@ class EmbeddedRegistry:
                              fail_closed: bool | None = None, lb: BalancerConfig | None = None,
                              outlier: OutlierConfig | None = None,
                              health: HealthConfig | None = None) -> ServiceRecord:
-        service_name(name)
-        if port is not None and not 0 < port < 65536:
-            raise UsageError(f"invalid service port {port}", "use a port from 1 to 65535")
+        check_service_args(name, port)
         rec = self._services.get(name)
         if rec is None:
             rec = ServiceRecord(name, self._next_id, self._allocate_vip())

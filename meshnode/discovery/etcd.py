@@ -54,7 +54,13 @@ from meshnode.discovery.etcd_keys import (
     prefix_end,
 )
 from meshnode.discovery.etcd_mirror import Mirror
-from meshnode.discovery.registry import EndpointRecord, Listener, ServiceRecord, apply_settings
+from meshnode.discovery.registry import (
+    EndpointRecord,
+    Listener,
+    ServiceRecord,
+    apply_settings,
+    check_service_args,
+)
 from meshnode.errors import (
     ConflictError,
     MeshnodeError,
@@ -63,7 +69,7 @@ from meshnode.errors import (
     TemporaryError,
     UsageError,
 )
-from meshnode.model import BalancerConfig, HealthConfig, HostPort, OutlierConfig, service_name
+from meshnode.model import BalancerConfig, HealthConfig, HostPort, OutlierConfig
 
 log = logging.getLogger(__name__)
 
@@ -386,9 +392,7 @@ class EtcdRegistry:
                              fail_closed: bool | None = None, lb: BalancerConfig | None = None,
                              outlier: OutlierConfig | None = None,
                              health: HealthConfig | None = None) -> ServiceRecord:
-        service_name(name)
-        if port is not None and not 0 < port < 65536:
-            raise UsageError(f"invalid service port {port}", "use a port from 1 to 65535")
+        check_service_args(name, port)
         client = self._live()
         skey = self._keys.service(name)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address
 from typing import Any, Protocol
 
+from meshnode.errors import UsageError
 from meshnode.model import (
     BalancerConfig,
     Endpoint,
@@ -19,6 +20,7 @@ from meshnode.model import (
     HostPort,
     OutlierConfig,
     ServiceSpec,
+    service_name,
 )
 
 
@@ -143,3 +145,10 @@ def apply_settings(rec: ServiceRecord, *, port: int | None = None,
         outlier=rec.outlier if outlier is None else outlier,
         health=rec.health if health is None else health,
     )
+
+
+def check_service_args(name: str, port: int | None) -> None:
+    """What every registry checks before creating or changing a service."""
+    service_name(name)
+    if port is not None and not 0 < port < 65536:
+        raise UsageError(f"invalid service port {port}", "use a port from 1 to 65535")
