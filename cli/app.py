@@ -169,6 +169,10 @@ def service_add(
     """Create a service (or update it) and add endpoints that are not local processes."""
     client = _client(instance)
     current = {s["name"]: s for s in client.call("status")["services"]}.get(name, {})
+    if health_interval is not None and health_timeout is None:
+        # a check may not outlast its interval: a shorter interval brings the timeout along
+        health_timeout = min(float(current.get("health", {}).get("timeout", 1.0)),
+                             health_interval)
     r = client.call(
         "service.add", name=name, port=port, endpoints=endpoint or [], fail_closed=fail_closed,
         weight=weight,

@@ -33,7 +33,7 @@ def status_text(s: dict[str, Any]) -> str:
         f"agent     instance {s['instance']}, node {s.get('node', '-')}, pid {s['pid']}, "
         f"{'ready' if s['ready'] else 'NOT READY (capture passes through)'}, "
         f"started in {s['ready_after_s']}s",
-        f"capture   {cap['backend']}: {cap['reason']}",
+        f"capture   {cap['reason']}",
         f"workers   {alive}/{len(s['workers'])} alive"
         + "".join(f", #{w['id']} pid {w['pid']}" + ("" if w["alive"] else " DOWN")
                   for w in s["workers"]),

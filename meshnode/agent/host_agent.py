@@ -197,10 +197,17 @@ class HostAgent:
 
     async def _scan_loop(self) -> None:
         assert self.enrollments
+        last_error = ""
         while True:
             await asyncio.sleep(self.cfg.scan_interval)
             try:
                 await self.enrollments.scan()
+                last_error = ""
+            except MeshnodeError as exc:
+                # e.g. etcd unreachable: retried on the next scan; said once, not twice a second
+                if str(exc) != last_error:
+                    log.warning("enrollment scan: %s (retrying)", exc)
+                    last_error = str(exc)
             except Exception:
                 log.exception("enrollment scan failed")
 
