@@ -29,6 +29,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts a system etcd on install; the tests run their own clusters, and an
+  # unauthenticated etcd left running on every boot is not ours to leave behind.
+  if [[ " ${missing[*]} " == *" etcd-server "* ]]; then
+    systemctl disable --now etcd.service >/dev/null 2>&1 || true
+  fi
 fi
 
 # 2. Kernel headers for bcc: a kernel without its own build tree gets Debian's headers

@@ -69,9 +69,12 @@ def run_demo(instance: str, calls: int) -> None:
                 raise AgentNotRunningError(f"the agent exited: {' '.join(tail)}",
                                            f"full log: {log_path}") from None
         st = client.call("status")
-        typer.echo(f"capture: {st['capture']['backend']} ({st['capture']['reason']})")
-        svc = client.call("service.add", name=SERVICE, port=PORT)
-        typer.echo(f"service {SERVICE}: VIP {svc['vip']}:{PORT}")
+        typer.echo(f"capture: {st['capture']['reason']}")
+        # round robin, so the spread reads at a glance (the default, p2c-ewma, favours
+        # whichever instance answered fastest lately)
+        svc = client.call("service.add", name=SERVICE, port=PORT,
+                          lb={"algorithm": "round-robin"})
+        typer.echo(f"service {SERVICE}: VIP {svc['vip']}:{PORT}, balancer round-robin")
         ports = [_free_port() for _ in range(3)]
         for i, port in enumerate(ports, 1):
             procs.append(subprocess.Popen(_cli(

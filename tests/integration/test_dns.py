@@ -163,6 +163,8 @@ class DnsWorld:
                     'mount --bind "$0" /etc/resolv.conf && exec "$@"', str(self.resolv_conf),
                     *argv]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        if "cannot change root filesystem propagation" in proc.stderr:
+            pytest.skip("/ is not a mount point here (a chroot): no private resolv.conf")
         assert proc.returncode == 0, proc.stderr
         result: dict[str, Any] = json.loads(proc.stdout)
         return result
