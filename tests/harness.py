@@ -151,6 +151,12 @@ class Host:
         self.procs.append(p)
         return p
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`meshnode ARGS --instance TAG`, run inside this host as a user would."""
+        return subprocess.run(["nsenter", f"--net=/run/netns/{self.netns}", sys.executable,
+                               "-m", "meshnode.cli", *args, "--instance", self.tag],
+                              env=self.env, capture_output=True, text=True, timeout=30)
+
     def server(self, name: str, port: int, service: str | None = None,
                host: str = "127.0.0.1") -> subprocess.Popen[Any]:
         p = self.popen([sys.executable, "-c", progs.NAME_SERVER, name, str(port), host],

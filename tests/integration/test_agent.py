@@ -7,7 +7,6 @@ import collections
 import errno
 import signal
 import subprocess
-import sys
 
 import pytest
 
@@ -105,8 +104,7 @@ def test_unenroll_stops_capture_for_new_connections(make_host, backend: str) -> 
     vip, _ = three_instances(h)
     client = h.probe(service="client")
     assert client.connect(vip, 80)["ok"]
-    subprocess.run([sys.executable, "-m", "meshnode.cli", "unenroll", str(client.pid),
-                    "--instance", h.tag], env=h.env, check=True, capture_output=True)
+    assert h.cli("unenroll", str(client.pid)).returncode == 0
     r = client.connect(vip, 80)
     assert not r["ok"] and r["errno"] == errno.ECONNREFUSED, r
     assert client.pid not in [e["pid"] for e in h.status()["enrolled"]]

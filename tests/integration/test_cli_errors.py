@@ -9,15 +9,9 @@ import sys
 
 import pytest
 
-from tests.harness import Host, free_port
+from tests.harness import free_port, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
-
-
-def cli(h: Host, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["nsenter", f"--net=/run/netns/{h.netns}", sys.executable, "-m",
-                           "meshnode.cli", *args, "--instance", h.tag],
-                          env=h.env, capture_output=True, text=True, timeout=30)
 
 
 def dead_pid() -> int:
@@ -50,7 +44,7 @@ def test_bad_input_is_one_line_and_changes_nothing(make_host, backend: str) -> N
         (["enroll", "12x", "--service", "web"], 64, "valid integer"),
     ]
     for args, code, text in cases:
-        r = cli(h, *args)
+        r = h.cli(*args)
         assert r.returncode == code, (args, r.returncode, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert text in r.stderr, (args, r.stderr)
@@ -74,7 +68,7 @@ def test_static_endpoints_and_fail_closed(make_host, backend: str) -> None:
     h.start()
     port = free_port()
     h.server("static", port)  # not enrolled: a service on "another machine"
-    r = cli(h, "service", "add", "db", "--port", "5432", "--endpoint", f"127.0.0.1:{port}",
+    r = h.cli("service", "add", "db", "--port", "5432", "--endpoint", f"127.0.0.1:{port}",
             "--fail-closed")
     assert r.returncode == 0, r.stderr
     vip = h.service("db")["vip"]
@@ -83,13 +77,12 @@ def test_static_endpoints_and_fail_closed(make_host, backend: str) -> None:
     assert h.service("db")["counters"]["connections"] == 1
     for w in h.status()["workers"]:
         subprocess.run(["kill", "-KILL", str(w["pid"])], check=True)
-    from tests.harness import wait_for
 
     wait_for("fail-closed", lambda: not h.status()["ready"], timeout=2)
     # fail-closed: even the endpoint's own address is refused while the proxy is down
     r = client.connect("127.0.0.1", port)
     assert not r["ok"] and r["seconds"] < 1.0, r
-    r = cli(h, "service", "remove", "db", "--endpoint", f"127.0.0.1:{port}")
+    r = h.cli("service", "remove", "db", "--endpoint", f"127.0.0.1:{port}")
     assert r.returncode == 0 and h.service("db")["endpoints"] == []
 
 
@@ -113,6 +106,6 @@ def test_agent_refuses_to_run_without_root(tmp_path) -> None:
 def test_second_agent_for_the_same_instance_is_refused(make_host, backend: str) -> None:
     h = make_host(backend)
     h.start()
-    r = cli(h, "agent", "--netns", h.netns, "--capture", "iptables")
+    r = h.cli("agent", "--netns", h.netns, "--capture", "iptables")
     assert r.returncode == 65 and "already running" in r.stderr
     assert h.status()["ready"]  # the first one is unharmed

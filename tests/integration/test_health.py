@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import collections
-import subprocess
-import sys
 
 import pytest
 
@@ -24,13 +22,10 @@ def test_unhealthy_endpoint_leaves_and_returns(make_host, backend: str) -> None:
     h.start()
     up, down = free_port(), free_port()
     h.server("up", up)
-    r = subprocess.run(
-        ["nsenter", f"--net=/run/netns/{h.netns}", sys.executable, "-m", "meshnode.cli",
-         "service", "add", "web", "--instance", h.tag, "--port", "80", "--lb", "round-robin",
-         "--endpoint", f"127.0.0.1:{up}", "--endpoint", f"127.0.0.1:{down}",
-         "--health", "tcp", "--health-interval", "0.2", "--health-timeout", "0.2",
-         "--unhealthy-threshold", "2", "--healthy-threshold", "1"],
-        env=h.env, capture_output=True, text=True, timeout=30)
+    r = h.cli("service", "add", "web", "--port", "80", "--lb", "round-robin",
+              "--endpoint", f"127.0.0.1:{up}", "--endpoint", f"127.0.0.1:{down}",
+              "--health", "tcp", "--health-interval", "0.2", "--health-timeout", "0.2",
+              "--unhealthy-threshold", "2", "--healthy-threshold", "1")
     assert r.returncode == 0, r.stderr
     down_addr = f"127.0.0.1:{down}"
     wait_for("the dead endpoint marked down",
@@ -47,7 +42,5 @@ def test_unhealthy_endpoint_leaves_and_returns(make_host, backend: str) -> None:
              lambda: endpoint(h, "web", down_addr)["health"]["healthy"], timeout=10)
     replies = collections.Counter(client.connect(vip, 80)["reply"] for _ in range(10))
     assert replies == {"up": 5, "back": 5}
-    text = subprocess.run(
-        ["nsenter", f"--net=/run/netns/{h.netns}", sys.executable, "-m", "meshnode.cli",
-         "status", "--instance", h.tag], env=h.env, capture_output=True, text=True).stdout
+    text = h.cli("status").stdout
     assert "tcp connect ok" in text and down_addr in text
