@@ -21,6 +21,8 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 pkgs=(python3-bpfcc python3-venv python3-dev iptables bpftool linux-headers-amd64 iproute2 util-linux procps gcc)
 # the tests start real etcd clusters (multi-host discovery)
 [ "$mode" = test ] && pkgs+=(etcd-server etcd-client)
+# ... and render the dashboard in headless Chromium (fonts for readable screenshots)
+[ "$mode" = test ] && pkgs+=(chromium fonts-dejavu-core)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

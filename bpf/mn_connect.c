@@ -6,7 +6,8 @@
  *                            saved under the socket cookie (mn_sockops moves it on);
  *   fail-closed, not ready -> refused (connect fails with EPERM at once);
  *   otherwise             -> untouched: fail open, straight to the original destination.
- * Everything else, and every internal failure, proceeds untouched.
+ * Everything else, and every internal failure, proceeds untouched. The saved entry also names
+ * the caller (cgroup id, process id): the proxy attributes the connection to a source service.
  */
 #include "mn_maps.h"
 
@@ -71,7 +72,9 @@ static __always_inline enum mn_action mn_classify(__u32 ip, __u16 port)
 static __always_inline int mn_save_origdst(struct bpf_sock_addr *ctx, __u32 ip, __u16 port)
 {
     __u64 cookie = bpf_get_socket_cookie(ctx);
-    struct mn_addr4 orig = {.ip = ip, .port = port, .pad = 0};
+    struct mn_orig orig = {.dst = {.ip = ip, .port = port, .pad = 0},
+                           .cgroup = (__u32)bpf_get_current_cgroup_id(),
+                           .pid = (__u32)(bpf_get_current_pid_tgid() >> 32)};
     return mn_cookie.update(&cookie, &orig);
 }
 

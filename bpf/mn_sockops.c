@@ -22,10 +22,10 @@ static __always_inline struct mn_addr4 mn_local_addr(struct bpf_sock_ops *skops)
 static __always_inline void mn_publish_origdst(struct bpf_sock_ops *skops)
 {
     __u64 cookie = bpf_get_socket_cookie(skops);
-    struct mn_addr4 *orig = mn_cookie.lookup(&cookie);
+    struct mn_orig *orig = mn_cookie.lookup(&cookie);
     if (!orig)
         return; /* not a captured socket */
-    struct mn_addr4 value = *orig;
+    struct mn_orig value = *orig;
     struct mn_addr4 key = mn_local_addr(skops);
     mn_origdst.update(&key, &value);
     mn_cookie.delete(&cookie);

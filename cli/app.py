@@ -17,11 +17,12 @@ import sys
 from typing import Annotated, NoReturn
 
 import typer
+from meshnode.cli.options import Instance, OutputOpt
+from meshnode.cli.options import client as _client
 from meshnode.cli.output import Output, emit_json, status_text
 
 from meshnode import __version__
-from meshnode.agent.client import AgentClient
-from meshnode.config import AgentConfig, control_socket_path, instance_name
+from meshnode.config import AgentConfig, instance_name
 from meshnode.errors import MeshnodeError, UsageError
 
 app = typer.Typer(help="meshnode: a per-host service mesh for Linux hosts and VMs.",
@@ -31,15 +32,6 @@ service_app = typer.Typer(help="Services and their static endpoints.", no_args_i
 bpf_app = typer.Typer(help="BPF programs.", no_args_is_help=True, hidden=True)
 app.add_typer(service_app, name="service")
 app.add_typer(bpf_app, name="bpf")
-
-Instance = Annotated[str, typer.Option("--instance", envvar="MESHNODE_INSTANCE",
-                                       help="Which agent (several can run side by side).")]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
-
-
-def _client(instance: str) -> AgentClient:
-    return AgentClient(control_socket_path(instance_name(instance)))
-
 
 def _version(value: bool) -> None:
     if value:
@@ -80,6 +72,12 @@ def agent(
     dns_upstream: Annotated[list[str] | None, typer.Option(
         help="IPv4[:PORT] resolver for other names (repeatable; default: /etc/resolv.conf)")] =
         None,
+    admin_port: Annotated[int, typer.Option(
+        help="127.0.0.1 port of /metrics and the dashboard (0: none)")] = 15090,
+    access_log: Annotated[str, typer.Option(
+        help="access log file, - for stdout, off (default: /var/log/meshnode/access.log)")] = "",
+    access_log_sample: Annotated[float, typer.Option(
+        help="share of connections logged, 0-1")] = 1.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Run the host agent (root): capture, proxy workers, registry, control socket."""
@@ -91,8 +89,9 @@ def agent(
                           host_address=host_address, outbound_port=outbound_port,
                           restart_backoff=restart_backoff, drain_grace=drain_grace,
                           registry=registry, registry_ttl=registry_ttl, node=node, zone=zone,
-                          dns_port=dns_port,
-                          dns_suffix=dns_suffix, dns_upstreams=tuple(dns_upstream or ())))
+                          dns_port=dns_port, dns_suffix=dns_suffix,
+                          dns_upstreams=tuple(dns_upstream or ()), admin_port=admin_port,
+                          access_log=access_log, access_log_sample=access_log_sample))
 
 
 @app.command()
@@ -256,3 +255,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(64 if exc.code == 2 else exc.code)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+from meshnode.cli import doctor as _doctor  # noqa: E402
+from meshnode.cli import explain as _explain  # noqa: E402
+from meshnode.cli import observe as _observe  # noqa: E402
+
+for _commands in (_observe, _explain, _doctor):
+    _commands.register(app)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from meshnode.cli.observe import stat_text
 
 from meshnode.agent.client import AgentClient
 from meshnode.config import control_socket_path
@@ -98,9 +99,12 @@ def run_demo(instance: str, calls: int) -> None:
         for name in sorted(seen):
             typer.echo(f"  {name:<12} {seen[name]:>4}  {'#' * seen[name]}")
         typer.echo(f"\n{sum(seen.values())} calls spread over {len(seen)} instances")
-        stats = {x["name"]: x for x in client.call("status")["services"]}[SERVICE]["counters"]
-        typer.echo(f"proxy counters for {SERVICE}: {stats.get('connections', 0)} connections, "
-                   f"{stats.get('bytes_up', 0)} bytes up, {stats.get('bytes_down', 0)} down")
+        typer.echo(f"\n$ meshnode stat {SERVICE}   (the proxy's view of the same calls)")
+        typer.echo(stat_text(client.call("stat", service=SERVICE, window=60)))
+        admin = client.call("status")["telemetry"]["admin"]
+        if admin:
+            typer.echo(f"\nwhile an agent runs: dashboard http://{admin}/, "
+                       f"Prometheus metrics http://{admin}/metrics")
     finally:
         for p in procs:
             p.terminate()

@@ -37,6 +37,11 @@ def control_socket_path(instance: str) -> Path:
     return run_dir(instance) / "agent.sock"
 
 
+def log_dir(instance: str) -> Path:
+    base = Path(os.environ.get("MESHNODE_LOG_DIR", C.LOG_DIR))
+    return base if instance == C.DEFAULT_INSTANCE else base / instance
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """One proxy worker's settings; travels as argv (`to_argv` / `from_argv`)."""
@@ -54,6 +59,8 @@ class WorkerConfig:
     # Explicit (non-transparent) listener: "IPv4:PORT" taken as the original destination of
     # every accepted connection instead of asking the kernel (tests, benchmarks, a plain proxy).
     explicit_target: str | None = None
+    access_log: str = ""  # a path, "-" for stdout, "" for none
+    access_log_sample: float = 1.0
 
     def to_argv(self) -> list[str]:
         return [f"--{f.name.replace('_', '-')}={getattr(self, f.name)}"
@@ -93,6 +100,9 @@ class AgentConfig:
     dns_port: int = C.DNS_PORT  # the agent answers <service>.<dns_suffix> here (127.0.0.1)
     dns_suffix: str = "mesh"
     dns_upstreams: tuple[str, ...] = ()  # IPv4[:PORT] resolvers for other names; () = resolv.conf
+    admin_port: int = C.ADMIN_PORT  # /metrics, the dashboard and its API (127.0.0.1); 0: off
+    access_log: str = ""  # a file, "-" for stdout, "off"; "": access.log in the log folder
+    access_log_sample: float = 1.0  # share of connections logged
 
     def __post_init__(self) -> None:
         instance_name(self.instance)
@@ -103,6 +113,12 @@ class AgentConfig:
             raise ConfigError(f"workers must be 1..64, not {self.workers}", "use --workers N")
         if not 0 < self.outbound_port < 65536:
             raise ConfigError(f"invalid outbound port {self.outbound_port}", "use 1..65535")
+        if not 0 <= self.admin_port < 65536:
+            raise ConfigError(f"invalid admin port {self.admin_port}",
+                              "use 1..65535, or 0 for none")
+        if not 0.0 <= self.access_log_sample <= 1.0:
+            raise ConfigError(f"access log sample {self.access_log_sample} is not a share",
+                              "use --access-log-sample between 0 and 1 (0.1: one in ten)")
 
     @property
     def node_name(self) -> str:
@@ -124,6 +140,13 @@ class AgentConfig:
         return control_socket_path(self.instance)
 
     @property
+    def access_log_path(self) -> str:
+        """Where workers write access log lines: a path, "-" (stdout) or "" (off)."""
+        if self.access_log == "off" or self.access_log_sample == 0.0:
+            return ""
+        return self.access_log or str(log_dir(self.instance) / "access.log")
+
+    @property
     def state_path(self) -> Path:
         if self.state_dir is not None:
             return self.state_dir
@@ -143,4 +166,6 @@ class AgentConfig:
                             listen_port=self.outbound_port, mark=self.proxy_mark,
                             connect_timeout=self.connect_timeout, idle_timeout=self.idle_timeout,
                             drain_grace=self.drain_grace, control_fd=control_fd,
-                            node=self.node_name, zone=self.zone)
+                            node=self.node_name, zone=self.zone,
+                            access_log=self.access_log_path,
+                            access_log_sample=self.access_log_sample)

@@ -55,6 +55,7 @@ DNS_ENABLED: Final = 1
 DEFAULT_INSTANCE: Final = "default"
 RUN_DIR: Final = "/run/meshnode"
 STATE_DIR: Final = "/var/lib/meshnode"
+LOG_DIR: Final = "/var/log/meshnode"
 BPF_FS: Final = "/sys/fs/bpf"
 PIN_ROOT: Final = "/sys/fs/bpf/meshnode"
 

@@ -80,7 +80,8 @@ class Host:
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "MESHNODE_RUN_DIR": str(tmp / "run"),
-                    "MESHNODE_STATE_DIR": str(tmp / "state"), "PYTHONUNBUFFERED": "1"}
+                    "MESHNODE_STATE_DIR": str(tmp / "state"), "MESHNODE_LOG_DIR": str(tmp / "log"),
+                    "PYTHONUNBUFFERED": "1"}
         self.agent: subprocess.Popen[bytes] | None = None
         self.procs: list[subprocess.Popen[Any]] = []
         self.starts = 0
@@ -156,6 +157,18 @@ class Host:
         return subprocess.run(["nsenter", f"--net=/run/netns/{self.netns}", sys.executable,
                                "-m", "meshnode.cli", *args, "--instance", self.tag],
                               env=self.env, capture_output=True, text=True, timeout=30)
+
+    def http_get(self, path: str, port: int = 15090) -> tuple[int, str]:
+        """GET http://127.0.0.1:PORT/PATH inside this host: (status, body)."""
+        script = ("import sys, urllib.request, urllib.error\n"
+                  "try:\n r = urllib.request.urlopen(sys.argv[1], timeout=10)\n"
+                  "except urllib.error.HTTPError as e:\n r = e\n"
+                  "sys.stdout.write(str(r.status) + '\\n' + r.read().decode())\n")
+        out = subprocess.run(["nsenter", f"--net=/run/netns/{self.netns}", sys.executable, "-c",
+                              script, f"http://127.0.0.1:{port}{path}"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        status, _, body = out.partition("\n")
+        return int(status), body
 
     def server(self, name: str, port: int, service: str | None = None,
                host: str = "127.0.0.1") -> subprocess.Popen[Any]:

@@ -38,6 +38,15 @@ struct mn_addr4 {
     __u16 pad;
 };
 
+/* What the proxy learns of a captured connection: where it was going, and who dialed it (the
+ * connecting task's cgroup id, low 32 bits, and its process id) for per-source telemetry.
+ * The getsockopt answer carries `cgroup` and `pid` in sockaddr_in's 8 padding bytes. */
+struct mn_orig {
+    struct mn_addr4 dst;
+    __u32 cgroup;
+    __u32 pid;
+};
+
 /* Destination -> service id: connects to these belong to the mesh. */
 BPF_TABLE_PINNED("hash", struct mn_addr4, __u32, mn_dest, MN_MAP_DEST_ENTRIES,
                  MN_PIN_DIR "/mn_dest");
@@ -45,11 +54,11 @@ BPF_TABLE_PINNED("hash", struct mn_addr4, __u32, mn_dest, MN_MAP_DEST_ENTRIES,
 BPF_TABLE_PINNED("hash", __u32, __u32, mn_svc, MN_MAP_SVC_ENTRIES, MN_PIN_DIR "/mn_svc");
 /* Socket cookie -> original destination, from connect until the handshake completes.
  * LRU: a connect that never establishes must not leak an entry forever. */
-BPF_TABLE_PINNED("lru_hash", __u64, struct mn_addr4, mn_cookie, MN_MAP_COOKIE_ENTRIES,
+BPF_TABLE_PINNED("lru_hash", __u64, struct mn_orig, mn_cookie, MN_MAP_COOKIE_ENTRIES,
                  MN_PIN_DIR "/mn_cookie");
 /* Client local (ip, port) -> original destination: what the proxy's accepted socket sees as
  * its peer. LRU, since nothing deletes an entry when the connection closes. */
-BPF_TABLE_PINNED("lru_hash", struct mn_addr4, struct mn_addr4, mn_origdst,
+BPF_TABLE_PINNED("lru_hash", struct mn_addr4, struct mn_orig, mn_origdst,
                  MN_MAP_ORIGDST_ENTRIES, MN_PIN_DIR "/mn_origdst");
 /* Counters by MN_STAT_* slot; per-CPU so the hot path never contends on a cache line. */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, mn_stats, MN_STAT_SLOTS, MN_PIN_DIR "/mn_stats");

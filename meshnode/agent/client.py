@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +16,43 @@ class AgentClient:
         self.path = path
         self.timeout = timeout
 
-    def call(self, op: str, **args: Any) -> Any:
+    def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
-            try:
-                sock.connect(str(self.path))
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise AgentNotRunningError(f"no meshnode agent is listening on {self.path}") \
-                    from None
-            except PermissionError:
-                raise PermissionError_(f"cannot open the control socket {self.path}") from None
+            sock.connect(str(self.path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            raise AgentNotRunningError(f"no meshnode agent is listening on {self.path}") \
+                from None
+        except PermissionError:
+            sock.close()
+            raise PermissionError_(f"cannot open the control socket {self.path}") from None
+        return sock
+
+    def stream(self, op: str, timeout: float | None = None, **args: Any) -> Iterator[Any]:
+        """A streaming operation's items, until the caller stops iterating (that closes the
+        connection, which ends the stream in the agent). `timeout`: longest wait for one
+        item (None: forever); raises TimeoutError."""
+        sock = self._connect()
+        try:
+            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            lines = sock.makefile("rb")
+            first = json.loads(lines.readline() or b"{}")
+            if not first.get("ok"):
+                if "error" in first:
+                    raise from_wire(first["error"])
+                raise AgentNotRunningError("the agent closed the control connection",
+                                           "check the agent log")
+            sock.settimeout(timeout)
+            for line in lines:
+                yield json.loads(line)["event"]
+        finally:
+            sock.close()
+
+    def call(self, op: str, **args: Any) -> Any:
+        sock = self._connect()
+        try:
             sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
             buf = b""
             while not buf.endswith(b"\n"):

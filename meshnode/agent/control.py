@@ -1,20 +1,23 @@
 """The agent's control socket: a root-only Unix socket speaking one JSON object per line.
 
 Request `{"op": NAME, ...args}`; reply `{"ok": true, "result": ...}` or
-`{"ok": false, "error": {type, message, hint, exit_code}}`. Typed errors travel intact so the CLI
-prints the same one-line message and exit code as if it had failed locally.
+`{"ok": false, "error": {type, message, hint, exit_code}}`. A streaming operation (its handler
+returns an async iterator, e.g. `tap`) answers `{"ok": true, "stream": true}` and then one
+`{"event": ...}` line per item, until the client closes the connection. Typed errors travel
+intact so the CLI prints the same one-line message and exit code as if it had failed locally.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +68,41 @@ class ControlServer:
                 return
             while line := await reader.readline():
                 reply = await self._handle(line)
+                stream = reply.pop("stream", None)
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
+                if stream is not None:
+                    await self._stream(stream, reader, writer)
+                    return
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             pass
         finally:
             writer.close()
+
+    @staticmethod
+    async def _stream(items: AsyncIterator[Any], reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        """Write items until the client hangs up (its end of stream) or they run out."""
+        hangup = asyncio.ensure_future(reader.read())
+        try:
+            while True:
+                item = asyncio.ensure_future(anext(items))
+                await asyncio.wait({item, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                if not item.done():
+                    item.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await item
+                    return
+                try:
+                    event = item.result()
+                except StopAsyncIteration:
+                    return
+                writer.write(json.dumps({"event": event}).encode() + b"\n")
+                await writer.drain()
+        finally:
+            hangup.cancel()
+            if inspect.isasyncgen(items):
+                await items.aclose()
 
     @staticmethod
     def _error(err: MeshnodeError) -> dict[str, Any]:
@@ -89,7 +121,10 @@ class ControlServer:
             return self._error(UsageError(f"unknown control operation {op!r}",
                                           "upgrade the CLI and the agent together"))
         try:
-            return {"ok": True, "result": await handler(req)}
+            result = await handler(req)
+            if isinstance(result, AsyncIterator):
+                return {"ok": True, "stream": result}
+            return {"ok": True, "result": result}
         except MeshnodeError as err:
             return self._error(err)
         except Exception as exc:

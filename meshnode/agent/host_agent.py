@@ -23,6 +23,7 @@ from meshnode import __version__
 from meshnode.agent.control import ControlServer, Handler
 from meshnode.agent.enrollment import EnrollmentManager
 from meshnode.agent.names import MeshNames
+from meshnode.agent.observe import Telemetry
 from meshnode.agent.workers import WorkerPool
 from meshnode.capture import CaptureBackend, CaptureContext, undo_functions
 from meshnode.config import AgentConfig
@@ -33,7 +34,14 @@ from meshnode.discovery.registry import EndpointRecord, Registry, ServiceRecord
 from meshnode.errors import ConflictError, MeshnodeError, PermissionError_, UsageError
 from meshnode.host import cgroup, process
 from meshnode.host.ledger import Ledger, UndoFn
-from meshnode.model import BalancerConfig, HealthConfig, HostPort, OutlierConfig, Update
+from meshnode.model import (
+    BalancerConfig,
+    HealthConfig,
+    HostPort,
+    OutlierConfig,
+    Update,
+    update_to_wire,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,7 @@ class HostAgent:
         self._reconcile_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
         self.health = HealthMonitor(on_change=self._dirty.set)
+        self.telemetry = Telemetry(self)
         self._stop = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -139,8 +148,14 @@ class HostAgent:
         self.names = MeshNames.for_agent(self.cfg, self.capture, self.registry)
         await self.names.start()
 
-        self.workers = WorkerPool(self.cfg, proxy, lambda: updates.resets(self._pushed),
-                                  self._workers_changed)
+        log_file = self.cfg.access_log_path
+        if log_file not in ("", "-"):
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.workers = WorkerPool(
+            self.cfg, proxy,
+            lambda: [*map(update_to_wire, updates.resets(self._pushed)),
+                     *self.telemetry.initial_messages()],
+            self._workers_changed, self.telemetry.on_event)
         self._pushed = updates.snapshot(self.registry.services())
         await self.workers.start()
         self.enrollments = EnrollmentManager(
@@ -151,9 +166,11 @@ class HostAgent:
 
         self.control = ControlServer(self.cfg.control_socket, self._handlers())
         await self.control.start()
+        await self.telemetry.start_admin()
         await self._reconcile()
         self._tasks = [asyncio.ensure_future(self._reconcile_loop()),
-                       asyncio.ensure_future(self._scan_loop())]
+                       asyncio.ensure_future(self._scan_loop()),
+                       asyncio.ensure_future(self.telemetry.run())]
 
     def _protected_pids(self) -> set[int]:
         pids = {os.getpid()}
@@ -175,6 +192,7 @@ class HostAgent:
             if self._stopping:  # capture is being removed: never re-install rules
                 return
             services = self.registry.services()
+            self.telemetry.refresh_sources(self.root_cgroup / "apps")
             self.health.sync(services)
             snap = updates.snapshot(services, self.health.healthy)
             pending: list[Update] = updates.diff(self._pushed, snap)
@@ -227,9 +245,10 @@ class HostAgent:
                 await asyncio.to_thread(self.capture.remove)
             except MeshnodeError as exc:
                 log.error("removing capture: %s", exc)
-        # 2. no new control requests
+        # 2. no new control requests, no more scrapes
         if self.control is not None:
             await self.control.stop()
+        await self.telemetry.stop_admin()
         await self.health.close()
         # 3. drain the proxy: established connections finish within the grace period
         if self.workers is not None:
@@ -274,6 +293,10 @@ class HostAgent:
             "unenroll": self._op_unenroll,
             "service.add": self._op_service_add,
             "service.remove": self._op_service_remove,
+            "explain": self._op_explain,
+            "stat": self._op_stat,
+            "top": self._op_top,
+            "tap": self._op_tap,
         }
 
     async def _op_ping(self, _: dict[str, Any]) -> Any:
@@ -372,6 +395,38 @@ class HostAgent:
                 proxy[k] = proxy.get(k, 0) + int(s.get(k, 0))
         return totals, proxy
 
+    @staticmethod
+    def _window(args: dict[str, Any]) -> float:
+        try:
+            window = float(args.get("window", 60))
+        except (TypeError, ValueError):
+            window = -1.0
+        if not 0 < window <= 600:
+            raise UsageError(f"invalid window {args.get('window')!r}",
+                             "use --window SECONDS, up to 600 (10 minutes are kept)")
+        return window
+
+    async def _op_stat(self, args: dict[str, Any]) -> Any:
+        service = args.get("service")
+        return await self.telemetry.stat(self._window(args),
+                                         None if service is None else str(service))
+
+    async def _op_top(self, args: dict[str, Any]) -> Any:
+        return await self.telemetry.top(self._window(args), self._int(args, "limit"))
+
+    async def _op_tap(self, args: dict[str, Any]) -> Any:
+        def opt(key: str) -> str | None:
+            v = args.get(key)
+            return None if v is None else str(v)
+
+        return self.telemetry.open_tap(str(args.get("service") or "*"), opt("src"), opt("dst"),
+                                       bool(args.get("failed_only")))
+
+    async def _op_explain(self, args: dict[str, Any]) -> Any:
+        from meshnode.agent.explain import explain
+
+        return await explain(self, self._int(args, "pid"), str(args.get("dest", "")))
+
     async def _op_status(self, _: dict[str, Any]) -> Any:
         assert self.registry and self.workers and self.enrollments and self.capture
         totals, proxy = await self._proxy_counters()
@@ -391,6 +446,7 @@ class HostAgent:
                         "kernel": kernel},
             "registry": self.registry.describe(),
             "dns": self.names.describe() if self.names else None,
+            "telemetry": self.telemetry.describe(),
             "cgroup": str(self.root_cgroup),
             "workers": self.workers.describe(),
             "proxy": proxy,

@@ -25,6 +25,8 @@ from meshnode.config import AgentConfig
 from meshnode.errors import UnavailableError
 from meshnode.model import Update, update_to_wire
 
+Message = dict[str, Any]
+
 log = logging.getLogger(__name__)
 
 # Joins the cgroup before exec, so the worker's listening socket (and every socket accepted on
@@ -61,12 +63,16 @@ class Worker:
 
 class WorkerPool:
     def __init__(self, cfg: AgentConfig, proxy_cgroup: Path,
-                 initial_updates: Callable[[], list[Update]],
-                 on_change: Callable[[], Awaitable[None]]) -> None:
+                 initial: Callable[[], list[Message]],
+                 on_change: Callable[[], Awaitable[None]],
+                 on_event: Callable[[Message], None] = lambda event: None) -> None:
+        """`initial`: what a (re)started worker is sent first (routes, sources, taps);
+        `on_event`: the tap events workers send."""
         self.cfg = cfg
         self.proxy_cgroup = proxy_cgroup
-        self._initial = initial_updates
+        self._initial = initial
         self._on_change = on_change
+        self._on_event = on_event
         self.workers = [Worker(i) for i in range(cfg.workers)]
         self._seq = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -116,8 +122,8 @@ class WorkerPool:
         w.channel_open = True
         self._spawn_task(self._read(w, reader))
         # Routes first: the worker applies them before its first accepted connection needs them.
-        for u in self._initial():
-            w.send(update_to_wire(u))
+        for msg in self._initial():
+            w.send(msg)
 
     def _spawn_task(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -146,7 +152,9 @@ class WorkerPool:
             log.warning("worker %d sent garbage: %r", w.id, line[:100])
             return
         t = msg.get("t")
-        if t == "listening":
+        if t == "event":
+            self._on_event(msg)
+        elif t == "listening":
             w.listening.set()
         elif t == "error":
             w.error = f"{msg.get('message')} ({msg.get('hint', '')})"
@@ -220,6 +228,10 @@ class WorkerPool:
             for u in updates:
                 w.send(update_to_wire(u))
 
+    def send_all(self, msg: Message) -> None:
+        for w in self.workers:
+            w.send(msg)
+
     async def _ask(self, w: Worker, msg: dict[str, Any], timeout: float) -> dict[str, Any] | None:
         if not w.channel_open:
             return None
@@ -243,9 +255,11 @@ class WorkerPool:
         return all(a is not None for a in answers) and all(w.alive for w in live)
 
     async def stats(self, timeout: float = 1.0) -> list[dict[str, Any]]:
-        answers = await asyncio.gather(*(self._ask(w, {"t": "stats"}, timeout)
-                                         for w in self.alive))
-        return [a for a in answers if a is not None]
+        """The live workers' counters, each with its "pid" (a new pid: counters restarted)."""
+        live = self.alive
+        answers = await asyncio.gather(*(self._ask(w, {"t": "stats"}, timeout) for w in live))
+        return [{**a, "pid": w.pid} for w, a in zip(live, answers, strict=True)
+                if a is not None]
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"id": w.id, "pid": w.pid, "alive": w.alive, "restarts": w.restarts}

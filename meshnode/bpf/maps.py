@@ -25,6 +25,8 @@ _U32 = struct.Struct("=I")  # service ids and flags: host byte order, as C reads
 _U64 = struct.Struct("=Q")
 
 ADDR4_SIZE = _ADDR4.size
+# struct mn_orig { struct mn_addr4 dst; __u32 cgroup; __u32 pid; }: the value of mn_origdst.
+ORIG_SIZE = ADDR4_SIZE + 8
 
 DestKey = tuple[IPv4Address, int]  # (ip, port); port 0: every port of a VIP
 
@@ -150,7 +152,7 @@ class CaptureMaps:
     def origdst(self, client_ip: IPv4Address, client_port: int) -> DestKey | None:
         """The original destination of a captured connection by its client address."""
         raw = syscall.map_lookup(self._fds["mn_origdst"], pack_addr4(client_ip, client_port),
-                                 ADDR4_SIZE)
+                                 ORIG_SIZE)
         return unpack_addr4(raw) if raw else None
 
     # -- writing ---------------------------------------------------------------------------

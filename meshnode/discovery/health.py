@@ -36,6 +36,7 @@ class HealthState:
     successes: int = 0
     failures: int = 0
     checks: int = 0
+    failed: int = 0  # of those, how many failed (a counter, for metrics)
     last_check: float | None = None
     changed_at: float = field(default_factory=time.monotonic)
 
@@ -46,6 +47,7 @@ class HealthState:
             self.successes, self.failures = self.successes + 1, 0
         else:
             self.failures, self.successes = self.failures + 1, 0
+            self.failed += 1
         flip = ((not self.healthy and ok and self.successes >= cfg.healthy_threshold)
                 or (self.healthy and not ok and self.failures >= cfg.unhealthy_threshold))
         if flip:
@@ -62,6 +64,7 @@ class HealthState:
 
     def describe(self, now: float) -> dict[str, Any]:
         return {"healthy": self.healthy, "reason": self.reason, "checks": self.checks,
+                "failed": self.failed,
                 "last_check_ago_s": None if self.last_check is None
                 else round(now - self.last_check, 2)}
 
@@ -161,7 +164,7 @@ class HealthMonitor:
     def describe(self, service: str, addr: HostPort) -> dict[str, Any]:
         state = self._states.get((service, addr))
         if state is None:
-            return {"healthy": True, "reason": "no active check", "checks": 0,
+            return {"healthy": True, "reason": "no active check", "checks": 0, "failed": 0,
                     "last_check_ago_s": None}
         return state.describe(self._clock())
 

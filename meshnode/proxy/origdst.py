@@ -7,6 +7,9 @@ answers it from conntrack, and the eBPF capture answers the same call from its m
 the explicit (non-transparent) listener mode, where every client of the listener means the same
 destination.
 
+The eBPF answer also names the client (its cgroup id and process id, in sockaddr_in's padding);
+conntrack's answer leaves them 0, and the worker asks sock_diag instead (sockdiag.py).
+
 Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/bpf/host.
 """
 
@@ -16,7 +19,7 @@ import errno
 import socket
 import struct
 from ipaddress import IPv4Address
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from meshnode import constants as C
 from meshnode.errors import KernelError
@@ -25,6 +28,7 @@ from meshnode.model import OrigDstAddr
 __all__ = [
     "OrigDstError",
     "OrigDstSource",
+    "Origin",
     "SocketLike",
     "SockoptOrigDst",
     "StaticOrigDst",
@@ -35,6 +39,16 @@ _SOCKADDR_IN_LEN = 16  # struct sockaddr_in: family, port, addr, 8 bytes of padd
 # sin_family is in host byte order, sin_port in network byte order.
 _FAMILY = struct.Struct("=H")
 _PORT = struct.Struct("!H")
+_CLIENT = struct.Struct("=II")  # mn_getsockopt.c: cgroup id (low 32 bits), pid; host order
+
+
+class Origin(NamedTuple):
+    """An accepted connection's original destination, and who dialed it where the capture
+    knows (0: unknown)."""
+
+    dst: OrigDstAddr
+    cgroup: int = 0
+    pid: int = 0
 
 
 class OrigDstError(KernelError):
@@ -55,7 +69,7 @@ class SocketLike(Protocol):
 class OrigDstSource(Protocol):
     """Recovers the destination a captured client meant to reach."""
 
-    def lookup(self, sock: SocketLike) -> OrigDstAddr:
+    def lookup(self, sock: SocketLike) -> Origin:
         """The original destination of `sock`; raises OrigDstError when there is none."""
         ...
 
@@ -76,7 +90,7 @@ class SockoptOrigDst:
 
     __slots__ = ()
 
-    def lookup(self, sock: SocketLike) -> OrigDstAddr:
+    def lookup(self, sock: SocketLike) -> Origin:
         try:
             raw = sock.getsockopt(socket.SOL_IP, C.SO_ORIGINAL_DST, _SOCKADDR_IN_LEN)
         except OSError as exc:
@@ -84,7 +98,12 @@ class SockoptOrigDst:
             # directly, or the capture's map entry is gone).
             raise OrigDstError(f"SO_ORIGINAL_DST failed: {exc.strerror}",
                                errno=exc.errno or 0) from exc
-        return parse_sockaddr_in(bytes(raw))
+        raw = bytes(raw)
+        dst = parse_sockaddr_in(raw)
+        if len(raw) < _SOCKADDR_IN_LEN:
+            return Origin(dst)
+        cgroup, pid = _CLIENT.unpack_from(raw, 8)
+        return Origin(dst, cgroup, pid)
 
 
 class StaticOrigDst:
@@ -95,5 +114,5 @@ class StaticOrigDst:
     def __init__(self, dst: OrigDstAddr) -> None:
         self.dst = dst
 
-    def lookup(self, sock: SocketLike) -> OrigDstAddr:
-        return self.dst
+    def lookup(self, sock: SocketLike) -> Origin:
+        return Origin(self.dst)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from meshnode.proxy.flow_control import HIGH_WATER, LOW_WATER, FlowControl
-from meshnode.proxy.stats import ServiceStats
+from meshnode.proxy.stats import PairStats
 
 if TYPE_CHECKING:
     from meshnode.balance import Balancer, EndpointLoad
@@ -136,6 +136,8 @@ class _Side(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.lent = None
+        if exc is not None and self.relay.outcome == "ok":
+            self.relay.outcome = "reset"
         peer = self.peer
         if peer.transport is not None and not peer.lost:
             if exc is None:
@@ -196,11 +198,11 @@ class Relay:
     server protocol), routes it in `on_accept`, then connects `upstream`."""
 
     __slots__ = ("balancer", "bytes_down", "bytes_up", "client", "closing", "connect_task",
-                 "finished", "idle_since", "on_accept", "pending", "registry", "seen", "started",
-                 "stats", "token", "upstream")
+                 "finished", "idle_since", "info", "on_accept", "outcome", "pending",
+                 "registry", "seen", "started", "stats", "token", "upstream")
 
     def __init__(self, pool: BufferPool, registry: RelayRegistry,
-                 on_accept: Callable[[Relay], None], stats: ServiceStats) -> None:
+                 on_accept: Callable[[Relay], None], stats: PairStats) -> None:
         self.registry = registry
         self.on_accept = on_accept
         self.stats = stats
@@ -221,6 +223,12 @@ class Relay:
         # it handed out: told `on_done` once, when the relay finishes.
         self.balancer: Balancer | None = None
         self.token: EndpointLoad | None = None
+        # How it ended: "ok" (closed by either end), "reset", "idle_timeout", "drain", or
+        # what the worker set when it refused the client (no_endpoint, refused, timeout, ...).
+        self.outcome = "ok"
+        # The worker's record of this connection (source, destination, endpoint, times) for
+        # telemetry; the relay only carries it to RelayRegistry.on_finish.
+        self.info: object = None
 
     def hold(self, balancer: Balancer, token: EndpointLoad) -> None:
         """The upstream connection counts as in flight on `token` until the relay ends."""
@@ -235,7 +243,7 @@ class Relay:
             self.balancer = self.token = None
             balancer.on_done(token)
 
-    def assign(self, stats: ServiceStats) -> None:
+    def assign(self, stats: PairStats) -> None:
         """Count this relay under `stats` from now on (moves the `active` gauge with it)."""
         self.stats.active -= 1
         stats.active += 1
@@ -271,6 +279,8 @@ class Relay:
 
     def reset(self) -> None:
         """Reset both sides (RST) and stop connecting."""
+        if self.outcome == "ok":
+            self.outcome = "reset"
         if self.connect_task is not None and not self.connect_task.done():
             self.connect_task.cancel()
         for side in (self.client, self.upstream):
@@ -292,10 +302,12 @@ class Relay:
 class RelayRegistry:
     """Open relays: the `active` gauge, the idle sweep, and the drain at shutdown."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float],
+                 on_finish: Callable[[Relay], None] = lambda relay: None) -> None:
         self._clock = clock
         self._relays: set[Relay] = set()
         self._empty: asyncio.Future[None] | None = None
+        self.on_finish = on_finish  # called once per relay, when both sides are gone
 
     def __len__(self) -> int:
         return len(self._relays)
@@ -312,6 +324,8 @@ class RelayRegistry:
         if relay in self._relays:
             self._relays.remove(relay)
             relay.stats.active -= 1
+            relay.stats.closed += 1
+            self.on_finish(relay)
         if not self._relays and self._empty is not None and not self._empty.done():
             self._empty.set_result(None)
 
@@ -329,6 +343,7 @@ class RelayRegistry:
             elif now - r.idle_since >= idle_timeout:
                 idle.append(r)
         for r in idle:
+            r.outcome = "idle_timeout"
             r.close()
         return len(idle)
 
@@ -342,5 +357,7 @@ class RelayRegistry:
     def reset_all(self) -> int:
         relays = list(self._relays)
         for r in relays:
+            if r.outcome == "ok":
+                r.outcome = "drain"
             r.reset()
         return len(relays)

@@ -9,13 +9,17 @@ Control channel (newline-delimited JSON; see control.py for framing):
   worker → agent  {"t":"listening","worker":ID,"pid":PID}          once bound
                   {"t":"error","message":M,"hint":H}                startup failed (then exit)
                   {"t":"synced","seq":N}                            answer to sync
-                  {"t":"stats","seq":N,"worker":ID,"services":{...},"unrouted":U,
-                   "origdst_errors":E,"active":A}                   answer to stats
-                  (each service: stats.ServiceStats fields plus "endpoints": {ADDR: {"active",
-                   "connections","connect_errors","ewma_ms","ejected_for"}} for its current
-                   endpoints; see stats.py)
+                  {"t":"stats","seq":N,"worker":ID,"services":{...},"pairs":[...],
+                   "selections":{...},"unrouted":U,"origdst_errors":E,"active":A}
+                                                                    answer to stats (stats.py)
+                  {"t":"event","event":"open"|"close",...}          a tapped connection (the
+                   access log record, telemetry.py)
   agent → worker  reset / add / remove / gone (model.update_to_wire), {"t":"sync","seq":N},
-                  {"t":"stats","seq":N}
+                  {"t":"stats","seq":N},
+                  {"t":"sources","cgroups":{"ID":SERVICE}}          cgroup id (low 32 bits) →
+                                                                    source service, all of them
+                  {"t":"tap","services":[NAME|"*",...]}             send events for connections
+                                                                    from or to these ([]: none)
 Exit codes: 0 after a drain, 69 when the listener cannot be bound, 77 when SO_MARK is refused
 (needs CAP_NET_ADMIN; mark 0 skips it), 64 for a bad explicit target.
 
@@ -50,12 +54,14 @@ from meshnode.errors import (
     UsageError,
 )
 from meshnode.model import Endpoint, HostPort, OrigDstAddr, update_from_wire
+from meshnode.proxy.accesslog import AccessLog
 from meshnode.proxy.control import ControlChannel, open_control
 from meshnode.proxy.dial import SO_MARK, Dialers
 from meshnode.proxy.origdst import OrigDstError, OrigDstSource, SockoptOrigDst, StaticOrigDst
 from meshnode.proxy.relay import BufferPool, Relay, RelayRegistry
 from meshnode.proxy.routing import NoEndpoint, ServiceTable, ToService
-from meshnode.proxy.stats import ServiceStats, WorkerStats
+from meshnode.proxy.stats import PairStats, WorkerStats
+from meshnode.proxy.telemetry import ConnInfo, Sources, failure_reason
 
 __all__ = ["ListenError", "MarkError", "ProxyWorker", "bind_listener", "main"]
 
@@ -121,7 +127,12 @@ class ProxyWorker:
         self.table = ServiceTable(config.node, config.zone, clock, random.Random())
         self.stats = WorkerStats()
         self.pool = BufferPool()
-        self.registry = RelayRegistry(clock)
+        self.registry = RelayRegistry(clock, self._finished)
+        # conntrack (iptables) does not name the client: ask sock_diag for its cgroup
+        self.sources = Sources(lookup_missing=config.explicit_target is None)
+        self.tap: frozenset[str] = frozenset()
+        self.access = (AccessLog(config.access_log, config.access_log_sample)
+                       if config.access_log else None)
         self._control: ControlChannel | None = None
         self._stop: asyncio.Event | None = None
         self._force = False
@@ -142,6 +153,10 @@ class ProxyWorker:
         elif t == "stats":
             self._send(self.stats.to_wire(msg.get("seq", 0), self.config.worker_id,
                                           len(self.registry), self.table.endpoint_report))
+        elif t == "sources":
+            self.sources.replace(msg.get("cgroups") or {})
+        elif t == "tap":
+            self.tap = frozenset(str(s) for s in msg.get("services") or ())
         else:
             log.warning("unknown control message %r ignored", t)
 
@@ -162,35 +177,46 @@ class ProxyWorker:
     def _accepted(self, relay: Relay) -> None:
         transport = relay.client.transport
         assert transport is not None
+        peer = transport.get_extra_info("peername")
+        info = relay.info = ConnInfo(self.clock(), peer)
         try:
-            dst = self.origdst.lookup(transport.get_extra_info("socket"))
+            origin = self.origdst.lookup(transport.get_extra_info("socket"))
         except OrigDstError:
             self.stats.origdst_errors += 1
+            relay.outcome = "origdst_error"
             relay.reset()
             return
+        dst = info.orig_dst = origin.dst
+        info.pid = origin.pid
         if (dst.ip, dst.port) in self._own:
             # A connection whose destination is the proxy itself would loop forever.
             self.stats.origdst_errors += 1
+            relay.outcome = "origdst_error"
             relay.reset()
             return
-        route = self.table.route(dst, _client_key(transport))
+        src = info.src = self.sources.source(origin, peer)
+        route = self.table.route(dst, _client_key(peer))
         if isinstance(route, ToService):
-            stats = self.stats.service(route.service)
+            info.service = route.service
+            stats = self.stats.pair(src, route.service)
             stats.connections += 1
             relay.assign(stats)
             relay.connect_task = asyncio.get_running_loop().create_task(
                 self._connect(relay, route.attempts, stats, route.balancer, route.outlier))
         elif isinstance(route, NoEndpoint):
-            stats = self.stats.service(route.service)
+            info.service = route.service
+            stats = self.stats.pair(src, route.service)
             stats.connections += 1
-            stats.no_endpoint += 1
+            stats.fail("no_endpoint")
+            relay.assign(stats)
+            relay.outcome = "no_endpoint"
             relay.reset()
         else:
             self.stats.unrouted += 1
             relay.connect_task = asyncio.get_running_loop().create_task(
                 self._connect(relay, (Endpoint(route.dst),), self.stats.passthrough))
 
-    async def _connect(self, relay: Relay, attempts: Sequence[Endpoint], stats: ServiceStats,
+    async def _connect(self, relay: Relay, attempts: Sequence[Endpoint], stats: PairStats,
                        balancer: Balancer | None = None,
                        outlier: OutlierDetector | None = None) -> None:
         """Try each endpoint in turn; the first that answers becomes the relay's upstream.
@@ -198,12 +224,19 @@ class ProxyWorker:
         (consecutive failures); passthrough connections have neither."""
         loop = asyncio.get_running_loop()
         timeout, clock = self.config.connect_timeout, self.clock
+        info = relay.info
+        assert isinstance(info, ConnInfo)
+        reason = "error"
         for ep in attempts:
             token = balancer.on_start(ep) if balancer is not None else None
+            if balancer is not None:
+                self.stats.selected(stats.dst, ep.addr)
+            info.attempts += 1
             started = clock()
             try:
                 sock = await self.dialers.for_endpoint(ep).dial(ep, timeout)
-            except (OSError, TimeoutError):
+            except (OSError, TimeoutError) as exc:
+                reason = failure_reason(exc)
                 stats.connect_errors += 1
                 if balancer is not None and token is not None:
                     balancer.on_failed(token, clock() - started)
@@ -216,8 +249,11 @@ class ProxyWorker:
                 if balancer is not None and token is not None:
                     balancer.on_done(token)
                 raise
+            elapsed = clock() - started
+            info.endpoint, info.connect_s = ep.addr, elapsed
+            stats.connect.observe(elapsed)
             if balancer is not None and token is not None:
-                balancer.on_connected(token, clock() - started)
+                balancer.on_connected(token, elapsed)
                 # From here the relay owns the in-flight count: on_done when it finishes.
                 relay.hold(balancer, token)
             if outlier is not None:
@@ -231,9 +267,31 @@ class ProxyWorker:
                 sock.close()
                 raise
             relay.connect_task = None
+            if self.tap and info.tapped(self.tap):
+                self._send(info.event("open", relay, self.config.worker_id, clock()))
             return
         relay.connect_task = None
+        if balancer is not None:
+            stats.fail(reason)
+        relay.outcome = reason
         relay.reset()  # every endpoint failed: refuse the client
+
+    def _finished(self, relay: Relay) -> None:
+        """A relay ended: its duration, and its access log line and tap event."""
+        info = relay.info
+        if not isinstance(info, ConnInfo):
+            return
+        now = self.clock()
+        relay.stats.duration.observe(now - info.t0)
+        tapped = bool(self.tap) and info.tapped(self.tap)
+        if self.access is None and not tapped:
+            return
+        record = info.event("close", relay, self.config.worker_id, now)
+        if tapped:
+            self._send(record)
+        if self.access is not None and self.access.wants():
+            del record["t"], record["event"]
+            self.access.write(record)
 
     # -- life --------------------------------------------------------------------------------
 
@@ -301,16 +359,18 @@ class ProxyWorker:
             except TimeoutError:
                 pass
         sweeper.cancel()
+        if self.access is not None:
+            self.access.close()
+        self.sources.close()
         # 5. Flush the control channel: replies already written (a last stats answer) go out
         #    before the socket closes.
         if self._control is not None:
             await self._control.close(timeout=2.0)
 
 
-def _client_key(transport: asyncio.BaseTransport) -> int:
+def _client_key(peer: Any) -> int:
     """The client's IPv4 address as an integer: the ring-hash key (client affinity). An int,
     not a `ClientAddr`: this runs for every connection and needs no validation."""
-    peer = transport.get_extra_info("peername")
     try:
         return int.from_bytes(socket.inet_aton(peer[0]), "big")
     except (OSError, TypeError, IndexError):

@@ -15,7 +15,7 @@ import pytest
 
 from meshnode.proxy.flow_control import FlowControl
 from meshnode.proxy.relay import BufferPool, Relay, RelayRegistry
-from meshnode.proxy.stats import ServiceStats
+from meshnode.proxy.stats import PairStats
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -88,8 +88,8 @@ class Harness:
         self.clock = Clock()
         self.pool = BufferPool(size=buffer_size)
         self.registry = RelayRegistry(self.clock)
-        self.sink = ServiceStats()
-        self.stats = ServiceStats()
+        self.sink = PairStats("client", "svc")
+        self.stats = PairStats("client", "svc")
         self.accepted: list[Relay] = []
         self.relay = Relay(self.pool, self.registry, self._on_accept, self.sink)
         self.ct = FakeTransport()

@@ -22,7 +22,13 @@ from meshnode.model import (
     update_from_wire,
     update_to_wire,
 )
-from meshnode.proxy.origdst import OrigDstError, SockoptOrigDst, StaticOrigDst, parse_sockaddr_in
+from meshnode.proxy.origdst import (
+    OrigDstError,
+    Origin,
+    SockoptOrigDst,
+    StaticOrigDst,
+    parse_sockaddr_in,
+)
 from meshnode.proxy.routing import NoEndpoint, Passthrough, ServiceTable, ToService
 
 pytestmark = pytest.mark.timeout(10)
@@ -172,7 +178,29 @@ def test_sockopt_source_without_capture_is_a_typed_error() -> None:
 def test_static_source() -> None:
     d = dst("127.0.0.1:9")
     with socket.socket() as s:
-        assert StaticOrigDst(d).lookup(s) is d
+        assert StaticOrigDst(d).lookup(s) == Origin(d, 0, 0)
+
+
+class _Answer:
+    """A socket whose SO_ORIGINAL_DST answer is `raw` (as mn_getsockopt.c or conntrack gives)."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def getsockopt(self, level: int, optname: int, buflen: int) -> bytes:
+        return self.raw[:buflen]
+
+    def getpeername(self) -> tuple[str, int]:
+        return ("127.0.0.1", 40000)
+
+
+def test_sockopt_source_reads_the_client_from_the_padding() -> None:
+    addr = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 80) \
+        + socket.inet_aton("127.240.0.2")
+    ebpf = SockoptOrigDst().lookup(_Answer(addr + struct.pack("=II", 4242, 777)))
+    assert ebpf == Origin(dst("127.240.0.2:80"), 4242, 777)
+    conntrack = SockoptOrigDst().lookup(_Answer(addr + bytes(8)))
+    assert conntrack == Origin(dst("127.240.0.2:80"), 0, 0)
 
 
 # Balancers, load records and ejection inside the table.

@@ -1,0 +1,50 @@
+"""`meshnode explain PID HOST:PORT`: what would happen to a connection from that process to that
+address right now (the agent decides; this renders it)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from meshnode.cli.output import Output, emit_json, table
+
+from meshnode.agent.client import AgentClient
+from meshnode.config import control_socket_path, instance_name
+
+# The same option as cli/app.py's (not imported from there: app.py imports this module).
+Instance = Annotated[str, typer.Option("--instance", envvar="MESHNODE_INSTANCE",
+                                       help="Which agent (several can run side by side).")]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
+
+
+def explain_text(r: dict[str, Any]) -> str:
+    out = [r["verdict"], ""]
+    out += [f"  {i}. {step}" for i, step in enumerate(r["steps"], 1)]
+    rows = []
+    for c in r["candidates"]:
+        health = c["health"]
+        state = "ok" if c["healthy"] else "DOWN"
+        if health.get("reason"):
+            state += f" ({health['reason']})"
+        ejected = f"{c['ejected_for']:.0f}s" if c["ejected_for"] else "-"
+        rows.append([c["addr"], c.get("node") or "-", c.get("zone") or "-", state, ejected,
+                     "yes" if c["in_rotation"] else "no"])
+    if rows:
+        out += ["", table(rows, ["ENDPOINT", "NODE", "ZONE", "HEALTH", "EJECTED", "IN_ROTATION"])]
+    return "\n".join(out)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def explain(pid: Annotated[int, typer.Argument(help="the process that would connect")],
+                dest: Annotated[str, typer.Argument(
+                    help="HOST:PORT, HOST an IPv4 address or SERVICE.mesh")],
+                instance: Instance = "default", output: OutputOpt = Output.table) -> None:
+        """What would happen to a connection from PID to DEST right now: captured or not,
+        which service and endpoints, how the balancer picks, fail-open or fail-closed."""
+        r = AgentClient(control_socket_path(instance_name(instance))).call(
+            "explain", pid=pid, dest=dest)
+        if output is Output.json:
+            emit_json(r)
+        else:
+            typer.echo(explain_text(r))

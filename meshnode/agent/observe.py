@@ -1,0 +1,294 @@
+"""The agent's telemetry: it samples the workers' counters once a second into a monotonic,
+host-wide history, answers `stat`, `top` and `tap`, tells workers which cgroup is which source
+service, and feeds the admin port (/metrics, dashboard API).
+
+Kept apart from HostAgent, which only wires it in: this module reads the agent's registry,
+health, capture, names, enrollments and workers, and changes none of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshnode import __version__
+from meshnode.errors import MeshnodeError, UsageError
+from meshnode.telemetry.admin import AdminServer
+from meshnode.telemetry.aggregate import Accumulator, Totals
+from meshnode.telemetry.history import History, figures
+from meshnode.telemetry.metrics import Snapshot
+
+if TYPE_CHECKING:
+    from meshnode.agent.host_agent import HostAgent
+
+log = logging.getLogger(__name__)
+
+SAMPLE_INTERVAL = 1.0
+_FRESH = 0.25  # a sample younger than this answers on-demand requests as it is
+_TAP_QUEUE = 10_000  # events a slow tap client may fall behind by before it misses some
+
+
+class Tap:
+    """One `meshnode tap` client: its filter and its queue."""
+
+    def __init__(self, services: frozenset[str], src: str | None, dst: str | None,
+                 failed_only: bool) -> None:
+        self.services = services
+        self.src, self.dst = src, dst
+        self.failed_only = failed_only
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_TAP_QUEUE)
+        self.missed = 0
+
+    def matches(self, e: dict[str, Any]) -> bool:
+        if "*" not in self.services and e.get("src") not in self.services \
+                and e.get("dst") not in self.services:
+            return False
+        if self.src is not None and e.get("src") != self.src:
+            return False
+        if self.dst is not None and e.get("dst") != self.dst:
+            return False
+        return not self.failed_only or (e.get("event") == "close"
+                                        and e.get("outcome") not in ("ok", "idle_timeout"))
+
+
+class Telemetry:
+    def __init__(self, agent: HostAgent) -> None:
+        self.agent = agent
+        self.acc = Accumulator()
+        self.history = History(time.time())
+        self._sampled_at = 0.0
+        self._sample_lock = asyncio.Lock()
+        self._sources: dict[str, str] = {}
+        self._taps: set[Tap] = set()
+        self.admin: AdminServer | None = None
+
+    # -- sampling ----------------------------------------------------------------------------
+    async def sample(self, max_age: float = _FRESH) -> Totals:
+        """The host's counters now (or from a sample at most `max_age` seconds old)."""
+        async with self._sample_lock:
+            if time.monotonic() - self._sampled_at > max_age:
+                assert self.agent.workers is not None
+                totals = self.acc.update(await self.agent.workers.stats())
+                self.history.add(time.time(), totals)
+                self._sampled_at = time.monotonic()
+            return self.history.latest[1]
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL)
+            try:
+                await self.sample(max_age=SAMPLE_INTERVAL / 2)
+            except Exception:
+                log.exception("telemetry sample failed")
+
+    # -- admin port ------------------------------------------------------------------------
+    async def start_admin(self) -> None:
+        cfg = self.agent.cfg
+        if not cfg.admin_port:
+            return
+        self.admin = AdminServer("127.0.0.1", cfg.admin_port, self,
+                                 asyncio.get_running_loop())
+        await asyncio.to_thread(self.admin.start)
+
+    async def stop_admin(self) -> None:
+        if self.admin is not None:
+            await asyncio.to_thread(self.admin.stop)
+            self.admin = None
+
+    @property
+    def ready(self) -> bool:
+        return self.agent.ready
+
+    async def snapshot(self) -> Snapshot:
+        a = self.agent
+        assert a.registry is not None and a.capture is not None and a.workers is not None
+        totals = await self.sample()
+        try:
+            kernel = await asyncio.to_thread(a.capture.stats)
+        except MeshnodeError:
+            kernel = {}
+        enrolled: dict[str, int] = {}
+        for e in a.enrollments.describe() if a.enrollments else []:
+            enrolled[e["service"]] = enrolled.get(e["service"], 0) + 1
+        services = [{"name": name, "endpoints": [
+            {"addr": str(e.addr), **_health(a.health.describe(name, e.addr))}
+            for e in sorted(rec.endpoints, key=lambda e: e.addr)]}
+            for name, rec in sorted(a.registry.services().items())]
+        return Snapshot(
+            info={"version": __version__, "node": a.cfg.node_name, "instance": a.cfg.instance,
+                  "capture": a.capture.name},
+            ready=a.ready, totals=totals, kernel=kernel,
+            dns=a.names.describe()["counters"] if a.names else {},
+            registry=a.registry.describe(), services=services, enrolled=enrolled,
+            workers=a.workers.describe())
+
+    # -- stat, top, overview ---------------------------------------------------------------
+    async def stat(self, window: float, service: str | None) -> dict[str, Any]:
+        a = self.agent
+        assert a.registry is not None
+        await self.sample()
+        known = a.registry.services()
+        if service is not None and service not in known:
+            raise UsageError(f"no service named {service!r}", "see them: meshnode status")
+        per_service = self.history.by_service(window)
+        rows = []
+        for name in sorted(known) if service is None else [service]:
+            rec = known[name]
+            f = per_service.get(name)
+            row: dict[str, Any] = {"service": name, "vip": str(rec.vip), "port": rec.port,
+                                   "endpoints": len(rec.endpoints),
+                                   "healthy": sum(1 for e in rec.endpoints
+                                                  if a.health.healthy(name, e.addr))}
+            row.update((f or figures((), (), 1.0)).to_json())
+            rows.append(row)
+        return {"window": window, "span": self._span(window), "services": rows}
+
+    def _span(self, window: float) -> float:
+        """The seconds the figures really cover (less than `window` right after start)."""
+        return round(self.history.latest[0] - self.history.base(window)[0], 3)
+
+    async def top(self, window: float, limit: int) -> dict[str, Any]:
+        await self.sample()
+        pairs = [{"src": src, "dst": dst, **f.to_json()}
+                 for src, dst, f in self.history.by_pair(window)
+                 if f.connections or f.active]
+        pairs.sort(key=lambda p: (-p["rate"], -p["active"], p["src"], p["dst"]))
+        return {"window": window, "span": self._span(window), "pairs": pairs[:limit]}
+
+    async def overview(self, window: float) -> dict[str, Any]:
+        """The dashboard's one poll: services, edges, hosts and per-service series."""
+        a = self.agent
+        assert a.registry is not None and a.capture is not None
+        stat = await self.stat(window, None)
+        known = a.registry.services()
+        services = []
+        for row in stat["services"]:
+            rec = known[row["service"]]
+            services.append({
+                "name": rec.name, "vip": str(rec.vip), "port": rec.port, "lb": rec.lb.algorithm,
+                "endpoints": [{"addr": str(e.addr), "node": e.node, "zone": e.zone,
+                               "health": "healthy" if a.health.healthy(rec.name, e.addr)
+                               else "unhealthy"}
+                              for e in sorted(rec.endpoints, key=lambda e: e.addr)],
+                **{k: row[k] for k in ("rate", "active", "error_rate", "bytes_up_rate",
+                                       "bytes_down_rate", "p50_ms", "p95_ms", "p99_ms")}})
+        edges = [{"src": p["src"], "dst": p["dst"], "rate": p["rate"],
+                  "error_rate": p["error_rate"], "active": p["active"],
+                  "bytes_rate": round(p["bytes_up_rate"] + p["bytes_down_rate"], 3)}
+                 for p in (await self.top(window, 1000))["pairs"]]
+        return {
+            "node": a.cfg.node_name, "instance": a.cfg.instance, "version": __version__,
+            "capture": a.capture.name, "ready": a.ready, "time": time.time(), "window": window,
+            "services": services, "edges": edges, "hosts": self._hosts(),
+            "series": {name: self.history.series(name) for name in sorted(known)},
+        }
+
+    def _hosts(self) -> list[dict[str, Any]]:
+        a = self.agent
+        assert a.registry is not None
+        hosts: dict[str, dict[str, Any]] = {}
+        local = a.cfg.node_name
+        hosts[local] = {"node": local, "zone": a.cfg.zone, "local": True, "endpoints": [],
+                        "enrolled": []}
+        for name, rec in sorted(a.registry.services().items()):
+            for e in sorted(rec.endpoints, key=lambda e: e.addr):
+                h = hosts.setdefault(e.node or "?", {"node": e.node or "?", "zone": e.zone,
+                                                     "local": e.node == local,
+                                                     "endpoints": [], "enrolled": []})
+                h["endpoints"].append({"service": name, "addr": str(e.addr)})
+        for proc in a.enrollments.describe() if a.enrollments else []:
+            hosts[local]["enrolled"].append({"pid": proc["pid"], "service": proc["service"],
+                                             "cmd": _cmdline(proc["pid"]),
+                                             "ports": proc["endpoints"]})
+        return sorted(hosts.values(), key=lambda h: (not h["local"], h["node"]))
+
+    # -- sources: which cgroup is which service --------------------------------------------
+    def sources_message(self) -> dict[str, Any]:
+        return {"t": "sources", "cgroups": self._sources}
+
+    def refresh_sources(self, apps: Path) -> None:
+        """Read the apps cgroup's service folders; tell the workers when they changed."""
+        found: dict[str, str] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(apps):
+                if entry.is_dir(follow_symlinks=False):
+                    # a cgroup2 folder's inode number is the cgroup id the kernel reports
+                    found[str(entry.inode())] = entry.name
+        if found != self._sources:
+            self._sources = found
+            if self.agent.workers is not None:
+                self.agent.workers.send_all(self.sources_message())
+
+    # -- tap ---------------------------------------------------------------------------------
+    def tap_message(self, extra: frozenset[str] = frozenset()) -> dict[str, Any]:
+        services: set[str] = set(extra)
+        for t in self._taps:
+            services |= t.services
+        return {"t": "tap", "services": sorted(services)}
+
+    def describe(self) -> dict[str, Any]:
+        """For `meshnode status`."""
+        cfg = self.agent.cfg
+        return {"admin": f"127.0.0.1:{self.admin.port}" if self.admin else None,
+                "access_log": cfg.access_log_path or None,
+                "access_log_sample": cfg.access_log_sample, "taps": len(self._taps)}
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        event.pop("t", None)
+        for tap in self._taps:
+            if tap.matches(event):
+                try:
+                    tap.queue.put_nowait(event)
+                except asyncio.QueueFull:
+                    tap.missed += 1
+
+    def open_tap(self, service: str, src: str | None, dst: str | None,
+                 failed_only: bool) -> AsyncIterator[dict[str, Any]]:
+        a = self.agent
+        assert a.registry is not None
+        if service != "*" and service not in a.registry.services() \
+                and service not in self._sources.values():
+            raise UsageError(f"no service named {service!r}", "see them: meshnode status")
+        tap = Tap(frozenset({service}), src, dst, failed_only)
+        return self._stream(tap)
+
+    async def _stream(self, tap: Tap) -> AsyncIterator[dict[str, Any]]:
+        workers = self.agent.workers
+        assert workers is not None
+        try:
+            # Workers first, then the tap counts as open: events from the first connection
+            # after `status` shows the tap are not lost.
+            workers.send_all(self.tap_message(tap.services))
+            await workers.barrier()
+            self._taps.add(tap)
+            while True:
+                event = await tap.queue.get()
+                if tap.missed:
+                    yield {"event": "missed", "count": tap.missed}
+                    tap.missed = 0
+                yield event
+        finally:
+            self._taps.discard(tap)
+            workers.send_all(self.tap_message())
+
+    def initial_messages(self) -> list[dict[str, Any]]:
+        return [self.sources_message(), self.tap_message()]
+
+
+def _health(d: dict[str, Any]) -> dict[str, Any]:
+    return {"healthy": bool(d.get("healthy")), "checks": int(d.get("checks", 0)),
+            "failed": int(d.get("failed", 0))}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return ""
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")[:200]

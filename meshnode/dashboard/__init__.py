@@ -1,0 +1,1 @@
+"""The operator dashboard: static files the agent's admin port serves."""
