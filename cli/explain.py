@@ -6,15 +6,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from meshnode.cli.options import Instance, OutputOpt, client
 from meshnode.cli.output import Output, emit_json, table
-
-from meshnode.agent.client import AgentClient
-from meshnode.config import control_socket_path, instance_name
-
-# The same option as cli/app.py's (not imported from there: app.py imports this module).
-Instance = Annotated[str, typer.Option("--instance", envvar="MESHNODE_INSTANCE",
-                                       help="Which agent (several can run side by side).")]
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
 
 
 def explain_text(r: dict[str, Any]) -> str:
@@ -42,8 +35,7 @@ def register(app: typer.Typer) -> None:
                 instance: Instance = "default", output: OutputOpt = Output.table) -> None:
         """What would happen to a connection from PID to DEST right now: captured or not,
         which service and endpoints, how the balancer picks, fail-open or fail-closed."""
-        r = AgentClient(control_socket_path(instance_name(instance))).call(
-            "explain", pid=pid, dest=dest)
+        r = client(instance).call("explain", pid=pid, dest=dest)
         if output is Output.json:
             emit_json(r)
         else:

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL = 1.0
-_FRESH = 0.25  # a sample younger than this answers on-demand requests as it is
 _TAP_QUEUE = 10_000  # events a slow tap client may fall behind by before it misses some
 
 
@@ -69,21 +68,26 @@ class Telemetry:
         self.admin: AdminServer | None = None
 
     # -- sampling ----------------------------------------------------------------------------
-    async def sample(self, max_age: float = _FRESH) -> Totals:
-        """The host's counters now (or from a sample at most `max_age` seconds old)."""
+    async def sample(self) -> Totals:
+        """The host's counters now. Operators' reads must see the connections that already
+        happened, so every read asks the workers; a sample taken less than half an interval
+        after the previous one replaces it, keeping the history about one sample a second
+        however often it is read."""
         async with self._sample_lock:
-            if time.monotonic() - self._sampled_at > max_age:
-                assert self.agent.workers is not None
-                totals = self.acc.update(await self.agent.workers.stats())
-                self.history.add(time.time(), totals)
-                self._sampled_at = time.monotonic()
-            return self.history.latest[1]
+            assert self.agent.workers is not None
+            totals = self.acc.update(await self.agent.workers.stats())
+            now = time.monotonic()
+            self.history.add(time.time(), totals,
+                             replace_latest=now - self._sampled_at < SAMPLE_INTERVAL / 2)
+            if not now - self._sampled_at < SAMPLE_INTERVAL / 2:
+                self._sampled_at = now
+            return totals
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(SAMPLE_INTERVAL)
             try:
-                await self.sample(max_age=SAMPLE_INTERVAL / 2)
+                await self.sample()
             except Exception:
                 log.exception("telemetry sample failed")
 

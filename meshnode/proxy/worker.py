@@ -283,15 +283,10 @@ class ProxyWorker:
             return
         now = self.clock()
         relay.stats.duration.observe(now - info.t0)
-        tapped = bool(self.tap) and info.tapped(self.tap)
-        if self.access is None and not tapped:
-            return
-        record = info.event("close", relay, self.config.worker_id, now)
-        if tapped:
-            self._send(record)
+        if self.tap and info.tapped(self.tap):
+            self._send(info.event("close", relay, self.config.worker_id, now))
         if self.access is not None and self.access.wants():
-            del record["t"], record["event"]
-            self.access.write(record)
+            self.access.write(info.log_line(relay, self.config.worker_id, now))
 
     # -- life --------------------------------------------------------------------------------
 

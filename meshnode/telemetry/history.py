@@ -70,7 +70,10 @@ class History:
         self.keep = keep
         self._samples: deque[tuple[float, Totals]] = deque([(start, Totals())])
 
-    def add(self, t: float, totals: Totals) -> None:
+    def add(self, t: float, totals: Totals, replace_latest: bool = False) -> None:
+        """Append a sample, or let it stand in for the latest (never for the zero seed)."""
+        if replace_latest and len(self._samples) > 1:
+            self._samples.pop()
         self._samples.append((t, totals))
         while len(self._samples) > 2 and t - self._samples[1][0] >= self.keep:
             self._samples.popleft()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshnode.histogram import CONNECT_BUCKETS, Histogram, quantile
+from meshnode.model import HostPort, OrigDstAddr
 from meshnode.proxy.accesslog import AccessLog
 from meshnode.proxy.stats import PairStats, WorkerStats
+from meshnode.proxy.telemetry import ConnInfo
 from meshnode.telemetry.aggregate import Accumulator, Totals
 from meshnode.telemetry.history import History
 from meshnode.telemetry.metrics import MeshCollector, Snapshot
@@ -138,13 +141,37 @@ def test_access_log_batches_samples_and_follows_rotation(tmp_path: Path) -> None
         wanted = sum(log.wants() for _ in range(1000))
         assert 400 < wanted < 600
         full = AccessLog(str(path))
-        full.write({"n": 1})
+        full.write('{"n":1}')
         assert not path.exists() or path.read_text() == ""  # batched, not written yet
         await asyncio.sleep(0.3)
         assert json.loads(path.read_text()) == {"n": 1}
         path.rename(tmp_path / "access.log.1")  # logrotate moved it away
-        full.write({"n": 2})
+        full.write('{"n":2}')
         full.close()
         assert json.loads(path.read_text()) == {"n": 2}
 
     asyncio.run(run())
+
+
+class _Ended:
+    bytes_up, bytes_down, outcome = 120, 3400, "ok"
+
+
+@pytest.mark.parametrize("served", [True, False])
+def test_access_log_line_is_the_close_event_as_json(served: bool) -> None:
+    info = ConnInfo(100.0, ("127.0.0.1", 40000))
+    info.wall0 = 1_764_000_000.9996  # the milliseconds must not round up into the next second
+    info.orig_dst = OrigDstAddr(IPv4Address("127.240.0.1"), 80)
+    info.src, info.pid = "web", 4242
+    if served:
+        info.service, info.endpoint, info.connect_s = "api", HostPort.parse("127.0.0.1:8001"), \
+            0.00123
+        info.attempts = 1
+    event = info.event("close", _Ended(), 3, 100.25)  # type: ignore[arg-type]
+    line = info.log_line(_Ended(), 3, 100.25)  # type: ignore[arg-type]
+    assert json.loads(line) == {k: v for k, v in event.items() if k not in ("t", "event")}
+    assert list(json.loads(line)) == [k for k in event if k not in ("t", "event")]
+    assert event["start"] == "2025-11-24T16:00:00.999Z" and event["duration_ms"] == 250.0
+    assert event["end"] == "2025-11-24T16:00:01.249Z"
+    assert (event["dst"], event["endpoint"]) == (("api", "127.0.0.1:8001") if served
+                                                 else (None, None))
