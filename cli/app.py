@@ -14,9 +14,10 @@ import logging
 import os
 import shutil
 import sys
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
+from meshnode.cli.failure import fail
 from meshnode.cli.options import Instance, OutputOpt
 from meshnode.cli.options import client as _client
 from meshnode.cli.output import Output, emit_json, status_text
@@ -81,17 +82,19 @@ def agent(
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Run the host agent (root): capture, proxy workers, registry, control socket."""
-    from meshnode.agent.host_agent import run_agent
-
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_agent(AgentConfig(instance=instance, capture=capture, workers=workers, netns=netns,
+    if log_level.upper() not in logging.getLevelNamesMapping():
+        raise UsageError(f"unknown log level {log_level!r}", "use debug, info or warning")
+    cfg = AgentConfig(instance=instance, capture=capture, workers=workers, netns=netns,
                           host_address=host_address, outbound_port=outbound_port,
                           restart_backoff=restart_backoff, drain_grace=drain_grace,
                           registry=registry, registry_ttl=registry_ttl, node=node, zone=zone,
                           dns_port=dns_port, dns_suffix=dns_suffix,
                           dns_upstreams=tuple(dns_upstream or ()), admin_port=admin_port,
-                          access_log=access_log, access_log_sample=access_log_sample))
+                          access_log=access_log, access_log_sample=access_log_sample)
+    # the agent itself runs without the typer app loaded (cli/agent_main.py says why)
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "meshnode.cli.agent_main",
+                              f"--log-level={log_level}", *cfg.to_argv()])
 
 
 @app.command()
@@ -236,20 +239,12 @@ def demo(instance: Instance = "default",
     run_demo(instance_name(instance), calls)
 
 
-def _fail(err: MeshnodeError) -> NoReturn:
-    msg = f"meshnode: error: {err.message}"
-    if err.hint:
-        msg += f" (hint: {err.hint})"
-    typer.echo(msg, err=True)
-    sys.exit(err.exit_code)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: the one place that prints errors and picks exit codes."""
     try:
         app(args=argv)
     except MeshnodeError as err:
-        _fail(err)
+        fail(err)
     except SystemExit as exc:
         # click reports bad arguments with exit 2; meshnode uses sysexits (EX_USAGE)
         sys.exit(64 if exc.code == 2 else exc.code)

@@ -11,9 +11,10 @@ import argparse
 import os
 import re
 import socket
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import get_type_hints
+from typing import Any, get_type_hints
 
 from meshnode import constants as C
 from meshnode.errors import ConfigError, UsageError
@@ -63,18 +64,43 @@ class WorkerConfig:
     access_log_sample: float = 1.0
 
     def to_argv(self) -> list[str]:
-        return [f"--{f.name.replace('_', '-')}={getattr(self, f.name)}"
-                for f in fields(self) if getattr(self, f.name) is not None]
+        return _to_argv(self)
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> WorkerConfig:
-        # the parser is derived from the fields, so a new setting cannot be half-wired
-        p = argparse.ArgumentParser(prog="meshnode-proxy")
-        hints = get_type_hints(cls)
-        for f in fields(cls):
-            kind = {int: int, float: float}.get(hints[f.name], str)
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
-        return cls(**vars(p.parse_args(argv)))
+        return cls(**_from_argv(cls, "meshnode-proxy", argv))
+
+
+# Configs that travel as argv (a worker's, and the agent's from the CLI to its lean entry
+# point): the parser is derived from the fields, so a new setting cannot be half-wired.
+# Tuples travel comma-joined; None stays the default.
+def _to_argv(config: object) -> list[str]:
+    out = []
+    for f in fields(config):  # type: ignore[arg-type]
+        v = getattr(config, f.name)
+        if v is not None:
+            out.append(f"--{f.name.replace('_', '-')}="
+                       + (",".join(map(str, v)) if isinstance(v, tuple) else str(v)))
+    return out
+
+
+def _from_argv(cls: type, prog: str, argv: list[str]) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog=prog)
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        hint = hints[f.name]
+        kind: Callable[[str], object] = {int: int, float: float}.get(hint, str)
+        if hint in (Path, Path | None):
+            kind = Path
+        elif getattr(hint, "__origin__", None) is tuple:
+            kind = _comma_tuple
+        default = f.default_factory() if f.default is MISSING else f.default  # type: ignore[operator]
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default)
+    return vars(p.parse_args(argv))
+
+
+def _comma_tuple(raw: str) -> tuple[str, ...]:
+    return tuple(x for x in raw.split(",") if x)
 
 
 @dataclass(frozen=True)
@@ -160,6 +186,13 @@ class AgentConfig:
     @property
     def cgroup_name(self) -> str:
         return f"meshnode{self.suffix}.slice"
+
+    def to_argv(self) -> list[str]:
+        return _to_argv(self)
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> AgentConfig:
+        return cls(**_from_argv(cls, "meshnode-agent", argv))
 
     def worker(self, worker_id: int, control_fd: int) -> WorkerConfig:
         return WorkerConfig(worker_id=worker_id, listen_host=C.PROXY_ADDR,

@@ -41,3 +41,13 @@ def test_run_unknown_command_is_refused_before_enrolling(tmp_path: Path) -> None
 def test_version(tmp_path: Path) -> None:
     r = meshnode("--version", tmp=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("meshnode ")
+
+
+def test_agent_config_travels_as_argv_to_the_lean_entry_point() -> None:
+    from meshnode.config import AgentConfig
+
+    cfg = AgentConfig(instance="x1", workers=3, netns="ns",
+                      dns_upstreams=("192.0.2.1", "10.0.0.2:53"), state_dir=Path("/tmp/s"),
+                      access_log="-", access_log_sample=0.25)
+    assert AgentConfig.from_argv(cfg.to_argv()) == cfg
+    assert AgentConfig.from_argv([]) == AgentConfig()
