@@ -63,9 +63,15 @@ class FakeUpstream:
             def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
                 on_datagram(data, addr)
 
-        self._udp, _ = await loop.create_datagram_endpoint(Proto, local_addr=(LOCAL, 0))
-        self.port = int(self._udp.get_extra_info("sockname")[1])
-        self._tcp = await asyncio.start_server(self._serve_tcp, LOCAL, self.port)
+        for _ in range(20):  # a port free for UDP may be taken for TCP: try another
+            self._udp, _ = await loop.create_datagram_endpoint(Proto, local_addr=(LOCAL, 0))
+            self.port = int(self._udp.get_extra_info("sockname")[1])
+            try:
+                self._tcp = await asyncio.start_server(self._serve_tcp, LOCAL, self.port)
+                return
+            except OSError:
+                self._udp.close()
+        raise OSError("no port free for both UDP and TCP")
 
     async def _serve_tcp(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Address
-from typing import cast
+from typing import NoReturn, cast
 
 from dnslib import (
     CLASS,
@@ -57,6 +57,7 @@ UDP_EDNS_LIMIT = 1232  # what we advertise and cap EDNS clients at (DNS flag day
 MAX_INFLIGHT = 512  # forwards at once; beyond that, SERVFAIL at once instead of queueing
 MAX_TCP_CONNECTIONS = 128
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may stay silent between queries
+_PORT_ATTEMPTS = 20  # port 0: tries to find a port free for both UDP and TCP
 _LENGTH = struct.Struct("!H")
 _CLASS_ANY = 255  # dnslib names it "*", which is no attribute
 _SUFFIX_RE = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*"
@@ -269,27 +270,36 @@ class MeshDns:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind UDP, then TCP on the same port. All or nothing."""
+        """Bind UDP, then TCP on the same port. All or nothing. Port 0 (tests): the kernel
+        picks a UDP port whose TCP twin may be taken; then another is tried."""
         loop = asyncio.get_running_loop()
-        try:
-            transport, proto = await loop.create_datagram_endpoint(
-                lambda: _UdpServer(self), local_addr=(self.host, self.port))
-            self._udp = proto
-            self.port = int(transport.get_extra_info("sockname")[1])
-            self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port,
-                                                   reuse_address=True)
-        except OSError as exc:
-            await self.stop()
-            where = f"{self.host}:{self.port}"
-            if exc.errno == errno.EADDRINUSE:
-                raise ConflictError(f"DNS address {where} is in use",
-                                    "stop what listens there, or choose --dns-port") from exc
-            raise KernelError(f"cannot serve DNS on {where}: {exc.strerror}",
-                              "check the address and --dns-port", errno=exc.errno) from exc
+        any_port = self.port == 0
+        for attempt in range(_PORT_ATTEMPTS if any_port else 1):
+            try:
+                transport, proto = await loop.create_datagram_endpoint(
+                    lambda: _UdpServer(self), local_addr=(self.host, 0 if any_port else self.port))
+                self._udp = proto
+                self.port = int(transport.get_extra_info("sockname")[1])
+                self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port,
+                                                       reuse_address=True)
+                break
+            except OSError as exc:
+                await self.stop()
+                if any_port and exc.errno == errno.EADDRINUSE and attempt + 1 < _PORT_ATTEMPTS:
+                    continue
+                self._start_failed(exc)
         if not self.upstreams:
             log.warning("no DNS upstreams: names outside .%s get SERVFAIL", self.zone.suffix)
         log.info("DNS on %s:%d for .%s, upstreams %s", self.host, self.port, self.zone.suffix,
                  ", ".join(map(str, self.upstreams)) or "none")
+
+    def _start_failed(self, exc: OSError) -> NoReturn:
+        where = f"{self.host}:{self.port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise ConflictError(f"DNS address {where} is in use",
+                                "stop what listens there, or choose --dns-port") from exc
+        raise KernelError(f"cannot serve DNS on {where}: {exc.strerror}",
+                          "check the address and --dns-port", errno=exc.errno) from exc
 
     async def stop(self) -> None:
         """Stop listening, end TCP clients and in-flight forwards."""

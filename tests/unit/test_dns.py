@@ -469,7 +469,15 @@ def _server_answers(port: int) -> bool:
 
 @pytest.fixture
 def names_port() -> int:
-    return dead_udp_port()  # free now; only this test binds it
+    for _ in range(20):  # free now for both UDP and TCP; only this test binds it
+        port = dead_udp_port()
+        with socket.socket() as s:
+            try:
+                s.bind((LOCAL, port))
+            except OSError:
+                continue
+        return port
+    raise OSError("no port free for both UDP and TCP")
 
 
 def test_names_redirect_only_while_the_server_answers(names_port: int) -> None:
