@@ -3,6 +3,8 @@
 #   ./setup.sh          install system packages, kernel headers, bpffs, venv + meshnode
 #   ./setup.sh demo     ... then start an agent and run the demo
 #   ./setup.sh test     ... with test tools, then run the whole test suite
+#   ./setup.sh bench    ... with HAProxy, nginx, wrk and matplotlib, then the benchmarks
+#                       (arguments go to `python -m tests.bench`, e.g. --quick)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -23,6 +25,9 @@ pkgs=(python3-bpfcc python3-venv python3-dev iptables bpftool linux-headers-amd6
 [ "$mode" = test ] && pkgs+=(etcd-server etcd-client)
 # ... and render the dashboard in headless Chromium (fonts for readable screenshots)
 [ "$mode" = test ] && pkgs+=(chromium fonts-dejavu-core)
+# the benchmarks compare against HAProxy and nginx (stream is a module in Debian 12), load HTTP
+# with wrk and chart with matplotlib
+[ "$mode" = bench ] && pkgs+=(haproxy nginx libnginx-mod-stream wrk python3-matplotlib)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -36,6 +41,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [[ " ${missing[*]} " == *" etcd-server "* ]]; then
     systemctl disable --now etcd.service >/dev/null 2>&1 || true
   fi
+  # Likewise nginx (port 80 on every address) and HAProxy: the benchmarks start their own.
+  for svc in nginx haproxy; do
+    if [[ " ${missing[*]} " == *" $svc "* ]]; then
+      systemctl disable --now "$svc.service" >/dev/null 2>&1 || true
+    fi
+  done
 fi
 
 # 2. Kernel headers for bcc: a kernel without its own build tree gets Debian's headers
@@ -85,5 +96,9 @@ case "$mode" in
     "$venv/bin/lint-imports" --no-cache >/dev/null || "$venv/bin/lint-imports" --no-cache
     log "tests: unit (no root) and integration (root, real BPF and iptables, both backends)"
     exec "$venv/bin/python" -m pytest "$@";;
-  *) log "unknown mode '$mode' (install, demo or test)"; exit 64;;
+  bench)
+    cd "$here"
+    log "benchmarks: direct, meshnode (eBPF, iptables, explicit), HAProxy, nginx"
+    exec "$venv/bin/python" -m tests.bench "$@";;
+  *) log "unknown mode '$mode' (install, demo, test or bench)"; exit 64;;
 esac
