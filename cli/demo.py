@@ -22,9 +22,8 @@ from typing import Any
 
 import typer
 from meshnode.cli.observe import stat_text
+from meshnode.cli.options import client as agent_client
 
-from meshnode.agent.client import AgentClient
-from meshnode.config import control_socket_path
 from meshnode.errors import AgentNotRunningError, TemporaryError
 
 SERVICE, CLIENT = "demo", "demo-client"
@@ -52,7 +51,7 @@ def _free_port() -> int:
 
 
 def run_demo(instance: str, calls: int) -> None:
-    client = AgentClient(control_socket_path(instance))
+    client = agent_client(instance)
     procs: list[subprocess.Popen[bytes]] = []
     agent: subprocess.Popen[bytes] | None = None
     log_path = Path(f"/tmp/meshnode-demo-agent-{instance}.log")

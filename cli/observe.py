@@ -91,20 +91,15 @@ def tap(service: Annotated[str, typer.Argument(
                                                      "Ctrl-C)")] = 0.0,
         instance: Instance = "default", output: OutputOpt = Output.table) -> None:
     """A live stream of connection events (open and close) for a service."""
-    deadline = time.monotonic() + duration if duration else None
-    stream = client(instance).stream("tap", timeout=duration or None, service=service,
-                                     src=from_, dst=to, failed_only=failed)
-    n = 0
+    stream = client(instance).stream(
+        "tap", deadline=time.monotonic() + duration if duration else None, service=service,
+        src=from_, dst=to, failed_only=failed)
     try:
-        for event in stream:
+        for n, event in enumerate(stream, 1):
             typer.echo(json.dumps(event, sort_keys=True) if output is Output.json
                        else tap_line(event))
-            n += 1
-            if (max_events and n >= max_events) or \
-                    (deadline is not None and time.monotonic() >= deadline):
+            if n == max_events:
                 break
-    except TimeoutError:
-        pass  # --duration ran out while no event came
     finally:
         stream.close()
 

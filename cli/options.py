@@ -18,15 +18,14 @@ Instance = Annotated[str, typer.Option("--instance", envvar="MESHNODE_INSTANCE",
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
 
 
-def client(instance: str) -> AgentClient:
-    return AgentClient(control_socket_path(instance_name(instance)))
+def client(instance: str, timeout: float = 30.0) -> AgentClient:
+    return AgentClient(control_socket_path(instance_name(instance)), timeout)
 
 
 def complete_service(incomplete: str) -> list[str]:
     """Shell completion of service names, from the running agent (none when it is down)."""
     try:
-        status = AgentClient(control_socket_path(instance_name(
-            os.environ.get("MESHNODE_INSTANCE", "default"))), timeout=2).call("status")
+        status = client(os.environ.get("MESHNODE_INSTANCE", "default"), 2.0).call("status")
     except Exception:  # completion must never print a traceback into the shell
         return []
     return [s["name"] for s in status["services"] if s["name"].startswith(incomplete)]

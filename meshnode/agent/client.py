@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,10 @@ class AgentClient:
             raise PermissionError_(f"cannot open the control socket {self.path}") from None
         return sock
 
-    def stream(self, op: str, timeout: float | None = None, **args: Any) -> Iterator[Any]:
+    def stream(self, op: str, deadline: float | None = None, **args: Any) -> Iterator[Any]:
         """A streaming operation's items, until the caller stops iterating (that closes the
-        connection, which ends the stream in the agent). `timeout`: longest wait for one
-        item (None: forever); raises TimeoutError."""
+        connection, which ends the stream in the agent) or `deadline` (time.monotonic) passes:
+        then the items simply end."""
         sock = self._connect()
         try:
             sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
@@ -44,8 +45,20 @@ class AgentClient:
                     raise from_wire(first["error"])
                 raise AgentNotRunningError("the agent closed the control connection",
                                            "check the agent log")
-            sock.settimeout(timeout)
-            for line in lines:
+            while True:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    sock.settimeout(left)
+                else:
+                    sock.settimeout(None)
+                try:
+                    line = lines.readline()
+                except TimeoutError:
+                    return
+                if not line:
+                    return  # the agent went away
                 yield json.loads(line)["event"]
         finally:
             sock.close()

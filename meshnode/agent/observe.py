@@ -77,9 +77,9 @@ class Telemetry:
             assert self.agent.workers is not None
             totals = self.acc.update(await self.agent.workers.stats())
             now = time.monotonic()
-            self.history.add(time.time(), totals,
-                             replace_latest=now - self._sampled_at < SAMPLE_INTERVAL / 2)
-            if not now - self._sampled_at < SAMPLE_INTERVAL / 2:
+            soon_after = now - self._sampled_at < SAMPLE_INTERVAL / 2
+            self.history.add(time.time(), totals, replace_latest=soon_after)
+            if not soon_after:
                 self._sampled_at = now
             return totals
 

@@ -34,6 +34,7 @@ from meshnode.proxy.stats import PairStats
 
 if TYPE_CHECKING:
     from meshnode.balance import Balancer, EndpointLoad
+    from meshnode.proxy.telemetry import ConnInfo
 
 __all__ = ["BUFFER_SIZE", "BufferPool", "Relay", "RelayRegistry", "reset"]
 
@@ -228,7 +229,7 @@ class Relay:
         self.outcome = "ok"
         # The worker's record of this connection (source, destination, endpoint, times) for
         # telemetry; the relay only carries it to RelayRegistry.on_finish.
-        self.info: object = None
+        self.info: ConnInfo | None = None
 
     def hold(self, balancer: Balancer, token: EndpointLoad) -> None:
         """The upstream connection counts as in flight on `token` until the relay ends."""

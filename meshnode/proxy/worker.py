@@ -196,21 +196,18 @@ class ProxyWorker:
             return
         src = info.src = self.sources.source(origin, peer)
         route = self.table.route(dst, _client_key(peer))
-        if isinstance(route, ToService):
+        if isinstance(route, ToService | NoEndpoint):
             info.service = route.service
             stats = self.stats.pair(src, route.service)
             stats.connections += 1
             relay.assign(stats)
-            relay.connect_task = asyncio.get_running_loop().create_task(
-                self._connect(relay, route.attempts, stats, route.balancer, route.outlier))
-        elif isinstance(route, NoEndpoint):
-            info.service = route.service
-            stats = self.stats.pair(src, route.service)
-            stats.connections += 1
-            stats.fail("no_endpoint")
-            relay.assign(stats)
-            relay.outcome = "no_endpoint"
-            relay.reset()
+            if isinstance(route, ToService):
+                relay.connect_task = asyncio.get_running_loop().create_task(
+                    self._connect(relay, route.attempts, stats, route.balancer, route.outlier))
+            else:
+                stats.fail("no_endpoint")
+                relay.outcome = "no_endpoint"
+                relay.reset()
         else:
             self.stats.unrouted += 1
             relay.connect_task = asyncio.get_running_loop().create_task(
@@ -225,7 +222,7 @@ class ProxyWorker:
         loop = asyncio.get_running_loop()
         timeout, clock = self.config.connect_timeout, self.clock
         info = relay.info
-        assert isinstance(info, ConnInfo)
+        assert info is not None  # set by _accepted before any connect
         reason = "error"
         for ep in attempts:
             token = balancer.on_start(ep) if balancer is not None else None
@@ -279,7 +276,7 @@ class ProxyWorker:
     def _finished(self, relay: Relay) -> None:
         """A relay ended: its duration, and its access log line and tap event."""
         info = relay.info
-        if not isinstance(info, ConnInfo):
+        if info is None:
             return
         now = self.clock()
         relay.stats.duration.observe(now - info.t0)

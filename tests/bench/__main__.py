@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.now(UTC)
     version = report.source_version(REPO)
     head = (f"meshnode bench ({plan.mode}): {len(ALL_CPUS)} CPUs, Linux {platform.release()}, "
-            f"{version.get('commit', 'unknown commit')[:12]}; median of {plan.reps}; "
+            f"{version.get('commit', 'unknown commit')}; median of {plan.reps}; "
             f"bulk {plan.bulk_bytes >> 20} MiB each way; one worker per proxy; {wall:.0f}s")
     stem = args.out / f"bench-{now:%Y%m%d-%H%M%S}-{plan.mode}"
     report.write_json(stem.with_suffix(".json"), {

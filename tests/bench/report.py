@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,23 +127,13 @@ def targets_line(ts: list[Target]) -> str:
 
 
 def source_version(repo: Path) -> dict[str, str]:
-    """The checked-out commit, read from .git's files (no git process is started)."""
-    git = repo / ".git"
+    """The checked-out commit (and whether the tree had changes), or {} outside a git clone."""
     try:
-        if git.is_file():  # a worktree: "gitdir: PATH"
-            git = (repo / git.read_text().split(":", 1)[1].strip()).resolve()
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return {"commit": head}
-        ref = head[5:]
-        if (git / ref).exists():
-            return {"ref": ref, "commit": (git / ref).read_text().strip()}
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return {"ref": ref, "commit": line.split()[0]}
-        return {"ref": ref}
-    except OSError:
+        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
         return {}
+    return {"commit": out.strip()}
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:

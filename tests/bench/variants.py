@@ -13,7 +13,6 @@ import contextlib
 import resource
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ import psutil
 
 from tests.bench.client import Client, ClientError
 from tests.bench.procs import listens, stop_tree
-from tests.harness import Host
+from tests.harness import Host, wait_for
 
 LOOPBACK = "127.0.0.1"
 BACKEND_PORT = 9000
@@ -101,17 +100,14 @@ def _namespace(h: Host, tmp: Path, service: str | None, name: str) -> Namespace:
 def wait_ready(client: Client, host: str, port: int, pids: Sequence[int] = (),
                timeout: float = 20.0) -> None:
     """Until a 1-byte exchange through the middle works and each of `pids` listens."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def ready() -> bool:
         try:
             client.ask("check", host=host, port=port, timeout=10)
-            if all(listens(pid, port) for pid in pids):
-                return
         except ClientError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{host}:{port} not answering after {timeout:.0f}s")
-        time.sleep(0.05)
+            return False
+        return all(listens(pid, port) for pid in pids)
+
+    wait_for(f"{host}:{port} to answer", ready, timeout)
 
 
 @contextlib.contextmanager
@@ -231,11 +227,12 @@ def nginx(ns: Namespace, mode: str) -> Iterator[Variant]:
     proc = ns.spawn(["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c",
                      str(d / "nginx.conf"), "-g", "daemon off;"], f"nginx-{mode}.log")
     try:
-        deadline = time.monotonic() + 10
-        while not (workers := psutil.Process(proc.pid).children()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nginx {mode} did not start: see {d}/error.log")
-            time.sleep(0.05)
+        def started() -> list[psutil.Process]:
+            if proc.poll() is not None:
+                raise RuntimeError(f"nginx {mode} exited: see {d}/error.log")
+            return psutil.Process(proc.pid).children()
+
+        workers = wait_for(f"nginx {mode} workers (log: {d}/error.log)", started, 10)
         if mode == "stream":
             wait_ready(ns.client, LOOPBACK, port, [proc.pid])
         yield Variant(f"nginx-{mode}", ns.client, (LOOPBACK, port) if mode == "stream" else None,
