@@ -196,8 +196,10 @@ class EnrollmentManager:
             self._close_pidfd(e.pid)
         self._save()
 
-    async def scan_one(self, e: Enrollment) -> None:
-        ports = await asyncio.to_thread(process.listening, e.pid, self.host_address)
+    async def scan_one(self, e: Enrollment, listeners: process.Listeners | None = None) -> None:
+        if listeners is None:
+            listeners = await asyncio.to_thread(process.tcp_listeners)
+        ports = await asyncio.to_thread(process.listening, e.pid, self.host_address, listeners)
         if ports == e.ports or self.by_pid.get(e.pid) is not e:
             return
         added, removed = ports - e.ports, e.ports - ports
@@ -215,11 +217,14 @@ class EnrollmentManager:
         self._save()
 
     async def scan(self) -> None:
+        if not self.by_pid:
+            return
+        listeners = await asyncio.to_thread(process.tcp_listeners)  # once for every process
         for e in list(self.by_pid.values()):
             if not process.ProcessId(e.pid, e.start_time).alive():
                 await self._forget_and_save(e)
             else:
-                await self.scan_one(e)
+                await self.scan_one(e, listeners)
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"pid": e.pid, "service": e.service,

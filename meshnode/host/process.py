@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address
 
 import psutil
 
-from meshnode.errors import NotFoundError, UsageError
+from meshnode.errors import NotFoundError, UnavailableError, UsageError
 from meshnode.model import HostPort
+from meshnode.sockdiag import Address, SockDiag
 
 _PF_KTHREAD = 0x00200000  # include/linux/sched.h
 
@@ -67,8 +68,7 @@ def tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def _endpoint_ip(ip: str, host_address: IPv4Address) -> IPv4Address | None:
-    addr = ip_address(ip.split("%")[0])
+def _endpoint_ip(addr: Address, host_address: IPv4Address) -> IPv4Address | None:
     if addr.is_unspecified:
         return host_address
     if isinstance(addr, IPv6Address):
@@ -76,21 +76,50 @@ def _endpoint_ip(ip: str, host_address: IPv4Address) -> IPv4Address | None:
     return addr
 
 
-def listening(pid: int, host_address: IPv4Address) -> set[HostPort]:
-    """The TCP addresses the process and its descendants listen on, as IPv4 endpoints
-    (wildcard listeners are reachable at the host's address)."""
-    found: set[HostPort] = set()
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets the process tree of `pid` holds open."""
+    inodes: set[int] = set()
     for p in tree(pid):
+        fds = f"/proc/{p.pid}/fd"
         try:
-            conns = p.net_connections(kind="tcp")
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-        for c in conns:
-            if c.status != psutil.CONN_LISTEN or not c.laddr:
-                continue
-            ip = _endpoint_ip(c.laddr.ip, host_address)
-            if ip is not None:
-                found.add(HostPort(ip, c.laddr.port))
+            names = os.listdir(fds)
+        except OSError:
+            continue  # gone, or a zombie
+        for name in names:
+            try:
+                link = os.readlink(f"{fds}/{name}")
+            except OSError:
+                continue  # closed meanwhile
+            if link.startswith("socket:["):
+                inodes.add(int(link[8:-1]))
+    return inodes
+
+
+Listeners = dict[int, tuple[Address, int]]
+
+
+def tcp_listeners() -> Listeners:
+    """This network namespace's listening TCP sockets, by inode (one sock_diag dump)."""
+    diag = SockDiag()
+    try:
+        return diag.tcp_listeners()
+    except OSError as exc:
+        raise UnavailableError(f"cannot list listening sockets through sock_diag: {exc}",
+                               "load the kernel's socket diagnostics: modprobe tcp_diag") from exc
+    finally:
+        diag.close()
+
+
+def listening(pid: int, host_address: IPv4Address, listeners: Listeners) -> set[HostPort]:
+    """The TCP addresses the process and its descendants listen on, as IPv4 endpoints
+    (wildcard listeners are reachable at the host's address). `listeners` is the namespace's
+    listening sockets by inode (`SockDiag.tcp_listeners`), read once per scan."""
+    found: set[HostPort] = set()
+    for inode in socket_inodes(pid) & listeners.keys():
+        addr, port = listeners[inode]
+        ip = _endpoint_ip(addr, host_address)
+        if ip is not None:
+            found.add(HostPort(ip, port))
     return found
 
 

@@ -8,7 +8,7 @@ the explicit (non-transparent) listener mode, where every client of the listener
 destination.
 
 The eBPF answer also names the client (its cgroup id and process id, in sockaddr_in's padding);
-conntrack's answer leaves them 0, and the worker asks sock_diag instead (sockdiag.py).
+conntrack's answer leaves them 0, and the worker asks sock_diag instead (meshnode/sockdiag.py).
 
 Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/bpf/host.
 """

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from meshnode.model import HostPort, OrigDstAddr
 from meshnode.proxy.origdst import Origin
-from meshnode.proxy.sockdiag import SockDiag
 from meshnode.proxy.stats import UNKNOWN_SOURCE
+from meshnode.sockdiag import SockDiag
 
 if TYPE_CHECKING:
     from meshnode.proxy.relay import Relay

@@ -10,16 +10,20 @@ Every proxy gets one worker process/thread; `meshnode_explicit(workers=k)` is fo
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from meshnode.model import Endpoint, HostPort, Reset, ServiceSpec, update_to_wire
 from tests.bench.client import Client, ClientError
 from tests.bench.procs import listens, stop_tree
 from tests.harness import Host, wait_for
@@ -126,15 +130,36 @@ def direct(ns: Namespace) -> Iterator[Variant]:
                   f"http://{LOOPBACK}:{BACKEND_PORT}/", backend_pid=ns.backend_pid)
 
 
+# The explicit proxy routes to a service like the captured ones: its fixed "original
+# destination" is that service's VIP, so each connection takes the same path (service rule,
+# balancer, per-pair counters) and the difference to mn-ebpf is the capture alone.
+EXPLICIT_VIP = IPv4Address("127.240.0.1")
+
+
+def _backend_service() -> bytes:
+    """The control message a worker's agent would send for the backend service."""
+    spec = ServiceSpec("backend", 1, EXPLICIT_VIP, BACKEND_PORT)
+    ep = Endpoint(HostPort(IPv4Address(LOOPBACK), BACKEND_PORT))
+    return json.dumps(update_to_wire(Reset(spec, (ep,)))).encode() + b"\n"
+
+
 @contextlib.contextmanager
 def meshnode_explicit(ns: Namespace, workers: int = 1) -> Iterator[Variant]:
+    """Standalone workers, each told of the backend service over its control channel, as the
+    agent does; the channel stays open for the variant's life (a worker drains when it
+    closes)."""
     port = EXPLICIT_PORT + workers
-    procs = [ns.spawn([sys.executable, "-m", "meshnode.proxy.worker", f"--worker-id={i}",
-                       f"--listen-port={port}", "--mark=0",
-                       f"--explicit-target={LOOPBACK}:{BACKEND_PORT}", "--access-log=",
-                       "--drain-grace=1"], f"explicit-w{workers}.log")
-             for i in range(workers)]
+    channels = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(workers)]
+    procs = []
     try:
+        for i, (ours, theirs) in enumerate(channels):
+            procs.append(ns.spawn(
+                [sys.executable, "-m", "meshnode.proxy.worker", f"--worker-id={i}",
+                 f"--listen-port={port}", "--mark=0", f"--control-fd={theirs.fileno()}",
+                 f"--explicit-target={EXPLICIT_VIP}:{BACKEND_PORT}", "--access-log=",
+                 "--drain-grace=1"], f"explicit-w{workers}.log", pass_fds=(theirs.fileno(),)))
+            theirs.close()
+            ours.sendall(_backend_service())
         pids = [p.pid for p in procs]
         wait_ready(ns.client, LOOPBACK, port, pids)
         name = "mn-explicit" if workers == 1 else f"mn-explicit-w{workers}"
@@ -143,6 +168,9 @@ def meshnode_explicit(ns: Namespace, workers: int = 1) -> Iterator[Variant]:
     finally:
         for p in procs:
             stop_tree(p)
+        for ours, theirs in channels:
+            ours.close()
+            theirs.close()
 
 
 HAPROXY_CFG = """\
