@@ -37,13 +37,12 @@ class DirectDialer:
         self.mark = mark
 
     async def dial(self, ep: Endpoint, timeout: float) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # Non-blocking from birth (no FIONBIO call); uvloop sets TCP_NODELAY when it wraps it.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            sock.setblocking(False)
             if self.mark:
                 # Before connect: the capture hooks look at the mark when connect() runs.
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = sock.connect_ex(ep.addr.pair())
             if err == errno.EINPROGRESS:
                 try:

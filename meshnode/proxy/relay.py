@@ -128,10 +128,10 @@ class _Side(asyncio.BufferedProtocol):
         out = self.out
         if out is None:
             return True  # upstream not connected yet: Relay.start passes the EOF on
-        if not out.is_closing():
-            out.write_eof()  # half-close: the other direction keeps flowing
         if self.peer.read_eof:
-            self.relay.close()  # both directions finished
+            self.relay.close()  # both directions finished: close sends the last FIN itself
+        elif not out.is_closing():
+            out.write_eof()  # half-close: the other direction keeps flowing
         return True  # keep the transport: we still write the other direction to it
 
     def connection_lost(self, exc: Exception | None) -> None:

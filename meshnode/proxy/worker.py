@@ -37,7 +37,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -134,6 +134,8 @@ class ProxyWorker:
         self.access = (AccessLog(config.access_log, config.access_log_sample)
                        if config.access_log else None)
         self._control: ControlChannel | None = None
+        # Kept, not asked for per connection: asyncio.get_running_loop() costs a getpid(2).
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._force = False
         self._own = _own_addresses(config.listen_host, config.listen_port)
@@ -202,7 +204,7 @@ class ProxyWorker:
             stats.connections += 1
             relay.assign(stats)
             if isinstance(route, ToService):
-                relay.connect_task = asyncio.get_running_loop().create_task(
+                relay.connect_task = self._spawn(
                     self._connect(relay, route.attempts, stats, route.balancer, route.outlier))
             else:
                 stats.fail("no_endpoint")
@@ -210,8 +212,12 @@ class ProxyWorker:
                 relay.reset()
         else:
             self.stats.unrouted += 1
-            relay.connect_task = asyncio.get_running_loop().create_task(
+            relay.connect_task = self._spawn(
                 self._connect(relay, (Endpoint(route.dst),), self.stats.passthrough))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        assert self._loop is not None  # connections arrive only while run() runs the loop
+        return self._loop.create_task(coro)
 
     async def _connect(self, relay: Relay, attempts: Sequence[Endpoint], stats: PairStats,
                        balancer: Balancer | None = None,
@@ -219,7 +225,8 @@ class ProxyWorker:
         """Try each endpoint in turn; the first that answers becomes the relay's upstream.
         Each attempt is reported to the balancer (in-flight, latency) and the outlier detector
         (consecutive failures); passthrough connections have neither."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        assert loop is not None
         timeout, clock = self.config.connect_timeout, self.clock
         info = relay.info
         assert info is not None  # set by _accepted before any connect
@@ -303,7 +310,7 @@ class ProxyWorker:
             self.registry.sweep(idle)
 
     async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         if self.config.control_fd >= 0:
             self._control = await open_control(self.config.control_fd, self)

@@ -203,8 +203,8 @@ def test_half_close_client_first() -> None:
     h.down(b"response")
     assert h.ct.written == b"response"
     assert h.relay.upstream.eof_received() is True
-    assert h.ct.eof_written
-    assert h.ct.closed and h.ut.closed  # both directions done: close both
+    # both directions done: close both; close() is the client's FIN (no shutdown call first)
+    assert h.ct.closed and h.ut.closed and not (h.ct.aborted or h.ut.aborted)
 
 
 def test_half_close_upstream_first() -> None:
@@ -214,7 +214,7 @@ def test_half_close_upstream_first() -> None:
     h.up(b"late bytes")
     assert h.ut.written == b"late bytes"
     h.relay.client.eof_received()
-    assert h.ut.eof_written and h.ct.closed and h.ut.closed
+    assert h.ct.closed and h.ut.closed and not (h.ct.aborted or h.ut.aborted)
 
 
 def test_clean_close_finishes_the_relay() -> None:
