@@ -34,10 +34,15 @@ class Enrollment:
     service: str
     origin_cgroup: str  # where it came from: unenroll and agent stop move it back there
     ports: set[HostPort] = field(default_factory=set)
+    # Whether this agent has registered `ports` itself. Not saved: after a restart the old
+    # agent's registrations may be gone (lease revoked or expired), so the first scan of a
+    # re-adopted process registers all its ports again, under the new agent's lease.
+    registered: bool = field(default=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["ports"] = sorted(str(p) for p in self.ports)
+        del d["registered"]
         return d
 
     @classmethod
@@ -200,9 +205,10 @@ class EnrollmentManager:
         if listeners is None:
             listeners = await asyncio.to_thread(process.tcp_listeners)
         ports = await asyncio.to_thread(process.listening, e.pid, self.host_address, listeners)
-        if ports == e.ports or self.by_pid.get(e.pid) is not e:
+        if (ports == e.ports and e.registered) or self.by_pid.get(e.pid) is not e:
             return
-        added, removed = ports - e.ports, e.ports - ports
+        added = ports - e.ports if e.registered else ports
+        removed = e.ports - ports
         if removed:
             await self.registry.remove_endpoints(e.service, removed)
         if added:
@@ -214,6 +220,7 @@ class EnrollmentManager:
                 log.warning("PID %d: %s", e.pid, exc)
                 added = set()
         e.ports = (e.ports - removed) | added
+        e.registered = True
         self._save()
 
     async def scan(self) -> None:

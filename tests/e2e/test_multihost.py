@@ -96,6 +96,13 @@ def test_dead_agent_endpoints_leave_every_host_within_ttl(fabric: Fabric) -> Non
     seen = {client.connect(fabric.hosts[0].service("web")["vip"], 80)["reply"]
             for _ in range(10)}
     assert seen == {"web-0", "web-1"}
+    # A new agent re-adopts the instance that kept running and registers it again, under
+    # its own lease (the old one expired with the killed agent).
+    t0 = time.monotonic()
+    fabric.hosts[2].start()
+    for h in fabric.hosts:
+        wait_for(f"{gone} back at {h.tag}", lambda h=h: gone in addrs(h, "web"), timeout=10)
+    print(f"restarted agent: its instance back on every host in {time.monotonic() - t0:.2f}s")
 
 
 def test_instance_exit_removes_its_endpoint_everywhere_at_once(fabric: Fabric) -> None:
