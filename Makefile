@@ -12,3 +12,13 @@ bench:
 
 bench-quick:
 	./setup.sh bench --quick $(BENCH_ARGS)
+
+# The Vagrant testbed (issue: multi-host on real VMs): three Debian 12 VMs under libvirt, a box
+# built from the Debian mirror, the scenarios of tests/e2e/test_multihost.py across them; the
+# VMs are always destroyed. Installs Vagrant, libvirt and QEMU when missing.
+#   make vagrant-test VAGRANT_ARGS="--vms 2"
+VAGRANT_ARGS ?=
+
+.PHONY: vagrant-test
+vagrant-test:
+	./setup.sh vagrant $(VAGRANT_ARGS)

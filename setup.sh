@@ -5,6 +5,11 @@
 #   ./setup.sh test     ... with test tools, then run the whole test suite
 #   ./setup.sh bench    ... with HAProxy, nginx, wrk and matplotlib, then the benchmarks
 #                       (arguments go to `python -m tests.bench`, e.g. --quick)
+#   ./setup.sh service [AGENT ARGS...]
+#                       ... then run `meshnode agent ARGS` as the systemd unit meshnode-agent
+#   ./setup.sh vagrant  install Vagrant, libvirt and QEMU, then the multi-VM tests
+#                       (arguments go to `python -m tests.vagrant`)
+# MESHNODE_WHEELS=DIR installs the Python dependencies from that wheelhouse only (no PyPI).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -13,7 +18,7 @@ shift || true
 venv=${MESHNODE_VENV:-$here/.venv}
 
 if [ "$(id -u)" -ne 0 ]; then
-  exec sudo --preserve-env=MESHNODE_VENV "$0" "$mode" "$@"
+  exec sudo --preserve-env=MESHNODE_VENV,MESHNODE_WHEELS "$0" "$mode" "$@"
 fi
 export DEBIAN_FRONTEND=noninteractive
 
@@ -28,6 +33,10 @@ pkgs=(python3-bpfcc python3-venv python3-dev iptables bpftool linux-headers-amd6
 # the benchmarks compare against HAProxy and nginx (stream is a module in Debian 12), load HTTP
 # with wrk and chart with matplotlib
 [ "$mode" = bench ] && pkgs+=(haproxy nginx libnginx-mod-stream wrk python3-matplotlib)
+# the Vagrant testbed: three Debian VMs under libvirt, a box built from the mirror
+[ "$mode" = vagrant ] && pkgs+=(vagrant vagrant-libvirt libvirt-daemon-system
+  libvirt-daemon-driver-qemu libvirt-clients dnsmasq-base qemu-system-x86 qemu-utils
+  mmdebstrap e2fsprogs fdisk grub-pc-bin grub2-common)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -80,7 +89,11 @@ extra=""
 stamp="$venv/.meshnode-installed$extra"
 if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
   log "installing meshnode$extra into $venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check -e "$here$extra"
+  # a wheelhouse (hosts without PyPI, e.g. the Vagrant VMs) or the index
+  from=()
+  # (no .pyc up front: under emulation compiling every file costs more than it saves)
+  [ -n "${MESHNODE_WHEELS:-}" ] && from=(--no-index --find-links "$MESHNODE_WHEELS" --no-compile)
+  "$venv/bin/pip" install -q --disable-pip-version-check "${from[@]}" -e "$here$extra"
   touch "$stamp"
 fi
 ln -sfn "$venv/bin/meshnode" /usr/local/bin/meshnode
@@ -100,5 +113,26 @@ case "$mode" in
     cd "$here"
     log "benchmarks: direct, meshnode (eBPF, iptables, explicit), HAProxy, nginx"
     exec "$venv/bin/python" -m tests.bench "$@";;
-  *) log "unknown mode '$mode' (install, demo, test or bench)"; exit 64;;
+  service)
+    # After etcd when it runs here; the agent itself waits for etcd (serving its cache).
+    # KillMode=mixed: SIGTERM to the agent alone, which stops capture and drains its workers.
+    unit=/etc/systemd/system/meshnode-agent.service
+    new=$(printf '%s\n' "[Unit]" "Description=meshnode host agent" \
+      "After=network-online.target etcd.service" "Wants=network-online.target" "" \
+      "[Service]" "ExecStart=/usr/local/bin/meshnode agent $*" "Restart=on-failure" \
+      "RestartSec=1" "KillMode=mixed" "" "[Install]" "WantedBy=multi-user.target")
+    if [ "$(cat "$unit" 2>/dev/null)" != "$new" ]; then
+      log "writing $unit: meshnode agent $*"
+      echo "$new" >"$unit"
+      systemctl daemon-reload
+      systemctl enable meshnode-agent.service
+      systemctl restart meshnode-agent.service
+    else
+      systemctl enable --now meshnode-agent.service
+    fi
+    log "meshnode-agent.service: $(systemctl is-active meshnode-agent.service)";;
+  vagrant)
+    cd "$here"
+    exec "$venv/bin/python" -m tests.vagrant "$@";;
+  *) log "unknown mode '$mode' (install, demo, test, bench, service or vagrant)"; exit 64;;
 esac

@@ -1,0 +1,162 @@
+"""Runs inside a VM with Debian's python3 (stdlib only: starting a process costs ~35x under TCG,
+so one invocation does a whole step and prints one JSON line).
+
+  guest.py serve NAME PORT                 HTTP server answering NAME (run it enrolled)
+  guest.py calls URL N                     N GETs, counts replies per instance (run enrolled)
+  guest.py loop URL STOPFILE               GETs until STOPFILE exists (run enrolled)
+  guest.py wait-gone SERVICE ADDR TIMEOUT  until ADDR leaves SERVICE in this agent's view
+  guest.py wait-count SERVICE N TIMEOUT    until SERVICE has N endpoints here (and ready)
+  guest.py wait-ready TIMEOUT              until the agent answers and is ready
+  guest.py status                          the agent's status (control socket)
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import sys
+import time
+import urllib.request
+from collections import Counter
+from typing import Any
+
+CONTROL = "/run/meshnode/agent.sock"
+
+
+def serve(name: str, port: int) -> None:
+    body = name.encode()
+
+    class Reply(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    http.server.ThreadingHTTPServer(("0.0.0.0", port), Reply).serve_forever()
+
+
+def get(url: str, timeout: float) -> tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return True, r.read().decode()
+    except OSError as exc:
+        return False, repr(exc)
+
+
+def calls(url: str, n: int, timeout: float = 3.0) -> dict[str, Any]:
+    replies: Counter[str] = Counter()
+    errors: list[str] = []
+    for _ in range(n):
+        ok, text = get(url, timeout)
+        if ok:
+            replies[text] += 1
+        else:
+            errors.append(text)
+    return {"ok": sum(replies.values()), "failed": len(errors), "replies": dict(replies),
+            "errors": errors[:5]}
+
+
+def loop(url: str, stopfile: str) -> dict[str, Any]:
+    replies: Counter[str] = Counter()
+    errors: list[str] = []
+    while not os.path.exists(stopfile):
+        ok, text = get(url, 3.0)
+        if ok:
+            replies[text] += 1
+        else:
+            errors.append(f"{time.time():.1f} {text}")
+    return {"ok": sum(replies.values()), "failed": len(errors), "replies": dict(replies),
+            "errors": errors[:5]}
+
+
+def control(op: str) -> Any:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(CONTROL)
+        s.sendall(json.dumps({"op": op}).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return json.loads(buf)["result"]
+
+
+def endpoints(service: str) -> set[str]:
+    for svc in control("status")["services"]:
+        if svc["name"] == service:
+            return {e["addr"] for e in svc["endpoints"]}
+    return set()
+
+
+def wait_count(service: str, n: int, timeout: float) -> dict[str, Any]:
+    t0 = time.monotonic()
+    seen: set[str] = set()
+    while time.monotonic() - t0 < timeout:
+        try:
+            seen = endpoints(service)
+            if len(seen) == n:
+                break
+        except (OSError, ValueError, KeyError):
+            pass  # agent (re)starting
+        time.sleep(0.2)
+    return {"count": len(seen), "endpoints": sorted(seen),
+            "after_s": round(time.monotonic() - t0, 2)}
+
+
+def wait_ready(timeout: float) -> dict[str, Any]:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if control("status")["ready"]:
+                return {"ready": True, "after_s": round(time.monotonic() - t0, 2)}
+        except (OSError, ValueError, KeyError):
+            pass  # no control socket yet: bcc still compiling
+        time.sleep(0.5)
+    return {"ready": False, "after_s": round(time.monotonic() - t0, 2)}
+
+
+def wait_gone(service: str, addr: str, timeout: float) -> dict[str, Any]:
+    print(json.dumps({"watching": addr}), flush=True)  # the caller kills only after this
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if addr not in endpoints(service):
+                return {"gone": True, "after_s": round(time.monotonic() - t0, 2)}
+        except (OSError, ValueError, KeyError):
+            pass  # agent restarting: ask again
+        time.sleep(0.1)
+    return {"gone": False, "after_s": round(time.monotonic() - t0, 2)}
+
+
+def main(argv: list[str]) -> None:
+    cmd, args = argv[0], argv[1:]
+    if cmd == "serve":
+        serve(args[0], int(args[1]))
+        return
+    if cmd == "calls":
+        out = calls(args[0], int(args[1]))
+    elif cmd == "loop":
+        out = loop(args[0], args[1])
+    elif cmd == "wait-gone":
+        out = wait_gone(args[0], args[1], float(args[2]))
+    elif cmd == "wait-count":
+        out = wait_count(args[0], int(args[1]), float(args[2]))
+    elif cmd == "wait-ready":
+        out = wait_ready(float(args[0]))
+    elif cmd == "status":
+        out = control("status")
+    else:
+        raise SystemExit(f"unknown command {cmd}")
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

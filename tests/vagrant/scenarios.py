@@ -1,0 +1,181 @@
+"""The multi-host scenarios, as in tests/e2e/test_multihost.py but across real VMs.
+
+Each returns a Result; an exception inside one fails that scenario only. SSH round trips are
+few on purpose: a guest process starts ~35x slower than on the host (TCG).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from tests.vagrant.testbed import GUEST_PY, GuestError, Testbed, read_json_line
+
+PORT = 18080
+T = TypeVar("T")
+UNIT = "meshnode-agent.service"
+DROPIN = "/run/systemd/system/meshnode-agent.service.d"
+
+
+@dataclass
+class Result:
+    name: str
+    ok: bool
+    numbers: str
+    seconds: float
+
+
+def each(tb: Testbed, fn: Callable[[str], T]) -> dict[str, T]:
+    """fn(vm) on every VM at once."""
+    with ThreadPoolExecutor(len(tb.vms)) as pool:
+        return dict(zip(tb.vms, pool.map(fn, tb.vms), strict=True))
+
+
+def wait_count(tb: Testbed, n: int, timeout: float = 60) -> dict[str, Any]:
+    return each(tb, lambda vm: tb.guest(vm, f"wait-count web {n} {timeout}",
+                                        timeout=timeout + 30))
+
+
+def start_web(tb: Testbed) -> str:
+    """Service web (round robin, no locality: calls must reach every VM) with one instance
+    per VM, answering with its VM's name; returns the VIP once every agent sees them all."""
+    svc = tb.meshnode("vm1", "service add web --port 80 --lb round-robin --no-locality -o json")
+    vip = str(json.loads(svc)["vip"])
+    each(tb, lambda vm: tb.sh(vm, serve_cmd(vm)))
+    seen = wait_count(tb, len(tb.vms))
+    missing = {vm: r["count"] for vm, r in seen.items() if r["count"] != len(tb.vms)}
+    if missing:
+        raise GuestError(f"endpoints seen per VM {missing}, want {len(tb.vms)}")
+    return vip
+
+
+def reachable(tb: Testbed, vip: str) -> Result:
+    """a. From an enrolled client on every VM, by VIP and by name: every instance answers."""
+    t0 = time.monotonic()
+    n = 10 * len(tb.vms)
+
+    def calls(vm: str) -> dict[str, Any]:
+        return {"vip": tb.guest(vm, f"calls http://{vip}/ {n}", enrolled="client"),
+                "name": tb.guest(vm, f"calls http://web.mesh/ {n}", enrolled="client")}
+
+    got = each(tb, calls)
+    want = set(tb.vms)
+    ok = all(r[k]["failed"] == 0 and set(r[k]["replies"]) == want
+             for r in got.values() for k in ("vip", "name"))
+    numbers = "; ".join(f"{vm}: vip {_counts(r['vip'])} name {_counts(r['name'])}"
+                        for vm, r in got.items())
+    return Result("a. web on every VM, by VIP and name", ok, numbers, time.monotonic() - t0)
+
+
+def _counts(r: dict[str, Any]) -> str:
+    c = " ".join(f"{vm}:{n}" for vm, n in sorted(r["replies"].items()))
+    return "{" + c + "}" + (f" ({r['failed']} failed)" if r["failed"] else "")
+
+
+def agent_killed(tb: Testbed, vip: str, ttl: int) -> Result:
+    """b. SIGKILL the last VM's agent (unit kept from restarting): its endpoint leaves the
+    other VMs within the lease TTL."""
+    t0 = time.monotonic()
+    victim, others = tb.vms[-1], tb.vms[:-1]
+    gone = f"{tb.ip(victim)}:{PORT}"
+    tb.sh(victim, f"sudo mkdir -p {DROPIN} && printf '[Service]\\nRestart=no\\n' "
+                  f"| sudo tee {DROPIN}/no-restart.conf >/dev/null && sudo systemctl daemon-reload")
+    watchers = {vm: tb.spawn(vm, f"sudo python3 {GUEST_PY} wait-gone web {gone} {ttl + 20}")
+                for vm in others}
+    for w in watchers.values():
+        read_json_line(w.stdout)  # watching
+    killed = time.monotonic()
+    tb.sh(victim, f"sudo systemctl kill -s KILL {UNIT}")
+    seconds: dict[str, float] = {}
+    for vm, w in watchers.items():
+        r = read_json_line(w.stdout)
+        w.wait(30)
+        seconds[vm] = time.monotonic() - killed if r["gone"] else float("inf")
+    after = tb.guest(others[0], f"calls http://{vip}/ 10", enrolled="client")
+    ok = (all(s <= ttl + 3 for s in seconds.values()) and after["failed"] == 0
+          and set(after["replies"]) == set(others))
+    numbers = (", ".join(f"gone at {vm} after {s:.1f}s" for vm, s in seconds.items())
+               + f" (TTL {ttl}s); then {after['replies']}")
+    # back as it was: restartable, running, its instance registered again
+    tb.sh(victim, f"sudo rm -rf {DROPIN} && sudo systemctl daemon-reload "
+                  f"&& sudo systemctl start {UNIT}")
+    adopted = readopt(tb, victim)
+    numbers += f"; restarted agent registered its instance again: {adopted}"
+    return Result("b. agent SIGKILLed -> endpoints gone", ok and adopted, numbers,
+                  time.monotonic() - t0)
+
+
+def readopt(tb: Testbed, vm: str) -> bool:
+    """After `vm`'s agent restarted: True when every VM sees all web instances again, the
+    restarted agent having re-adopted its instance (which kept running) and registered it
+    under its new lease."""
+    n = len(tb.vms)
+    if not tb.guest(vm, "wait-ready 120", timeout=150)["ready"]:
+        raise GuestError(f"{vm}: the restarted agent is not ready after 120 s")
+    return all(r["count"] == n for r in wait_count(tb, n, 20).values())
+
+
+def serve_cmd(vm: str) -> str:
+    return (f"sudo setsid nohup meshnode run --service web -- python3 {GUEST_PY} serve {vm} "
+            f"{PORT} >/tmp/web.log 2>&1 </dev/null &")
+
+
+def etcd_restarts(tb: Testbed, vip: str, members: list[str]) -> Result:
+    """c. Restart the etcd members one at a time while vm1 calls continuously: no call fails."""
+    t0 = time.monotonic()
+    client = tb.vms[0]
+    tb.sh(client, "sudo rm -f /tmp/stop /tmp/loop.json")
+    tb.sh(client, f"sudo setsid nohup meshnode run --service client -- python3 {GUEST_PY} "
+                  f"loop http://{vip}/ /tmp/stop >/tmp/loop.json 2>/tmp/loop.err </dev/null &")
+    time.sleep(3)  # let the loop get going before the first restart
+    restart_s = []
+    for vm in members:
+        r0 = time.monotonic()
+        # Type=notify: returns once the member is back in the cluster
+        tb.sh(vm, "sudo systemctl restart etcd.service", timeout=180)
+        restart_s.append(time.monotonic() - r0)
+    tb.sh(client, "sudo touch /tmp/stop")
+    r = _wait_loop(tb, client)
+    connected = each(tb, lambda vm: tb.guest(vm, "status")["registry"]["connected"])
+    ok = r["failed"] == 0 and r["ok"] > 20 and all(connected.values())
+    numbers = (f"{r['ok'] + r['failed']} calls, {r['failed']} failed, during "
+               f"{len(members)} restarts ({', '.join(f'{s:.1f}s' for s in restart_s)}); "
+               f"replies {r['replies']}; agents reconnected {all(connected.values())}")
+    if r["errors"]:
+        numbers += f"; errors {r['errors'][:2]}"
+    return Result("c. etcd members restarted", ok, numbers, time.monotonic() - t0)
+
+
+def _wait_loop(tb: Testbed, vm: str, timeout: float = 30) -> dict[str, Any]:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        out = tb.sh(vm, "cat /tmp/loop.json", check=False).strip()
+        if out:
+            return dict(json.loads(out))
+        time.sleep(1)
+    raise GuestError("the calling loop did not finish")
+
+
+def capture_backends(tb: Testbed, vip: str) -> Result:
+    """d. Capture with the VM's own kernel in both backends: vm1 stays on eBPF, vm2's agent
+    is restarted with --capture iptables through setup.sh, and both call again."""
+    t0 = time.monotonic()
+    ipt = tb.vms[1] if len(tb.vms) > 1 else tb.vms[0]
+    unit = f"/etc/systemd/system/{UNIT}"
+    tb.sh(ipt, f"args=$(sed -n 's|^ExecStart=/usr/local/bin/meshnode agent ||p' {unit}); "
+               "sudo MESHNODE_WHEELS=/opt/meshnode-wheels /opt/meshnode/setup.sh service "
+               "$args --capture iptables", timeout=180)
+    adopted = readopt(tb, ipt)
+    lines, ok = [f"{ipt} restarted agent registered its instance again: {adopted}"], adopted
+    for vm in dict.fromkeys([tb.vms[0], ipt]):
+        cap = tb.guest(vm, "status")["capture"]
+        r = tb.guest(vm, f"calls http://web.mesh/ {5 * len(tb.vms)}", enrolled="client")
+        ok &= r["failed"] == 0 and set(r["replies"]) == set(tb.vms)
+        ok &= cap["backend"] == ("iptables" if vm == ipt else "ebpf")
+        lines.append(f"{vm}: capture {cap['reason']!r}, calls {r['replies']}"
+                     + (f" ({r['failed']} failed)" if r["failed"] else ""))
+    return Result("d. capture: eBPF and iptables", ok, "; ".join(lines), time.monotonic() - t0)
