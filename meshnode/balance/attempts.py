@@ -19,7 +19,33 @@ from meshnode.model import Endpoint
 __all__ = ["chained", "rotated"]
 
 
-class _Rotation(Sequence[Endpoint]):
+class _View(Sequence[Endpoint]):
+    """A computed sequence: subclasses give `__len__`, `_at(i)` for 0 <= i < len and
+    `__iter__`; indexing rules (negative indexes, bounds, slices) live here once."""
+
+    __slots__ = ()
+
+    def _at(self, i: int) -> Endpoint:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> Endpoint: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Endpoint]: ...
+
+    def __getitem__(self, i: int | slice) -> Endpoint | Sequence[Endpoint]:
+        if isinstance(i, slice):
+            return list(self)[i]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        return self._at(i)
+
+
+class _Rotation(_View):
     """`base[start:] + base[:start]`, computed on access."""
 
     __slots__ = ("_base", "_start")
@@ -31,19 +57,8 @@ class _Rotation(Sequence[Endpoint]):
     def __len__(self) -> int:
         return len(self._base)
 
-    @overload
-    def __getitem__(self, i: int) -> Endpoint: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[Endpoint]: ...
-
-    def __getitem__(self, i: int | slice) -> Endpoint | Sequence[Endpoint]:
-        if isinstance(i, slice):
-            return list(self)[i]
-        n = len(self._base)
-        if not -n <= i < n:
-            raise IndexError(i)
-        return self._base[(self._start + i) % n]
+    def _at(self, i: int) -> Endpoint:
+        return self._base[(self._start + i) % len(self._base)]
 
     def __iter__(self) -> Iterator[Endpoint]:
         base, start = self._base, self._start
@@ -54,7 +69,7 @@ class _Rotation(Sequence[Endpoint]):
         return f"rotated({list(self)!r})"
 
 
-class _Chain(Sequence[Endpoint]):
+class _Chain(_View):
     """`first + rest`, computed on access."""
 
     __slots__ = ("_first", "_rest")
@@ -66,20 +81,8 @@ class _Chain(Sequence[Endpoint]):
     def __len__(self) -> int:
         return len(self._first) + len(self._rest)
 
-    @overload
-    def __getitem__(self, i: int) -> Endpoint: ...
-
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[Endpoint]: ...
-
-    def __getitem__(self, i: int | slice) -> Endpoint | Sequence[Endpoint]:
-        if isinstance(i, slice):
-            return list(self)[i]
-        n1, n = len(self._first), len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(i)
+    def _at(self, i: int) -> Endpoint:
+        n1 = len(self._first)
         return self._first[i] if i < n1 else self._rest[i - n1]
 
     def __iter__(self) -> Iterator[Endpoint]:

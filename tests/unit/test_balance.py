@@ -128,6 +128,12 @@ def test_rotated_and_chained_behave_like_lists(ps: list[int], data: st.DataObjec
     cut = data.draw(st.integers(0, len(c)))
     ch = chained(c[:cut], c[cut:])
     assert list(ch) == list(c) and [ch[i] for i in range(len(c))] == list(c)
+    for view, want in ((r, expect), (ch, list(c))):
+        assert list(view[1:]) == want[1:] and view[-len(want)] == want[0]
+        with pytest.raises(IndexError):
+            view[len(want)]
+        with pytest.raises(IndexError):
+            view[-len(want) - 1]
 
 
 def test_rotation_from_zero_is_the_input_itself() -> None:

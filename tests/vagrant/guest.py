@@ -3,7 +3,8 @@ so one invocation does a whole step and prints one JSON line).
 
   guest.py serve NAME PORT                 HTTP server answering NAME (run it enrolled)
   guest.py calls URL N                     N GETs, counts replies per instance (run enrolled)
-  guest.py loop URL STOPFILE               GETs until STOPFILE exists (run enrolled)
+  guest.py loop URL STOPFILE               GETs until STOPFILE exists (run enrolled); makes
+                                           STOPFILE.started after the first answer
   guest.py wait-gone SERVICE ADDR TIMEOUT  until ADDR leaves SERVICE in this agent's view
   guest.py wait-count SERVICE N TIMEOUT    until SERVICE has N endpoints here (and ready)
   guest.py wait-ready TIMEOUT              until the agent answers and is ready
@@ -20,6 +21,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 CONTROL = "/run/meshnode/agent.sock"
@@ -49,26 +51,17 @@ def get(url: str, timeout: float) -> tuple[bool, str]:
         return False, repr(exc)
 
 
-def calls(url: str, n: int, timeout: float = 3.0) -> dict[str, Any]:
+def tally(url: str, more: Callable[[int], bool], started: str = "") -> dict[str, Any]:
+    """GETs while `more(calls so far)`; replies counted per instance. `started`: a file made
+    after the first answer, so a caller can wait for the calls to be under way."""
     replies: Counter[str] = Counter()
     errors: list[str] = []
-    for _ in range(n):
-        ok, text = get(url, timeout)
-        if ok:
-            replies[text] += 1
-        else:
-            errors.append(text)
-    return {"ok": sum(replies.values()), "failed": len(errors), "replies": dict(replies),
-            "errors": errors[:5]}
-
-
-def loop(url: str, stopfile: str) -> dict[str, Any]:
-    replies: Counter[str] = Counter()
-    errors: list[str] = []
-    while not os.path.exists(stopfile):
+    while more(len(errors) + sum(replies.values())):
         ok, text = get(url, 3.0)
         if ok:
             replies[text] += 1
+            if started and not os.path.exists(started):
+                open(started, "w").close()
         else:
             errors.append(f"{time.time():.1f} {text}")
     return {"ok": sum(replies.values()), "failed": len(errors), "replies": dict(replies),
@@ -142,9 +135,9 @@ def main(argv: list[str]) -> None:
         serve(args[0], int(args[1]))
         return
     if cmd == "calls":
-        out = calls(args[0], int(args[1]))
+        out = tally(args[0], lambda done: done < int(args[1]))
     elif cmd == "loop":
-        out = loop(args[0], args[1])
+        out = tally(args[0], lambda done: not os.path.exists(args[1]), args[1] + ".started")
     elif cmd == "wait-gone":
         out = wait_gone(args[0], args[1], float(args[2]))
     elif cmd == "wait-count":

@@ -128,10 +128,12 @@ def etcd_restarts(tb: Testbed, vip: str, members: list[str]) -> Result:
     """c. Restart the etcd members one at a time while vm1 calls continuously: no call fails."""
     t0 = time.monotonic()
     client = tb.vms[0]
-    tb.sh(client, "sudo rm -f /tmp/stop /tmp/loop.json")
+    tb.sh(client, "sudo rm -f /tmp/stop /tmp/stop.started /tmp/loop.json")
     tb.sh(client, f"sudo setsid nohup meshnode run --service client -- python3 {GUEST_PY} "
                   f"loop http://{vip}/ /tmp/stop >/tmp/loop.json 2>/tmp/loop.err </dev/null &")
-    time.sleep(3)  # let the loop get going before the first restart
+    # the first restart only once calls are flowing (the loop marks its first answer)
+    tb.sh(client, "for _ in $(seq 150); do [ -e /tmp/stop.started ] && exit 0; sleep 0.2; "
+                  "done; echo 'the calling loop got no answer in 30 s' >&2; exit 1")
     restart_s = []
     for vm in members:
         r0 = time.monotonic()
