@@ -150,9 +150,8 @@ class HostAgent:
         await self.registry.start()
         ctx = CaptureContext(self.cfg.instance, self.mount, apps, proxy, self.cfg.pin_path,
                              self.cfg.outbound_port, self.cfg.proxy_mark, self.ledger)
-        choice = await asyncio.to_thread(auto.choose, ctx, self.cfg.capture)
+        choice = await asyncio.to_thread(auto.install, ctx, self.cfg.capture)
         self.capture, self.capture_reason = choice.backend, choice.reason
-        await asyncio.to_thread(self.capture.install)
         log.info("capture: %s", self.capture_reason)
         # names: the DNS server first, then the redirect of enrolled processes' port 53 to it
         self.names = MeshNames.for_agent(self.cfg, self.capture, self.registry)

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 
 KIND_PIN_DIR = "bpf_pin_dir"
 KIND_ATTACH = "bpf_attach"
-LOADER_TIMEOUT = 60.0  # compiling the programs takes ~1 s; a wedged clang must not hang us
+# Compiling the programs takes about 1 s on a host, and over a minute on an emulated VM that
+# shares its CPUs (measured: 3 TCG guests on 2 cores); only a wedged clang should reach this.
+LOADER_TIMEOUT = 600.0
 
 
 class BpfCapture:
@@ -151,7 +153,11 @@ class BpfCapture:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LOADER_TIMEOUT,
                                   check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
+        except subprocess.TimeoutExpired as exc:
+            raise BpfError(f"BPF loader did not finish within {LOADER_TIMEOUT:.0f}s",
+                           "clang may be stuck: run it by hand to see where, "
+                           + " ".join(cmd) + ", or use --capture iptables") from exc
+        except OSError as exc:
             raise BpfError(f"BPF loader did not run: {exc}",
                            "check `python -m meshnode.bpf.loader --help` with the agent's "
                            "interpreter") from exc

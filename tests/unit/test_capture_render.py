@@ -14,7 +14,7 @@ from meshnode.bpf import maps
 from meshnode.bpf.compile import BuildConfig, cflags, check_pin_dir, render_source
 from meshnode.bpf.probe import ProbeResult
 from meshnode.capture import CaptureContext
-from meshnode.capture.auto import choose
+from meshnode.capture.auto import choose, install
 from meshnode.capture.ebpf import BpfCapture
 from meshnode.capture.iptables import (
     CHAIN_MAX,
@@ -24,7 +24,7 @@ from meshnode.capture.iptables import (
     jump_rule,
     render_rules,
 )
-from meshnode.errors import UnavailableError, UsageError
+from meshnode.errors import BpfError, UnavailableError, UsageError
 from meshnode.host.ledger import Ledger
 from meshnode.model import CaptureRule, CaptureState
 
@@ -159,6 +159,22 @@ def test_choose_prefers_ebpf_and_falls_back_with_a_reason(tmp_path: Path) -> Non
     forced = choose(_ctx(tmp_path), "iptables", iptables_binary="iptables-legacy")
     assert isinstance(forced.backend, IptablesCapture)
     assert forced.backend.binary == "iptables-legacy"
+
+
+def test_auto_falls_back_to_iptables_when_the_ebpf_install_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: BpfCapture) -> None:
+        raise BpfError("BPF loader failed (exit 1): clang: error")
+
+    installed: list[object] = []
+    monkeypatch.setattr(BpfCapture, "install", broken)
+    monkeypatch.setattr(IptablesCapture, "install", lambda self: installed.append(self))
+    choice = install(_ctx(tmp_path), "auto", probe_result=ProbeResult(True, "all good"))
+    assert isinstance(choice.backend, IptablesCapture) and installed == [choice.backend]
+    assert choice.reason == ("iptables: eBPF install failed "
+                             "(BPF loader failed (exit 1): clang: error)")
+    with pytest.raises(BpfError):  # asked for eBPF explicitly: no silent fallback
+        install(_ctx(tmp_path), "ebpf", probe_result=ProbeResult(True, "all good"))
 
 
 def test_choose_explicit_ebpf_when_unavailable_names_the_fix(tmp_path: Path) -> None:
