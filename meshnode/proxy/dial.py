@@ -3,80 +3,76 @@
 `DirectDialer` opens plain TCP (with the proxy's SO_MARK, so capture never loops it back).
 `Dialers.for_endpoint` is the one place that decides per endpoint: today every endpoint is
 dialed directly; endpoints on another node will go through the mutual-TLS tunnel to that
-node's agent (DESIGN flow 4) by returning a tunnel dialer here, leaving the balancing,
-failover and relay code untouched. Must not import bcc, pyroute2 or the agent.
+node's agent (DESIGN flow 4) by returning a tunnel dialer here, leaving the balancing and
+failover code (connect.py) untouched. Must not import bcc, pyroute2 or the agent.
 """
 
 from __future__ import annotations
 
-import asyncio
+import _socket
 import errno
-import os
 import socket
 from typing import Protocol
 
 from meshnode.model import Endpoint
 
+__all__ = ["SO_MARK", "Dialer", "Dialers", "DirectDialer"]
+
 SO_MARK = getattr(socket, "SO_MARK", 36)
+_NODELAY = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class Dialer(Protocol):
-    async def dial(self, ep: Endpoint, timeout: float) -> socket.socket:
-        """A connected, non-blocking socket to `ep`; OSError or TimeoutError otherwise."""
+    def start(self, ep: Endpoint) -> tuple[_socket.socket, int]:
+        """A non-blocking socket with a connect to `ep` under way, and where it stands: 0
+        connected, EINPROGRESS still handshaking (wait until writable, then read SO_ERROR), or
+        the errno it failed with (the caller closes the socket)."""
         ...
 
 
 class DirectDialer:
-    """A non-blocking connect(2), then, only if the handshake is still under way, a wait for
-    the socket to turn writable. Not the loop's `sock_connect`: uvloop's resolves even a
-    numeric address in its thread pool first, which tripled the cost of a connect here.
-    Toward loopback and nearby hosts the kernel usually completes the handshake inside
-    connect() itself, and `getpeername` says so without a trip through the event loop."""
+    """A non-blocking connect(2). Toward loopback and nearby hosts the kernel usually completes
+    the handshake inside connect() itself, and `getpeername` says so without a trip through
+    the event loop; a refused loopback connect is known at once the same way (SO_ERROR)."""
+
+    __slots__ = ("_addrs", "mark")
 
     def __init__(self, mark: int) -> None:
         self.mark = mark
+        # Endpoint -> (ip string, port), by identity: formatting an IPv4Address costs more
+        # than the connect syscall's own setup. Entries are checked against the endpoint
+        # object they were made for, so a reused id() never maps to a stale address.
+        self._addrs: dict[int, tuple[Endpoint, tuple[str, int]]] = {}
 
-    async def dial(self, ep: Endpoint, timeout: float) -> socket.socket:
-        # Non-blocking from birth (no FIONBIO call); uvloop sets TCP_NODELAY when it wraps it.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    def _addr(self, ep: Endpoint) -> tuple[str, int]:
+        hit = self._addrs.get(id(ep))
+        if hit is not None and hit[0] is ep:
+            return hit[1]
+        if len(self._addrs) >= 4096:
+            self._addrs.clear()
+        pair = ep.addr.pair()
+        self._addrs[id(ep)] = (ep, pair)
+        return pair
+
+    def start(self, ep: Endpoint) -> tuple[_socket.socket, int]:
+        # Non-blocking from birth (no FIONBIO call); the C-level class, as for accepted sockets.
+        sock = _socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             if self.mark:
                 # Before connect: the capture hooks look at the mark when connect() runs.
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
-            err = sock.connect_ex(ep.addr.pair())
+            sock.setsockopt(*_NODELAY)  # relayed small writes must not wait for ACKs
+            err = sock.connect_ex(self._addr(ep))
             if err == errno.EINPROGRESS:
                 try:
                     sock.getpeername()  # ENOTCONN while the handshake is under way
+                    err = 0
                 except OSError:
-                    await _connected(sock, timeout)
-            elif err:
-                raise OSError(err, os.strerror(err))
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or err
         except BaseException:
             sock.close()
             raise
-        return sock
-
-
-async def _connected(sock: socket.socket, timeout: float) -> None:
-    """Wait for a connect in progress to finish; OSError with its errno, or TimeoutError."""
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    fd = sock.fileno()
-    loop.add_writer(fd, done.set_result, None)
-    timer = loop.call_later(timeout, _expire, done, timeout)
-    try:
-        await done
-    finally:
-        timer.cancel()
-        loop.remove_writer(fd)
-    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err:
-        raise OSError(err, os.strerror(err))
-
-
-def _expire(done: asyncio.Future[None], timeout: float) -> None:
-    if not done.done():
-        done.set_exception(TimeoutError(f"connect timed out after {timeout}s"))
+        return sock, err
 
 
 class Dialers:

@@ -58,8 +58,7 @@ class OrigDstError(KernelError):
 
 
 class SocketLike(Protocol):
-    """What a source may ask of an accepted socket (a `socket.socket` or uvloop's
-    pseudo-socket from `transport.get_extra_info("socket")`)."""
+    """What a source may ask of an accepted socket (the worker's are `_socket.socket`)."""
 
     def getsockopt(self, level: int, optname: int, buflen: int, /) -> Any: ...
 
@@ -86,9 +85,18 @@ def parse_sockaddr_in(raw: bytes) -> OrigDstAddr:
 
 
 class SockoptOrigDst:
-    """`getsockopt(SOL_IP, SO_ORIGINAL_DST)`: iptables REDIRECT, or eBPF via cgroup/getsockopt."""
+    """`getsockopt(SOL_IP, SO_ORIGINAL_DST)`: iptables REDIRECT, or eBPF via cgroup/getsockopt.
 
-    __slots__ = ()
+    Destinations are few (VIPs and endpoints), so each is parsed once and the same OrigDstAddr
+    returned for its next connections: building an IPv4Address per connection costs more than
+    the getsockopt, and a reused object hits the routing dicts by identity."""
+
+    __slots__ = ("_parsed",)
+
+    CACHE_MAX = 4096  # distinct destinations kept (passthrough ones can be many)
+
+    def __init__(self) -> None:
+        self._parsed: dict[bytes, OrigDstAddr] = {}
 
     def lookup(self, sock: SocketLike) -> Origin:
         try:
@@ -99,7 +107,13 @@ class SockoptOrigDst:
             raise OrigDstError(f"SO_ORIGINAL_DST failed: {exc.strerror}",
                                errno=exc.errno or 0) from exc
         raw = bytes(raw)
-        dst = parse_sockaddr_in(raw)
+        key = raw[:8]  # family, port, address
+        dst = self._parsed.get(key)
+        if dst is None:
+            dst = parse_sockaddr_in(raw)
+            if len(self._parsed) >= self.CACHE_MAX:
+                self._parsed.clear()
+            self._parsed[key] = dst
         if len(raw) < _SOCKADDR_IN_LEN:
             return Origin(dst)
         cgroup, pid = _CLIENT.unpack_from(raw, 8)

@@ -26,7 +26,6 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 
 from meshnode.balance import Balancer
 from meshnode.balance.factory import for_service
@@ -47,9 +46,10 @@ __all__ = ["NoEndpoint", "Passthrough", "Route", "ServiceTable", "ToService"]
 
 log = logging.getLogger(__name__)
 
-# Addresses are indexed by (ip, port) tuples, not HostPort: the model's dataclasses compare
-# equal only to their own class, and an OrigDstAddr must find a HostPort-keyed endpoint.
-_AddrKey = tuple[IPv4Address, int]
+# Addresses are indexed by (ip, port) tuples of ints, not HostPort: the model's dataclasses
+# compare equal only to their own class, and an OrigDstAddr must find a HostPort-keyed
+# endpoint. Ints, since an IPv4Address hashes through hex() and a string on every lookup.
+_AddrKey = tuple[int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +120,7 @@ class ServiceTable:
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._services: dict[str, _Service] = {}
-        self._by_vip: dict[IPv4Address, _Service] = {}
+        self._by_vip: dict[int, _Service] = {}
         # An address could be claimed by two services for a moment (an endpoint moving between
         # them); each address keeps its claimants in order and routes to the first.
         self._by_addr: dict[_AddrKey, dict[str, Endpoint]] = {}
@@ -165,7 +165,7 @@ class ServiceTable:
         svc = _Service(spec, loads, outlier)
         svc.balancers = balancers
         self._services[spec.name] = svc
-        self._by_vip[spec.vip] = svc
+        self._by_vip[int(spec.vip)] = svc
         for ep in eps:
             self._add_ep(svc, ep)
         svc.rebuild()
@@ -174,8 +174,9 @@ class ServiceTable:
         svc = self._services.pop(name, None)
         if svc is None:
             return
-        if self._by_vip.get(svc.spec.vip) is svc:
-            del self._by_vip[svc.spec.vip]
+        vip = int(svc.spec.vip)
+        if self._by_vip.get(vip) is svc:
+            del self._by_vip[vip]
         for key in list(svc.endpoints):
             self._remove_ep(svc, key)
 
@@ -196,7 +197,8 @@ class ServiceTable:
 
     def route(self, dst: HostPort, key: int = 0) -> Route:
         """Where a connection to `dst` goes; `key` is handed to hash-based balancers."""
-        svc = self._by_vip.get(dst.ip)
+        ip = int(dst.ip)
+        svc = self._by_vip.get(ip)
         if svc is not None:  # (a) a VIP
             port = svc.spec.port
             if port is not None and dst.port == port:
@@ -211,7 +213,7 @@ class ServiceTable:
             healthy = svc.outlier.filter(candidates)
             return ToService(svc.spec.name, balancer.order(healthy, key), balancer,
                              svc.outlier)
-        addr = (dst.ip, dst.port)
+        addr = (ip, dst.port)
         claimants = self._by_addr.get(addr)
         if claimants:  # (b) an endpoint address: exactly that endpoint, ejected or not
             name = next(iter(claimants))
@@ -255,4 +257,4 @@ class ServiceTable:
 
 
 def _key(addr: HostPort) -> _AddrKey:
-    return (addr.ip, addr.port)
+    return (int(addr.ip), addr.port)

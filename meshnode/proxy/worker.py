@@ -28,6 +28,7 @@ Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/b
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import logging
@@ -37,14 +38,12 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from typing import Any
 
 import uvloop
 
-from meshnode.balance import Balancer
-from meshnode.balance.outlier import OutlierDetector
 from meshnode.config import WorkerConfig
 from meshnode.errors import (
     EX_UNAVAILABLE,
@@ -55,13 +54,15 @@ from meshnode.errors import (
 )
 from meshnode.model import Endpoint, HostPort, OrigDstAddr, update_from_wire
 from meshnode.proxy.accesslog import AccessLog
+from meshnode.proxy.connect import Connector
 from meshnode.proxy.control import ControlChannel, open_control
 from meshnode.proxy.dial import SO_MARK, Dialers
 from meshnode.proxy.origdst import OrigDstError, OrigDstSource, SockoptOrigDst, StaticOrigDst
+from meshnode.proxy.poller import READ, Poller
 from meshnode.proxy.relay import BufferPool, Relay, RelayRegistry
-from meshnode.proxy.routing import NoEndpoint, ServiceTable, ToService
+from meshnode.proxy.routing import Passthrough, ServiceTable, ToService
 from meshnode.proxy.stats import PairStats, WorkerStats
-from meshnode.proxy.telemetry import ConnInfo, Sources, failure_reason
+from meshnode.proxy.telemetry import ConnInfo, Sources
 
 __all__ = ["ListenError", "MarkError", "ProxyWorker", "bind_listener", "main"]
 
@@ -69,6 +70,8 @@ log = logging.getLogger("meshnode.proxy")
 
 
 BACKLOG = 4096  # clamped by net.core.somaxconn
+ACCEPT_BATCH = 64  # connections taken per listener wake-up (libuv's accept loop takes all)
+ACCEPT_PAUSE = 0.1  # seconds without accepting after accept() failed (out of descriptors)
 _UPDATES = frozenset({"reset", "add", "remove", "gone"})
 
 
@@ -83,11 +86,13 @@ class MarkError(PermissionError_):
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
-    """A non-blocking listening socket shared with the other workers through SO_REUSEPORT."""
+    """A non-blocking listening socket shared with the other workers through SO_REUSEPORT.
+    TCP_NODELAY on it is inherited by every accepted socket (one setsockopt fewer each)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(BACKLOG)
         sock.setblocking(False)
@@ -136,9 +141,14 @@ class ProxyWorker:
         self._control: ControlChannel | None = None
         # Kept, not asked for per connection: asyncio.get_running_loop() costs a getpid(2).
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lsock: _socket.socket | None = None
+        self._connector: Connector | None = None
+        self._poller: Poller | None = None
         self._stop: asyncio.Event | None = None
         self._force = False
-        self._own = _own_addresses(config.listen_host, config.listen_port)
+        # Destinations that are this proxy's own listener (connecting there would loop).
+        self._own_port = config.listen_port
+        self._own_ips = _own_addresses(config.listen_host)
 
     # -- control channel ---------------------------------------------------------------------
 
@@ -173,112 +183,89 @@ class ProxyWorker:
 
     # -- accept, route, connect --------------------------------------------------------------
 
-    def _new_relay(self) -> asyncio.BaseProtocol:
-        return Relay(self.pool, self.registry, self._accepted, self.stats.passthrough).client
+    def _on_accept(self, events: int = READ) -> None:
+        """The listener is readable: take what the backlog holds, up to a batch, so one busy
+        listener cannot starve the relays sharing the loop."""
+        lsock = self._lsock
+        assert lsock is not None  # watched only while listening
+        for _ in range(ACCEPT_BATCH):
+            try:
+                # The raw accept: a descriptor and the peer's address, no socket.socket
+                # wrapper built in Python, and no getpeername call.
+                fd, peer = lsock._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._accept_failed(exc)
+                return
+            # accept4 leaves it blocking (Python passes no SOCK_NONBLOCK): one FIONBIO. The
+            # C-level socket class: _socket.socket adds a Python __init__ and close().
+            client = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+            client.setblocking(False)  # TCP_NODELAY comes from the listener
+            self._accepted(client, peer)
 
-    def _accepted(self, relay: Relay) -> None:
-        transport = relay.client.transport
-        assert transport is not None
-        peer = transport.get_extra_info("peername")
-        info = relay.info = ConnInfo(self.clock(), peer)
+    def _accept_failed(self, exc: OSError) -> None:
+        """Out of descriptors (EMFILE/ENFILE) or memory: the backlog stays readable, so stop
+        watching it for a moment instead of spinning, and say so once per pause."""
+        log.warning("accept failed: %s; pausing accepts for %.1fs", exc.strerror, ACCEPT_PAUSE)
+        loop, poller, lsock = self._loop, self._poller, self._lsock
+        assert loop is not None and poller is not None and lsock is not None
+        poller.unregister(lsock.fileno())
+
+        def resume() -> None:
+            if self._lsock is lsock:  # still listening (not draining)
+                poller.register(lsock.fileno(), READ, self._on_accept)
+
+        loop.call_later(ACCEPT_PAUSE, resume)
+
+    def _accepted(self, client: _socket.socket, peer: tuple[str, int]) -> None:
+        info = ConnInfo(self.clock(), peer)
         try:
-            origin = self.origdst.lookup(transport.get_extra_info("socket"))
+            origin = self.origdst.lookup(client)
         except OrigDstError:
+            origin = None
+        if origin is None or self._is_own(origin.dst):
+            # Unreadable, or the proxy itself (a connection that would loop forever).
             self.stats.origdst_errors += 1
+            relay = self._relay(client, info, self.stats.passthrough)
             relay.outcome = "origdst_error"
             relay.reset()
             return
         dst = info.orig_dst = origin.dst
         info.pid = origin.pid
-        if (dst.ip, dst.port) in self._own:
-            # A connection whose destination is the proxy itself would loop forever.
-            self.stats.origdst_errors += 1
-            relay.outcome = "origdst_error"
-            relay.reset()
-            return
         src = info.src = self.sources.source(origin, peer)
         route = self.table.route(dst, _client_key(peer))
-        if isinstance(route, ToService | NoEndpoint):
-            info.service = route.service
-            stats = self.stats.pair(src, route.service)
-            stats.connections += 1
-            relay.assign(stats)
-            if isinstance(route, ToService):
-                relay.connect_task = self._spawn(
-                    self._connect(relay, route.attempts, stats, route.balancer, route.outlier))
-            else:
-                stats.fail("no_endpoint")
-                relay.outcome = "no_endpoint"
-                relay.reset()
-        else:
+        connector = self._connector
+        assert connector is not None  # connections arrive only while run() runs the loop
+        if isinstance(route, Passthrough):
             self.stats.unrouted += 1
-            relay.connect_task = self._spawn(
-                self._connect(relay, (Endpoint(route.dst),), self.stats.passthrough))
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        assert self._loop is not None  # connections arrive only while run() runs the loop
-        return self._loop.create_task(coro)
-
-    async def _connect(self, relay: Relay, attempts: Sequence[Endpoint], stats: PairStats,
-                       balancer: Balancer | None = None,
-                       outlier: OutlierDetector | None = None) -> None:
-        """Try each endpoint in turn; the first that answers becomes the relay's upstream.
-        Each attempt is reported to the balancer (in-flight, latency) and the outlier detector
-        (consecutive failures); passthrough connections have neither."""
-        loop = self._loop
-        assert loop is not None
-        timeout, clock = self.config.connect_timeout, self.clock
-        info = relay.info
-        assert info is not None  # set by _accepted before any connect
-        reason = "error"
-        for ep in attempts:
-            token = balancer.on_start(ep) if balancer is not None else None
-            if balancer is not None:
-                self.stats.selected(stats.dst, ep.addr)
-            info.attempts += 1
-            started = clock()
-            try:
-                sock = await self.dialers.for_endpoint(ep).dial(ep, timeout)
-            except (OSError, TimeoutError) as exc:
-                reason = failure_reason(exc)
-                stats.connect_errors += 1
-                if balancer is not None and token is not None:
-                    balancer.on_failed(token, clock() - started)
-                    balancer.on_done(token)
-                if outlier is not None and outlier.failure(ep.addr):
-                    log.warning("%s ejected after %d consecutive connect failures",
-                                ep.addr, outlier.config.consecutive_failures)
-                continue
-            except BaseException:
-                if balancer is not None and token is not None:
-                    balancer.on_done(token)
-                raise
-            elapsed = clock() - started
-            info.endpoint, info.connect_s = ep.addr, elapsed
-            stats.connect.observe(elapsed)
-            if balancer is not None and token is not None:
-                balancer.on_connected(token, elapsed)
-                # From here the relay owns the in-flight count: on_done when it finishes.
-                relay.hold(balancer, token)
-            if outlier is not None:
-                outlier.success(ep.addr)
-            try:
-                await loop.create_connection(lambda: relay.upstream, sock=sock)
-            except OSError:
-                sock.close()
-                break  # the socket died between connect and wrapping it: refuse the client
-            except BaseException:
-                sock.close()
-                raise
-            relay.connect_task = None
-            if self.tap and info.tapped(self.tap):
-                self._send(info.event("open", relay, self.config.worker_id, clock()))
+            relay = self._relay(client, info, self.stats.passthrough)
+            connector.connect(relay, (Endpoint(route.dst),), self.stats.passthrough)
             return
-        relay.connect_task = None
-        if balancer is not None:
-            stats.fail(reason)
-        relay.outcome = reason
-        relay.reset()  # every endpoint failed: refuse the client
+        info.service = route.service
+        stats = self.stats.pair(src, route.service)
+        stats.connections += 1
+        relay = self._relay(client, info, stats)
+        if isinstance(route, ToService):
+            connector.connect(relay, route.attempts, stats, route.balancer, route.outlier)
+        else:
+            stats.fail("no_endpoint")
+            relay.outcome = "no_endpoint"
+            relay.reset()
+
+    def _relay(self, client: _socket.socket, info: ConnInfo, stats: PairStats) -> Relay:
+        poller = self._poller
+        assert poller is not None
+        return Relay(poller, self.pool, self.registry, client, stats, info)
+
+    def _is_own(self, dst: OrigDstAddr) -> bool:
+        return dst.port == self._own_port and int(dst.ip) in self._own_ips
+
+    def _started(self, relay: Relay) -> None:
+        """A relay's upstream answered: its tap event."""
+        info = relay.info
+        if self.tap and info is not None and info.tapped(self.tap):
+            self._send(info.event("open", relay, self.config.worker_id, self.clock()))
 
     def _finished(self, relay: Relay) -> None:
         """A relay ended: its duration, and its access log line and tap event."""
@@ -323,21 +310,27 @@ class ProxyWorker:
             if self._control is not None:
                 await self._control.close(timeout=2.0)
             return err.exit_code
-        server = await loop.create_server(self._new_relay, sock=lsock, backlog=BACKLOG)
+        poller = self._poller = Poller(loop)
+        self._connector = Connector(loop, poller, self.dialers, self.stats,
+                                    self.config.connect_timeout, self.clock, self._started)
+        self._lsock = lsock
+        poller.register(lsock.fileno(), READ, self._on_accept)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         self._send({"t": "listening", "worker": self.config.worker_id, "pid": os.getpid()})
         sweeper = loop.create_task(self._sweep_idle())
         await self._stop.wait()
-        await self._shutdown(server, sweeper)
+        await self._shutdown(sweeper)
         return 0
 
-    async def _shutdown(self, server: asyncio.AbstractServer,
-                        sweeper: asyncio.Task[None]) -> None:
+    async def _shutdown(self, sweeper: asyncio.Task[None]) -> None:
         # The order follows uvicorn's Server.shutdown.
         # 1. Stop accepting: close the listener. With SO_REUSEPORT the kernel sends new
         #    connections to the workers still listening (or, last one out, refuses them).
-        server.close()
+        lsock, self._lsock = self._lsock, None
+        if lsock is not None and self._poller is not None:
+            self._poller.unregister(lsock.fileno())
+            lsock.close()
         # 2. Ask connections to close: a byte relay has no way to ask politely (no GOAWAY at
         #    L4), so connections simply get the grace period to finish on their own.
         # 3. Wait for active connections to finish, up to drain_grace. The control channel and
@@ -349,14 +342,11 @@ class ProxyWorker:
             except TimeoutError:
                 log.warning("drain: %d connections still open after %.1fs; resetting them",
                             len(self.registry), self.config.drain_grace)
-        # 4. Abort the rest with RST, so no client mistakes a cut-off stream for a clean end,
-        #    and give their connection_lost callbacks a moment to run.
-        if self.registry.reset_all():
-            try:
-                async with asyncio.timeout(1.0):
-                    await self.registry.wait_empty()
-            except TimeoutError:
-                pass
+        # 4. Reset the rest, so no client mistakes a cut-off stream for a clean end (a relay
+        #    closes its sockets at once: nothing is left to wait for).
+        self.registry.reset_all()
+        if self._poller is not None:
+            self._poller.close()
         sweeper.cancel()
         if self.access is not None:
             self.access.close()
@@ -376,16 +366,16 @@ def _client_key(peer: Any) -> int:
         return 0
 
 
-def _own_addresses(host: str, port: int) -> frozenset[tuple[IPv4Address, int]]:
-    """Destinations that are this proxy's own listener (a wildcard listener is every local
-    loopback address we can name cheaply)."""
+def _own_addresses(host: str) -> frozenset[int]:
+    """The addresses of a listener on `host`: a wildcard listener is every local loopback
+    address we can name cheaply."""
     try:
         ip = IPv4Address(host)
     except ValueError:
         return frozenset()
     if ip.is_unspecified:
-        return frozenset({(ip, port), (IPv4Address("127.0.0.1"), port)})
-    return frozenset({(ip, port)})
+        return frozenset({int(ip), int(IPv4Address("127.0.0.1"))})
+    return frozenset({int(ip)})
 
 
 def origdst_source(config: WorkerConfig) -> OrigDstSource:
