@@ -1,5 +1,6 @@
-"""The direct dialer (a non-blocking connect that usually completes inside connect()) and the sock_diag questions (the
-listening sockets by inode, the cgroup of a connected socket), on loopback, no root needed."""
+"""The direct dialer (a non-blocking connect that usually completes inside connect()) and the
+sock_diag questions (the listening sockets by inode, the cgroup of a connected socket), on
+loopback, no root needed."""
 
 from __future__ import annotations
 
