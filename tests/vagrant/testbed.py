@@ -7,8 +7,10 @@ handshake with an emulated guest costs about a second.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,18 +43,26 @@ class Testbed:
         return f"198.18.1.{10 + int(vm.removeprefix('vm'))}"
 
     def _vagrant(self, *args: str, echo: bool = True) -> int:
-        """Run vagrant, its output to the log, and to stdout with seconds since the start."""
+        """Run vagrant, its output to the log, and to stdout with seconds since the start.
+        Interrupted (Ctrl-C, SIGTERM, a failure around us), it is stopped with its children
+        before we go on: a `vagrant up` left running holds the machines' locks, so neither
+        the teardown's `vagrant destroy` nor the next run can act on them."""
         t0 = time.monotonic()
         with self.log.open("a") as log:
             proc = subprocess.Popen(["vagrant", *args], cwd=self.dir, env=self.env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
             assert proc.stdout is not None
-            for line in proc.stdout:
-                stamped = f"[{time.monotonic() - t0:6.1f}s] {line.rstrip()}"
-                log.write(stamped + "\n")
-                if echo:
-                    print("  " + stamped, flush=True)
-            return proc.wait()
+            try:
+                for line in proc.stdout:
+                    stamped = f"[{time.monotonic() - t0:6.1f}s] {line.rstrip()}"
+                    log.write(stamped + "\n")
+                    if echo:
+                        print("  " + stamped, flush=True)
+                return proc.wait()
+            except BaseException:
+                _stop_group(proc)
+                raise
 
     def up(self) -> None:
         if self._vagrant("up", "--no-tty") != 0:
@@ -99,6 +109,18 @@ class Testbed:
 
     def meshnode(self, vm: str, args: str, timeout: float = 120) -> str:
         return self.sh(vm, f"sudo meshnode {args}", timeout=timeout)
+
+
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    """SIGINT (vagrant cleans up as after Ctrl-C), then SIGKILL to whatever of its group
+    (ssh, rsync) is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
 
 
 def read_json_line(stream: IO[str] | None) -> Any:
