@@ -105,6 +105,29 @@ def rig() -> Iterator[Rig]:
         r.close()
 
 
+@contextlib.contextmanager
+def stuck_port() -> Iterator[int]:
+    """A port whose listener's accept queue is full: the kernel drops SYNs, so a connect to it
+    stays in progress until the listener makes room (then the SYN's retransmission, ~1 s).
+    On loopback each connect's handshake runs inside connect(), so the queue is full as soon
+    as the first one returns."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(0)
+    held = []
+    try:
+        for _ in range(4):
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(s.getsockname())
+            held.append(c)
+        yield s.getsockname()[1]
+    finally:
+        for c in held:
+            c.close()
+        s.close()
+
+
 def recv_all(s: socket.socket) -> bytes:
     """Everything until EOF."""
     chunks = []

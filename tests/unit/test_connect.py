@@ -20,7 +20,7 @@ from meshnode.proxy.dial import Dialers
 from meshnode.proxy.relay import Relay
 from meshnode.proxy.stats import WorkerStats
 from meshnode.proxy.telemetry import ConnInfo
-from tests.unit.relay_rig import Rig, pair, recv_all, rig
+from tests.unit.relay_rig import Rig, pair, recv_all, rig, stuck_port
 
 pytestmark = pytest.mark.timeout(20)
 __all__ = ["rig"]  # the fixture
@@ -71,23 +71,8 @@ def backend() -> Iterator[socket.socket]:
 
 @pytest.fixture
 def stuck() -> Iterator[int]:
-    """A port whose listener's accept queue is full: the kernel drops SYNs, so a connect
-    stays in progress until the listener makes room (then the SYN's retransmission, ~1 s)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(0)
-    port: int = s.getsockname()[1]
-    held = []
-    for _ in range(4):
-        c = socket.socket()
-        c.setblocking(False)
-        c.connect_ex(("127.0.0.1", port))
-        held.append(c)
-    time.sleep(0.1)
-    yield port
-    for c in held:
-        c.close()
-    s.close()
+    with stuck_port() as port:
+        yield port
 
 
 class Dialing:

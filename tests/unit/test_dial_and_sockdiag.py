@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address
 
@@ -19,6 +18,7 @@ from meshnode.host import process
 from meshnode.model import Endpoint, HostPort
 from meshnode.proxy.dial import DirectDialer
 from meshnode.sockdiag import SockDiag
+from tests.unit.relay_rig import stuck_port
 
 pytestmark = pytest.mark.timeout(20)
 LOOPBACK = IPv4Address("127.0.0.1")
@@ -63,26 +63,10 @@ def test_dial_refused_is_known_at_once(listener: socket.socket) -> None:
 
 
 def test_dial_in_progress_when_the_handshake_cannot_complete() -> None:
-    # A full accept queue makes the kernel drop SYNs: the connect stays in progress.
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(0)
-    port = s.getsockname()[1]
-    held = []
-    try:
-        for _ in range(4):
-            c = socket.socket()
-            c.setblocking(False)
-            c.connect_ex(("127.0.0.1", port))
-            held.append(c)
-        time.sleep(0.1)
+    with stuck_port() as port:
         sock, err = dial(port)
-        held.append(sock)
-        assert err == errno.EINPROGRESS
-    finally:
-        for c in held:
-            c.close()
-        s.close()
+        sock.close()
+    assert err == errno.EINPROGRESS
 
 
 def test_listeners_by_inode_ipv4_and_ipv6(listener: socket.socket) -> None:
