@@ -69,6 +69,8 @@ class OutlierDetector:
     # -- feedback ----------------------------------------------------------------------------
 
     def success(self, addr: HostPort) -> None:
+        if not self._records:
+            return  # no endpoint ever failed: nothing to reset (the common case, per connect)
         rec = self._records.get(addr)
         if rec is not None:
             rec.consecutive = 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,11 +82,12 @@ Route = ToService | NoEndpoint | Passthrough
 
 
 class _Service:
-    __slots__ = ("all", "balancers", "by_port", "endpoints", "loads", "outlier", "singles",
-                 "spec")
+    __slots__ = ("all", "balancers", "by_port", "endpoints", "hashes_client", "loads",
+                 "outlier", "singles", "spec")
 
     def __init__(self, spec: ServiceSpec, loads: Loads, outlier: OutlierDetector) -> None:
         self.spec = spec
+        self.hashes_client = spec.lb.algorithm == "ring-hash"  # wants route()'s client key
         self.endpoints: dict[_AddrKey, Endpoint] = {}  # insertion-ordered: stable rotation
         self.all: tuple[Endpoint, ...] = ()
         self.by_port: dict[int, tuple[Endpoint, ...]] = {}
@@ -195,8 +197,9 @@ class ServiceTable:
 
     # -- queries -----------------------------------------------------------------------------
 
-    def route(self, dst: HostPort, key: int = 0) -> Route:
-        """Where a connection to `dst` goes; `key` is handed to hash-based balancers."""
+    def route(self, dst: HostPort, client: tuple[str, int] | None = None) -> Route:
+        """Where a connection to `dst` goes; `client` (the peer address) keys hash-based
+        balancers (client affinity)."""
         ip = int(dst.ip)
         svc = self._by_vip.get(ip)
         if svc is not None:  # (a) a VIP
@@ -211,6 +214,7 @@ class ServiceTable:
             if balancer is None:
                 balancer = svc.balancers[set_key] = self._new_balancer(svc)
             healthy = svc.outlier.filter(candidates)
+            key = _client_key(client) if svc.hashes_client else 0
             return ToService(svc.spec.name, balancer.order(healthy, key), balancer,
                              svc.outlier)
         addr = (ip, dst.port)
@@ -254,6 +258,15 @@ class ServiceTable:
                 "connect_errors": rec.failures, "ewma_ms": round(rec.ewma.peek(now) * 1000, 3),
                 "ejected_for": round(svc.outlier.ejected_for(ep.addr), 3)}
         return report
+
+
+def _client_key(client: tuple[str, int] | None) -> int:
+    """The client's IPv4 address as an integer: the ring-hash key. An int, not a ClientAddr:
+    no validation needed, and only ring-hash services pay for it."""
+    try:
+        return int.from_bytes(socket.inet_aton(client[0]), "big") if client else 0
+    except (OSError, TypeError, IndexError):
+        return 0
 
 
 def _key(addr: HostPort) -> _AddrKey:

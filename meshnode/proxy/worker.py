@@ -234,7 +234,7 @@ class ProxyWorker:
         dst = info.orig_dst = origin.dst
         info.pid = origin.pid
         src = info.src = self.sources.source(origin, peer)
-        route = self.table.route(dst, _client_key(peer))
+        route = self.table.route(dst, peer)
         connector = self._connector
         assert connector is not None  # connections arrive only while run() runs the loop
         if isinstance(route, Passthrough):
@@ -355,15 +355,6 @@ class ProxyWorker:
         #    before the socket closes.
         if self._control is not None:
             await self._control.close(timeout=2.0)
-
-
-def _client_key(peer: Any) -> int:
-    """The client's IPv4 address as an integer: the ring-hash key (client affinity). An int,
-    not a `ClientAddr`: this runs for every connection and needs no validation."""
-    try:
-        return int.from_bytes(socket.inet_aton(peer[0]), "big")
-    except (OSError, TypeError, IndexError):
-        return 0
 
 
 def _own_addresses(host: str) -> frozenset[int]:

@@ -244,10 +244,14 @@ def test_a_new_lb_rebuilds_the_balancer_but_keeps_the_loads() -> None:
     r.balancer.on_connected(r.balancer.on_start(a), 0.002)
     t.apply(Reset(ServiceSpec("web", 7, VIP, 80, lb=BalancerConfig("ring-hash")),
                   (a, ep("10.0.0.2:80"))))
-    r2 = t.route(dst("127.240.0.7:80"), key=12345)
+    r2 = t.route(dst("127.240.0.7:80"), ("10.1.2.3", 40000))
     assert isinstance(r2, ToService) and r2.balancer is not r.balancer
-    assert [t.route(dst("127.240.0.7:80"), key=12345).attempts[0]  # type: ignore[union-attr]
+    assert [t.route(dst("127.240.0.7:80"), ("10.1.2.3", 40000)).attempts[0]  # type: ignore[union-attr]
             for _ in range(5)] == [r2.attempts[0]] * 5
+    # keyed by the client's address (not its port): clients spread, each one sticks
+    firsts = {t.route(dst("127.240.0.7:80"), (f"10.1.2.{i}", 40000 + i))  # type: ignore[union-attr]
+              .attempts[0] for i in range(1, 60)}
+    assert len(firsts) == 2
     assert t.endpoint_report("web")["10.0.0.1:80"]["ewma_ms"] == 2.0
 
 
