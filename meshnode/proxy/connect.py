@@ -85,15 +85,15 @@ class Connector:
             if sock is not None:
                 sock.close()
             reason = self.failed(OSError(err, os.strerror(err)), ep, stats, balancer,
-                                  outlier, token, started)
+                                 outlier, token, started)
         if balancer is not None:
             stats.fail(reason)
         relay.outcome = reason
         relay.reset()  # every endpoint failed: refuse the client
 
     def succeeded(self, relay: Relay, sock: _socket.socket, ep: Endpoint, stats: PairStats,
-                   balancer: Balancer | None, outlier: OutlierDetector | None,
-                   token: EndpointLoad | None, started: float) -> None:
+                  balancer: Balancer | None, outlier: OutlierDetector | None,
+                  token: EndpointLoad | None, started: float) -> None:
         elapsed = self.clock() - started
         info = relay.info
         assert info is not None
@@ -109,8 +109,8 @@ class Connector:
         self.on_started(relay)
 
     def failed(self, exc: OSError | TimeoutError, ep: Endpoint, stats: PairStats,
-                balancer: Balancer | None, outlier: OutlierDetector | None,
-                token: EndpointLoad | None, started: float) -> str:
+               balancer: Balancer | None, outlier: OutlierDetector | None,
+               token: EndpointLoad | None, started: float) -> str:
         stats.connect_errors += 1
         if balancer is not None and token is not None:
             balancer.on_failed(token, self.clock() - started)
