@@ -12,8 +12,6 @@ per connection with transports against about 50 µs for the bare relay; system t
 
 Hot-path choices, each measured or forced by the kernel's behaviour:
 - One worker-wide 256 KiB read buffer: `recv_into` it, `send` from it, no bytes object per read.
-- A direction whose read fills that buffer carries a bulk stream: it moves on to splice(2)
-  through a kernel pipe (splice.py), and its bytes no longer enter user space.
 - Backpressure: when the kernel takes only part of a send, the rest waits (`Pipe.pending`) and
   the source is not read until the sink drains. User space holds at most one read per
   direction; the kernel's autotuned socket buffers and TCP flow control do the queueing, the
@@ -45,7 +43,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from meshnode.proxy.poller import ERR, READ, WRITE, Poller
-from meshnode.proxy.splice import KernelPipe
 from meshnode.proxy.stats import PairStats
 
 if TYPE_CHECKING:
@@ -96,10 +93,10 @@ class BufferPool:
 class Pipe:
     """One direction of a relay: read `src`, write `dst`. Each pipe also owns its src socket's
     registration in the poller (`ready` is its handler), whose interest is READ while this pipe
-    reads plus WRITE while the opposite pipe (whose dst is that socket) is blocked."""
+    reads plus WRITE while the opposite pipe (whose dst is that socket) has bytes pending."""
 
-    __slots__ = ("attached", "blocked", "dst", "dst_fd", "eof", "kpipe", "lent", "mask",
-                 "other", "pending", "poller", "pool", "reading", "relay", "src", "src_fd")
+    __slots__ = ("attached", "dst", "eof", "lent", "mask", "other", "pending", "poller",
+                 "pool", "reading", "relay", "src", "src_fd")
 
     def __init__(self, relay: Relay, src: _socket.socket, dst: _socket.socket) -> None:
         self.relay = relay
@@ -108,13 +105,8 @@ class Pipe:
         self.src = src
         self.dst = dst
         self.src_fd = src.fileno()
-        self.dst_fd = dst.fileno()
-        # dst has not taken everything: the rest waits in `pending` (copying) or in `kpipe`
-        # (splicing), and src is not read until it is gone.
-        self.blocked = False
-        self.pending: memoryview | bytes | None = None
+        self.pending: memoryview | bytes | None = None  # what dst has not taken yet
         self.lent: memoryview | None = None  # the pool buffer `pending` points into
-        self.kpipe: KernelPipe | None = None  # once the direction carries a bulk stream
         self.reading = True
         self.eof = False  # src sent its FIN (and dst was shut down for writing)
         self.mask = READ  # src's interest as registered
@@ -130,7 +122,7 @@ class Pipe:
         if events & _READABLE and self.reading:
             self.readable()
         other = self.other
-        if events & _WRITABLE and other.blocked and not relay.finished:
+        if events & _WRITABLE and other.pending is not None and not relay.finished:
             other.writable()
         elif events & ERR and self.eof and not relay.finished:
             # Read to its end and nothing to write to it: an error (its peer's RST) that
@@ -142,7 +134,7 @@ class Pipe:
 
     def _sync(self) -> None:
         """Bring src's registration in line with what the two pipes want of it."""
-        mask = (READ if self.reading else 0) | (WRITE if self.other.blocked else 0)
+        mask = (READ if self.reading else 0) | (WRITE if self.other.pending is not None else 0)
         if mask == self.mask:
             return
         self.mask = mask
@@ -160,9 +152,6 @@ class Pipe:
             poller.modify(self.src_fd, mask)
 
     def readable(self) -> None:
-        if self.kpipe is not None:
-            self._splice()
-            return
         buf = self.pool.current
         try:
             n = self.src.recv_into(buf)
@@ -184,32 +173,6 @@ class Pipe:
             return
         if sent < n:
             self._hold(buf, sent, n)
-        elif n == len(buf):
-            # A full read: a bulk stream. Splice it from now on (None: no descriptors left
-            # for a pipe, keep copying).
-            self.kpipe = KernelPipe.open()
-
-    def _splice(self) -> None:
-        kpipe = self.kpipe
-        assert kpipe is not None
-        try:
-            n = kpipe.fill(self.src_fd)
-        except _AGAIN:
-            return
-        except OSError:
-            self.relay.reset()
-            return
-        if not n:
-            self._eof()
-            return
-        self.count(n)
-        try:
-            drained = kpipe.drain(self.dst_fd)
-        except OSError:
-            self.relay.reset()
-            return
-        if not drained:
-            self._block()
 
     def _hold(self, buf: memoryview, sent: int, n: int) -> None:
         """dst took `sent` of `n` bytes: keep the rest and stop reading src until it drains."""
@@ -218,37 +181,27 @@ class Pipe:
         else:
             self.lent = self.pool.lend()  # == buf: the next reads must go elsewhere
             self.pending = buf[sent:n]
-        self._block()
-
-    def _block(self) -> None:
-        self.blocked = True
         self.reading = False
         self._sync()
         self.other._sync()  # its src is our dst: now wanted writable
 
     def writable(self) -> None:
-        """dst can take more of what is waiting (the poller's WRITE, via the other pipe)."""
         pending = self.pending
+        assert pending is not None  # called only while something is pending
         try:
-            if pending is None:
-                assert self.kpipe is not None  # blocked: the bytes wait in one or the other
-                if not self.kpipe.drain(self.dst_fd):
-                    return
-            else:
-                sent = self.dst.send(pending)
-                if sent < len(pending):
-                    self.pending = pending[sent:]
-                    return
-                self.pending = None
-                if self.lent is not None:
-                    self.pool.give_back(self.lent)
-                    self.lent = None
+            sent = self.dst.send(pending)
         except _AGAIN:
             return
         except OSError:
             self.relay.reset()
             return
-        self.blocked = False
+        if sent < len(pending):
+            self.pending = pending[sent:]
+            return
+        self.pending = None
+        if self.lent is not None:
+            self.pool.give_back(self.lent)
+            self.lent = None
         self.reading = True
         self._sync()
         self.other._sync()
@@ -380,8 +333,6 @@ class Relay:
             if pipe is not None:
                 self.poller.forget(pipe.src_fd)  # closing leaves the epoll set
                 pipe.pending = pipe.lent = None
-                if pipe.kpipe is not None:
-                    pipe.kpipe.close()
         for sock in (self.client, self.upstream):
             if sock is not None:
                 if rst:
