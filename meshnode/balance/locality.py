@@ -44,7 +44,7 @@ SPILL_RATIO = 2.0
 
 
 class Locality(LoadFeedback):
-    __slots__ = ("_for", "_inner", "_others", "_tiers")
+    __slots__ = ("_for", "_inner", "_only", "_others", "_tiers")
 
     def __init__(self, loads: Loads, make_inner: Callable[[], Balancer]) -> None:
         super().__init__(loads)
@@ -52,6 +52,7 @@ class Locality(LoadFeedback):
         self._for: Sequence[Endpoint] | None = None
         self._tiers: list[tuple[Endpoint, ...]] = [()] * TIERS
         self._others: list[tuple[Endpoint, ...]] = [()] * TIERS
+        self._only = -1  # the one tier holding every candidate, if there is one
 
     def _partition(self, candidates: Sequence[Endpoint]) -> None:
         # Cached by identity: the routing table hands the same tuple until something changes.
@@ -62,11 +63,16 @@ class Locality(LoadFeedback):
         self._tiers = [tuple(t) for t in tiers]
         self._others = [tuple(ep for u in range(TIERS) if u != t for ep in self._tiers[u])
                         for t in range(TIERS)]
+        filled = [t for t in range(TIERS) if self._tiers[t]]
+        self._only = filled[0] if len(filled) == 1 else -1
         self._for = candidates
 
     def order(self, candidates: Sequence[Endpoint], key: int = 0) -> Sequence[Endpoint]:
         if candidates is not self._for:
             self._partition(candidates)
+        if self._only >= 0:
+            # One tier (every endpoint on this node, say): nothing to prefer or spill to.
+            return self._inner[self._only].order(candidates, key)
         tiers = self._tiers
         chosen = self._choose(tiers)
         if chosen < 0:

@@ -106,7 +106,6 @@ class SockoptOrigDst:
             # directly, or the capture's map entry is gone).
             raise OrigDstError(f"SO_ORIGINAL_DST failed: {exc.strerror}",
                                errno=exc.errno or 0) from exc
-        raw = bytes(raw)
         key = raw[:8]  # family, port, address
         dst = self._parsed.get(key)
         if dst is None:
