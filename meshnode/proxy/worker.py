@@ -144,6 +144,7 @@ class ProxyWorker:
         self._lsock: _socket.socket | None = None
         self._connector: Connector | None = None
         self._poller: Poller | None = None
+        self._accept_trouble = False  # accept() failing (out of descriptors): said once
         self._stop: asyncio.Event | None = None
         self._force = False
         # Destinations that are this proxy's own listener (connecting there would loop).
@@ -202,12 +203,18 @@ class ProxyWorker:
             # C-level socket class: _socket.socket adds a Python __init__ and close().
             client = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
             client.setblocking(False)  # TCP_NODELAY comes from the listener
+            if self._accept_trouble:
+                self._accept_trouble = False
+                log.warning("accepting again")
             self._accepted(client, peer)
 
     def _accept_failed(self, exc: OSError) -> None:
         """Out of descriptors (EMFILE/ENFILE) or memory: the backlog stays readable, so stop
-        watching it for a moment instead of spinning, and say so once per pause."""
-        log.warning("accept failed: %s; pausing accepts for %.1fs", exc.strerror, ACCEPT_PAUSE)
+        watching it for a moment instead of spinning. Said once until accepts work again."""
+        if not self._accept_trouble:
+            self._accept_trouble = True
+            log.warning("accept failed: %s; pausing accepts %.1fs at a time until it works",
+                        exc.strerror, ACCEPT_PAUSE)
         loop, poller, lsock = self._loop, self._poller, self._lsock
         assert loop is not None and poller is not None and lsock is not None
         poller.unregister(lsock.fileno())
