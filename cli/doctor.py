@@ -9,13 +9,19 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import typer
 from meshnode.cli.options import Instance, OutputOpt
 from meshnode.cli.output import Output, emit_json
 
 from meshnode.errors import EX_UNAVAILABLE
-from meshnode.host.doctor import Check, can_run, capture_backend, run_checks
+
+if TYPE_CHECKING:
+    from meshnode.host.doctor import Check
+
+# meshnode.host.doctor (with the BPF probe and both capture backends) is imported where it is
+# used: it is a third of every other command's start-up time otherwise.
 
 _LABELS = {"ok": "ok", "warn": "warn", "fail": "FAIL"}  # capitals: failures stand out
 
@@ -34,6 +40,8 @@ def doctor_text(checks: list[Check]) -> str:
 
 
 def verdict(checks: list[Check]) -> str:
+    from meshnode.host.doctor import can_run, capture_backend
+
     failed = sum(1 for c in checks if c.status == "fail")
     if can_run(checks):
         also = f"; {failed} optional check{'s' if failed != 1 else ''} failed" if failed else ""
@@ -46,6 +54,8 @@ def register(app: typer.Typer) -> None:
     def doctor(instance: Instance = "default", output: OutputOpt = Output.table) -> None:
         """Check whether this host can run the agent (root, cgroup v2, a capture backend, free
         ports) and print the exact fix for what cannot."""
+        from meshnode.host.doctor import can_run, capture_backend, run_checks
+
         checks = run_checks(instance)
         runnable = can_run(checks)
         if output is Output.json:
