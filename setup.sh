@@ -37,9 +37,12 @@ pkgs=(python3-bpfcc python3-venv python3-dev iptables bpftool linux-headers-amd6
 [ "$mode" = vagrant ] && pkgs+=(vagrant vagrant-libvirt libvirt-daemon-system
   libvirt-daemon-driver-qemu libvirt-clients dnsmasq-base qemu-system-x86 qemu-utils
   mmdebstrap e2fsprogs fdisk grub-pc-bin grub2-common)
+# (one dpkg-query for all of them: a process each costs seconds on an emulated VM)
+mapfile -t installed < <(dpkg-query -W -f='${db:Status-Abbrev} ${Package}\n' "${pkgs[@]}" \
+  2>/dev/null | awk '$1 == "ii" {print $2}')
 missing=()
 for p in "${pkgs[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  [[ " ${installed[*]} " == *" $p "* ]] || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
@@ -91,8 +94,13 @@ if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
   log "installing meshnode$extra into $venv"
   # a wheelhouse (hosts without PyPI, e.g. the Vagrant VMs) or the index
   from=()
-  # (no .pyc up front: under emulation compiling every file costs more than it saves)
-  [ -n "${MESHNODE_WHEELS:-}" ] && from=(--no-index --find-links "$MESHNODE_WHEELS" --no-compile)
+  if [ -n "${MESHNODE_WHEELS:-}" ]; then
+    # No .pyc up front, and no isolated build environment (the build backend comes from the
+    # wheelhouse into the venv once): under emulation each of those costs minutes.
+    from=(--no-index --find-links "$MESHNODE_WHEELS" --no-compile)
+    "$venv/bin/pip" install -q --disable-pip-version-check "${from[@]}" "setuptools>=68" wheel
+    from+=(--no-build-isolation)
+  fi
   "$venv/bin/pip" install -q --disable-pip-version-check "${from[@]}" -e "$here$extra"
   touch "$stamp"
 fi

@@ -3,7 +3,10 @@
 # root. For machines that can download no box (and need not: everything comes from Debian).
 #   vagrant/build-box.sh            build unless the box is there, built by this very script
 #   vagrant/build-box.sh --force    build anyway
-# Env: MESHNODE_BOX (box name), MESHNODE_DEBIAN_MIRROR, MESHNODE_VAGRANT_CACHE (work dir).
+# Env: MESHNODE_BOX (box name), MESHNODE_DEBIAN_MIRROR, MESHNODE_VAGRANT_CACHE (work dir),
+# MESHNODE_BOX_WHEELS (a wheelhouse with requirements.txt: its packages are pre-installed in
+# /opt/meshnode/.venv, where setup.sh makes its venv; pip there runs at native speed, in the
+# guests it takes minutes. setup.sh still checks and installs whatever is missing).
 #
 # No loop devices (they show no partitions on these machines): the root filesystem is made
 # from a directory with `mkfs.ext4 -d`, put into a partitioned raw disk with dd, and GRUB's
@@ -46,24 +49,30 @@ EOF
   printf '127.0.0.1 localhost\n127.0.1.1 meshnode-box\n' >"$root/etc/hosts"
   echo "LABEL=$label / ext4 defaults,noatime 0 1" >"$root/etc/fstab"
 
-  # Every VM its own SSH host keys and machine-id (the machine-id keys the DHCP lease).
+  # Every VM its own SSH host key and machine-id (the machine-id keys the DHCP lease). One
+  # Ed25519 key: `ssh-keygen -A` also makes an RSA key, 90 s of an emulated CPU at first boot,
+  # on the way to SSH.
   rm -f "$root"/etc/ssh/ssh_host_*
-  cat >"$root/etc/systemd/system/ssh-host-keys.service" <<'EOF'
+  printf 'HostKey /etc/ssh/ssh_host_ed25519_key\n' >"$root/etc/ssh/sshd_config.d/10-hostkey.conf"
+  cat >"$root/etc/systemd/system/ssh-host-keys.service" <<'UNIT'
 [Unit]
-Description=Generate SSH host keys at first boot
+Description=Generate the SSH host key at first boot
 Before=ssh.service
 ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
 
 [Service]
 Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
+ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
 
 [Install]
 WantedBy=ssh.service
-EOF
+UNIT
   chroot "$root" systemctl enable ssh-host-keys.service
   : >"$root/etc/machine-id"
   rm -f "$root/var/lib/dbus/machine-id"
+  # e2scrub_reap looks for LVM snapshots at every boot (there is no LVM): 100 s of an
+  # emulated CPU that the boot shares with everything else.
+  chroot "$root" systemctl mask e2scrub_reap.service e2scrub_all.timer >/dev/null
 
   # etcd is configured per VM by the Vagrantfile's provisioner, never started as it comes
   chroot "$root" systemctl disable etcd.service
@@ -79,6 +88,21 @@ initrd /boot/initrd.img-$kver
 boot
 EOF
   rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+
+  if [ -n "${MESHNODE_BOX_WHEELS:-}" ]; then
+    # The venv setup.sh would make (same interpreter, same options, same place), with the
+    # project's dependencies from the wheelhouse.
+    install -d "$root/opt/meshnode" "$root/tmp/wheels"
+    cp "$MESHNODE_BOX_WHEELS"/*.whl "$MESHNODE_BOX_WHEELS/requirements.txt" "$root/tmp/wheels/"
+    # (a clean environment: the host's PIP_* settings name paths the chroot does not have)
+    local clean=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
+    chroot "$root" "${clean[@]}" /usr/bin/python3 -m venv --system-site-packages \
+      /opt/meshnode/.venv
+    chroot "$root" "${clean[@]}" /opt/meshnode/.venv/bin/pip install -q \
+      --disable-pip-version-check --no-index --find-links /tmp/wheels \
+      -r /tmp/wheels/requirements.txt
+    rm -rf "$root/tmp/wheels"
+  fi
 }
 
 vagrant_pub() {
@@ -139,6 +163,9 @@ main() {
   [ "$(id -u)" -eq 0 ] || { log "run as root"; exit 77; }
   local want stamp="$cache/box.stamp"
   want="$box $(sha256sum "$self" | cut -d' ' -f1)"
+  if [ -n "${MESHNODE_BOX_WHEELS:-}" ]; then
+    want+=" $(sha256sum "$MESHNODE_BOX_WHEELS/requirements.txt" | cut -d' ' -f1)"
+  fi
   if [ "${1:-}" != --force ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] \
       && vagrant box list 2>/dev/null | grep -q "^$box "; then
     log "box $box is up to date"; return

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Vagrant's shell provisioner for one VM, as root. Env from the Vagrantfile: NODE (vmN),
-# MESH_IP, MESH_MAC, ETCD_IPS (space-separated member addresses), TTL.
+# MESH_IP, MESH_MAC, ETCD_IPS (space-separated member addresses), TTL, CAPTURE (backend).
 # Network and etcd are the testbed's; meshnode itself is set up exactly as the README says,
 # `setup.sh service`, with the wheelhouse standing in for PyPI.
 set -euo pipefail
@@ -57,13 +57,15 @@ fi
 # One proxy worker: each VM has few (emulated) CPUs.
 MESHNODE_WHEELS=/opt/meshnode-wheels /opt/meshnode/setup.sh service \
   --registry "etcd://$registry" --host-address "$MESH_IP" --node "$NODE" \
-  --registry-ttl "$TTL" --workers 1
+  --registry-ttl "$TTL" --workers 1 --capture "$CAPTURE"
 
-# Ready once the agent answers on its control socket (bcc compiles first: slow under TCG).
-for _ in $(seq 300); do
-  meshnode status >/dev/null 2>&1 && { log "agent ready"; exit 0; }
-  sleep 0.5
-done
-log "agent not ready after 150 s"
+# Ready once the agent says so on its control socket (with eBPF, bcc compiles first: minutes
+# under emulation). One polling process: starting `meshnode status` again and again costs
+# seconds each under emulation.
+if python3 /opt/meshnode/tests/vagrant/guest.py wait-ready 900 | grep -q '"ready": true'; then
+  log "agent ready"
+  exit 0
+fi
+log "agent not ready after 900 s"
 systemctl status --no-pager meshnode-agent.service || true
 exit 1

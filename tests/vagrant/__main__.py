@@ -62,7 +62,7 @@ def run_scenarios(tb: Testbed, ttl: int) -> list[Result]:
     steps: list[tuple[str, Callable[[], Result]]] = [
         ("a. web on every VM, by VIP and name", lambda: scenarios.reachable(tb, vip)),
         ("c. etcd members restarted", lambda: scenarios.etcd_restarts(tb, vip, members)),
-        ("d. capture: eBPF and iptables", lambda: scenarios.capture_backends(tb, vip)),
+        ("d. capture: eBPF and iptables", lambda: scenarios.capture_backends(tb)),
         # last: it kills an agent
         ("b. agent SIGKILLed -> endpoints gone", lambda: scenarios.agent_killed(tb, vip, ttl)),
     ]
@@ -129,9 +129,10 @@ def main() -> int:
     up_ok = False
     try:
         with phase("box build"):
-            subprocess.run([str(VAGRANT_DIR / "build-box.sh")], check=True)
             built = wheels.build(REPO / "pyproject.toml", cache / "wheels")
             print(f"   wheelhouse {'built' if built else 'up to date'}", flush=True)
+            subprocess.run([str(VAGRANT_DIR / "build-box.sh")], check=True,
+                           env={**os.environ, "MESHNODE_BOX_WHEELS": str(cache / "wheels")})
         with phase("libvirt"):
             host.start()
         with phase(f"VM start ({args.vms}, provisioned)"):

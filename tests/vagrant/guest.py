@@ -2,7 +2,8 @@
 so one invocation does a whole step and prints one JSON line).
 
   guest.py serve NAME PORT                 HTTP server answering NAME (run it enrolled)
-  guest.py calls URL N                     N GETs, counts replies per instance (run enrolled)
+  guest.py calls URL N [URL ...]           N GETs to each URL, replies counted per instance
+                                           (run enrolled); one answer per URL, keyed by it
   guest.py loop URL STOPFILE               GETs until STOPFILE exists (run enrolled); makes
                                            STOPFILE.started after the first answer
   guest.py wait-gone SERVICE ADDR TIMEOUT  until ADDR leaves SERVICE in this agent's view
@@ -135,7 +136,9 @@ def main(argv: list[str]) -> None:
         serve(args[0], int(args[1]))
         return
     if cmd == "calls":
-        out = tally(args[0], lambda done: done < int(args[1]))
+        n = int(args[1])
+        urls = [args[0], *args[2:]]
+        out = {url: tally(url, lambda done: done < n) for url in urls}
     elif cmd == "loop":
         out = tally(args[0], lambda done: not os.path.exists(args[1]), args[1] + ".started")
     elif cmd == "wait-gone":
