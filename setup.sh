@@ -98,7 +98,10 @@ if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ]; then
     # No .pyc up front, and no isolated build environment (the build backend comes from the
     # wheelhouse into the venv once): under emulation each of those costs minutes.
     from=(--no-index --find-links "$MESHNODE_WHEELS" --no-compile)
-    "$venv/bin/pip" install -q --disable-pip-version-check "${from[@]}" "setuptools>=68" wheel
+    if ! "$venv/bin/python" -c 'import setuptools as s, wheel, sys
+sys.exit(int(s.__version__.split(".")[0]) < 68)' 2>/dev/null; then
+      "$venv/bin/pip" install -q --disable-pip-version-check "${from[@]}" "setuptools>=68" wheel
+    fi
     from+=(--no-build-isolation)
   fi
   "$venv/bin/pip" install -q --disable-pip-version-check "${from[@]}" -e "$here$extra"

@@ -9,6 +9,7 @@ so one invocation does a whole step and prints one JSON line).
   guest.py wait-gone SERVICE ADDR TIMEOUT  until ADDR leaves SERVICE in this agent's view
   guest.py wait-count SERVICE N TIMEOUT    until SERVICE has N endpoints here (and ready)
   guest.py wait-ready TIMEOUT              until the agent answers and is ready
+  guest.py wait-registry TIMEOUT           until the agent is connected to its registry
   guest.py status                          the agent's status (control socket)
 """
 
@@ -105,16 +106,26 @@ def wait_count(service: str, n: int, timeout: float) -> dict[str, Any]:
             "after_s": round(time.monotonic() - t0, 2)}
 
 
-def wait_ready(timeout: float) -> dict[str, Any]:
+def _wait_status(what: str, holds: Callable[[dict[str, Any]], bool],
+                 timeout: float) -> dict[str, Any]:
+    """Until the agent's status satisfies `holds`: {what: bool, "after_s": seconds}."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         try:
-            if control("status")["ready"]:
-                return {"ready": True, "after_s": round(time.monotonic() - t0, 2)}
+            if holds(control("status")):
+                return {what: True, "after_s": round(time.monotonic() - t0, 2)}
         except (OSError, ValueError, KeyError):
-            pass  # no control socket yet: bcc still compiling
+            pass  # no control socket yet (bcc still compiling), or the agent restarting
         time.sleep(0.5)
-    return {"ready": False, "after_s": round(time.monotonic() - t0, 2)}
+    return {what: False, "after_s": round(time.monotonic() - t0, 2)}
+
+
+def wait_ready(timeout: float) -> dict[str, Any]:
+    return _wait_status("ready", lambda s: bool(s["ready"]), timeout)
+
+
+def wait_registry(timeout: float) -> dict[str, Any]:
+    return _wait_status("connected", lambda s: bool(s["registry"]["connected"]), timeout)
 
 
 def wait_gone(service: str, addr: str, timeout: float) -> dict[str, Any]:
@@ -147,6 +158,8 @@ def main(argv: list[str]) -> None:
         out = wait_count(args[0], int(args[1]), float(args[2]))
     elif cmd == "wait-ready":
         out = wait_ready(float(args[0]))
+    elif cmd == "wait-registry":
+        out = wait_registry(float(args[0]))
     elif cmd == "status":
         out = control("status")
     else:

@@ -102,8 +102,11 @@ def agent_killed(tb: Testbed, vip: str, ttl: int) -> Result:
         bounds[vm] = (now - after_kill, now - before) if r["gone"] else (float("inf"),) * 2
     url = f"http://{vip}/"
     after = tb.guest(others[0], f"calls {url} 10", enrolled="client")[url]
-    # within the TTL, plus a second for the watch to reach the agent and the poll to see it
-    ok = (all(lo <= ttl + 1 for lo, _ in bounds.values()) and after["failed"] == 0
+    # Within the TTL, plus 2 s: etcd revokes expired leases on a 500 ms tick and commits the
+    # revoke through raft, the watch carries it to the agent, and the watcher polls the agent's
+    # status, each of which takes hundreds of ms on an emulated CPU (the namespace e2e test,
+    # on real CPUs, holds it to the TTL).
+    ok = (all(lo <= ttl + 2 for lo, _ in bounds.values()) and after["failed"] == 0
           and set(after["replies"]) == set(others))
     numbers = (", ".join(f"gone at {vm} {lo:.1f}-{hi:.1f}s after the kill"
                          for vm, (lo, hi) in bounds.items())
@@ -150,11 +153,14 @@ def etcd_restarts(tb: Testbed, vip: str, members: list[str]) -> Result:
         restart_s.append(time.monotonic() - r0)
     tb.sh(client, "sudo touch /tmp/stop")
     r = _wait_loop(tb, client)
-    connected = each(tb, lambda vm: tb.guest(vm, "status")["registry"]["connected"])
-    ok = r["failed"] == 0 and r["ok"] > 20 and all(connected.values())
+    # every agent back on etcd (each reconnects with backoff: wait, within a bound)
+    back = each(tb, lambda vm: tb.guest(vm, "wait-registry 60", timeout=90))
+    reconnected = all(b["connected"] for b in back.values())
+    ok = r["failed"] == 0 and r["ok"] > 20 and reconnected
     numbers = (f"{r['ok'] + r['failed']} calls, {r['failed']} failed, during "
                f"{len(members)} restarts ({', '.join(f'{s:.1f}s' for s in restart_s)}); "
-               f"replies {r['replies']}; agents reconnected {all(connected.values())}")
+               f"replies {r['replies']}; agents reconnected {reconnected} "
+               f"(within {max(b['after_s'] for b in back.values()):.1f}s of the loop's end)")
     if r["errors"]:
         numbers += f"; errors {r['errors'][:2]}"
     return Result("c. etcd members restarted", ok, numbers, time.monotonic() - t0)
