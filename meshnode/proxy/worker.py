@@ -184,7 +184,7 @@ class ProxyWorker:
 
     # -- accept, route, connect --------------------------------------------------------------
 
-    def _on_accept(self, events: int = READ) -> None:
+    def _on_accept(self, events: int) -> None:
         """The listener is readable: take what the backlog holds, up to a batch, so one busy
         listener cannot starve the relays sharing the loop."""
         lsock = self._lsock
@@ -200,7 +200,7 @@ class ProxyWorker:
                 self._accept_failed(exc)
                 return
             # accept4 leaves it blocking (Python passes no SOCK_NONBLOCK): one FIONBIO. The
-            # C-level socket class: _socket.socket adds a Python __init__ and close().
+            # C-level socket class: socket.socket would add a Python __init__ and close().
             client = _socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
             client.setblocking(False)  # TCP_NODELAY comes from the listener
             if self._accept_trouble:

@@ -21,6 +21,9 @@ from meshnode.proxy.relay import COPY_LIMIT, BufferPool
 from tests.unit.relay_rig import Rig, recv_all, rig
 
 pytestmark = pytest.mark.timeout(20)
+# tcp_info.tcpi_state of a socket whose peer has not sent its FIN yet: ESTABLISHED, FIN_WAIT1,
+# FIN_WAIT2 (our shutdown came first)
+WAITING_FOR_FIN = (1, 4, 5)
 __all__ = ["rig"]  # the fixture
 
 
@@ -130,9 +133,13 @@ def test_an_upstream_that_finishes_while_paused_is_read_to_its_end(rig: Rig) -> 
     backend.sendall(data)
     backend.close()
     rig.wait("the relay to pause", lambda: relay.down is not None and not relay.down.reading)
-    time.sleep(0.05)  # the FIN arrives behind the data
+    upstream = relay.upstream
+    assert upstream is not None
+    rig.wait("the backend's FIN to reach the upstream socket",
+             lambda: upstream.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+             not in WAITING_FOR_FIN)
     cpu = rig.call(time.thread_time)
-    time.sleep(0.3)
+    time.sleep(0.3)  # a measuring window, not a barrier
     assert rig.call(time.thread_time) - cpu < 0.1  # the loop idles while paused
     assert recv_all(app) == data
     rig.wait("the relay to finish", lambda: relay.finished)
