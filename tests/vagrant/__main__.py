@@ -115,7 +115,7 @@ def main() -> int:
     if missing := have_tools():
         print(f"missing {', '.join(missing)}: run ./setup.sh vagrant", file=sys.stderr)
         return 69
-    ttl = int(os.environ.setdefault("MESHNODE_REGISTRY_TTL", "5"))
+    ttl = int(os.environ.setdefault("MESHNODE_REGISTRY_TTL", "10"))  # as the Vagrantfile
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or REPO / "artifacts" / "vagrant" / stamp
     out.mkdir(parents=True, exist_ok=True)
