@@ -56,7 +56,15 @@ def _missing() -> list[str]:
     return need
 
 
+_MAIN_PID = os.getpid()
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _MAIN_PID:
+        # A forked helper (pyroute2 forks to work in a namespace, and stops its child with
+        # SIGTERM) inherits this handler: raising there would unwind a copy of our stack,
+        # whose clean-up then removes the real run's files under it.
+        os._exit(128 + signum)
     raise KeyboardInterrupt  # unwinds through every context manager: nothing left behind
 
 
