@@ -4,9 +4,10 @@
 #   vagrant/build-box.sh            build unless the box is there, built by this very script
 #   vagrant/build-box.sh --force    build anyway
 # Env: MESHNODE_BOX (box name), MESHNODE_DEBIAN_MIRROR, MESHNODE_VAGRANT_CACHE (work dir),
-# MESHNODE_BOX_WHEELS (a wheelhouse with requirements.txt: its packages are pre-installed in
-# /opt/meshnode/.venv, where setup.sh makes its venv; pip there runs at native speed, in the
-# guests it takes minutes. setup.sh still checks and installs whatever is missing).
+# MESHNODE_BOX_WHEELS (a wheelhouse with requirements.txt: its packages, and meshnode itself,
+# are pre-installed in /opt/meshnode/.venv, where setup.sh makes its venv; pip there runs at
+# native speed, in the guests it takes minutes. setup.sh still checks and installs whatever is
+# missing).
 #
 # No loop devices (they show no partitions on these machines): the root filesystem is made
 # from a directory with `mkfs.ext4 -d`, put into a partitioned raw disk with dd, and GRUB's
@@ -102,6 +103,17 @@ EOF
       --disable-pip-version-check --no-index --find-links /tmp/wheels \
       -r /tmp/wheels/requirements.txt
     rm -rf "$root/tmp/wheels"
+    # meshnode itself, editable as setup.sh installs it, from a copy of its packages that the
+    # synced folder later replaces: the install only records where they are (and the entry
+    # point), which changes only with pyproject.toml, part of the box's key. In the guests
+    # this pip run took two minutes.
+    local project
+    project=$(dirname "$here")
+    cp -r "$project/pyproject.toml" "$project/README.md" "$project/meshnode" "$project/cli" \
+      "$project/bpf" "$project/iptables" "$root/opt/meshnode/"
+    chroot "$root" "${clean[@]}" /opt/meshnode/.venv/bin/pip install -q \
+      --disable-pip-version-check --no-index --no-deps --no-build-isolation -e /opt/meshnode
+    touch "$root/opt/meshnode/.venv/.meshnode-installed"  # setup.sh's stamp
   fi
 }
 
@@ -164,7 +176,8 @@ main() {
   local want stamp="$cache/box.stamp"
   want="$box $(sha256sum "$self" | cut -d' ' -f1)"
   if [ -n "${MESHNODE_BOX_WHEELS:-}" ]; then
-    want+=" $(sha256sum "$MESHNODE_BOX_WHEELS/requirements.txt" | cut -d' ' -f1)"
+    want+=" $(cat "$MESHNODE_BOX_WHEELS/requirements.txt" "$(dirname "$here")/pyproject.toml" \
+      | sha256sum | cut -d' ' -f1)"
   fi
   if [ "${1:-}" != --force ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] \
       && vagrant box list 2>/dev/null | grep -q "^$box "; then

@@ -2,9 +2,9 @@
 
 Builds the box if needed, starts libvirt, brings the VMs up (setup.sh provisions each), runs
 the scenarios, collects every VM's agent journal, status and metrics into
-artifacts/vagrant/<timestamp>/, prints a summary and the time of each phase. Whatever happens
-(failure, Ctrl-C, SIGTERM), it destroys the VMs, checks with virsh that nothing of ours is left
-and stops the libvirt daemons it started.
+artifacts/vagrant/<timestamp>/, prints a summary and the time of each phase (also written there
+as summary.txt). Whatever happens (failure, Ctrl-C, SIGTERM), it destroys the VMs, checks with
+virsh that nothing of ours is left and stops the libvirt daemons it started.
 """
 
 from __future__ import annotations
@@ -145,14 +145,18 @@ def main() -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # teardown is not to be interrupted
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        clean = teardown(tb, host, phase, out, collected=up_ok)
-    print(f"\nartifacts: {out}\n\n{summary(results)}\n\nwall time: {phase.report()}")
+        clean, cleanup = teardown(tb, host, phase, out, collected=up_ok)
     ok = up_ok and clean and bool(results) and all(r.ok for r in results)
-    print(f"\n{sum(r.ok for r in results)} passed, {sum(not r.ok for r in results)} failed")
+    report = (f"{summary(results)}\n\nwall time: {phase.report()}\n{cleanup}\n\n"
+              f"{sum(r.ok for r in results)} passed, {sum(not r.ok for r in results)} failed")
+    (out / "summary.txt").write_text(report + "\n")
+    print(f"\nartifacts: {out}\n\n{report}")
     return 0 if ok else 1
 
 
-def teardown(tb: Testbed, host: LibvirtHost, phase: Phases, out: Path, collected: bool) -> bool:
+def teardown(tb: Testbed, host: LibvirtHost, phase: Phases, out: Path,
+             collected: bool) -> tuple[bool, str]:
+    """Destroy the VMs and check nothing of ours is left: (clean, what was found)."""
     if collected:
         with phase("collect"):
             try:
@@ -167,10 +171,11 @@ def teardown(tb: Testbed, host: LibvirtHost, phase: Phases, out: Path, collected
         after = host.leftovers() if _libvirt_up() else None
         stopped = list(host.started)
         host.stop()
-    print(f"   vagrant destroy exit {rc}; removed after it: {left or 'nothing'}; "
-          f"left now: {after if after is not None else 'libvirt not running'}; "
-          f"stopped daemons: {', '.join(stopped) or 'none (were running already)'}")
-    return rc == 0 and not after
+    line = (f"teardown: vagrant destroy exit {rc}; removed after it: {left or 'nothing'}; "
+            f"left now: {after if after is not None else 'libvirt not running'}; "
+            f"stopped daemons: {', '.join(stopped) or 'none (were running already)'}")
+    print(f"   {line}")
+    return rc == 0 and not after, line
 
 
 def _libvirt_up() -> bool:
