@@ -6,8 +6,8 @@
 # Env: MESHNODE_BOX (box name), MESHNODE_DEBIAN_MIRROR, MESHNODE_VAGRANT_CACHE (work dir),
 # MESHNODE_BOX_WHEELS (a wheelhouse with requirements.txt: its packages, and meshnode itself,
 # are pre-installed in /opt/meshnode/.venv, where setup.sh makes its venv; pip there runs at
-# native speed, in the guests it takes minutes. setup.sh still checks and installs whatever is
-# missing).
+# native speed, in the guests it takes minutes. The wheelhouse is kept as /opt/meshnode-wheels,
+# from which setup.sh installs whatever is missing).
 #
 # No loop devices (they show no partitions on these machines): the root filesystem is made
 # from a directory with `mkfs.ext4 -d`, put into a partitioned raw disk with dd, and GRUB's
@@ -93,16 +93,18 @@ EOF
   if [ -n "${MESHNODE_BOX_WHEELS:-}" ]; then
     # The venv setup.sh would make (same interpreter, same options, same place), with the
     # project's dependencies from the wheelhouse.
-    install -d "$root/opt/meshnode" "$root/tmp/wheels"
-    cp "$MESHNODE_BOX_WHEELS"/*.whl "$MESHNODE_BOX_WHEELS/requirements.txt" "$root/tmp/wheels/"
+    # The wheelhouse stays in the box where provision.sh points setup.sh (no synced folder:
+    # each costs half a minute of SSH and rsync under emulation).
+    install -d "$root/opt/meshnode" "$root/opt/meshnode-wheels"
+    cp "$MESHNODE_BOX_WHEELS"/*.whl "$MESHNODE_BOX_WHEELS/requirements.txt" \
+      "$root/opt/meshnode-wheels/"
     # (a clean environment: the host's PIP_* settings name paths the chroot does not have)
     local clean=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
     chroot "$root" "${clean[@]}" /usr/bin/python3 -m venv --system-site-packages \
       /opt/meshnode/.venv
     chroot "$root" "${clean[@]}" /opt/meshnode/.venv/bin/pip install -q \
-      --disable-pip-version-check --no-index --find-links /tmp/wheels \
-      -r /tmp/wheels/requirements.txt
-    rm -rf "$root/tmp/wheels"
+      --disable-pip-version-check --no-index --find-links /opt/meshnode-wheels \
+      -r /opt/meshnode-wheels/requirements.txt
     # meshnode itself, editable as setup.sh installs it, from a copy of its packages that the
     # synced folder later replaces: the install only records where they are (and the entry
     # point), which changes only with pyproject.toml, part of the box's key. In the guests

@@ -3,7 +3,8 @@ so one invocation does a whole step and prints one JSON line).
 
   guest.py serve NAME PORT                 HTTP server answering NAME (run it enrolled)
   guest.py calls URL N [URL ...]           N GETs to each URL, replies counted per instance
-                                           (run enrolled); one answer per URL, keyed by it
+                                           (run enrolled); one answer per URL, keyed by it,
+                                           and the agent's capture status under "capture"
   guest.py loop URL STOPFILE               GETs until STOPFILE exists (run enrolled); makes
                                            STOPFILE.started after the first answer
   guest.py wait-gone SERVICE ADDR TIMEOUT  until ADDR leaves SERVICE in this agent's view
@@ -150,6 +151,7 @@ def main(argv: list[str]) -> None:
         n = int(args[1])
         urls = [args[0], *args[2:]]
         out = {url: tally(url, lambda done: done < n) for url in urls}
+        out["capture"] = control("status")["capture"]
     elif cmd == "loop":
         out = tally(args[0], lambda done: not os.path.exists(args[1]), args[1] + ".started")
     elif cmd == "wait-gone":
