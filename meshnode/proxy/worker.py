@@ -187,9 +187,13 @@ class ProxyWorker:
     def _on_accept(self, events: int) -> None:
         """The listener is readable: take what the backlog holds, up to a batch, so one busy
         listener cannot starve the relays sharing the loop."""
+        self._accept(ACCEPT_BATCH)
+
+    def _accept(self, most: int) -> None:
+        """Accept and relay up to `most` connections, or until the backlog is empty."""
         lsock = self._lsock
         assert lsock is not None  # watched only while listening
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(most):
             try:
                 # The raw accept: a descriptor and the peer's address, no socket.socket
                 # wrapper built in Python, and no getpeername call.
@@ -334,8 +338,12 @@ class ProxyWorker:
         # The order follows uvicorn's Server.shutdown.
         # 1. Stop accepting: close the listener. With SO_REUSEPORT the kernel sends new
         #    connections to the workers still listening (or, last one out, refuses them).
-        lsock, self._lsock = self._lsock, None
-        if lsock is not None and self._poller is not None:
+        #    Those already in its queue have completed their handshake, and closing would
+        #    reset them: they are accepted and relayed first (at most a full queue's worth,
+        #    so a flood cannot hold the drain).
+        if self._lsock is not None and self._poller is not None:
+            self._accept(BACKLOG)
+            lsock, self._lsock = self._lsock, None
             self._poller.unregister(lsock.fileno())
             lsock.close()
         # 2. Ask connections to close: a byte relay has no way to ask politely (no GOAWAY at

@@ -331,7 +331,9 @@ def test_sigterm_drains_open_connections_then_exits_0(start: Callable[..., Worke
         def refused() -> bool:
             try:
                 socket.create_connection(("127.0.0.1", w.port), timeout=1).close()
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, ConnectionResetError):
+                # refused, or reset mid-handshake: closing the listener resets the
+                # connections still in its queue (as the kernel does)
                 return True
             return False
 
@@ -346,6 +348,33 @@ def test_sigterm_drains_open_connections_then_exits_0(start: Callable[..., Worke
         assert got == b"during grace"
         assert w.proc.poll() is None
     # The last connection closed: the worker finishes well before the 30 s grace.
+    assert w.proc.wait(timeout=10) == 0
+
+
+def test_sigterm_relays_connections_already_queued(start: Callable[..., Worker]) -> None:
+    """Connections whose handshake the kernel completed but the worker had not accepted yet
+    when told to stop are relayed, not reset by the listener's close."""
+    backend = Backend("echo")
+    w = start(f"{VIP}:80", drain_grace=30.0)
+    reset(w, backend.addr)
+    with contextlib.ExitStack() as opened:
+        w.proc.send_signal(signal.SIGSTOP)  # nothing is accepted from here: all stay queued
+        try:
+            # more than one accept batch: the stop is handled between two batches
+            clients = [opened.enter_context(w.connect()) for _ in range(200)]
+            for i, c in enumerate(clients):
+                c.sendall(b"ECHO\n%d" % i)
+            w.proc.send_signal(signal.SIGTERM)  # pending until it runs again
+        finally:
+            w.proc.send_signal(signal.SIGCONT)
+        for i, c in enumerate(clients):
+            want = b"%d" % i
+            got = b""
+            while len(got) < len(want):
+                chunk = c.recv(100)
+                assert chunk, f"client {i}: closed after {got!r}"
+                got += chunk
+            assert got == want
     assert w.proc.wait(timeout=10) == 0
 
 
@@ -448,11 +477,18 @@ def test_out_of_descriptors_pauses_accepting_then_recovers(start: Callable[..., 
     w = start(f"{VIP}:80", nofile=40)
     reset(w, backend.addr)
     proc = psutil.Process(w.proc.pid)
-    held = []
+    held, refused = [], 0
     for _ in range(30):
-        s = w.connect()
-        s.sendall(b"ECHO\nx")
+        try:
+            s = w.connect()
+            s.sendall(b"ECHO\nx")
+        except ConnectionResetError:
+            # accepted with the last descriptor, none left for its upstream: reset (seen
+            # once in a few runs, depending on the descriptors the worker holds)
+            refused += 1
+            continue
         held.append(s)
+    assert refused <= 1
     wait_for(lambda: proc.num_fds() >= 38, what="the worker to run out of descriptors")
     cpu = sum(proc.cpu_times()[:2])
     time.sleep(1.0)  # a measuring window, not a barrier: CPU used while stuck
