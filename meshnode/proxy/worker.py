@@ -34,6 +34,7 @@ import errno
 import logging
 import os
 import random
+import resource
 import signal
 import socket
 import sys
@@ -145,6 +146,11 @@ class ProxyWorker:
         self._connector: Connector | None = None
         self._poller: Poller | None = None
         self._accept_trouble = False  # accept() failing (out of descriptors): said once
+        # Relays this worker takes at once: two descriptors each must fit its RLIMIT_NOFILE
+        # (set in run()). At the limit the listener leaves the poller and the backlog keeps the
+        # rest, instead of accepting a client whose upstream socket could not be made.
+        self._capacity = sys.maxsize
+        self._full = False
         self._stop: asyncio.Event | None = None
         self._force = False
         # Destinations that are this proxy's own listener (connecting there would loop).
@@ -193,7 +199,11 @@ class ProxyWorker:
         """Accept and relay up to `most` connections, or until the backlog is empty."""
         lsock = self._lsock
         assert lsock is not None  # watched only while listening
+        registry, capacity = self.registry, self._capacity
         for _ in range(most):
+            if len(registry) >= capacity:
+                self._pause_full()
+                return
             try:
                 # The raw accept: a descriptor and the peer's address, no socket.socket
                 # wrapper built in Python, and no getpeername call.
@@ -211,6 +221,16 @@ class ProxyWorker:
                 self._accept_trouble = False
                 log.warning("accepting again")
             self._accepted(client, peer)
+
+    def _pause_full(self) -> None:
+        poller, lsock = self._poller, self._lsock
+        assert poller is not None and lsock is not None
+        if not self._full:
+            self._full = True
+            log.warning("at %d connections, as many as the descriptor limit allows: "
+                        "accepting resumes as connections end (raise LimitNOFILE for more)",
+                        self._capacity)
+            poller.unregister(lsock.fileno())
 
     def _accept_failed(self, exc: OSError) -> None:
         """Out of descriptors (EMFILE/ENFILE) or memory: the backlog stays readable, so stop
@@ -280,6 +300,10 @@ class ProxyWorker:
 
     def _finished(self, relay: Relay) -> None:
         """A relay ended: its duration, and its access log line and tap event."""
+        if self._full and len(self.registry) < self._capacity:
+            self._full = False
+            if self._lsock is not None and self._poller is not None:  # not draining
+                self._poller.register(self._lsock.fileno(), READ, self._on_accept)
         info = relay.info
         if info is None:
             return
@@ -325,6 +349,7 @@ class ProxyWorker:
         self._connector = Connector(loop, poller, self.dialers, self.stats,
                                     self.config.connect_timeout, self.clock, self._started)
         self._lsock = lsock
+        self._capacity = relay_capacity()
         poller.register(lsock.fileno(), READ, self._on_accept)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
@@ -370,6 +395,25 @@ class ProxyWorker:
         #    before the socket closes.
         if self._control is not None:
             await self._control.close(timeout=2.0)
+
+
+FD_RESERVE = 16  # descriptors kept for what opens later: access log, netlink, control
+
+
+def relay_capacity() -> int:
+    """How many relays fit RLIMIT_NOFILE, past the descriptors open now. The soft limit is
+    raised to the hard one first, as nginx and HAProxy do: systemd's soft 1024 is for
+    programs that still use select(), and would cap a worker at about 500 connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # an infinite hard limit above fs.nr_open
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize
+    return max(1, (soft - len(os.listdir("/proc/self/fd")) - FD_RESERVE) // 2)
 
 
 def _own_addresses(host: str) -> frozenset[int]:
