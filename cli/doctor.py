@@ -18,10 +18,10 @@ from meshnode.cli.output import Output, emit_json
 from meshnode.errors import EX_UNAVAILABLE
 
 if TYPE_CHECKING:
-    from meshnode.host.doctor import Check
+    from meshnode.diagnose.doctor import Check
 
-# meshnode.host.doctor (with the BPF probe and both capture backends) is imported where it is
-# used: it is a third of every other command's start-up time otherwise.
+# meshnode.diagnose.doctor (with the BPF probe and both capture backends) is imported where it
+# is used: it is a third of every other command's start-up time otherwise.
 
 _LABELS = {"ok": "ok", "warn": "warn", "fail": "FAIL"}  # capitals: failures stand out
 
@@ -40,7 +40,7 @@ def doctor_text(checks: list[Check]) -> str:
 
 
 def verdict(checks: list[Check]) -> str:
-    from meshnode.host.doctor import can_run, capture_backend
+    from meshnode.diagnose.doctor import can_run, capture_backend
 
     failed = sum(1 for c in checks if c.status == "fail")
     if can_run(checks):
@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
     def doctor(instance: Instance = "default", output: OutputOpt = Output.table) -> None:
         """Check whether this host can run the agent (root, cgroup v2, a capture backend, free
         ports) and print the exact fix for what cannot."""
-        from meshnode.host.doctor import can_run, capture_backend, run_checks
+        from meshnode.diagnose.doctor import can_run, capture_backend, run_checks
 
         checks = run_checks(instance)
         runnable = can_run(checks)

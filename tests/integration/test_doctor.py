@@ -15,8 +15,8 @@ from typing import Any
 import psutil
 import pytest
 
+from meshnode.diagnose.doctor import run_checks
 from meshnode.host import cgroup
-from meshnode.host.doctor import run_checks
 from tests.harness import Host
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
@@ -130,7 +130,7 @@ def test_missing_bpffs(make_host, hide: str, detail: str) -> None:
 
 
 def test_not_root_cannot_run(make_host) -> None:
-    if subprocess.run([*NOBODY, sys.executable, "-c", "import meshnode.host.doctor"],
+    if subprocess.run([*NOBODY, sys.executable, "-c", "import meshnode.diagnose.doctor"],
                       capture_output=True, timeout=30).returncode != 0:
         pytest.skip("uid 65534 cannot read this checkout or its venv (a clone under /root, "
                     "mode 700): clone somewhere world-readable to run this test")

@@ -12,8 +12,8 @@ from meshnode.cli.doctor import doctor_text, verdict
 
 from meshnode.bpf import probe
 from meshnode.bpf.program import all_programs
-from meshnode.host import doctor
-from meshnode.host.doctor import Check
+from meshnode.diagnose import doctor
+from meshnode.diagnose.doctor import Check
 
 ROOT_CAPS = 0x000001FFFEFFFFFF  # root on a 6.x kernel (CapEff of `sudo -i`)
 

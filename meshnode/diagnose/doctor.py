@@ -6,6 +6,8 @@ headers, bcc, every hook type and helper the C programs use) or iptables (nat ta
 cgroup match, REDIRECT). Everything is probed for real and nothing is left behind: BPF probes
 use a throwaway cgroup (meshnode.bpf.probe), the iptables rule goes into a throwaway network
 namespace, port probes close their sockets. Never prints; must not import uvloop or bcc.
+Runs in the CLI process, never in the agent: it sits above host/, bpf/ and capture/ (which
+it probes) so that host/ imports none of them.
 """
 
 from __future__ import annotations
