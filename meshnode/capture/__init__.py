@@ -34,8 +34,20 @@ class CaptureContext:
         return "/" + str(self.apps_cgroup.relative_to(self.cgroup2_mount)).lstrip("/")
 
 
+# What a backend can do beyond redirecting, so callers ask instead of inferring it from empty
+# results (an empty stats() could mean "no traffic" as well as "no counters").
+CAP_STATS = "stats"  # stats() returns kernel counters (captured, passthrough, refused, ...)
+# The proxy learns the dialing process (cgroup id, pid) with the original destination, so it
+# needs no sock_diag request per connection to attribute it to a source service.
+CAP_CGROUP_SOURCE = "cgroup_source"
+# Original destinations live in a BPF map the agent can read (CaptureMaps.origdst), not only
+# in conntrack behind SO_ORIGINAL_DST.
+CAP_ORIGDST_MAP = "origdst_map"
+
+
 class CaptureBackend(Protocol):
     name: str  # "ebpf" or "iptables"
+    capabilities: frozenset[str]  # CAP_* above
 
     def install(self) -> None:
         """Create the capture machinery, redirecting nothing yet. All or nothing: on failure,

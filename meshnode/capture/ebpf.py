@@ -23,9 +23,14 @@ from meshnode import constants
 from meshnode.bpf import syscall
 from meshnode.bpf.maps import CaptureMaps, MapContents
 from meshnode.bpf.program import EntrySpec, all_entries
-from meshnode.capture import CaptureContext
+from meshnode.capture import (
+    CAP_CGROUP_SOURCE,
+    CAP_ORIGDST_MAP,
+    CAP_STATS,
+    CaptureContext,
+)
 from meshnode.errors import BpfError, CaptureError, MeshnodeError, UnavailableError
-from meshnode.host.ledger import Entry, UndoFn
+from meshnode.host.ledger import Entry, Transaction, UndoFn
 from meshnode.model import CaptureState
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,7 @@ class BpfCapture:
     """Capture with cgroup eBPF programs. `install` → `sync`* → `remove`."""
 
     name = "ebpf"
+    capabilities: frozenset[str] = frozenset({CAP_STATS, CAP_CGROUP_SOURCE, CAP_ORIGDST_MAP})
 
     def __init__(self, ctx: CaptureContext, python: str = sys.executable) -> None:
         self.ctx = ctx
@@ -57,23 +63,14 @@ class BpfCapture:
                 raise CaptureError(f"{role} cgroup {path} does not exist",
                                    "create the agent's cgroups before installing capture",
                                    errno=errno.ENOENT)
-        created: list[Entry] = []  # ledger entries of this install, for the unwind
-        try:
+        # All or nothing: a failure takes back what this install recorded, newest first.
+        with self.ctx.ledger.transaction(UNDO) as tx:
             ensure_bpffs()
-            self._make_pin_dir(created)
+            self._make_pin_dir(tx)
             loaded = self._run_loader()
             for entry in all_entries():
-                self._attach(entry, loaded[entry.function], created)
+                self._attach(entry, loaded[entry.function], tx)
             self._maps = CaptureMaps.open(self.ctx.pin_dir)
-        except BaseException:
-            # All or nothing: take back what this install made, newest first.
-            for rec in reversed(created):
-                try:
-                    UNDO[rec["kind"]](rec)
-                    self.ctx.ledger.forget(rec)
-                except MeshnodeError as exc:
-                    log.warning("unwinding %s failed: %s", rec, exc)
-            raise
         self.timings["install"] = time.monotonic() - started
 
     def sync(self, state: CaptureState) -> None:
@@ -101,15 +98,9 @@ class BpfCapture:
             self._maps = None
         # Then detach, connect hooks first (see EntrySpec.detach_order), then unpin.
         order = {e.function: e.detach_order for e in all_entries()}
-        attaches = sorted(self._own_entries(KIND_ATTACH),
-                          key=lambda e: order.get(str(e.get("function")), 99))
-        failures: list[str] = []
-        for rec in [*attaches, *self._own_entries(KIND_PIN_DIR)]:
-            try:
-                UNDO[rec["kind"]](rec)
-                self.ctx.ledger.forget(rec)
-            except MeshnodeError as exc:
-                failures.append(str(exc))
+        failures = self.ctx.ledger.undo(
+            [*self._own_entries(KIND_ATTACH), *self._own_entries(KIND_PIN_DIR)], UNDO,
+            key=lambda e: (e["kind"] == KIND_PIN_DIR, order.get(str(e.get("function")), 99)))
         if failures:
             raise CaptureError("eBPF capture not fully removed: " + "; ".join(failures),
                                "the next agent start sweeps the rest (or run the sweep now)")
@@ -121,7 +112,7 @@ class BpfCapture:
         return [e for e in self.ctx.ledger.entries(kind)
                 if e.get("pin_dir") == pin_dir or e.get("path") == pin_dir]
 
-    def _make_pin_dir(self, created: list[Entry]) -> None:
+    def _make_pin_dir(self, tx: Transaction) -> None:
         pin_dir = self.ctx.pin_dir
         # Checked before recording: a dir in use is not ours, and a sweep must not remove it.
         if pin_dir.is_dir() and any(pin_dir.iterdir()):
@@ -129,7 +120,7 @@ class BpfCapture:
                 f"BPF pin directory {pin_dir} is not empty",
                 "another agent uses this instance name, or a crashed one was not swept: "
                 "stop it or run the sweep", errno=errno.EEXIST)
-        created.append(self.ctx.ledger.record(KIND_PIN_DIR, path=str(pin_dir)))
+        tx.record(KIND_PIN_DIR, path=str(pin_dir))
         # Parents (e.g. /sys/fs/bpf/meshnode) are shared by every instance and left in place
         # unless empty at removal; another instance may remove an empty parent meanwhile.
         for _ in range(3):
@@ -174,13 +165,11 @@ class BpfCapture:
                                    str(result.get("hint") or "use --capture iptables"))
         return {str(e["function"]): e for e in result["entries"]}
 
-    def _attach(self, entry: EntrySpec, loaded: dict[str, object],
-                created: list[Entry]) -> None:
+    def _attach(self, entry: EntrySpec, loaded: dict[str, object], tx: Transaction) -> None:
         cgroup = self.ctx.apps_cgroup if entry.cgroup == "apps" else self.ctx.proxy_cgroup
-        created.append(self.ctx.ledger.record(
-            KIND_ATTACH, cgroup=str(cgroup), attach_type=int(entry.attach_type),
-            function=entry.function, pin=str(loaded["pin"]), prog_id=int(str(loaded["prog_id"])),
-            pin_dir=str(self.ctx.pin_dir)))
+        tx.record(KIND_ATTACH, cgroup=str(cgroup), attach_type=int(entry.attach_type),
+                  function=entry.function, pin=str(loaded["pin"]),
+                  prog_id=int(str(loaded["prog_id"])), pin_dir=str(self.ctx.pin_dir))
         prog_fd = syscall.obj_get(str(loaded["pin"]))
         try:
             cg_fd = _open_cgroup(cgroup)

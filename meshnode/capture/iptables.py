@@ -22,7 +22,7 @@ from string import Template
 
 from meshnode import constants
 from meshnode.capture import CaptureContext
-from meshnode.errors import IptablesError, MeshnodeError, UnavailableError
+from meshnode.errors import IptablesError, UnavailableError
 from meshnode.host.ledger import Entry, UndoFn
 from meshnode.model import CaptureRule, CaptureState
 
@@ -144,6 +144,9 @@ class IptablesCapture:
     """Capture with nat REDIRECT / filter REJECT. `install` → `sync`* → `remove`."""
 
     name = "iptables"
+    # None of CAP_*: REDIRECT counters count packets, not connections; conntrack answers
+    # SO_ORIGINAL_DST without the dialing process.
+    capabilities: frozenset[str] = frozenset()
 
     def __init__(self, ctx: CaptureContext, binary: str | None = None) -> None:
         self.ctx = ctx
@@ -161,14 +164,13 @@ class IptablesCapture:
         if not usable(binary):
             raise UnavailableError(f"{binary} is not usable here",
                                    "choose another with the iptables binary setting")
-        created: list[Entry] = []
         apps = self.ctx.apps_cgroup_rel
-        try:
+        # All or nothing: a failure takes back what this install recorded, newest first.
+        with self.ctx.ledger.transaction(UNDO) as tx:
             # Chains first (created by an empty sync, DNS off), then the jumps into them.
             for table, chain in (("nat", self.chains.nat), ("filter", self.chains.filter),
                                  ("nat", self.chains.dns)):
-                created.append(self.ctx.ledger.record(KIND_CHAIN, binary=binary, table=table,
-                                                      chain=chain))
+                tx.record(KIND_CHAIN, binary=binary, table=table, chain=chain)
             self._restore(CaptureState())
             self._restore_dns(None)
             # The DNS jump is inserted first, so it ends up after the mesh capture jump: a TCP
@@ -177,22 +179,13 @@ class IptablesCapture:
                      ("nat", jump_rule(self.chains.nat, apps, self.ctx.instance)),
                      ("filter", jump_rule(self.chains.filter, apps, self.ctx.instance)))
             for table, rule in jumps:
-                created.append(self.ctx.ledger.record(
-                    KIND_JUMP, binary=binary, table=table, parent="OUTPUT",
-                    chain=rule[-1], rule=rule))
+                tx.record(KIND_JUMP, binary=binary, table=table, parent="OUTPUT",
+                          chain=rule[-1], rule=rule)
                 if not _rule_exists(binary, table, "OUTPUT", rule):
                     # First in OUTPUT: our cgroup match is narrow, and must win over broad
                     # rules appended by others.
                     _check(_run([binary, "-w", WAIT_SECONDS, "-t", table, "-I", "OUTPUT", "1",
                                  *rule]), f"adding the {table} OUTPUT jump")
-        except BaseException:
-            for rec in reversed(created):
-                try:
-                    UNDO[rec["kind"]](rec)
-                    self.ctx.ledger.forget(rec)
-                except MeshnodeError:
-                    pass  # stays in the ledger for the next sweep
-            raise
         self._installed = True
 
     def sync(self, state: CaptureState) -> None:
@@ -225,13 +218,8 @@ class IptablesCapture:
         mine = [e for e in self.ctx.ledger.entries()
                 if e["kind"] in (KIND_JUMP, KIND_CHAIN)
                 and e.get("chain") in self.chains.all()]
-        failures: list[str] = []
-        for rec in sorted(mine, key=lambda e: (e["kind"] != KIND_JUMP, e["table"] != "nat")):
-            try:
-                UNDO[rec["kind"]](rec)
-                self.ctx.ledger.forget(rec)
-            except MeshnodeError as exc:
-                failures.append(str(exc))
+        failures = self.ctx.ledger.undo(
+            mine, UNDO, key=lambda e: (e["kind"] != KIND_JUMP, e["table"] != "nat"))
         self._installed = False
         if failures:
             raise IptablesError("iptables capture not fully removed: " + "; ".join(failures),

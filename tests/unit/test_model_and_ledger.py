@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,31 @@ def test_errors_survive_the_wire() -> None:
     assert isinstance(err, UsageError) and err.hint == "fix it" and err.exit_code == 64
 
 
+def _c_sources() -> dict[str, str]:
+    """Every C file the loader compiles, comments removed (they name `MN_STAT_*` patterns)."""
+    root = Path(__file__).resolve().parents[2] / "bpf"
+    files = [*sorted(root.glob("*.c")), *sorted((root / "include").glob("*.h"))]
+    assert len(files) >= 5, files  # the four programs and mn_maps.h at least
+    comment = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
+    return {f.name: comment.sub(" ", f.read_text()) for f in files}
+
+
 def test_bpf_defines_cover_the_c_constants() -> None:
+    """Every MN_ name the C uses comes from constants.bpf_defines() (a -D flag), is the pin dir
+    (also a -D flag), or is defined in the C itself (#define, enum member, include guard); and
+    every constant handed to the compiler is used, so none is dead in one language only."""
     d = C.bpf_defines()
     assert d["MN_OUTBOUND_PORT"] == C.OUTBOUND_PORT and d["MN_PROXY_MARK"] == C.PROXY_MARK
     assert all(k.startswith("MN_") and isinstance(v, int) for k, v in d.items())
+    sources = _c_sources()
+    text = "\n".join(sources.values())
+    used = set(re.findall(r"\bMN_[A-Z0-9_]+\b", text))
+    defined_in_c = set(re.findall(r"#\s*(?:define|ifndef)\s+(MN_[A-Z0-9_]+)", text))
+    defined_in_c |= set(re.findall(r"\b(MN_[A-Z0-9_]+)\s*=", text))  # enum members
+    from_flags = set(d) | {"MN_PIN_DIR"}
+    assert sorted(used - defined_in_c - from_flags) == []
+    assert sorted(set(d) - used) == []
+    assert not defined_in_c & set(d), "a constants.py value restated in C"
 
 
 def test_ledger_undoes_newest_first_and_keeps_failures(tmp_path: Path) -> None:
@@ -52,3 +74,63 @@ def test_ledger_undoes_newest_first_and_keeps_failures(tmp_path: Path) -> None:
     assert order == ["b", "a"]
     assert len(failures) == 1 and "busy" in failures[0]
     assert Ledger(path).entries() == [{"kind": "c", "n": 3}]  # kept for the next sweep
+
+
+def test_transaction_unwinds_newest_first_when_the_install_fails(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "ledger.json"
+    led = Ledger(path)
+    led.record("old", n=0)  # made before: a leftover the transaction must not touch
+    undone: list[int] = []
+
+    def stuck(e: dict[str, object]) -> None:
+        raise OSError("device busy")
+
+    undo = {"old": lambda e: undone.append(-1), "a": lambda e: undone.append(int(e["n"])),
+            "stuck": stuck}
+    with pytest.raises(RuntimeError, match="loader failed"), led.transaction(undo) as tx:
+        tx.record("a", n=1)
+        tx.record("stuck", n=2)
+        tx.record("a", n=3)
+        tx.record("old", n=0)  # already recorded: not this transaction's
+        raise RuntimeError("loader failed")
+    assert undone == [3, 1]  # newest first; the failing undo did not stop the rest
+    # The failed undo is logged and kept for the next sweep; the rest is gone, on disk too.
+    assert "device busy" in caplog.text
+    assert Ledger(path).entries() == [{"kind": "old", "n": 0}, {"kind": "stuck", "n": 2}]
+
+
+def test_transaction_keeps_its_entries_when_the_install_succeeds(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "ledger.json")
+    with led.transaction({"a": lambda e: pytest.fail("nothing to unwind")}) as tx:
+        tx.record("a", n=1)
+    assert Ledger(tmp_path / "ledger.json").entries() == [{"kind": "a", "n": 1}]
+
+
+def test_transaction_unwinds_on_interrupt_too(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "ledger.json")
+    undone: list[object] = []
+    with pytest.raises(KeyboardInterrupt), led.transaction({"a": undone.append}) as tx:
+        tx.record("a", n=1)
+        raise KeyboardInterrupt
+    assert undone == [{"kind": "a", "n": 1}] and led.entries() == []
+
+
+def test_undo_follows_the_given_order_and_collects_failures(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "ledger.json")
+    for kind, n in (("dir", 1), ("attach", 2), ("attach", 1), ("dir", 2)):
+        led.record(kind, n=n)
+    order: list[tuple[str, int]] = []
+
+    def undo_dir(e: dict[str, object]) -> None:
+        if e["n"] == 2:
+            raise OSError("not empty")
+        order.append(("dir", int(str(e["n"]))))
+
+    failures = led.undo(led.entries(), {"attach": lambda e: order.append(("attach", e["n"])),
+                                        "dir": undo_dir},
+                        key=lambda e: (e["kind"] == "dir", e["n"]))
+    assert order == [("attach", 1), ("attach", 2), ("dir", 1)]
+    assert len(failures) == 1 and "not empty" in failures[0]
+    assert led.entries() == [{"kind": "dir", "n": 2}]
+    assert led.undo(led.entries(), {}) == [f"no undo for ledger entry {led.entries()[0]}"]
