@@ -94,6 +94,13 @@ class OutlierDetector:
         self._set_ejected({**self._ejected, addr: now + duration})
         return True
 
+    def hold(self, ejected_for: dict[HostPort, float]) -> None:
+        """Eject each address for its seconds from now, as another detector reported them (the
+        agent's `explain` replays the workers' ejections). No threshold or quota applies: the
+        reporting detector applied them already."""
+        now = self._clock()
+        self._set_ejected({**self._ejected, **{a: now + s for a, s in ejected_for.items()}})
+
     def max_ejected(self) -> int:
         """How many endpoints may be ejected at once (round down; never a lone endpoint)."""
         if self._size <= 1:

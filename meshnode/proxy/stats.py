@@ -25,7 +25,7 @@ the proxy itself, `active` every open client connection.
 
 The wire form also carries the per-service sums `services` that `meshnode status` shows, each
 with "endpoints": {ADDR: {"active", "connections", "connect_errors", "ewma_ms",
-"ejected_for"}} from the balancers' load records (routing.ServiceTable.endpoint_report).
+"ejected_for"}} from the balancers' load records (route.ServiceTable.endpoint_report).
 
 Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/bpf/host.
 """

@@ -61,9 +61,9 @@ from meshnode.proxy.dial import SO_MARK, Dialers
 from meshnode.proxy.origdst import OrigDstError, OrigDstSource, SockoptOrigDst, StaticOrigDst
 from meshnode.proxy.poller import READ, Poller
 from meshnode.proxy.relay import BufferPool, Relay, RelayRegistry
-from meshnode.proxy.routing import Passthrough, ServiceTable, ToService
 from meshnode.proxy.stats import PairStats, WorkerStats
 from meshnode.proxy.telemetry import ConnInfo, Sources
+from meshnode.route.table import Passthrough, ServiceTable, ToService
 
 __all__ = ["ListenError", "MarkError", "ProxyWorker", "bind_listener", "main"]
 

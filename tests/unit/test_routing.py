@@ -1,9 +1,10 @@
-"""The worker's service table: updates in, routing decisions (a), (b), (c) out."""
+"""The route package's service table (meshnode.route.table): updates in, routing decisions
+(a), (b), (c) out, as the proxy worker and `meshnode explain` both get them."""
 
 from __future__ import annotations
 
-import socket
-import struct
+import subprocess
+import sys
 from ipaddress import IPv4Address
 
 import pytest
@@ -22,14 +23,7 @@ from meshnode.model import (
     update_from_wire,
     update_to_wire,
 )
-from meshnode.proxy.origdst import (
-    OrigDstError,
-    Origin,
-    SockoptOrigDst,
-    StaticOrigDst,
-    parse_sockaddr_in,
-)
-from meshnode.proxy.routing import NoEndpoint, Passthrough, ServiceTable, ToService
+from meshnode.route import NoEndpoint, Passthrough, ServiceTable, ToEndpoint, ToService
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -47,7 +41,7 @@ def dst(text: str) -> OrigDstAddr:
 
 def spec(port: int | None = 80, name: str = "web", vip: IPv4Address = VIP) -> ServiceSpec:
     # Round robin: these tests read the attempt order (the default, p2c-ewma, is random).
-    return ServiceSpec(name, 7, vip, port, lb=BalancerConfig("round-robin"))
+    return ServiceSpec.build(name, 7, vip, port, lb=BalancerConfig("round-robin"))
 
 
 def attempts(route: object) -> list[str]:
@@ -153,56 +147,6 @@ def test_shared_endpoint_address_survives_one_claimant_leaving() -> None:
     assert isinstance(r, ToService) and r.service == "b"
 
 
-# The routing input: original destinations as the kernel hands them over.
-
-
-def test_parse_sockaddr_in() -> None:
-    raw = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 8080) \
-        + socket.inet_aton("127.240.0.7") + bytes(8)
-    assert parse_sockaddr_in(raw) == dst("127.240.0.7:8080")
-    with pytest.raises(OrigDstError):
-        parse_sockaddr_in(struct.pack("=H", socket.AF_INET6) + bytes(14))
-
-
-def test_sockopt_source_without_capture_is_a_typed_error() -> None:
-    with socket.socket() as ls:
-        ls.bind(("127.0.0.1", 0))
-        ls.listen(1)
-        with socket.create_connection(ls.getsockname(), timeout=5):
-            conn, _ = ls.accept()
-            with conn, pytest.raises(OrigDstError) as info:
-                SockoptOrigDst().lookup(conn)
-    assert info.value.errno != 0 and info.value.hint
-
-
-def test_static_source() -> None:
-    d = dst("127.0.0.1:9")
-    with socket.socket() as s:
-        assert StaticOrigDst(d).lookup(s) == Origin(d, 0, 0)
-
-
-class _Answer:
-    """A socket whose SO_ORIGINAL_DST answer is `raw` (as mn_getsockopt.c or conntrack gives)."""
-
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-
-    def getsockopt(self, level: int, optname: int, buflen: int) -> bytes:
-        return self.raw[:buflen]
-
-    def getpeername(self) -> tuple[str, int]:
-        return ("127.0.0.1", 40000)
-
-
-def test_sockopt_source_reads_the_client_from_the_padding() -> None:
-    addr = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 80) \
-        + socket.inet_aton("127.240.0.2")
-    ebpf = SockoptOrigDst().lookup(_Answer(addr + struct.pack("=II", 4242, 777)))
-    assert ebpf == Origin(dst("127.240.0.2:80"), 4242, 777)
-    conntrack = SockoptOrigDst().lookup(_Answer(addr + bytes(8)))
-    assert conntrack == Origin(dst("127.240.0.2:80"), 0, 0)
-
-
 # Balancers, load records and ejection inside the table.
 
 
@@ -242,7 +186,7 @@ def test_a_new_lb_rebuilds_the_balancer_but_keeps_the_loads() -> None:
     r = t.route(dst("127.240.0.7:80"))
     assert isinstance(r, ToService)
     r.balancer.on_connected(r.balancer.on_start(a), 0.002)
-    t.apply(Reset(ServiceSpec("web", 7, VIP, 80, lb=BalancerConfig("ring-hash")),
+    t.apply(Reset(ServiceSpec.build("web", 7, VIP, 80, lb=BalancerConfig("ring-hash")),
                   (a, ep("10.0.0.2:80"))))
     r2 = t.route(dst("127.240.0.7:80"), ("10.1.2.3", 40000))
     assert isinstance(r2, ToService) and r2.balancer is not r.balancer
@@ -259,7 +203,7 @@ def test_ejected_endpoints_are_left_out_until_they_return() -> None:
     clock = FakeClock()
     t = ServiceTable(clock=clock)
     a, b = ep("10.0.0.1:80"), ep("10.0.0.2:80")
-    t.apply(Reset(ServiceSpec("web", 7, VIP, 80, lb=BalancerConfig("round-robin"),
+    t.apply(Reset(ServiceSpec.build("web", 7, VIP, 80, lb=BalancerConfig("round-robin"),
                               outlier=OutlierConfig(consecutive_failures=1,
                                                     base_ejection=5.0)), (a, b)))
     r = t.route(dst("127.240.0.7:80"))
@@ -271,3 +215,44 @@ def test_ejected_endpoints_are_left_out_until_they_return() -> None:
     clock.now += 5.0
     assert {attempts(t.route(dst("127.240.0.7:80")))[0] for _ in range(4)} == {
         "10.0.0.1:80", "10.0.0.2:80"}
+
+
+def test_the_route_type_names_the_rule() -> None:
+    t = table_with(Reset(spec(80), (ep("10.0.0.1:8080"),)))
+    # (a) is balanced, (b) is that endpoint alone; the worker serves both as a ToService
+    assert type(t.route(dst("127.240.0.7:80"))) is ToService
+    b = t.route(dst("10.0.0.1:8080"))
+    assert type(b) is ToEndpoint and isinstance(b, ToService)
+    assert attempts(b) == ["10.0.0.1:8080"]
+
+
+def test_ejections_replayed_from_the_workers_leave_those_endpoints_out() -> None:
+    clock = FakeClock()
+    t = ServiceTable(clock=clock)
+    a, b, c = ep("10.0.0.1:80"), ep("10.0.0.2:80"), ep("10.0.0.3:80")
+    t.apply(Reset(spec(80), (a, b, c)))
+    # an address the table does not know, and a zero (not ejected), are ignored
+    t.hold_ejections("web", {b.addr: 30.0, c.addr: 0.0, HostPort.parse("10.9.9.9:80"): 5.0})
+    t.hold_ejections("nope", {a.addr: 30.0})
+    assert sorted(attempts(t.route(dst("127.240.0.7:80")))) == ["10.0.0.1:80", "10.0.0.3:80"]
+    assert t.endpoint_report("web")["10.0.0.2:80"]["ejected_for"] == 30.0
+    assert attempts(t.route(dst("10.0.0.2:80"))) == ["10.0.0.2:80"]  # (b): ejected or not
+    # every candidate ejected: all of them are used anyway (a connect may work, a refusal not)
+    t.hold_ejections("web", {a.addr: 10.0, c.addr: 10.0})
+    assert sorted(attempts(t.route(dst("127.240.0.7:80")))) == [
+        "10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+    clock.now += 10.0  # a and c are back, b is still out
+    assert sorted(attempts(t.route(dst("127.240.0.7:80")))) == ["10.0.0.1:80", "10.0.0.3:80"]
+
+
+def test_the_route_package_loads_no_process_package() -> None:
+    """Worker and agent both import it: it must pull in neither's code (nor the CLI, which
+    import-linter cannot see: cli/ sits outside the package directory)."""
+    code = ("import sys, meshnode.route; print('\\n'.join(sorted(m for m in sys.modules "
+            "if m.startswith(('meshnode.', 'uvloop', 'bcc', 'pyroute2')))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=30).stdout.split()
+    assert "meshnode.route.table" in loaded and "meshnode.route.kernel" in loaded
+    banned = ("meshnode.agent", "meshnode.proxy", "meshnode.capture", "meshnode.bpf",
+              "meshnode.host", "meshnode.discovery", "meshnode.cli", "uvloop", "bcc", "pyroute2")
+    assert [m for m in loaded if m.split(".")[0] in banned or m.startswith(banned)] == []

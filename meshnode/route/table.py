@@ -7,16 +7,23 @@ one balancer per candidate set built from the spec (`balance.factory.for_service
 `ServiceTable.route` (the contract's rules a, b, c):
   (a) the destination's IP is a service VIP: if the service has a `port` and the destination port
       equals it, every endpoint is a candidate; otherwise the endpoints listening on the
-      destination port. No candidate: `NoEndpoint`.
-  (b) the destination is a known endpoint address: that service, that endpoint only.
+      destination port. No candidate: `NoEndpoint`. Else `ToService`: the candidates less the
+      outlier-ejected ones (all of them if none would remain), in the balancer's order.
+  (b) the destination is a known endpoint address: `ToEndpoint`, that service, that endpoint
+      only, ejected or not.
   (c) anything else: `Passthrough` to the destination itself (fail open).
+
+The proxy worker routes every accepted connection through `route`, and `meshnode explain`
+calls the same `route` on a table it fills from the agent's snapshot (`hold_ejections` replays
+the workers' ejections into it), so the rules exist once.
 
 Updates are rare and routing happens per connection, so updates rebuild the derived tuples and
 routing is a couple of dict lookups, the outlier filter (a truth test when nothing is ejected)
 and the balancer's pick. Load records and ejections survive Add/Remove for the endpoints that
 stay; a Reset keeps them too, and rebuilds the balancers only when the spec's `lb` changed.
 
-Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/bpf/host.
+Pure and shared (worker and agent): imports only meshnode.model and meshnode.balance; never
+uvloop, bcc, pyroute2 or a process package (agent, proxy, capture, bpf, host, discovery, cli).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from meshnode.balance import Balancer
@@ -43,7 +50,7 @@ from meshnode.model import (
     Update,
 )
 
-__all__ = ["NoEndpoint", "Passthrough", "Route", "ServiceTable", "ToService"]
+__all__ = ["NoEndpoint", "Passthrough", "Route", "ServiceTable", "ToEndpoint", "ToService"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,14 @@ class ToService:
 
 
 @dataclass(frozen=True, slots=True)
+class ToEndpoint(ToService):
+    """Rule (b): the client dialled an endpoint's own address, so `attempts` is that endpoint
+    alone, never balanced and never left out for an ejection. A subclass, so the worker's
+    `isinstance(route, ToService)` serves both rules at the same cost, and `explain` can tell
+    them apart without restating the rules."""
+
+
+@dataclass(frozen=True, slots=True)
 class NoEndpoint:
     """A service destination with nothing to serve it: refuse the client."""
 
@@ -82,11 +97,15 @@ Route = ToService | NoEndpoint | Passthrough
 
 
 class _Service:
-    __slots__ = ("all", "balancers", "by_port", "endpoints", "hashes_client", "loads",
-                 "outlier", "singles", "spec")
+    __slots__ = ("all", "balancers", "by_port", "endpoints", "hashes_client", "loads", "name",
+                 "outlier", "port", "singles", "spec")
 
     def __init__(self, spec: ServiceSpec, loads: Loads, outlier: OutlierDetector) -> None:
         self.spec = spec
+        # Copied out of the spec: route() reads them per connection, and the spec's are
+        # properties over its policy value (an attribute read is cheaper than a property call).
+        self.name = spec.name
+        self.port = spec.port
         self.hashes_client = spec.lb.algorithm == "ring-hash"  # wants route()'s client key
         self.endpoints: dict[_AddrKey, Endpoint] = {}  # insertion-ordered: stable rotation
         self.all: tuple[Endpoint, ...] = ()
@@ -203,20 +222,19 @@ class ServiceTable:
         ip = int(dst.ip)
         svc = self._by_vip.get(ip)
         if svc is not None:  # (a) a VIP
-            port = svc.spec.port
+            port = svc.port
             if port is not None and dst.port == port:
                 candidates, set_key = svc.all, None
             else:
                 candidates, set_key = svc.by_port.get(dst.port, ()), dst.port
             if not candidates:
-                return NoEndpoint(svc.spec.name)
+                return NoEndpoint(svc.name)
             balancer = svc.balancers.get(set_key)
             if balancer is None:
                 balancer = svc.balancers[set_key] = self._new_balancer(svc)
             healthy = svc.outlier.filter(candidates)
             key = _client_key(client) if svc.hashes_client else 0
-            return ToService(svc.spec.name, balancer.order(healthy, key), balancer,
-                             svc.outlier)
+            return ToService(svc.name, balancer.order(healthy, key), balancer, svc.outlier)
         addr = (ip, dst.port)
         claimants = self._by_addr.get(addr)
         if claimants:  # (b) an endpoint address: exactly that endpoint, ejected or not
@@ -225,7 +243,7 @@ class ServiceTable:
             balancer = svc.balancers.get(None)
             if balancer is None:
                 balancer = svc.balancers[None] = self._new_balancer(svc)
-            return ToService(name, svc.singles[addr], balancer, svc.outlier)
+            return ToEndpoint(name, svc.singles[addr], balancer, svc.outlier)
         return Passthrough(dst)  # (c) not ours: fail open
 
     def _new_balancer(self, svc: _Service) -> Balancer:
@@ -241,6 +259,18 @@ class ServiceTable:
     def spec(self, name: str) -> ServiceSpec | None:
         svc = self._services.get(name)
         return svc.spec if svc is not None else None
+
+    def hold_ejections(self, name: str, ejected_for: Mapping[HostPort, float]) -> None:
+        """Eject these endpoints of service `name` for the given seconds from now, as the
+        workers report them: `meshnode explain` replays the workers' ejections into a table of
+        its own, so `route` leaves out exactly what theirs would. Unknown names and addresses
+        are ignored (the workers may know an endpoint the snapshot no longer has)."""
+        svc = self._services.get(name)
+        if svc is None:
+            return
+        known = {ep.addr for ep in svc.all}
+        svc.outlier.hold({addr: secs for addr, secs in ejected_for.items()
+                          if addr in known and secs > 0})
 
     def endpoint_report(self, name: str) -> dict[str, dict[str, float | int]]:
         """Per endpoint of a current service: the stats message's `endpoints` entry."""

@@ -1,0 +1,101 @@
+"""What the kernel's connect hooks do with one TCP connect from an enrolled process, as a pure
+function of the capture state the agent last handed to the backend.
+
+`classify` is the decision of `bpf/mn_connect.c` (`mn_classify` and `mn_connect4`) followed by
+`bpf/mn_dns.c` (`mn_dns_connect4`, attached after it on the same hook):
+  1. mesh lookup (mn_dest): the destination's exact ip:port first (an endpoint), then its ip on
+     any port (a VIP, stored with port 0). Found: the service id; its flags (mn_svc) decide:
+     ready -> REDIRECT to the proxy on 127.0.0.1:<outbound port>;
+     fail-closed and not ready -> REFUSE (connect fails with EPERM, nothing else runs);
+     otherwise -> PASS (fail open; counted as passthrough).
+  2. a connect that still goes to its own destination (not a mesh destination, or one that
+     failed open) on port 53, while the agent's DNS redirect is on -> DNS: to the agent's DNS
+     server on 127.0.0.1:<dns port>. A redirected connect never gets here: its port is the
+     proxy's by then.
+Not modelled, because they are no property of the destination: connects from outside the apps
+cgroup and sockets carrying the proxy's SO_MARK (never touched), and an original-destination
+entry that cannot be stored (the connect then proceeds untouched, failing open). An AF_INET6
+socket dialling a v4-mapped address (`mn_connect6`) is classified the same way.
+
+The iptables backend installs the same decision as rules (a REDIRECT per ready destination, a
+REJECT per refused one, the DNS REDIRECT after them); the integration tier checks this function
+against the eBPF programs themselves.
+
+Pure and shared: imports only meshnode.model and meshnode.constants; never a process package.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Literal
+
+from meshnode import constants
+from meshnode.model import CaptureState, HostPort
+
+__all__ = ["KernelAction", "KernelVerdict", "classify"]
+
+_PROXY_IP = IPv4Address(constants.PROXY_ADDR)
+
+
+class KernelAction(enum.Enum):
+    """The named verdicts of the connect hooks (mn_connect.c's `enum mn_action`, plus DNS)."""
+
+    PASS = "pass"  # untouched: straight to the destination
+    REDIRECT = "redirect"  # to the proxy, the original destination saved
+    REFUSE = "refuse"  # connect fails with EPERM at once
+    DNS = "dns"  # a DNS query, to the agent's DNS server
+
+
+@dataclass(frozen=True, slots=True)
+class KernelVerdict:
+    """One destination's fate. `service_id` and `match` say what mn_dest answered (None: not a
+    mesh destination); `target` is where the connect then goes."""
+
+    action: KernelAction
+    target: HostPort
+    service_id: int | None = None
+    match: Literal["endpoint", "vip"] | None = None
+
+    @property
+    def mesh(self) -> bool:
+        """Whether the destination is a mesh destination (a VIP or an endpoint)."""
+        return self.service_id is not None
+
+
+def classify(state: CaptureState, dst: HostPort, *,
+             outbound_port: int = constants.OUTBOUND_PORT,
+             dns_port: int | None = None) -> KernelVerdict:
+    """What the connect hooks do with a TCP connect to `dst` from an enrolled process, given
+    the capture `state` and the agent's DNS redirect (`dns_port`; None: off)."""
+    service_id, match = _lookup(state, dst)
+    if service_id is not None:
+        if service_id in state.ready:
+            return KernelVerdict(KernelAction.REDIRECT, HostPort(_PROXY_IP, outbound_port),
+                                 service_id, match)
+        if service_id in state.fail_closed:
+            # EPERM ends the connect: the DNS program attached after this one never runs
+            return KernelVerdict(KernelAction.REFUSE, dst, service_id, match)
+    if dns_port is not None and dst.port == constants.DNS_SERVICE_PORT:
+        return KernelVerdict(KernelAction.DNS, HostPort(_PROXY_IP, dns_port), service_id, match)
+    return KernelVerdict(KernelAction.PASS, dst, service_id, match)
+
+
+def _lookup(state: CaptureState, dst: HostPort,
+            ) -> tuple[int | None, Literal["endpoint", "vip"] | None]:
+    """mn_dest's answer: the exact address first, then the VIP entry (port 0). Rules are read
+    in sorted order, later ones winning, as bpf.maps.MapContents fills the map when two
+    services claim one address. A scan: this runs per `explain`, never per connection."""
+    exact: int | None = None
+    vip: int | None = None
+    for rule in sorted(state.rules):
+        if rule.ip != dst.ip:
+            continue
+        if rule.port == dst.port:
+            exact = rule.service_id
+        elif rule.port == 0:
+            vip = rule.service_id
+    if exact is not None:
+        return exact, "endpoint"
+    return (vip, "vip") if vip is not None else (None, None)
