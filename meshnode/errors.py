@@ -12,6 +12,7 @@ EX_NOUSER = 67
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_OSERR = 71
+EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
@@ -105,12 +106,23 @@ class TemporaryError(MeshnodeError):
     exit_code = EX_TEMPFAIL
 
 
+class StateError(MeshnodeError):
+    """A state file (ledger, enrollments, caches) cannot be written: the state directory is
+    read-only, full, or not a directory. Keeps the errno."""
+
+    exit_code = EX_CANTCREAT
+
+    def __init__(self, message: str, hint: str | None = None, errno: int | None = 0) -> None:
+        super().__init__(message, hint)
+        self.errno = errno or 0
+
+
 ERROR_TYPES: dict[str, type[MeshnodeError]] = {
     cls.__name__: cls
     for cls in (
         MeshnodeError, UsageError, ConfigError, NotFoundError, PermissionError_,
         UnavailableError, AgentNotRunningError, KernelError, BpfError, CaptureError,
-        CgroupError, IptablesError, RegistryError, ConflictError, TemporaryError,
+        CgroupError, IptablesError, RegistryError, ConflictError, TemporaryError, StateError,
     )
 }
 

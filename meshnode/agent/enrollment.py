@@ -22,6 +22,7 @@ from typing import Any
 from meshnode.discovery.registry import EndpointRecord, Registry
 from meshnode.errors import ConflictError, NotFoundError, UsageError
 from meshnode.host import cgroup, process
+from meshnode.host.statefile import write_json
 from meshnode.model import HostPort, service_name
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,8 @@ class EnrollmentManager:
 
     # -- persistence ----------------------------------------------------------------------
     def _save(self) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps([e.to_json() for e in self.by_pid.values()], indent=1))
-        os.replace(tmp, self.state_file)
+        # durable: a restarted agent re-enrolls from this file, and a torn one loses them all
+        write_json(self.state_file, [e.to_json() for e in self.by_pid.values()])
 
     def _load(self) -> list[Enrollment]:
         try:

@@ -7,14 +7,14 @@ Entries are plain dicts with a `kind`; the module that creates a kind also owns 
 
 Also owns the two lifecycle shapes every creator of kernel objects shares: an all-or-nothing
 `transaction` (an install that fails takes back what it recorded) and an ordered `undo` that
-keeps going past failures and reports them. Imports nothing of meshnode's.
+keeps going past failures and reports them. Imports nothing of meshnode's but
+host.statefile.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
