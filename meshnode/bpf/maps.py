@@ -1,8 +1,11 @@
 """Typed access to the pinned capture maps (layouts of bpf/include/mn_maps.h).
 
-The agent opens the pins once (`CaptureMaps.open`) and diff-applies a CaptureState: the kernel
-then redirects, refuses or passes each connect without the agent on the path. Packing helpers
-are module functions so unit tests check the byte layout without a kernel.
+The agent opens the pins once (`CaptureMaps.open`) and syncs CaptureStates into them: the kernel
+then redirects, refuses or passes each connect without the agent on the path. A sync writes
+only the keys that changed since the last one (`MapMirror`, pure, so unit tests check the
+writes without a kernel); the first sync after opening reads the maps back once, so an agent
+that finds them already filled (pins adopted after a restart) converges instead of assuming
+them empty. Packing helpers are module functions so unit tests check the byte layout too.
 Imports no bcc: raw bpf(2) through meshnode.bpf.syscall.
 """
 
@@ -80,10 +83,136 @@ class MapContents:
 
     @classmethod
     def of(cls, state: CaptureState) -> MapContents:
-        dests = {(r.ip, r.port): r.service_id for r in sorted(state.rules)}
-        services = {sid: f for sid in sorted(set(dests.values()))
-                    if (f := service_flags(state, sid))}
+        dests: dict[DestKey, int] = {}
+        for r in state.rules:
+            key = (r.ip, r.port)
+            # Two services claiming one address (the registries refuse it; a hand-made state
+            # may not): the higher id wins, whatever the set's iteration order.
+            if dests.get(key, -1) < r.service_id:
+                dests[key] = r.service_id
+        services = {sid: f for sid in set(dests.values()) if (f := service_flags(state, sid))}
         return cls(dests, services)
+
+
+@dataclass(slots=True)
+class MapDelta:
+    """The map writes that take the kernel from one state to the next, in the order they must
+    be made: destinations go in before the flags that enable them, and stale destinations go
+    before their flags, so no connect sees a rule pointing at the wrong service."""
+
+    dest_updates: list[tuple[DestKey, int]] = field(default_factory=list)
+    svc_updates: list[tuple[int, int]] = field(default_factory=list)
+    dest_deletes: list[DestKey] = field(default_factory=list)
+    svc_deletes: list[int] = field(default_factory=list)
+
+    @classmethod
+    def between(cls, have: MapContents, want: MapContents) -> MapDelta:
+        """Every write from `have` to `want` (a full comparison: the first sync only)."""
+        return cls(
+            [(k, sid) for k, sid in want.dests.items() if have.dests.get(k) != sid],
+            [(sid, f) for sid, f in want.services.items() if have.services.get(sid) != f],
+            list(have.dests.keys() - want.dests.keys()),
+            list(have.services.keys() - want.services.keys()))
+
+    def __len__(self) -> int:
+        return (len(self.dest_updates) + len(self.svc_updates) + len(self.dest_deletes)
+                + len(self.svc_deletes))
+
+
+class MapMirror:
+    """What the two maps hold, and the CaptureState they were made from: `step` turns the next
+    state into the writes that differ, in time proportional to the change. The rule sets are
+    compared with C set operations; when the caller reuses the CaptureRule objects of rules
+    that did not change, those compare by identity (1.7 ms for 50 000 rules, against 87 ms for
+    freshly built equal ones, measured with `make bench-scale`'s rule counts)."""
+
+    def __init__(self, state: CaptureState, held: MapContents) -> None:
+        self.state = state
+        self.dests = dict(held.dests)  # what mn_dest holds: the winning service per key
+        self.services = dict(held.services)  # what mn_svc holds
+        # Only keys claimed by more than one rule: every service id claiming them.
+        self._claims: dict[DestKey, set[int]] = {}
+        self._keys_of: dict[int, int] = {}  # service id -> number of keys it wins
+        for sid in self.dests.values():
+            self._keys_of[sid] = self._keys_of.get(sid, 0) + 1
+
+    @classmethod
+    def converge(cls, have: MapContents, state: CaptureState) -> tuple[MapMirror, MapDelta]:
+        """The mirror of `state`, and the writes that turn the maps' actual content `have`
+        (read from the kernel) into it."""
+        want = MapContents.of(state)
+        mirror = cls(state, want)
+        for r in state.rules:
+            key = (r.ip, r.port)
+            if want.dests[key] != r.service_id:
+                mirror._claims.setdefault(key, {want.dests[key]}).add(r.service_id)
+        return mirror, MapDelta.between(have, want)
+
+    def step(self, state: CaptureState) -> MapDelta:
+        """Advance to `state`; returns the writes. If they then fail, drop this mirror: it
+        already believes they were made."""
+        old, self.state = self.state, state
+        before: dict[DestKey, int | None] = {}  # each touched key's value before this step
+        if state.rules is not old.rules:
+            for r in old.rules - state.rules:
+                self._unclaim((r.ip, r.port), r.service_id, before)
+            for r in state.rules - old.rules:
+                self._claim((r.ip, r.port), r.service_id, before)
+        delta = MapDelta()
+        touched: set[int] = set()  # service ids whose flags may change
+        for key, was in before.items():
+            now = self.dests.get(key)
+            if now == was:
+                continue
+            if now is None:
+                delta.dest_deletes.append(key)
+            else:
+                delta.dest_updates.append((key, now))
+                self._keys_of[now] = self._keys_of.get(now, 0) + 1
+                touched.add(now)
+            if was is not None:
+                self._keys_of[was] -= 1
+                if not self._keys_of[was]:
+                    del self._keys_of[was]
+                touched.add(was)
+        if state.ready is not old.ready:
+            touched |= state.ready ^ old.ready
+        if state.fail_closed is not old.fail_closed:
+            touched |= state.fail_closed ^ old.fail_closed
+        for sid in touched:
+            want = service_flags(state, sid) if sid in self._keys_of else 0
+            if want == self.services.get(sid, 0):
+                continue
+            if want:
+                self.services[sid] = want
+                delta.svc_updates.append((sid, want))
+            else:
+                del self.services[sid]
+                delta.svc_deletes.append(sid)
+        return delta
+
+    def _claim(self, key: DestKey, sid: int, before: dict[DestKey, int | None]) -> None:
+        cur = self.dests.get(key)
+        before.setdefault(key, cur)
+        if cur is None:
+            self.dests[key] = sid
+            return
+        claims = self._claims.setdefault(key, {cur})
+        claims.add(sid)
+        self.dests[key] = max(claims)
+
+    def _unclaim(self, key: DestKey, sid: int, before: dict[DestKey, int | None]) -> None:
+        cur = self.dests.get(key)
+        before.setdefault(key, cur)
+        claims = self._claims.get(key)
+        if claims is None:
+            if cur == sid:
+                del self.dests[key]
+            return
+        claims.discard(sid)
+        self.dests[key] = max(claims)
+        if len(claims) == 1:
+            del self._claims[key]
 
 
 def sum_percpu(raw: bytes, ncpus: int) -> int:
@@ -97,9 +226,11 @@ class CaptureMaps:
     def __init__(self, fds: dict[str, int]) -> None:
         self._fds = fds
         self._ncpus = syscall.possible_cpus()
-        # What the last apply wrote: the agent is the maps' only writer, so diffing against
-        # it saves reading 2 x up to 65k entries back from the kernel on every sync.
-        self._applied: MapContents | None = None
+        # What the maps hold since the last sync: the agent is their only writer, so diffing
+        # against it saves reading up to 2 x 262 144 entries back on every sync. None: not
+        # known (just opened, cleared, or a write failed): the next sync reads the kernel.
+        self._mirror: MapMirror | None = None
+        self.last_writes = 0  # map writes the last sync made (for tests and timing logs)
         self._dns_port = 0  # the last port set_dns was given (kept when DNS goes off)
 
     @classmethod
@@ -157,28 +288,28 @@ class CaptureMaps:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def apply(self, want: MapContents) -> None:
-        """Make the maps hold `want`, touching only what differs. Destinations go in before
-        the flags that enable them, and stale destinations go before their flags, so no
-        connect ever sees a half-applied rule pointing at the wrong service."""
-        have = self._applied if self._applied is not None else self.contents()
-        self._applied = None  # unknown until this apply completes
+    def sync(self, state: CaptureState) -> None:
+        """Make the maps match `state`, writing only what differs from the last sync."""
+        mirror, self._mirror = self._mirror, None  # unknown until this sync completes
+        if mirror is None:
+            mirror, delta = MapMirror.converge(self.contents(), state)
+        else:
+            delta = mirror.step(state)
         dest_fd, svc_fd = self._fds["mn_dest"], self._fds["mn_svc"]
-        for (ip, port), sid in want.dests.items():
-            if have.dests.get((ip, port)) != sid:
-                syscall.map_update(dest_fd, pack_addr4(ip, port), pack_u32(sid))
-        for sid, flags in want.services.items():
-            if have.services.get(sid) != flags:
-                syscall.map_update(svc_fd, pack_u32(sid), pack_u32(flags))
-        for ip, port in have.dests.keys() - want.dests.keys():
+        for (ip, port), sid in delta.dest_updates:
+            syscall.map_update(dest_fd, pack_addr4(ip, port), pack_u32(sid))
+        for sid, flags in delta.svc_updates:
+            syscall.map_update(svc_fd, pack_u32(sid), pack_u32(flags))
+        for ip, port in delta.dest_deletes:
             syscall.map_delete(dest_fd, pack_addr4(ip, port))
-        for sid in have.services.keys() - want.services.keys():
+        for sid in delta.svc_deletes:
             syscall.map_delete(svc_fd, pack_u32(sid))
-        self._applied = want
+        self.last_writes = len(delta)
+        self._mirror = mirror
 
     def clear_services(self) -> None:
         """Drop every service flag: every mesh connect passes untouched (fail open)."""
-        self._applied = None
+        self._mirror = None
         fd = self._fds["mn_svc"]
         for key in syscall.map_keys(fd, 4):
             syscall.map_delete(fd, key)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from meshnode import constants
 from meshnode.bpf import syscall
-from meshnode.bpf.maps import CaptureMaps, MapContents
+from meshnode.bpf.maps import CaptureMaps
 from meshnode.bpf.program import EntrySpec, all_entries
 from meshnode.capture import (
     CAP_CGROUP_SOURCE,
@@ -74,7 +74,7 @@ class BpfCapture:
         self.timings["install"] = time.monotonic() - started
 
     def sync(self, state: CaptureState) -> None:
-        self._require_maps().apply(MapContents.of(state))
+        self._require_maps().sync(state)
 
     def set_dns(self, port: int | None) -> None:
         self._require_maps().set_dns(port)

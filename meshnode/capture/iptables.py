@@ -4,8 +4,13 @@ matches descendants, i.e. every service's cgroup below it); and a nat REDIRECT o
 (UDP and TCP port 53) to the agent's DNS server, filled only while `set_dns` says so.
 
 Owns this instance's three chains and their OUTPUT jumps, their ledger kinds (`UNDO`) and the
-rendering of iptables/*.rules templates. Each sync rewrites only our chains, atomically, with
-`iptables-restore --noflush`. The proxy reads SO_ORIGINAL_DST from conntrack in this mode.
+rendering of iptables/*.rules templates. A sync that changes what the kernel does rewrites only
+our chains, atomically, with `iptables-restore --noflush`; one that changes nothing the chains
+show (same state, or a change to services neither ready nor fail-closed) runs nothing. The
+rewrite stays whole on purpose: iptables has no cheaper atomic edit of a chain, and rule-by-rule
+`-I`/`-D` would let a connect see half a change; its cost grows with the mesh (one
+iptables-restore of every rule per change: `make bench-scale` measures it). The proxy reads
+SO_ORIGINAL_DST from conntrack in this mode.
 Works with iptables-nft and iptables-legacy (whichever `detect_binary` finds usable, or the
 one the caller names).
 """
@@ -153,6 +158,10 @@ class IptablesCapture:
         self.binary = binary  # resolved by install() when None
         self.chains = Chains.for_instance(ctx.instance)
         self._installed = False
+        # The last state synced and the text it rendered to: what our chains hold now.
+        self._state: CaptureState | None = None
+        self._rendered: str | None = None
+        self.restores = 0  # iptables-restore runs for the capture chains (tests, timing logs)
 
     def _bin(self) -> str:
         if self.binary is None:
@@ -165,6 +174,7 @@ class IptablesCapture:
             raise UnavailableError(f"{binary} is not usable here",
                                    "choose another with the iptables binary setting")
         apps = self.ctx.apps_cgroup_rel
+        self._state = self._rendered = None  # the chains are made anew: nothing to skip
         # All or nothing: a failure takes back what this install recorded, newest first.
         with self.ctx.ledger.transaction(UNDO) as tx:
             # Chains first (created by an empty sync, DNS off), then the jumps into them.
@@ -191,12 +201,21 @@ class IptablesCapture:
     def sync(self, state: CaptureState) -> None:
         if not self._installed:
             raise IptablesError("iptables capture is not installed", "call install() first")
+        if state == self._state:  # cheap when the caller reuses unchanged sets
+            return
         self._restore(state)
 
     def _restore(self, state: CaptureState) -> None:
         text = render_rules(self.chains, state, self.ctx.outbound_port, self.ctx.proxy_mark)
-        _check(_run([self._bin() + "-restore", "-w", WAIT_SECONDS, "--noflush"], text),
-               "iptables-restore of the capture chains")
+        if text != self._rendered:
+            # Unknown until it succeeds: a failed restore leaves the chains as they were or,
+            # if iptables died midway, unknown; either way the next sync must write.
+            self._state = self._rendered = None
+            _check(_run([self._bin() + "-restore", "-w", WAIT_SECONDS, "--noflush"], text),
+                   "iptables-restore of the capture chains")
+            self.restores += 1
+            self._rendered = text
+        self._state = state
 
     def set_dns(self, port: int | None) -> None:
         if not self._installed:
@@ -221,6 +240,7 @@ class IptablesCapture:
         failures = self.ctx.ledger.undo(
             mine, UNDO, key=lambda e: (e["kind"] != KIND_JUMP, e["table"] != "nat"))
         self._installed = False
+        self._state = self._rendered = None
         if failures:
             raise IptablesError("iptables capture not fully removed: " + "; ".join(failures),
                                 "the next agent start sweeps the rest")

@@ -18,6 +18,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from meshnode import constants
+from meshnode.bpf.maps import CaptureMaps, MapContents
 from meshnode.capture import undo_functions
 from meshnode.capture.ebpf import BpfCapture
 from meshnode.capture.iptables import IptablesCapture
@@ -214,3 +215,30 @@ def test_sweep_detaches_by_query_when_pins_are_gone(capture_env: CaptureEnv) -> 
 
     assert Ledger(env.ledger_path).undo_all(undo_functions()) == []
     assert leftovers(env) == []
+
+
+def test_sync_after_a_restart_converges_on_maps_already_filled(capture_env: CaptureEnv) -> None:
+    """A new agent over maps pinned with content (hitless restart): its first sync reads them
+    back once and removes what is stale; later syncs write only what changed."""
+    env = capture_env
+    if env.kind != "ebpf":
+        pytest.skip("pinned maps are an eBPF matter (iptables chains are rewritten whole)")
+    env.serve(env.proxy, "proxy", f"127.0.0.1:{env.ctx.outbound_port}")
+    env.serve(None, "backend", f"{VIP}:80", f"{VIP_CLOSED}:80")
+    backend = env.make_backend()
+    backend.install()
+    both = frozenset({vip_rule(VIP, SVC_VIP), vip_rule(VIP_CLOSED, SVC_CLOSED)})
+    backend.sync(CaptureState(rules=both, ready=frozenset({SVC_VIP, SVC_CLOSED})))
+    assert env.connect(env.app_service, VIP_CLOSED, 80)["reply"] == f"proxy {VIP_CLOSED}:80"
+
+    with CaptureMaps.open(env.ctx.pin_dir) as adopted:  # what a restarted agent opens
+        only_vip = CaptureState(rules=frozenset({vip_rule(VIP, SVC_VIP)}),
+                                ready=frozenset({SVC_VIP}))
+        adopted.sync(only_vip)
+        assert adopted.last_writes == 2  # VIP_CLOSED's destination and its flags: stale
+        assert adopted.contents() == MapContents.of(only_vip)
+        assert env.connect(env.app_service, VIP_CLOSED, 80)["reply"].startswith("backend ")
+        assert env.connect(env.app_service, VIP, 80)["reply"] == f"proxy {VIP}:80"
+        adopted.sync(dataclasses.replace(only_vip, ready=frozenset()))
+        assert adopted.last_writes == 1  # one flag, nothing else
+        assert env.connect(env.app_service, VIP, 80)["reply"].startswith("backend ")

@@ -3,11 +3,14 @@ packing, the compiler flags, and the backend chooser."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshnode import constants
 from meshnode.bpf import maps
@@ -183,3 +186,105 @@ def test_choose_explicit_ebpf_when_unavailable_names_the_fix(tmp_path: Path) -> 
     assert "no bcc" in err.value.message and "iptables" in err.value.hint
     with pytest.raises(UsageError):
         choose(_ctx(tmp_path), "tproxy")
+
+
+# -- incremental sync: what a sync writes into the maps, without a kernel ---------------------
+
+def _write(kernel: maps.MapContents, delta: maps.MapDelta) -> None:
+    """Apply `delta` to a model of the two maps as CaptureMaps.sync does, refusing no-ops."""
+    for key, sid in delta.dest_updates:
+        assert kernel.dests.get(key) != sid, f"needless write {key}"
+        kernel.dests[key] = sid
+    for sid, flags in delta.svc_updates:
+        assert kernel.services.get(sid) != flags, f"needless write {sid}"
+        kernel.services[sid] = flags
+    for key in delta.dest_deletes:
+        del kernel.dests[key]
+    for sid in delta.svc_deletes:
+        del kernel.services[sid]
+
+
+_IPS = [IPv4Address(f"127.240.0.{i}") for i in range(1, 5)]
+_rule = st.builds(CaptureRule, st.sampled_from(_IPS), st.sampled_from([0, 80]),
+                  st.integers(1, 4))
+_ids = st.frozensets(st.integers(1, 5))
+_state = st.builds(CaptureState, st.frozensets(_rule, max_size=8), _ids, _ids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(start=_state, states=st.lists(_state, min_size=1, max_size=6))
+def test_sync_writes_reach_exactly_what_a_full_rewrite_would(
+        start: CaptureState, states: list[CaptureState]) -> None:
+    # The maps hold something already (an agent restarted over pinned maps): the first sync
+    # reads it back and converges; every later one writes only the difference.
+    kernel = maps.MapContents.of(start)
+    mirror, delta = maps.MapMirror.converge(maps.MapContents(dict(kernel.dests),
+                                                             dict(kernel.services)), states[0])
+    _write(kernel, delta)
+    assert kernel == maps.MapContents.of(states[0])
+    for state in states[1:]:
+        _write(kernel, mirror.step(state))
+        assert kernel == maps.MapContents.of(state)
+    assert mirror.step(states[-1]) == maps.MapDelta()  # nothing changed: nothing written
+
+
+def _mesh(n: int) -> set[CaptureRule]:
+    rules = set()
+    for sid in range(1, n + 1):
+        rules.add(CaptureRule(IPv4Address(0x7FF00000 + sid), 0, sid))
+        rules.update(CaptureRule(IPv4Address(0xC6120000 + 4 * sid + j), 8000, sid)
+                     for j in range(4))
+    return rules
+
+
+def test_one_more_service_in_a_large_mesh_writes_only_its_own_keys() -> None:
+    rules = _mesh(10_000)
+    ids = frozenset(range(1, 10_001))
+    mirror, first = maps.MapMirror.converge(maps.MapContents(), CaptureState(
+        frozenset(rules), ids, frozenset()))
+    assert len(first) == 50_000 + 10_000
+    new = {CaptureRule(IPv4Address("127.250.0.1"), 0, 10_001),
+           *(CaptureRule(IPv4Address(f"198.19.0.{j}"), 8000, 10_001) for j in range(1, 5))}
+    # Built afresh, as the agent builds each state: equal rules, new objects.
+    delta = mirror.step(CaptureState(frozenset(_mesh(10_000) | new), ids | {10_001},
+                                     frozenset({10_001})))
+    assert sorted(delta.dest_updates) == sorted(((r.ip, r.port), 10_001) for r in new)
+    assert delta.svc_updates == [(10_001, constants.SVC_READY | constants.SVC_FAIL_CLOSED)]
+    assert delta.dest_deletes == [] and delta.svc_deletes == []
+    # One endpoint goes: one delete, the service's flags stay.
+    gone = CaptureRule(IPv4Address("198.19.0.4"), 8000, 10_001)
+    delta = mirror.step(CaptureState(frozenset(_mesh(10_000) | new - {gone}),
+                                     ids | {10_001}, frozenset({10_001})))
+    assert delta == maps.MapDelta(dest_deletes=[(gone.ip, 8000)])
+
+
+def test_a_service_losing_its_last_address_loses_its_flags_after_them() -> None:
+    vip = CaptureRule(VIP, 0, 1)
+    mirror, _ = maps.MapMirror.converge(maps.MapContents(), CaptureState(
+        frozenset({vip}), frozenset({1})))
+    delta = mirror.step(CaptureState(ready=frozenset({1})))
+    assert delta == maps.MapDelta(dest_deletes=[(VIP, 0)], svc_deletes=[1])
+
+
+def test_iptables_sync_runs_restore_only_when_the_chains_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs: list[str] = []
+
+    def run(cmd: list[str], input_text: str | None = None) -> object:
+        assert cmd[0] == "iptables-restore"
+        inputs.append(input_text or "")
+        return type("Done", (), {"returncode": 0, "stderr": ""})()
+
+    monkeypatch.setattr("meshnode.capture.iptables._run", run)
+    backend = IptablesCapture(_ctx(tmp_path), binary="iptables")
+    backend._installed = True  # install() needs root; sync's decisions do not
+    backend.sync(STATE)
+    backend.sync(dataclasses.replace(STATE))  # equal state: nothing runs
+    # A service neither ready nor fail-closed shows in no chain: nothing runs either.
+    backend.sync(dataclasses.replace(
+        STATE, rules=STATE.rules | {CaptureRule(IPv4Address("127.240.0.20"), 0, 4)}))
+    assert len(inputs) == backend.restores == 1
+    backend.sync(dataclasses.replace(STATE, ready=frozenset({1})))
+    assert len(inputs) == 2 and "--dport 8080 -j REDIRECT" not in inputs[1]
+    # The chains are whole in every restore: atomic, as before.
+    assert inputs[1].count("COMMIT") == 2
