@@ -28,7 +28,7 @@ from meshnode.agent.observe import Telemetry
 from meshnode.agent.workers import WorkerPool
 from meshnode.capture import CaptureBackend, CaptureContext, undo_functions
 from meshnode.config import AgentConfig
-from meshnode.discovery import updates
+from meshnode.discovery import catalog, updates
 from meshnode.discovery.factory import open_registry
 from meshnode.discovery.health import HealthMonitor
 from meshnode.discovery.registry import EndpointRecord, Registry, ServiceRecord
@@ -86,7 +86,10 @@ class HostAgent:
         self._pushed: updates.Snapshot = {}
         self._reconcile_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
-        self.health = HealthMonitor(on_change=self._dirty.set)
+        # the read-only catalog on the admin port (/v1/catalog) follows registry and health
+        self.catalog = catalog.Catalog(lambda: catalog.view(
+            self.registry.services() if self.registry else {}, self.health.healthy))
+        self.health = HealthMonitor(on_change=self._health_changed)
         self.telemetry = Telemetry(self)
         self._stop = asyncio.Event()
         self._stopping = False
@@ -154,7 +157,8 @@ class HostAgent:
         self.capture, self.capture_reason = choice.backend, choice.reason
         log.info("capture: %s", self.capture_reason)
         # names: the DNS server first, then the redirect of enrolled processes' port 53 to it
-        self.names = MeshNames.for_agent(self.cfg, self.capture, self.registry)
+        self.names = MeshNames.for_agent(self.cfg, self.capture, self.registry,
+                                         self.health.healthy)
         await self.names.start()
 
         log_file = self.cfg.access_log_path
@@ -172,6 +176,7 @@ class HostAgent:
             self.cfg.host_address, self._protected_pids(), self.cfg.node_name, self.cfg.zone)
         await self.enrollments.restore()
         self.registry.subscribe(self._dirty.set)
+        self.registry.subscribe(self.catalog.changed)
 
         self.control = ControlServer(self.cfg.control_socket, self._handlers())
         await self.control.start()
@@ -212,6 +217,11 @@ class HostAgent:
             state = updates.capture_state(services, ready)
             await asyncio.to_thread(self.capture.sync, state)
             self.ready = ready  # published only once the kernel rules match it
+
+    def _health_changed(self) -> None:
+        """A health verdict flipped: the workers' balancers and the catalog follow it."""
+        self._dirty.set()
+        self.catalog.changed()
 
     async def _reconcile_loop(self) -> None:
         while True:

@@ -4,27 +4,34 @@ queries there, started and stopped in the one safe order.
 `MeshNames.start` (after capture install): serve DNS on 127.0.0.1:<dns_port>, then turn the
 DNS redirect on. `MeshNames.stop` (before capture removal): redirect off, then stop serving.
 The redirect is thus only on while something answers (fail open): queries never vanish into
-a closed port. Imports the capture interface and discovery, never bcc or the proxy.
+a closed port. The zone reads the registry's snapshot (VIPs) and, for SRV answers, the health
+checks' verdicts through a narrow `Healthy` callable, never the agent itself. Imports the
+capture interface, discovery and the pure balancers' locality rule; never bcc or the proxy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 from meshnode import constants
+from meshnode.balance.load import tier_of
 from meshnode.capture import CaptureBackend
 from meshnode.config import AgentConfig
-from meshnode.discovery.dns import MeshDns, Resolve
+from meshnode.discovery.dns import Instances, MeshDns, Resolve, SrvTarget, no_instances
 from meshnode.discovery.dns_upstream import RESOLV_CONF, Upstream, resolv_conf_upstreams
 from meshnode.discovery.registry import Registry
 from meshnode.errors import MeshnodeError
+from meshnode.model import HostPort
 
 log = logging.getLogger(__name__)
+
+# Whether an endpoint of a service passes its health checks (HealthMonitor.healthy).
+Healthy = Callable[[str, HostPort], bool]
 
 
 def upstreams_for(configured: Sequence[str], own: Upstream,
@@ -48,24 +55,44 @@ def registry_resolver(registry: Registry) -> Resolve:
     return resolve
 
 
+def registry_instances(registry: Registry, healthy: Healthy, node: str = "",
+                       zone: str = "") -> Instances:
+    """A service's healthy endpoints for SRV answers, from the registry's local snapshot and
+    the health verdicts (never blocks). Priorities follow the balancers' locality tiers (0 on
+    `node`, 1 in `zone`, 2 elsewhere), so a client that balances itself prefers what the
+    proxy would; a service with locality off lists every endpoint at priority 0."""
+
+    def instances(service: str) -> list[SrvTarget]:
+        rec = registry.services().get(service)
+        if rec is None:
+            return []
+        local = rec.lb.locality
+        return [SrvTarget(tier_of(e.endpoint, node, zone) if local else 0, e.addr, e.weight,
+                          e.node)
+                for e in rec.endpoints if healthy(service, e.addr)]
+
+    return instances
+
+
 class MeshNames:
     """The DNS server plus the capture switch. `start` -> `describe`* -> `stop`."""
 
     def __init__(self, capture: CaptureBackend, resolve: Resolve, *,
                  port: int = constants.DNS_PORT, suffix: str = "mesh",
                  upstreams: Sequence[str] = (), host: str = constants.PROXY_ADDR,
-                 resolv_conf: Path = RESOLV_CONF) -> None:
+                 resolv_conf: Path = RESOLV_CONF, instances: Instances = no_instances) -> None:
         self.capture = capture
         own = Upstream(IPv4Address(host), port)
         self.server = MeshDns(resolve, suffix, upstreams_for(upstreams, own, resolv_conf),
-                              host, port)
+                              host, port, instances=instances)
         self.redirecting = False
 
     @classmethod
-    def for_agent(cls, cfg: AgentConfig, capture: CaptureBackend,
-                  registry: Registry) -> MeshNames:
+    def for_agent(cls, cfg: AgentConfig, capture: CaptureBackend, registry: Registry,
+                  healthy: Healthy) -> MeshNames:
         return cls(capture, registry_resolver(registry), port=cfg.dns_port,
-                   suffix=cfg.dns_suffix, upstreams=cfg.dns_upstreams)
+                   suffix=cfg.dns_suffix, upstreams=cfg.dns_upstreams,
+                   instances=registry_instances(registry, healthy, cfg.node_name, cfg.zone))
 
     async def start(self) -> None:
         """Serve, then redirect. All or nothing: a failed switch stops the server again."""

@@ -97,7 +97,7 @@ class Telemetry:
         if not cfg.admin_port:
             return
         self.admin = AdminServer("127.0.0.1", cfg.admin_port, self,
-                                 asyncio.get_running_loop())
+                                 asyncio.get_running_loop(), catalog=self.agent.catalog)
         await asyncio.to_thread(self.admin.start)
 
     async def stop_admin(self) -> None:

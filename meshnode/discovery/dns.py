@@ -1,16 +1,25 @@
-"""The agent's DNS server: `<service>.<suffix>` answers with the service's VIP, every other
-name is forwarded to upstream resolvers.
+"""The agent's DNS server: `<service>.<suffix>` answers with the service's VIP,
+`_<service>._tcp.<suffix>` with SRV records of its healthy endpoints, every other name is
+forwarded to upstream resolvers.
 
 Two parts, kept apart like a protocol and its transport:
   `MeshZone`  decides what one query gets (pure: bytes in, an outcome out; no sockets), from a
               `resolve(service) -> IPv4Address | None` callable the agent backs with its
-              registry snapshot;
+              registry snapshot, and an `instances(service) -> [SrvTarget]` callable backed by
+              the registry and the health checks (agent/names.py);
   `MeshDns`   serves it over UDP and TCP on the agent's loop (stdlib asyncio) and forwards
               through `dns_upstream.Forwarder`.
 Answers under the suffix: A -> the VIP (short TTL); ANY -> the same; AAAA and other types of a
-known service -> NOERROR without answers; an unknown service -> NXDOMAIN. Malformed queries get
-FORMERR when their header can be read and are dropped otherwise; responses are never answered
-(no reflection loops). Nothing a client sends can end the server.
+known service -> NOERROR without answers; an unknown service -> NXDOMAIN.
+SRV, for clients that balance themselves (Consul's and Kubernetes' shape): one record per
+healthy endpoint with its port, its weight and a priority by locality (0 this node, 1 this
+zone, 2 elsewhere, as the proxy's balancers prefer them); the target is
+`<ip-with-dashes>.<node>.ep.<suffix>`, whose A record travels in the additional section. No
+healthy endpoint: NOERROR without answers (NODATA), so a client tells "down" from "no such
+service". An answer too long for the client's UDP limit drops the additional records first
+(the targets still resolve on their own), and only then sets TC.
+Malformed queries get FORMERR when their header can be read and are dropped otherwise;
+responses are never answered (no reflection loops). Nothing a client sends can end the server.
 
 Enrolled processes reach it without knowing: capture redirects their port-53 queries here
 (CaptureBackend.set_dns). Imports no agent, capture or proxy code; wire format through dnslib.
@@ -26,7 +35,7 @@ import re
 import struct
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, fields
-from ipaddress import IPv4Address
+from ipaddress import AddressValueError, IPv4Address
 from typing import NoReturn, cast
 
 from dnslib import (
@@ -37,6 +46,7 @@ from dnslib import (
     RCODE,
     RR,
     SOA,
+    SRV,
     A,
     DNSBuffer,
     DNSError,
@@ -47,13 +57,37 @@ from dnslib import (
 from meshnode import constants
 from meshnode.discovery.dns_upstream import Forwarder, ForwardError, Upstream
 from meshnode.errors import ConflictError, KernelError, UsageError
+from meshnode.model import HostPort
 
 log = logging.getLogger(__name__)
 
 Resolve = Callable[[str], IPv4Address | None]
 
+
+@dataclass(frozen=True, order=True, slots=True)
+class SrvTarget:
+    """One healthy endpoint as an SRV record lists it (`priority` first: lower is preferred;
+    `weight` shares traffic within a priority, RFC 2782)."""
+
+    priority: int
+    addr: HostPort
+    weight: int = 1
+    node: str = ""
+
+
+# A known service's healthy endpoints (empty for an unknown service or none healthy).
+Instances = Callable[[str], Sequence[SrvTarget]]
+
+
+def no_instances(service: str) -> Sequence[SrvTarget]:
+    """No SRV data for any service (a zone built without a health view)."""
+    return ()
+
 UDP_PLAIN_LIMIT = 512  # a UDP answer without EDNS may not be longer (RFC 1035)
 UDP_EDNS_LIMIT = 1232  # what we advertise and cap EDNS clients at (DNS flag day 2020)
+TCP_LIMIT = 65535  # a DNS message over TCP has a 16-bit length
+SRV_PROTOCOL = "_tcp"  # the mesh carries TCP only: _<service>._udp is no name here
+EP_LABEL = "ep"  # SRV targets: <ip-with-dashes>.<node>.ep.<suffix>
 MAX_INFLIGHT = 512  # forwards at once; beyond that, SERVFAIL at once instead of queueing
 MAX_TCP_CONNECTIONS = 128
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may stay silent between queries
@@ -62,6 +96,8 @@ _LENGTH = struct.Struct("!H")
 _CLASS_ANY = 255  # dnslib names it "*", which is no attribute
 _SUFFIX_RE = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*"
                         r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_NOT_LABEL = re.compile(r"[^a-z0-9-]+")
+_LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 def check_suffix(suffix: str) -> str:
@@ -91,14 +127,49 @@ class Forward:
 Outcome = Reply | Forward | None  # None: drop (not even a header, or not a query)
 
 
+def node_label(node: str) -> str:
+    """A node name as one DNS label ("" when nothing of it is left): node names are host
+    names or free text (--node), so what a label may not hold becomes '-'."""
+    return _NOT_LABEL.sub("-", node.lower()).strip("-")[:63].strip("-")
+
+
 class MeshZone:
-    """What one query gets. Pure: no sockets, no clock; `resolve` is the only outside call."""
+    """What one query gets. Pure: no sockets, no clock; `resolve` and `instances` are the only
+    outside calls."""
 
     def __init__(self, resolve: Resolve, suffix: str = "mesh",
-                 ttl: int = constants.DNS_TTL) -> None:
+                 ttl: int = constants.DNS_TTL, instances: Instances = no_instances) -> None:
         self.resolve = resolve
+        self.instances = instances
         self.suffix = check_suffix(suffix)
         self.ttl = ttl
+
+    def target(self, t: SrvTarget) -> str:
+        """The name an SRV record points at for `t`; `endpoint_of` reads it back."""
+        label = node_label(t.node)
+        return ".".join((str(t.addr.ip).replace(".", "-"), *((label,) if label else ()),
+                         EP_LABEL, self.suffix)) + "."
+
+    @staticmethod
+    def endpoint_of(name: str) -> IPv4Address | None:
+        """The address an SRV target name under the suffix stands for (`name` without the
+        suffix), or None if it is no such name.
+
+        The name carries its address, so it resolves without a lookup and even after the
+        endpoint left (a client may still hold an SRV answer for a TTL). That answers nothing
+        a client could not write down itself: the zone is only served on 127.0.0.1."""
+        labels = name.split(".")
+        if labels[-1] != EP_LABEL or len(labels) not in (2, 3):
+            return None
+        if len(labels) == 3 and not _LABEL_RE.match(labels[1]):
+            return None
+        text = labels[0].replace("-", ".")
+        if text.count(".") != 3:
+            return None
+        try:
+            return IPv4Address(text)
+        except AddressValueError:
+            return None
 
     def service_of(self, qname: str) -> str | None:
         """The service a name asks for: "" for the suffix itself, None outside it."""
@@ -129,29 +200,71 @@ class MeshZone:
             return Forward(data)
         return self._answer(query, service)
 
-    def _answer(self, query: DNSRecord, service: str) -> Reply:
+    def _answer(self, query: DNSRecord, name: str) -> Reply:
         q = query.q
         reply = query.reply()  # id, rd, question; qr, aa, ra set
-        if _edns(query) is not None:
-            reply.add_ar(EDNS0(udp_len=UDP_EDNS_LIMIT))
         if q.qclass not in (CLASS.IN, _CLASS_ANY):
             reply.header.rcode = RCODE.REFUSED
-            return Reply(reply.pack(), RCODE.REFUSED)
-        vip = self.resolve(service) if service else None
-        if service and vip is None:
+            return Reply(_with_edns(reply, query).pack(), RCODE.REFUSED)
+        records = self._records(q.qname, q.qtype, name)
+        if records is None:
             reply.header.rcode = RCODE.NXDOMAIN
-        if vip is not None and q.qtype in (QTYPE.A, QTYPE.ANY):
-            reply.add_answer(RR(q.qname, QTYPE.A, CLASS.IN, self.ttl, A(str(vip))))
+        answers, additional = records or ([], [])
+        if answers:
+            reply.add_answer(*answers)
+            reply.add_ar(*additional)
         else:
-            # NXDOMAIN or no data of this type (AAAA: VIPs are IPv4 only): the SOA tells
-            # resolvers how long they may remember that (RFC 2308).
+            # NXDOMAIN or no data of this type (AAAA: VIPs are IPv4 only; SRV of a service
+            # with no healthy endpoint): the SOA tells resolvers how long they may remember
+            # that (RFC 2308).
             reply.add_auth(self._soa())
-        return Reply(reply.pack(), reply.header.rcode)
+        return Reply(_with_edns(reply, query).pack(), reply.header.rcode)
+
+    def _records(self, qname: object, qtype: int,
+                 name: str) -> tuple[list[RR], list[RR]] | None:
+        """(answers, additional records) for `name` under the suffix; None: no such name.
+        An empty result is a name that exists without data of this type."""
+        if name == "":
+            return [], []  # the suffix itself
+        if name.startswith("_"):
+            return self._srv(qname, qtype, name)
+        if (ip := self.endpoint_of(name)) is not None:
+            return ([RR(qname, QTYPE.A, CLASS.IN, self.ttl, A(str(ip)))]
+                    if qtype in (QTYPE.A, QTYPE.ANY) else []), []
+        vip = self.resolve(name)
+        if vip is None:
+            return None
+        return ([RR(qname, QTYPE.A, CLASS.IN, self.ttl, A(str(vip)))]
+                if qtype in (QTYPE.A, QTYPE.ANY) else []), []
+
+    def _srv(self, qname: object, qtype: int,
+             name: str) -> tuple[list[RR], list[RR]] | None:
+        service, _, proto = name[1:].partition(".")
+        if proto != SRV_PROTOCOL or not service or self.resolve(service) is None:
+            return None
+        if qtype not in (QTYPE.SRV, QTYPE.ANY):
+            return [], []
+        answers, additional = [], []
+        for t in sorted(self.instances(service)):
+            target = self.target(t)
+            answers.append(RR(qname, QTYPE.SRV, CLASS.IN, self.ttl,
+                              SRV(t.priority, max(0, min(t.weight, 65535)), t.addr.port,
+                                  target)))
+            additional.append(RR(target, QTYPE.A, CLASS.IN, self.ttl, A(str(t.addr.ip))))
+        # two endpoints of one address (ports differ) share a target: its A record once
+        return answers, list({str(rr.rname): rr for rr in additional}.values())
 
     def _soa(self) -> RR:
         zone = self.suffix + "."
         return RR(zone, QTYPE.SOA, CLASS.IN, self.ttl,
                   SOA("ns." + zone, "hostmaster." + zone, (1, 60, 60, 60, self.ttl)))
+
+
+def _with_edns(reply: DNSRecord, query: DNSRecord) -> DNSRecord:
+    """An EDNS query gets an EDNS answer (its OPT record last, after any additional records)."""
+    if _edns(query) is not None:
+        reply.add_ar(EDNS0(udp_len=UDP_EDNS_LIMIT))
+    return reply
 
 
 def error_reply(header: DNSHeader, rcode: int) -> Reply:
@@ -185,6 +298,20 @@ def truncate(answer: bytes) -> bytes:
     cut = DNSRecord(header=record.header, questions=record.questions)
     cut.header.tc = 1
     return bytes(cut.pack())
+
+
+def fit(answer: bytes, limit: int) -> tuple[bytes, bool]:
+    """`answer` within `limit` bytes, and whether it had to be truncated (TC). Additional
+    records go first (RFC 2181 9: leaving them out needs no TC; an SRV target still resolves
+    by itself), then the answers (TC: the client asks again over TCP)."""
+    if len(answer) <= limit:
+        return answer, False
+    record = DNSRecord.parse(answer)
+    record.ar = [rr for rr in record.ar if rr.rtype == QTYPE.OPT]
+    lean = bytes(record.pack())
+    if len(lean) <= limit:
+        return lean, False
+    return truncate(answer), True
 
 
 @dataclass
@@ -252,8 +379,9 @@ class MeshDns:
     def __init__(self, resolve: Resolve, suffix: str = "mesh",
                  upstreams: Sequence[Upstream] = (), host: str = constants.PROXY_ADDR,
                  port: int = constants.DNS_PORT, ttl: int = constants.DNS_TTL,
-                 timeout: float = constants.DNS_FORWARD_TIMEOUT) -> None:
-        self.zone = MeshZone(resolve, suffix, ttl)
+                 timeout: float = constants.DNS_FORWARD_TIMEOUT,
+                 instances: Instances = no_instances) -> None:
+        self.zone = MeshZone(resolve, suffix, ttl, instances)
         self.forwarder = Forwarder(upstreams, timeout)
         self.host = host
         self.port = port  # the bound port after start() (port 0 asks for any free one)
@@ -330,6 +458,13 @@ class MeshDns:
         else:
             self._stats.formerr += 1
 
+    def _fit(self, answer: bytes, limit: int) -> bytes:
+        """A mesh answer within `limit` (SRV answers of a large service can outgrow it)."""
+        answer, cut = fit(answer, limit)
+        if cut:
+            self._stats.truncated += 1
+        return answer
+
     async def _forward(self, query: bytes, tcp: bool) -> bytes:
         try:
             answer = await self.forwarder.forward(query, tcp)
@@ -347,7 +482,10 @@ class MeshDns:
             self._stats.dropped += 1
         elif isinstance(outcome, Reply):
             self._count(outcome)
-            self._send(outcome.data, addr)  # mesh names: answered inline, no task
+            answer = outcome.data
+            if len(answer) > UDP_PLAIN_LIMIT:  # only then is the client's own limit needed
+                answer = self._fit(answer, udp_limit(data))
+            self._send(answer, addr)  # mesh names: answered inline, no task
         elif len(self._tasks.running) >= MAX_INFLIGHT:
             self._stats.dropped += 1  # overloaded: the client retries (maybe elsewhere)
         else:
@@ -406,5 +544,5 @@ class MeshDns:
             return None
         if isinstance(outcome, Reply):
             self._count(outcome)
-            return outcome.data
+            return self._fit(outcome.data, TCP_LIMIT)
         return await self._forward(outcome.query, tcp=True)

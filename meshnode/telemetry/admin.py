@@ -6,11 +6,16 @@ and the JSON API it polls, and a readiness probe.
   GET /api/overview?window=S   services, edges, hosts and series for the dashboard (JSON)
   GET /                        the dashboard (meshnode/dashboard/index.html)
   GET /static/NAME             its files (package data; nothing comes from the internet)
+  GET /v1/catalog/services     the read-only catalog (meshnode/discovery/catalog.py): every
+  GET /v1/catalog/service/NAME service, or one with its endpoints and health, as JSON with an
+                               X-Meshnode-Index header; ?index=N&wait=30s blocks (like Consul)
 
 A threaded WSGI server (the standard library's, as prometheus-client's own exporter uses) in a
 daemon thread of the agent: the agent's event loop never blocks on a slow scraper. Requests
-read the agent's state by running a coroutine on its loop (`Provider`), so the loop stays the
-only thread that touches it.
+read the agent's state by running a coroutine on its loop (`Provider`, `Catalog.query`), so the
+loop stays the only thread that touches it. A blocking catalog query holds its thread for up to
+its wait; at most MAX_BLOCKING of them wait at once, more get 429 (the thread budget is the
+limit, not the loop: a waiting query costs the loop nothing).
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from meshnode.errors import UnavailableError
+from meshnode.discovery.catalog import Answer, BlockingQuery, Catalog, parse_query
+from meshnode.errors import UnavailableError, UsageError
 from meshnode.telemetry.metrics import MeshCollector, Snapshot
 
 __all__ = ["AdminServer", "Provider"]
@@ -43,6 +49,9 @@ _T = TypeVar("_T")
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _TIMEOUT = 5.0
 _MAX_WINDOW = 600.0
+MAX_BLOCKING = 256  # blocking catalog queries waiting at once (one thread each)
+CATALOG = "/v1/catalog/"
+INDEX_HEADER = "X-Meshnode-Index"
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
@@ -70,10 +79,12 @@ class _QuietHandler(WSGIRequestHandler):
 
 class AdminServer:
     def __init__(self, host: str, port: int, provider: Provider,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, catalog: Catalog | None = None) -> None:
         self.host, self.port = host, port
         self._provider = provider
         self._loop = loop
+        self._catalog = catalog
+        self._blocking = threading.BoundedSemaphore(MAX_BLOCKING)
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(MeshCollector(lambda: self._run(provider.snapshot())))
         self._server: _Server | None = None
@@ -101,8 +112,8 @@ class AdminServer:
             self._server.server_close()
             self._server = None
 
-    def _run(self, coro: Awaitable[_T]) -> _T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(_TIMEOUT)  # type: ignore[arg-type]
+    def _run(self, coro: Awaitable[_T], timeout: float = _TIMEOUT) -> _T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
 
     # -- WSGI ------------------------------------------------------------------------------
     def _app(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
@@ -121,6 +132,9 @@ class AdminServer:
                 window = _window(environ.get("QUERY_STRING", ""))
                 body = json.dumps(self._run(self._provider.overview(window))).encode()
                 return _reply(start, "200 OK", body, "application/json")
+            if path.startswith(CATALOG) and self._catalog is not None:
+                return self._catalog_reply(start, path[len(CATALOG):],
+                                           environ.get("QUERY_STRING", ""))
             if path in ("/", "/index.html"):
                 return _static(start, ("index.html",))
             if path.startswith("/static/"):
@@ -131,6 +145,54 @@ class AdminServer:
             return _reply(start, "503 Service Unavailable", b"the agent is busy; retry\n",
                           "text/plain")
         return _reply(start, "404 Not Found", b"not found\n", "text/plain")
+
+    def _catalog_reply(self, start: StartResponse, rest: str,
+                       query: str) -> Iterable[bytes]:
+        """/v1/catalog/services and /v1/catalog/service/NAME: routing and HTTP only; what they
+        answer, and when, is the catalog's."""
+        assert self._catalog is not None
+        if rest == "services":
+            service = None
+        elif rest.startswith("service/") and rest.count("/") == 1:
+            service = rest[len("service/"):]
+        else:
+            return _json(start, "404 Not Found", {
+                "error": f"no catalog URL {CATALOG}{rest}",
+                "hint": f"use {CATALOG}services or {CATALOG}service/NAME"})
+        try:
+            q = parse_query(query)
+        except UsageError as exc:
+            return _json(start, "400 Bad Request", {"error": exc.message, "hint": exc.hint})
+        answer = self._catalog_answer(service, q)
+        if answer is None:
+            return _json(start, "429 Too Many Requests", {
+                "error": f"{MAX_BLOCKING} blocking queries are already waiting",
+                "hint": "retry later, or share one watch among your clients"})
+        headers = [(INDEX_HEADER, str(answer.index))]
+        if answer.body is None:
+            return _json(start, "404 Not Found", {
+                "error": f"no service named {service!r}",
+                "hint": f"list them: GET {CATALOG}services"}, headers)
+        return _json(start, "200 OK", answer.body, headers)
+
+    def _catalog_answer(self, service: str | None, q: BlockingQuery) -> Answer | None:
+        """The catalog's answer, run on the agent's loop; None when too many queries wait."""
+        assert self._catalog is not None
+        if q.index is None:
+            return self._run(self._catalog.query(service, q))
+        if not self._blocking.acquire(blocking=False):
+            return None
+        try:
+            # the loop ends the wait; the thread's own timeout is only a backstop
+            return self._run(self._catalog.query(service, q), q.wait + _TIMEOUT)
+        finally:
+            self._blocking.release()
+
+
+def _json(start: StartResponse, status: str, body: Any,
+          headers: list[tuple[str, str]] | None = None) -> list[bytes]:
+    return _reply(start, status, json.dumps(body).encode() + b"\n", "application/json",
+                  headers=headers)
 
 
 def _window(query: str) -> float:
@@ -157,7 +219,7 @@ def _static(start: StartResponse, parts: tuple[str, ...]) -> Iterable[bytes]:
 
 
 def _reply(start: StartResponse, status: str, body: bytes, ctype: str,
-           cache: bool = False) -> list[bytes]:
+           cache: bool = False, headers: list[tuple[str, str]] | None = None) -> list[bytes]:
     start(status, [("Content-Type", ctype), ("Content-Length", str(len(body))),
-                   ("Cache-Control", "max-age=300" if cache else "no-store")])
+                   ("Cache-Control", "max-age=300" if cache else "no-store"), *(headers or ())])
     return [body]

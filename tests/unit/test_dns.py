@@ -1,6 +1,6 @@
-"""The agent's DNS server without root: the pure zone logic, then the real server on
-127.0.0.1 (port 0) with a fake `resolve` and fake upstream resolvers the test runs itself on
-127.0.0.1. No real resolver is ever asked."""
+"""The agent's DNS server without root: the pure zone logic (A, SRV and their targets), then
+the real server on 127.0.0.1 (port 0) with a fake `resolve` and `instances` and fake upstream
+resolvers the test runs itself on 127.0.0.1. No real resolver is ever asked."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 from dnslib import EDNS0, QTYPE, RCODE, RR, A, DNSRecord
 
 from meshnode import constants
-from meshnode.agent.names import MeshNames, upstreams_for
+from meshnode.agent.names import MeshNames, registry_instances, upstreams_for
 from meshnode.bpf import maps
 from meshnode.bpf.compile import render_source
 from meshnode.capture.iptables import CHAIN_MAX, Chains, jump_rule, render_dns
@@ -27,12 +27,15 @@ from meshnode.discovery.dns import (
     MeshDns,
     MeshZone,
     Reply,
+    SrvTarget,
     check_suffix,
+    node_label,
     truncate,
 )
 from meshnode.discovery.dns_upstream import Upstream, resolv_conf_upstreams
+from meshnode.discovery.registry import EndpointRecord, ServiceRecord
 from meshnode.errors import ConflictError, UsageError
-from meshnode.model import CaptureState
+from meshnode.model import BalancerConfig, CaptureState, HostPort, ServicePolicy
 from tests.fake_dns import LOCAL, fake_upstream
 
 VIP = IPv4Address("127.240.0.7")
@@ -40,8 +43,18 @@ SERVICES = {"web": VIP, "db": IPv4Address("127.240.0.8")}
 T = TypeVar("T")
 
 
+# web's healthy endpoints as the agent's health view would give them; db has none healthy
+WEB = [SrvTarget(0, HostPort.parse("127.0.0.1:8001"), 1, "node-a"),
+       SrvTarget(1, HostPort.parse("198.18.0.2:8002"), 3, "node-b"),
+       SrvTarget(2, HostPort.parse("198.18.1.3:8003"), 2, "node-c")]
+
+
 def resolve(name: str) -> IPv4Address | None:
     return SERVICES.get(name)
+
+
+def instances(name: str) -> list[SrvTarget]:
+    return WEB if name == "web" else []
 
 
 def run(coro: Awaitable[T]) -> T:
@@ -109,8 +122,10 @@ async def ask_tcp(port: int, *messages: bytes) -> list[bytes]:
 
 @asynccontextmanager
 async def serving(upstreams: tuple[Upstream, ...] = (), timeout: float = 1.0,
-                  suffix: str = "mesh") -> AsyncIterator[MeshDns]:
-    server = MeshDns(resolve, suffix, upstreams, LOCAL, 0, timeout=timeout)
+                  suffix: str = "mesh",
+                  srv: list[SrvTarget] | None = None) -> AsyncIterator[MeshDns]:
+    server = MeshDns(resolve, suffix, upstreams, LOCAL, 0, timeout=timeout,
+                     instances=lambda name: srv or [] if name == "web" else [])
     await server.start()
     try:
         yield server
@@ -122,7 +137,7 @@ async def serving(upstreams: tuple[Upstream, ...] = (), timeout: float = 1.0,
 
 @pytest.fixture
 def zone() -> MeshZone:
-    return MeshZone(resolve, "mesh", ttl=5)
+    return MeshZone(resolve, "mesh", ttl=5, instances=instances)
 
 
 def _reply(outcome: object) -> DNSRecord:
@@ -209,6 +224,142 @@ def test_truncate_keeps_header_and_question_only() -> None:
     cut = DNSRecord.parse(truncate(full.pack()))
     assert cut.header.tc and cut.header.id == full.header.id
     assert cut.rr == [] and cut.questions == full.questions
+
+
+# -- SRV for clients that balance themselves ------------------------------------------------
+
+def srv_rows(r: DNSRecord) -> list[tuple[int, int, int, str]]:
+    return [(a.rdata.priority, a.rdata.weight, a.rdata.port, str(a.rdata.target))
+            for a in r.rr if a.rtype == QTYPE.SRV]
+
+
+def test_srv_lists_healthy_endpoints_with_port_weight_and_locality(zone: MeshZone) -> None:
+    r = _reply(zone.respond(query("_web._tcp.mesh", "SRV").pack()))
+    assert r.header.rcode == RCODE.NOERROR and r.header.aa
+    assert srv_rows(r) == [(0, 1, 8001, "127-0-0-1.node-a.ep.mesh."),
+                           (1, 3, 8002, "198-18-0-2.node-b.ep.mesh."),
+                           (2, 2, 8003, "198-18-1-3.node-c.ep.mesh.")]
+    assert {a.ttl for a in r.rr} == {5}
+    # the targets' addresses come along, so a client needs no second query
+    assert {(str(a.rname), str(a.rdata)) for a in r.ar} == {
+        ("127-0-0-1.node-a.ep.mesh.", "127.0.0.1"), ("198-18-0-2.node-b.ep.mesh.", "198.18.0.2"),
+        ("198-18-1-3.node-c.ep.mesh.", "198.18.1.3")}
+
+
+def test_srv_targets_resolve_on_their_own(zone: MeshZone) -> None:
+    for name, ip in (("127-0-0-1.node-a.ep.mesh", "127.0.0.1"),
+                     ("198-18-0-2.ep.mesh", "198.18.0.2")):  # an endpoint without a node name
+        r = _reply(zone.respond(query(name).pack()))
+        assert r.header.rcode == RCODE.NOERROR
+        assert [str(a.rdata) for a in r.rr] == [ip]
+    nodata = _reply(zone.respond(query("127-0-0-1.node-a.ep.mesh", "AAAA").pack()))
+    assert nodata.header.rcode == RCODE.NOERROR and nodata.rr == []
+    for bad in ("1-2-3.ep.mesh", "300-0-0-1.ep.mesh", "127-0-0-1.a.b.ep.mesh",
+                "127-0-0-1.-x.ep.mesh", "ep.mesh.example", "x.ep.mesh"):
+        outcome = zone.respond(query(bad).pack())
+        if bad.endswith(".example"):
+            assert isinstance(outcome, Forward)
+        else:
+            assert _reply(outcome).header.rcode == RCODE.NXDOMAIN, bad
+
+
+def test_srv_of_a_service_without_healthy_endpoints_is_nodata(zone: MeshZone) -> None:
+    r = _reply(zone.respond(query("_db._tcp.mesh", "SRV").pack()))
+    assert r.header.rcode == RCODE.NOERROR and r.rr == [] and r.ar == []
+    assert [a.rtype for a in r.auth] == [QTYPE.SOA]  # cacheable for the TTL, then asked again
+
+
+def test_srv_of_unknown_services_or_protocols_is_nxdomain(zone: MeshZone) -> None:
+    for name in ("_nope._tcp.mesh", "_web._udp.mesh", "_web.mesh", "__tcp.mesh",
+                 "_web._tcp.x.mesh"):
+        r = _reply(zone.respond(query(name, "SRV").pack()))
+        assert r.header.rcode == RCODE.NXDOMAIN and r.rr == [], name
+
+
+def test_other_types_of_the_srv_name_have_no_data(zone: MeshZone) -> None:
+    r = _reply(zone.respond(query("_web._tcp.mesh", "A").pack()))
+    assert r.header.rcode == RCODE.NOERROR and r.rr == []
+    anything = _reply(zone.respond(query("_web._tcp.mesh", "ANY").pack()))
+    assert len(srv_rows(anything)) == 3
+    plain = _reply(zone.respond(query("web.mesh", "SRV").pack()))  # SRV lives under _web._tcp
+    assert plain.header.rcode == RCODE.NOERROR and plain.rr == []
+
+
+def test_srv_answer_to_edns_query_ends_with_opt(zone: MeshZone) -> None:
+    r = _reply(zone.respond(query("_web._tcp.mesh", "SRV", edns=1232).pack()))
+    assert [a.rtype for a in r.ar] == [QTYPE.A] * 3 + [QTYPE.OPT]
+
+
+def test_two_ports_of_one_address_share_one_target_record() -> None:
+    twins = [SrvTarget(0, HostPort.parse("127.0.0.1:8001"), 1, "n"),
+             SrvTarget(0, HostPort.parse("127.0.0.1:8002"), 1, "n")]
+    z = MeshZone(resolve, instances=lambda name: twins)
+    r = _reply(z.respond(query("_web._tcp.mesh", "SRV").pack()))
+    assert [row[2] for row in srv_rows(r)] == [8001, 8002]
+    assert [str(a.rname) for a in r.ar] == ["127-0-0-1.n.ep.mesh."]
+
+
+@pytest.mark.parametrize("node,label", [("vm-look", "vm-look"),
+                                        ("Node_A.example", "node-a-example"),
+                                        ("__", ""), ("x" * 70, "x" * 63)])
+def test_node_names_become_one_dns_label(node: str, label: str) -> None:
+    assert node_label(node) == label
+
+
+def many(n: int) -> list[SrvTarget]:
+    return [SrvTarget(0, HostPort.parse(f"198.18.{i // 200}.{i % 200 + 1}:9000"), 1, "node")
+            for i in range(n)]
+
+
+def test_srv_answer_too_long_for_udp_sheds_targets_then_truncates() -> None:
+    async def scenario() -> tuple[DNSRecord, DNSRecord, DNSRecord, DNSRecord, dict[str, int]]:
+        async with serving(srv=many(10)) as server:
+            q = query("_web._tcp.mesh", "SRV")
+            plain = await ask_udp(server.port, q.pack())
+            roomy = await ask_udp(server.port, query("_web._tcp.mesh", "SRV", 1232).pack())
+        async with serving(srv=many(60)) as server:
+            cut = await ask_udp(server.port, q.pack())
+            (whole,) = await ask_tcp(server.port, q.pack())
+            stats = server.stats()
+        assert plain and roomy and cut
+        return (DNSRecord.parse(plain), DNSRecord.parse(roomy), DNSRecord.parse(cut),
+                DNSRecord.parse(whole), stats)
+
+    plain, roomy, cut, whole, stats = run(scenario())
+    # 10 records fit in 512 bytes only without their targets' A records: no TC for that
+    assert len(srv_rows(plain)) == 10 and plain.ar == [] and not plain.header.tc
+    assert len(srv_rows(roomy)) == 10 and len(roomy.ar) == 11  # 10 A + OPT
+    # 60 records do not fit at all: TC, and the whole answer over TCP
+    assert cut.header.tc and cut.rr == []
+    assert len(srv_rows(whole)) == 60 and len(whole.ar) == 60
+    assert stats["truncated"] == 1
+
+
+def test_registry_instances_are_healthy_endpoints_by_locality() -> None:
+    def ep(addr: str, node: str, zone: str, weight: int = 1) -> EndpointRecord:
+        return EndpointRecord(HostPort.parse(addr), "static", None, node, zone, weight)
+
+    endpoints = frozenset({ep("127.0.0.1:8001", "here", "z1", 5),
+                           ep("198.18.0.2:8002", "there", "z1"),
+                           ep("198.18.1.3:8003", "far", "z2"),
+                           ep("198.18.1.4:8004", "far", "z2")})  # failing its checks
+
+    class Registry:
+        def services(self) -> dict[str, ServiceRecord]:
+            return {"web": ServiceRecord("web", 1, VIP, endpoints=endpoints),
+                    "flat": ServiceRecord("flat", 2, VIP, endpoints=endpoints, policy=ServicePolicy(
+                        balancer=BalancerConfig(locality=False)))}
+
+    def healthy(service: str, addr: HostPort) -> bool:
+        return addr.port != 8004
+
+    found = registry_instances(Registry(), healthy, "here", "z1")  # type: ignore[arg-type]
+    assert sorted(found("web")) == [
+        SrvTarget(0, HostPort.parse("127.0.0.1:8001"), 5, "here"),
+        SrvTarget(1, HostPort.parse("198.18.0.2:8002"), 1, "there"),
+        SrvTarget(2, HostPort.parse("198.18.1.3:8003"), 1, "far")]
+    assert {t.priority for t in found("flat")} == {0}  # locality off: one tier
+    assert found("nope") == []
 
 
 # -- capture rendering for DNS (no kernel) -------------------------------------------------
@@ -518,9 +669,12 @@ def test_names_for_agent_reads_the_config_and_registry(tmp_path: Path) -> None:
             return {"web": ServiceRecord("web", 1, VIP)}
 
     cfg = AgentConfig(dns_port=25053, dns_suffix="svc.test", dns_upstreams=("192.0.2.7:5353",))
-    names = MeshNames.for_agent(cfg, FakeCapture(), Registry())  # type: ignore[arg-type]
+    names = MeshNames.for_agent(cfg, FakeCapture(), Registry(),  # type: ignore[arg-type]
+                                lambda service, addr: True)
     assert names.describe()["address"] == "127.0.0.1:25053"
     assert names.describe()["suffix"] == "svc.test"
     assert names.describe()["upstreams"] == ["192.0.2.7:5353"]
     assert names.server.zone.resolve("web") == VIP
     assert names.server.zone.resolve("db") is None
+    srv = _reply(names.server.zone.respond(query("_web._tcp.svc.test", "SRV").pack()))
+    assert srv.header.rcode == RCODE.NOERROR and srv.rr == []  # web has no endpoints
