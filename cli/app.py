@@ -23,6 +23,7 @@ from meshnode.cli.options import client as _client
 from meshnode.cli.output import Output, emit_json, status_text
 
 from meshnode import __version__
+from meshnode import constants as C
 from meshnode.config import AgentConfig, instance_name
 from meshnode.errors import MeshnodeError, UsageError
 
@@ -55,11 +56,12 @@ def agent(
     host_address: Annotated[str, typer.Option(help="address of this host's endpoints")] =
         "127.0.0.1",
     outbound_port: Annotated[int, typer.Option(help="port captured connections land on")] =
-        15001,
+        C.OUTBOUND_PORT,
     restart_backoff: Annotated[float, typer.Option(help="seconds before a dead worker "
-                                                         "is restarted")] = 0.2,
+                                                         "is restarted")] =
+        C.WORKER_RESTART_BACKOFF,
     drain_grace: Annotated[float, typer.Option(help="seconds connections get to finish "
-                                                     "on stop")] = 5.0,
+                                                     "on stop")] = C.DRAIN_GRACE,
     registry: Annotated[str, typer.Option(help="embedded, or etcd://HOST:PORT[,HOST:PORT...]")] =
         "embedded",
     registry_ttl: Annotated[int, typer.Option(
@@ -68,13 +70,13 @@ def agent(
                                                   "(default: hostname)")] = None,
     zone: Annotated[str, typer.Option(help="this host's zone (locality-aware balancing)")] = "",
     dns_port: Annotated[int, typer.Option(help="where the agent answers DNS (127.0.0.1)")] =
-        15053,
+        C.DNS_PORT,
     dns_suffix: Annotated[str, typer.Option(help="services resolve as NAME.SUFFIX")] = "mesh",
     dns_upstream: Annotated[list[str] | None, typer.Option(
         help="IPv4[:PORT] resolver for other names (repeatable; default: /etc/resolv.conf)")] =
         None,
     admin_port: Annotated[int, typer.Option(
-        help="127.0.0.1 port of /metrics and the dashboard (0: none)")] = 15090,
+        help="127.0.0.1 port of /metrics and the dashboard (0: none)")] = C.ADMIN_PORT,
     access_log: Annotated[str, typer.Option(
         help="access log file, - for stdout, off (default: /var/log/meshnode/access.log)")] = "",
     access_log_sample: Annotated[float, typer.Option(

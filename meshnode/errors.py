@@ -51,7 +51,9 @@ class NotFoundError(MeshnodeError):
     exit_code = EX_NOINPUT
 
 
-class PermissionError_(MeshnodeError):
+class AccessError(MeshnodeError):
+    """Not allowed: the operation needs root (or CAP_NET_ADMIN), or a root-only socket."""
+
     exit_code = EX_NOPERM
     default_hint = "run it as root (sudo meshnode ...)"
 
@@ -120,7 +122,7 @@ class StateError(MeshnodeError):
 ERROR_TYPES: dict[str, type[MeshnodeError]] = {
     cls.__name__: cls
     for cls in (
-        MeshnodeError, UsageError, ConfigError, NotFoundError, PermissionError_,
+        MeshnodeError, UsageError, ConfigError, NotFoundError, AccessError,
         UnavailableError, AgentNotRunningError, KernelError, BpfError, CaptureError,
         CgroupError, IptablesError, RegistryError, ConflictError, TemporaryError, StateError,
     )

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from meshnode.errors import AgentNotRunningError, PermissionError_, from_wire
+from meshnode.errors import AccessError, AgentNotRunningError, from_wire
 
 
 class AgentClient:
@@ -28,7 +28,7 @@ class AgentClient:
                 from None
         except PermissionError:
             sock.close()
-            raise PermissionError_(f"cannot open the control socket {self.path}") from None
+            raise AccessError(f"cannot open the control socket {self.path}") from None
         return sock
 
     def stream(self, op: str, deadline: float | None = None, **args: Any) -> Iterator[Any]:

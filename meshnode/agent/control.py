@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from meshnode.errors import MeshnodeError, PermissionError_, UsageError
+from meshnode.errors import AccessError, MeshnodeError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             if _peer_uid(writer) != 0:
-                reply = self._error(PermissionError_("the control socket is root-only"))
+                reply = self._error(AccessError("the control socket is root-only"))
                 writer.write(json.dumps(reply).encode() + b"\n")
                 return
             while line := await reader.readline():

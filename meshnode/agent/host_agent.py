@@ -32,7 +32,7 @@ from meshnode.discovery import catalog, updates
 from meshnode.discovery.factory import open_registry
 from meshnode.discovery.health import HealthMonitor
 from meshnode.discovery.registry import EndpointRecord, Registry, ServiceRecord
-from meshnode.errors import ConflictError, MeshnodeError, PermissionError_, UsageError
+from meshnode.errors import AccessError, ConflictError, MeshnodeError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.host.ledger import Ledger, UndoFn
 from meshnode.model import (
@@ -60,7 +60,7 @@ def enter_netns(name: str) -> None:
     try:
         if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
-            raise PermissionError_(f"cannot enter network namespace {name!r}: "
+            raise AccessError(f"cannot enter network namespace {name!r}: "
                                    f"{os.strerror(err)}", "the agent must run as root")
     finally:
         os.close(fd)
@@ -125,7 +125,7 @@ class HostAgent:
     async def start(self) -> None:
         self.started_at = time.monotonic()
         if not process.is_root():
-            raise PermissionError_("meshnode agent must run as root (it loads kernel rules)")
+            raise AccessError("meshnode agent must run as root (it loads kernel rules)")
         if self.cfg.netns:
             enter_netns(self.cfg.netns)
         self._take_lock()

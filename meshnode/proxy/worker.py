@@ -48,8 +48,8 @@ import uvloop
 from meshnode.config import WorkerConfig
 from meshnode.errors import (
     EX_UNAVAILABLE,
+    AccessError,
     MeshnodeError,
-    PermissionError_,
     UnavailableError,
     UsageError,
 )
@@ -82,7 +82,7 @@ class ListenError(UnavailableError):
     exit_code = EX_UNAVAILABLE
 
 
-class MarkError(PermissionError_):
+class MarkError(AccessError):
     default_hint = "SO_MARK needs CAP_NET_ADMIN: run the agent as root, or use mark 0 in tests"
 
 

@@ -51,3 +51,27 @@ def test_agent_config_travels_as_argv_to_the_lean_entry_point() -> None:
                       access_log="-", access_log_sample=0.25)
     assert AgentConfig.from_argv(cfg.to_argv()) == cfg
     assert AgentConfig.from_argv([]) == AgentConfig()
+
+
+def test_agent_defaults_are_the_config_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`meshnode agent` with no options hands the agent AgentConfig's defaults (one source:
+    meshnode/constants.py), not literals restated in the CLI."""
+    import os
+
+    from meshnode.cli.app import app
+    from typer.testing import CliRunner
+
+    from meshnode.config import AgentConfig
+
+    execs: list[list[str]] = []
+
+    def execv(path: str, argv: list[str]) -> None:
+        execs.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execv", execv)
+    result = CliRunner().invoke(app, ["agent"])
+    assert result.exit_code == 0, result.output
+    [argv] = execs
+    assert argv[1:4] == ["-m", "meshnode.cli.agent_main", "--log-level=info"]
+    assert AgentConfig.from_argv(argv[4:]) == AgentConfig(workers=os.cpu_count() or 1)
