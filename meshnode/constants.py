@@ -26,9 +26,15 @@ VIP_CIDR: Final = "127.240.0.0/16"  # loopback: a failed capture is refused loca
 
 SO_ORIGINAL_DST: Final = 80  # linux/netfilter_ipv4.h, level SOL_IP
 
+# How large a mesh the kernel side holds (issue 12: at least 65 536 services and 262 144
+# endpoints). mn_dest and mn_svc are hash maps allocated as entries arrive
+# (BPF_F_NO_PREALLOC, bpf/include/mn_maps.h), so unused headroom costs only their buckets.
+MESH_MAX_SERVICES: Final = 65536
+MESH_MAX_ENDPOINTS: Final = 262144
+
 # BPF map sizes.
-MAP_DEST_ENTRIES: Final = 65536  # mesh destinations (VIPs and endpoints)
-MAP_SVC_ENTRIES: Final = 4096  # services: ready / fail-closed flags
+MAP_DEST_ENTRIES: Final = MESH_MAX_SERVICES + MESH_MAX_ENDPOINTS  # destinations: VIPs, endpoints
+MAP_SVC_ENTRIES: Final = MESH_MAX_SERVICES  # services: ready / fail-closed flags
 MAP_COOKIE_ENTRIES: Final = 65536  # captured sockets between connect and established (LRU)
 MAP_ORIGDST_ENTRIES: Final = 65536  # established captured sockets awaiting the proxy (LRU)
 MAP_DNS_ENTRIES: Final = 16384  # sockets whose DNS queries were redirected: their resolver (LRU)

@@ -47,11 +47,17 @@ struct mn_orig {
     __u32 pid;
 };
 
-/* Destination -> service id: connects to these belong to the mesh. */
+/* Destination -> service id: connects to these belong to the mesh. Sized for the largest mesh
+ * (every VIP and endpoint) but allocated as entries arrive (BPF_F_NO_PREALLOC): preallocated,
+ * every agent would pin the largest mesh's memory (4x what the buckets alone take) whatever
+ * its size. Only the agent writes it, so the allocation on update is off the connect path;
+ * lookups cost the same. */
 BPF_TABLE_PINNED("hash", struct mn_addr4, __u32, mn_dest, MN_MAP_DEST_ENTRIES,
-                 MN_PIN_DIR "/mn_dest");
-/* Service id -> MN_SVC_READY | MN_SVC_FAIL_CLOSED. A missing entry means neither. */
-BPF_TABLE_PINNED("hash", __u32, __u32, mn_svc, MN_MAP_SVC_ENTRIES, MN_PIN_DIR "/mn_svc");
+                 MN_PIN_DIR "/mn_dest", BPF_F_NO_PREALLOC);
+/* Service id -> MN_SVC_READY | MN_SVC_FAIL_CLOSED. A missing entry means neither. Allocated
+ * as entries arrive, like mn_dest. */
+BPF_TABLE_PINNED("hash", __u32, __u32, mn_svc, MN_MAP_SVC_ENTRIES, MN_PIN_DIR "/mn_svc",
+                 BPF_F_NO_PREALLOC);
 /* Socket cookie -> original destination, from connect until the handshake completes.
  * LRU: a connect that never establishes must not leak an entry forever. */
 BPF_TABLE_PINNED("lru_hash", __u64, struct mn_orig, mn_cookie, MN_MAP_COOKIE_ENTRIES,
