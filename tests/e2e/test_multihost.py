@@ -36,9 +36,8 @@ def addrs(h: Host, service: str) -> set[str]:
 
 
 def web_everywhere(f: Fabric, lb: str = "round-robin", locality: bool = False) -> str:
-    vip = f.hosts[0].call("service.add", name="web",
-                          patch={"port": 80,
-                                 "balancer": {"algorithm": lb, "locality": locality}})["vip"]
+    vip = f.hosts[0].call("service.add", name="web", port=80,
+                          lb={"algorithm": lb, "locality": locality})["vip"]
     for i, h in enumerate(f.hosts):
         h.server(f"web-{i}", PORT, service="web", host="0.0.0.0")
     want = {f"{f.ip(i)}:{PORT}" for i in range(len(f.hosts))}
@@ -67,9 +66,8 @@ def test_service_on_three_hosts_reachable_from_every_host(fabric: Fabric) -> Non
 
 def test_registration_on_one_host_is_used_from_another(fabric: Fabric) -> None:
     h0, h1 = fabric.hosts[0], fabric.hosts[1]
-    vip = h0.call("service.add", name="api",
-                  patch={"port": 80,
-                         "balancer": {"algorithm": "round-robin", "locality": False}})["vip"]
+    vip = h0.call("service.add", name="api", port=80,
+                  lb={"algorithm": "round-robin", "locality": False})["vip"]
     client = h0.probe(service="client")
     t0 = time.monotonic()
     h1.server("api-1", PORT, service="api", host="0.0.0.0")

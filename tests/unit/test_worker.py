@@ -214,7 +214,7 @@ def start() -> Iterator[Callable[..., Worker]]:
 def reset(w: Worker, *eps: str, port: int | None = 80, name: str = "web",
           lb: str = "round-robin", outlier: OutlierConfig | None = None) -> None:
     # Round robin unless a test says otherwise: most tests read the order of endpoints.
-    spec = ServiceSpec.build(name, 1, IPv4Address(VIP), port, lb=BalancerConfig(lb),
+    spec = ServiceSpec(name, 1, IPv4Address(VIP), port, lb=BalancerConfig(lb),
                        outlier=outlier or OutlierConfig())
     w.send(update_to_wire(Reset(spec, tuple(Endpoint(HostPort.parse(e)) for e in eps))))
     w.sync()
