@@ -168,30 +168,32 @@ def service_add(
     eject_for: Annotated[float | None, typer.Option(help="base ejection, seconds")] = None,
     eject_max_share: Annotated[float | None, typer.Option(
         help="most of a service's endpoints ejected at once (0-1)")] = None,
+    max_connections: Annotated[int | None, typer.Option(
+        help="active connections per proxy worker to this service (0: no limit)")] = None,
     instance: Instance = "default", output: OutputOpt = Output.table,
 ) -> None:
-    """Create a service (or update it) and add endpoints that are not local processes."""
-    client = _client(instance)
-    current = {s["name"]: s for s in client.call("status")["services"]}.get(name, {})
-    if health_interval is not None and health_timeout is None:
-        # a check may not outlast its interval: a shorter interval brings the timeout along
-        health_timeout = min(float(current.get("health", {}).get("timeout", 1.0)),
-                             health_interval)
-    r = client.call(
-        "service.add", name=name, port=port, endpoints=endpoint or [], fail_closed=fail_closed,
-        weight=weight,
-        lb=_merge(current.get("lb"), algorithm=lb, locality=locality),
-        health=_merge(current.get("health"), **_health_kind(health), interval=health_interval,
-                      timeout=health_timeout, healthy_threshold=healthy_threshold,
-                      unhealthy_threshold=unhealthy_threshold),
-        outlier=_merge(current.get("outlier"), consecutive_failures=eject_after,
-                       base_ejection=eject_for, max_ejected_share=eject_max_share))
+    """Create a service (or update it) and add endpoints that are not local processes.
+    A shortcut: the flags given are written into the Service resource (meshnode get Service
+    NAME -o yaml), merged with what is stored, as `meshnode apply` would."""
+    health_spec: dict[str, object] = {**_health_kind(health), "interval": health_interval,
+                                      "timeout": health_timeout,
+                                      "healthyThreshold": healthy_threshold,
+                                      "unhealthyThreshold": unhealthy_threshold}
+    patch = _given(port=port, failMode=None if fail_closed is None else
+                   ("closed" if fail_closed else "open"),
+                   maxConnections=max_connections,
+                   balancer=_given(algorithm=lb, locality=locality),
+                   health=_given(**health_spec),
+                   outlier=_given(consecutiveFailures=eject_after, baseEjection=eject_for,
+                                  maxEjectedShare=eject_max_share))
+    r = _client(instance).call("service.add", name=name, endpoints=endpoint or [],
+                               weight=weight, patch=patch or {})
     if output is Output.json:
         emit_json(r)
     else:
         eps = ", ".join(e["addr"] for e in r["endpoints"]) or "none"
         typer.echo(f"service {r['name']}: VIP {r['vip']}, port {r['port'] or '*'}, "
-                   f"endpoints {eps}")
+                   f"endpoints {eps}, version {r['version']}")
 
 
 def _health_kind(spec: str | None) -> dict[str, str | None]:
@@ -204,10 +206,10 @@ def _health_kind(spec: str | None) -> dict[str, str | None]:
     raise UsageError(f"invalid health check {spec!r}", "use tcp, http:/PATH or none")
 
 
-def _merge(current: dict[str, object] | None, **changes: object) -> dict[str, object] | None:
-    """A policy with the options given applied over its current value (None: unchanged)."""
-    given = {k: v for k, v in changes.items() if v is not None}
-    return {**(current or {}), **given} if given else None
+def _given(**fields: object) -> dict[str, object] | None:
+    """The fields that were given (a partial spec); None when none was."""
+    out = {k: v for k, v in fields.items() if v is not None}
+    return out or None
 
 
 @service_app.command("remove")
@@ -257,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
 from meshnode.cli import doctor as _doctor  # noqa: E402
 from meshnode.cli import explain as _explain  # noqa: E402
 from meshnode.cli import observe as _observe  # noqa: E402
+from meshnode.cli import resources as _resources  # noqa: E402
 
-for _commands in (_observe, _explain, _doctor):
+for _commands in (_observe, _explain, _doctor, _resources):
     _commands.register(app)

@@ -19,7 +19,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from meshnode.discovery.registry import EndpointRecord, Registry
+from meshnode.discovery.registry import EndpointRecord, Registry, patch_service
 from meshnode.errors import ConflictError, NotFoundError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.host.statefile import write_json
@@ -116,7 +116,8 @@ class EnrollmentManager:
                 raise ConflictError(f"PID {pid} is already enrolled in service {current.service!r}",
                                     f"unenroll it first: meshnode unenroll {pid}")
             await self._forget(current)  # the old process is gone and its PID was reused
-        await self.registry.ensure_service(service)
+        if service not in self.registry.services():
+            await patch_service(self.registry, service, {})
         origin = cgroup.process_cgroup(pid, self.mount)
         if origin.is_relative_to(self.apps_cgroup):
             origin = self.mount

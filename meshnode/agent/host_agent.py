@@ -25,25 +25,21 @@ from meshnode.agent.control import ControlServer, Handler
 from meshnode.agent.enrollment import EnrollmentManager
 from meshnode.agent.names import MeshNames
 from meshnode.agent.observe import Telemetry
+from meshnode.agent.report import HostReport
 from meshnode.agent.requeue import reconcile_forever
+from meshnode.agent.resources_api import ResourceApi
 from meshnode.agent.workers import WorkerPool
 from meshnode.capture import CaptureBackend, CaptureContext, undo_functions
 from meshnode.config import AgentConfig
 from meshnode.discovery import catalog, updates
 from meshnode.discovery.factory import open_registry
 from meshnode.discovery.health import HealthMonitor
-from meshnode.discovery.registry import EndpointRecord, Registry, ServiceRecord
+from meshnode.discovery.registry import EndpointRecord, Registry, ServiceRecord, patch_service
 from meshnode.errors import AccessError, ConflictError, MeshnodeError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.host.ledger import Ledger, UndoFn
-from meshnode.model import (
-    BalancerConfig,
-    HealthConfig,
-    HostPort,
-    OutlierConfig,
-    Update,
-    update_to_wire,
-)
+from meshnode.model import HostPort, Update
+from meshnode.policy.store import Delete
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +83,16 @@ class HostAgent:
         self._pushed: updates.Snapshot = {}
         self._reconcile_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
-        # the read-only catalog on the admin port (/v1/catalog) follows registry and health
-        self.catalog = catalog.Catalog(lambda: catalog.view(
-            self.registry.services() if self.registry else {}, self.health.healthy))
         self.health = HealthMonitor(on_change=self._health_changed)
+        # the read-only catalog on the admin port (/v1/catalog) follows registry and health
+        self.catalog = catalog.Catalog(
+            lambda: self.registry.services() if self.registry else {}, self.health.healthy)
         self.telemetry = Telemetry(self)
         self._stop = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
+        self.report: HostReport | None = None
 
     # -- start ----------------------------------------------------------------------------
     def _take_lock(self) -> None:
@@ -152,6 +149,7 @@ class HostAgent:
         self.registry = open_registry(self.cfg.registry, self.state, self.cfg.node_name,
                                       self.cfg.registry_ttl)
         await self.registry.start()
+        self.report = HostReport(self.registry, self._report_state)
         ctx = CaptureContext(self.cfg.instance, self.mount, apps, proxy, self.cfg.pin_path,
                              self.cfg.outbound_port, self.cfg.proxy_mark, self.ledger)
         choice = await asyncio.to_thread(auto.install, ctx, self.cfg.capture)
@@ -167,7 +165,7 @@ class HostAgent:
             Path(log_file).parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.workers = WorkerPool(
             self.cfg, proxy,
-            lambda: [*map(update_to_wire, updates.resets(self._pushed)),
+            lambda: [*updates.resets(self._pushed),
                      *self.telemetry.initial_messages()],
             self._workers_changed, self.telemetry.on_event)
         self._pushed = updates.snapshot(self.registry.services())
@@ -183,6 +181,7 @@ class HostAgent:
         await self.control.start()
         await self.telemetry.start_admin()
         await self._reconcile()
+        self.report.start()
         self._tasks = [asyncio.ensure_future(self._reconcile_loop()),
                        asyncio.ensure_future(self._scan_loop()),
                        asyncio.ensure_future(self.telemetry.run())]
@@ -206,6 +205,7 @@ class HostAgent:
         async with self._reconcile_lock:
             if self._stopping:  # capture is being removed: never re-install rules
                 return
+            revision = self.registry.revision()  # what this pass applies, at least
             services = self.registry.services()
             self.telemetry.refresh_sources(self.root_cgroup / "apps")
             self.health.sync(services)
@@ -218,11 +218,13 @@ class HostAgent:
             state = updates.capture_state(services, ready)
             await asyncio.to_thread(self.capture.sync, state)
             self.ready = ready  # published only once the kernel rules match it
+            if ready and self.report is not None:
+                self.report.applied(revision)
 
     def _health_changed(self) -> None:
         """A health verdict flipped: the workers' balancers and the catalog follow it."""
         self._dirty.set()
-        self.catalog.changed()
+        self.catalog.health_changed()
 
     async def _reconcile_loop(self) -> None:
         # a failed pass (say capture.sync) is retried with backoff, not only on the next change
@@ -271,7 +273,10 @@ class HostAgent:
         # 4. enrolled processes go back to the cgroups they came from (records are kept)
         if self.enrollments is not None:
             self.enrollments.release_all()
-        # 5. this node's endpoints leave the shared registry (with etcd: the lease is revoked)
+        # 5. this node's endpoints and report leave the shared registry (with etcd: the lease
+        #    is revoked)
+        if self.report is not None:
+            await self.report.stop()
         if self.registry is not None:
             try:
                 await self.registry.close()
@@ -301,6 +306,7 @@ class HostAgent:
 
     # -- control operations ---------------------------------------------------------------
     def _handlers(self) -> dict[str, Handler]:
+        assert self.registry
         return {
             "ping": self._op_ping,
             "status": self._op_status,
@@ -312,7 +318,26 @@ class HostAgent:
             "stat": self._op_stat,
             "top": self._op_top,
             "tap": self._op_tap,
+            **ResourceApi(self.registry, self._settled).handlers(),
+            "hosts": self._op_hosts,
         }
+
+    def _report_state(self) -> dict[str, Any]:
+        assert self.registry
+        return {"node": self.cfg.node_name, "zone": self.cfg.zone, "version": __version__,
+                "instance": self.cfg.instance, "ready": self.ready,
+                "capture": self.capture.name if self.capture else None,
+                "services": len(self.registry.services()),
+                "local_endpoints": sum(1 for rec in self.registry.services().values()
+                                       for e in rec.endpoints if e.node == self.cfg.node_name),
+                "workers": len(self.workers.workers) if self.workers else 0}
+
+    async def _op_hosts(self, _: dict[str, Any]) -> Any:
+        """Every agent's last report (etcd: the live ones), this one's fresh."""
+        assert self.registry and self.report
+        hosts = {**self.registry.hosts(), self.cfg.node_name: self.report.current()}
+        return {"revision": self.registry.revision(),
+                "hosts": [hosts[n] for n in sorted(hosts)]}
 
     async def _op_ping(self, _: dict[str, Any]) -> Any:
         return {"version": __version__, "pid": os.getpid(), "ready": self.ready}
@@ -344,15 +369,15 @@ class HostAgent:
         return {"pid": e.pid, "service": e.service}
 
     async def _op_service_add(self, args: dict[str, Any]) -> Any:
+        """`service add`: the flags are a partial Service spec, merged in the registry over
+        the stored version (compare-and-swap), then the static endpoints."""
         assert self.registry
         name = str(args.get("name", ""))
-        port = args.get("port")
         eps = [HostPort.parse(str(e)) for e in args.get("endpoints", [])]
-        fail_closed = args.get("fail_closed")
-        settings = service_settings(args)
-        rec = await self.registry.ensure_service(
-            name, port=None if port is None else self._int(args, "port"),
-            fail_closed=None if fail_closed is None else bool(fail_closed), **settings)
+        patch = args.get("patch") or {}
+        if not isinstance(patch, dict):
+            raise UsageError("service.add: patch must be an object", "upgrade the CLI")
+        rec = await patch_service(self.registry, name, patch)
         if eps:
             weight = self._int(args, "weight") if args.get("weight") is not None else 1
             await self.registry.add_endpoints(
@@ -373,7 +398,7 @@ class HostAgent:
                                  "see its endpoints: meshnode status")
             await self.registry.remove_endpoints(name, eps)
         else:
-            await self.registry.remove_service(name)
+            await self.registry.apply([], [Delete("Service", name)])
         await self._settled()
         return {"removed": name, "endpoints": [str(a) for a in eps]}
 
@@ -387,28 +412,6 @@ class HostAgent:
                  "proxy": per_ep.get(str(e.addr), {})}
                 for e in sorted(rec.endpoints, key=lambda e: e.addr)],
         }
-
-    async def _proxy_counters(self) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
-        """Every worker's counters, summed (ejection: the longest any worker has left)."""
-        assert self.workers
-        totals: dict[str, dict[str, Any]] = {}
-        proxy: dict[str, int] = {}
-        for s in await self.workers.stats():
-            for name, counters in s.get("services", {}).items():
-                acc = totals.setdefault(name, {"endpoints": {}})
-                for k, v in counters.items():
-                    if k == "endpoints":
-                        for addr, ep in v.items():
-                            dst = acc["endpoints"].setdefault(addr, {})
-                            for ek, ev in ep.items():
-                                dst[ek] = (max(dst.get(ek, 0), ev) if ek in ("ejected_for",
-                                                                            "ewma_ms")
-                                           else dst.get(ek, 0) + ev)
-                    elif isinstance(v, int | float):
-                        acc[k] = acc.get(k, 0) + v
-            for k in ("unrouted", "origdst_errors", "active"):
-                proxy[k] = proxy.get(k, 0) + int(s.get(k, 0))
-        return totals, proxy
 
     @staticmethod
     def _window(args: dict[str, Any]) -> float:
@@ -438,13 +441,29 @@ class HostAgent:
                                        bool(args.get("failed_only")))
 
     async def _op_explain(self, args: dict[str, Any]) -> Any:
-        from meshnode.agent.explain import explain
+        from meshnode.agent.explain import ExplainInputs, ejections, explain
 
-        return await explain(self, self._int(args, "pid"), str(args.get("dest", "")))
+        assert self.registry and self.capture and self.enrollments
+        services = self.registry.services()
+        dns = self.names.server.port if self.names and self.names.redirecting else None
+        # ejections: from the same monotonic sums as status, stat and /metrics
+        totals = (await self.telemetry.sample()).by_service() if self.ready else {}
+        inputs = ExplainInputs(
+            services=services, pushed=self._pushed, ready=self.ready,
+            capture=updates.capture_state(services, self.ready), backend=self.capture.name,
+            capture_reason=self.capture_reason, outbound_port=self.cfg.outbound_port,
+            dns_port=dns, dns_suffix=self.cfg.dns_suffix, node=self.cfg.node_name,
+            zone=self.cfg.zone, cgroup_mount=self.mount, root_cgroup=self.root_cgroup,
+            enrollments=self.enrollments.describe(), health=self.health,
+            ejected_for=ejections(totals))
+        return explain(inputs, self._int(args, "pid"), str(args.get("dest", "")))
 
     async def _op_status(self, _: dict[str, Any]) -> Any:
         assert self.registry and self.workers and self.enrollments and self.capture
-        totals, proxy = await self._proxy_counters()
+        # the telemetry's sums, as `stat` and /metrics read them: after a worker restart the
+        # counters carry on from where they were instead of falling back
+        totals = await self.telemetry.sample()
+        per_service = totals.by_service()
         try:
             kernel = await asyncio.to_thread(self.capture.stats)
         except MeshnodeError as exc:
@@ -464,31 +483,11 @@ class HostAgent:
             "telemetry": self.telemetry.describe(),
             "cgroup": str(self.root_cgroup),
             "workers": self.workers.describe(),
-            "proxy": proxy,
-            "services": [self._describe_service(rec, totals.get(name, {}))
+            "proxy": dict(totals.values),
+            "services": [self._describe_service(rec, per_service.get(name, {}))
                          for name, rec in sorted(self.registry.services().items())],
             "enrolled": self.enrollments.describe(),
         }
-
-
-def service_settings(args: dict[str, Any]) -> dict[str, Any]:
-    """The optional per-service policies of a service.add request, validated."""
-    out: dict[str, Any] = {}
-    if args.get("lb") is not None:
-        out["lb"] = BalancerConfig.from_wire(args["lb"])
-    if args.get("outlier") is not None:
-        out["outlier"] = _from_wire(OutlierConfig, args["outlier"])
-    if args.get("health") is not None:
-        out["health"] = _from_wire(HealthConfig, args["health"])
-    return out
-
-
-def _from_wire(cls: Any, data: Any) -> Any:
-    try:
-        return cls.from_wire(data)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"invalid {cls.__name__}: {exc}", "see: meshnode service add --help") \
-            from None
 
 
 async def _main(cfg: AgentConfig) -> None:

@@ -24,8 +24,11 @@ grpc either: only request messages (aetcd.rpc) are built here; calls go through 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Iterable, Sequence
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -39,31 +42,26 @@ from meshnode.discovery.etcd_keys import (
     ClaimKey,
     EndpointKey,
     KeyLayout,
-    ServiceKey,
-    VipKey,
-    VipRange,
+    ResourceKey,
     check_node,
-    decode_service,
     encode_endpoint,
-    encode_service,
     parse_url,
     prefix_end,
 )
 from meshnode.discovery.etcd_mirror import Mirror
 from meshnode.discovery.etcd_session import EtcdSession
-from meshnode.discovery.registry import (
-    EndpointRecord,
-    Listener,
-    ServiceRecord,
-    apply_settings,
-    check_service_args,
-)
+from meshnode.discovery.registry import EndpointRecord, Listener, ServiceRecord, VipRange
 from meshnode.errors import (
     ConflictError,
+    MeshnodeError,
     NotFoundError,
     TemporaryError,
+    UsageError,
 )
-from meshnode.model import BalancerConfig, HealthConfig, HostPort, OutlierConfig
+from meshnode.model import HostPort
+from meshnode.policy import store
+from meshnode.policy.resources import Resource
+from meshnode.policy.store import Delete, HistoryEntry, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +69,9 @@ log = logging.getLogger(__name__)
 # (--max-txn-ops); an endpoint costs two puts and two comparisons.
 TXN_ENDPOINTS = 40
 TXN_DELETES = 100
+# an apply costs each resource a compare and two puts (document and history), a new VIP one
+# more of each
+TXN_RESOURCES = 40
 # Optimistic transactions retry when another agent wrote in between; each failure returns
 # the current state, so only new concurrent writers can make one fail again.
 MAX_ATTEMPTS = 100
@@ -93,7 +94,8 @@ class EtcdRegistry:
         self.cache_path = cache_path
         self.ttl = ttl
         self._vips = VipRange(vip_cidr)
-        self._mirror = Mirror(self._keys)
+        self._mirror = Mirror(self._keys, self._vips)
+        self._report: dict[str, Any] = {}  # this agent's last report, put back after an outage
         self._listeners: list[Listener] = []
         self._flush_pending = False
         self._cache_warned = False
@@ -115,8 +117,26 @@ class EtcdRegistry:
     def services(self) -> dict[str, ServiceRecord]:
         return self._mirror.services()
 
+    def resources(self) -> dict[tuple[str, str], Resource]:
+        return self._mirror.resources()
+
+    def revision(self) -> int:
+        return int(self._mirror.revision)
+
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    async def publish_host(self, report: Mapping[str, Any]) -> None:
+        """Under this node's lease: a dead agent's report leaves with its endpoints."""
+        self._report = dict(report)
+        client = self._session.live()
+        key, value = self._keys.host(self.node), json.dumps(self._report).encode()
+        resp = await self._session.txn(client, "publish host report", [],
+                                       [_put(key, value, self._session.lease_id)], [])
+        self._wrote([(key, value)], resp, self._session.lease_id)
+
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        return self._mirror.hosts()
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "etcd", "endpoints": [f"{h}:{p}" for h, p in self.endpoints],
@@ -173,7 +193,7 @@ class EtcdRegistry:
             # Our lease expired, or someone removed our endpoint: the keepalive loop asks
             # etcd which, and re-registers or forgets accordingly.
             self._session.poke()
-        elif isinstance(parsed, ServiceKey):
+        elif isinstance(parsed, ResourceKey) and parsed.kind == "Service":
             self._forget_removed_services()
 
     async def _reconcile(self, client: Any, *, lease_alive: bool) -> None:
@@ -185,6 +205,11 @@ class EtcdRegistry:
         outage deleted them, so put them back (unless their service is gone or their address
         now belongs to another service)."""
         held, ours = self._mirror.endpoints_of_node(self.node), self._session.lease_id
+        if self._report and (not lease_alive or self.node not in self._mirror.hosts()):
+            key, value = self._keys.host(self.node), json.dumps(self._report).encode()
+            resp = await self._session.txn(client, "publish host report", [],
+                                           [_put(key, value, ours)], [])
+            self._wrote([(key, value)], resp, ours)
         stale = [self._keys.endpoint(svc, node, addr) for (svc, node, addr), (_, lease)
                  in held.items() if lease == ours and (svc, addr) not in self._own]
         stale_claims = [self._keys.claim(addr, svc, node) for (svc, node, addr), (_, lease)
@@ -221,93 +246,163 @@ class EtcdRegistry:
             del self._own[(svc, addr)]
 
     # -- the Registry protocol: writes ----------------------------------------------------
-    async def ensure_service(self, name: str, *, port: int | None = None,
-                             fail_closed: bool | None = None, lb: BalancerConfig | None = None,
-                             outlier: OutlierConfig | None = None,
-                             health: HealthConfig | None = None) -> ServiceRecord:
-        check_service_args(name, port)
+    async def apply(self, puts: Sequence[Resource], deletes: Sequence[Delete] = ()
+                    ) -> list[Outcome]:
+        """One etcd transaction for the whole apply: every resource compared at the version
+        the plan was made from (its mod revision, or absent), every new VIP reservation
+        compared absent. When another writer came first the transaction fails, the mirror
+        catches up from etcd, and the plan is made again: a document that named the version
+        it expects then fails with ConflictError; one that did not replaces the newer one,
+        as `kubectl apply` does."""
+        if len(puts) + len(deletes) > TXN_RESOURCES:
+            raise UsageError(f"an apply may change at most {TXN_RESOURCES} resources at once "
+                             f"with etcd (its --max-txn-ops); this one has "
+                             f"{len(puts) + len(deletes)}",
+                             "split the documents over several applies")
         client = self._session.live()
-        skey = self._keys.service(name)
-
-        def configure(rec: ServiceRecord) -> ServiceRecord:
-            return apply_settings(rec, port=port, fail_closed=fail_closed, lb=lb,
-                                  outlier=outlier, health=health)
-
-        cur = await self._session.get(client, skey)
-        used: set[IPv4Address] | None = None
         for _ in range(MAX_ATTEMPTS):
-            if cur is None:
-                # Create: the lowest free VIP, reserved together with the service. Both
-                # comparisons fail if another agent created either meanwhile.
-                if used is None:
-                    used = await self._used_vips(client)
-                vip = self._vips.first_free(used)
-                rec = configure(ServiceRecord(name, self._vips.id_of(vip), vip))
-                vkey = self._keys.vip(vip)
-                resp = await self._session.txn(
-                    client, "create service " + name,
-                    [_cmp(vkey, "create", 0), _cmp(skey, "create", 0)],
-                    [_put(skey, encode_service(rec)), _put(vkey, name.encode())],
-                    [_get(skey), _get(self._keys.vips(), prefix_end(self._keys.vips()))])
-                if resp.succeeded:
-                    self._wrote([(skey, encode_service(rec))], resp)
-                    return self.services().get(name, rec)
-                kvs = resp.responses[0].response_range.kvs
-                cur = kvs[0] if kvs else None  # someone created it: update that one instead
-                used = {p.vip for kv in resp.responses[1].response_range.kvs
-                        if isinstance(p := self._keys.parse(kv.key), VipKey)}
+            stored = self._mirror.resources()
+            outcomes = store.plan(stored, puts, deletes)
+            if all(o.action == "unchanged" for o in outcomes):
+                return outcomes
+            txn = await self._apply_txn(client, stored, puts, deletes, outcomes)
+            resp = await self._session.txn(client, "apply", *txn)
+            if resp.succeeded:
+                rev = int(resp.header.revision)
+                self._applied(txn[1], rev)
+                await self._trim_history(client, [(o.kind, o.name) for o in outcomes
+                                                   if o.action != "unchanged"])
+                return [o if o.action in ("unchanged", "deleted") else
+                        Outcome(o.kind, o.name, o.action, rev) for o in outcomes]
+            await self._catch_up(client, [r.key for r in puts] + [d.key for d in deletes])
+        raise TemporaryError("too many concurrent changes to these resources",
+                             "retry the command")
+
+    async def _apply_txn(self, client: Any, stored: dict[tuple[str, str], Resource],
+                         puts: Sequence[Resource], deletes: Sequence[Delete],
+                         outcomes: list[Outcome]) -> tuple[list[Any], list[Any], list[Any]]:
+        compare: list[Any] = []
+        success: list[Any] = []
+        now = time.time()
+        current = {n: vip for (k, n) in stored if k == "Service"
+                   if (vip := self._mirror.vip_of(n)) is not None}
+        changed = [r for r, o in zip(puts, outcomes, strict=False) if o.action != "unchanged"]
+        gone = list(deletes)
+        vips = self._vips.assign(current, changed, [d.name for d in gone if d.kind == "Service"],
+                                 self._mirror.reserved_vips())
+        for r in changed:
+            key = self._keys.resource(r.kind, r.name)
+            old = stored.get(r.key)
+            compare.append(_cmp(key, "mod", old.version) if old else _cmp(key, "create", 0))
+            status = None
+            if r.kind == "Service":
+                vip = vips[r.name]
+                status = {"vip": str(vip)}
+                if current.get(r.name) != vip:
+                    vkey = self._keys.vip(vip)
+                    compare.append(_cmp(vkey, "create", 0))
+                    success.append(_put(vkey, r.name.encode()))
+                    if r.name in current:
+                        success.append(_delete(self._keys.vip(current[r.name])))
+            success.append(_put(key, store.encode(r, status)))
+            success.append(_put(self._history_key(r.kind, r.name),
+                                json.dumps(HistoryEntry(0, r.spec_builtins(), now).to_json())
+                                .encode()))
+        for d in gone:
+            key = self._keys.resource(d.kind, d.name)
+            compare.append(_cmp(key, "mod", stored[d.key].version))
+            success += [_delete(key), _put(self._history_key(d.kind, d.name),
+                                           json.dumps(HistoryEntry(0, None, now).to_json())
+                                           .encode())]
+            if d.kind == "Service":
+                success += await self._service_teardown(client, d.name, current.get(d.name),
+                                                        compare)
+        return compare, success, []
+
+    def _history_key(self, kind: str, name: str) -> bytes:
+        """A new history key: its mod revision, set by the transaction that writes it beside
+        the version it records, is that version; the token only has to be unique."""
+        return self._keys.history(kind, name, f"{time.time_ns():020d}-{secrets.token_hex(4)}")
+
+    async def _service_teardown(self, client: Any, name: str, vip: IPv4Address | None,
+                                compare: list[Any]) -> list[Any]:
+        """What deleting a Service also deletes: its VIP reservation, its endpoints and their
+        address claims. The comparison fails the transaction if an endpoint was added since
+        the read: no address claim may outlive its service."""
+        start = self._keys.endpoints_of(name)
+        eps = await self._session.range(client, start)
+        claims = [self._keys.claim(p.addr, name, p.node) for kv in eps.kvs
+                  if isinstance(p := self._keys.parse(kv.key), EndpointKey)]
+        if len(claims) > TXN_DELETES:
+            raise UsageError(f"Service {name} has {len(claims)} endpoints: too many to delete "
+                             "in one transaction",
+                             f"remove its endpoints first: meshnode service remove {name} "
+                             "--endpoint ...")
+        compare.append(_cmp(start, "mod", int(eps.header.revision) + 1, "<", prefix_end(start)))
+        ops = [_delete(start, prefix_end(start))] + [_delete(c) for c in claims]
+        if vip is not None:
+            ops.append(_delete(self._keys.vip(vip)))
+        return ops
+
+    def _applied(self, success: list[Any], rev: int) -> None:
+        """Our transaction's puts and deletes, into the mirror at once (read your writes)."""
+        for op in success:
+            if op.HasField("request_put"):
+                self._mirror.put(bytes(op.request_put.key), bytes(op.request_put.value), rev,
+                                 int(op.request_put.lease))
+            elif op.HasField("request_delete_range") and not op.request_delete_range.range_end:
+                self._mirror.delete(bytes(op.request_delete_range.key), rev, local=True)
+            else:  # a range: a deleted service's endpoints
+                start = bytes(op.request_delete_range.key)
+                for (svc, node, addr) in [k for k in self._mirror_endpoint_ids()
+                                          if self._keys.endpoint(*k).startswith(start)]:
+                    self._mirror.delete(self._keys.endpoint(svc, node, addr), rev, local=True)
+        self._forget_removed_services()
+        self._changed()
+
+    def _mirror_endpoint_ids(self) -> list[tuple[str, str, HostPort]]:
+        return [(svc, node, addr) for svc, rec in self._mirror.services().items()
+                for e in rec.endpoints for node, addr in [(e.node, e.addr)]]
+
+    async def _catch_up(self, client: Any, keys: list[tuple[str, str]]) -> None:
+        """After a failed compare: read the resources concerned and the VIP reservations from
+        etcd, so the next plan starts from what is stored, not from a mirror the watch has
+        yet to update."""
+        vips = await self._session.range(client, self._keys.vips())
+        for kv in vips.kvs:
+            self._mirror.put(bytes(kv.key), bytes(kv.value), int(kv.mod_revision), 0)
+        for kind, name in keys:
+            key = self._keys.resource(kind, name)
+            kv = await self._session.get(client, key)
+            if kv is None:
+                self._mirror.delete(key, int(self._mirror.revision) + 1)
             else:
-                old = decode_service(cur.value)
-                new = configure(old)
-                if new == old:
-                    return self.services().get(name, old)
-                resp = await self._session.txn(client, "update service " + name,
-                                               [_cmp(skey, "mod", int(cur.mod_revision))],
-                                               [_put(skey, encode_service(new))],
-                                               [_get(skey)])
-                if resp.succeeded:
-                    self._wrote([(skey, encode_service(new))], resp)
-                    return self.services().get(name, new)
-                kvs = resp.responses[0].response_range.kvs
-                cur = kvs[0] if kvs else None
-        raise TemporaryError(f"too many concurrent changes to service {name!r}",
-                             "retry the command")
+                self._mirror.put(key, bytes(kv.value), int(kv.mod_revision), int(kv.lease))
 
-    async def remove_service(self, name: str) -> None:
+    async def _trim_history(self, client: Any, keys: list[tuple[str, str]]) -> None:
+        """Drop history beyond HISTORY_DEPTH. Best effort, after the apply: a failure leaves
+        entries too many, trimmed by the next write."""
+        for kind, name in keys:
+            try:
+                resp = await self._session.range(client, self._keys.history_of(kind, name))
+                kvs = sorted(resp.kvs, key=lambda kv: int(kv.mod_revision))
+                drop = [_delete(bytes(kv.key)) for kv in kvs[:-store.HISTORY_DEPTH]]
+                if drop:
+                    await self._session.txn(client, "trim history", [], drop, [])
+            except MeshnodeError as exc:
+                log.warning("history of %s %s not trimmed: %s", kind, name, exc)
+
+    async def history(self, kind: str, name: str) -> list[HistoryEntry]:
         client = self._session.live()
-        skey = self._keys.service(name)
-        for _ in range(MAX_ATTEMPTS):
-            cur = await self._session.get(client, skey)
-            if cur is None:
-                raise NotFoundError(f"no service named {name!r}",
-                                    "list services: meshnode status")
-            rec = decode_service(cur.value)
-            start = self._keys.endpoints_of(name)
-            eps = await self._session.range(client, start)
-            ep_keys = [(bytes(kv.key), p) for kv in eps.kvs
-                       if isinstance(p := self._keys.parse(kv.key), EndpointKey)]
-            claims = [self._keys.claim(p.addr, name, p.node) for _, p in ep_keys]
-            # Fails if the service changed or gained an endpoint since the reads above: no
-            # address claim may outlive its service.
-            resp = await self._session.txn(
-                client, "remove service " + name,
-                [_cmp(skey, "mod", int(cur.mod_revision)),
-                 _cmp(start, "mod", int(eps.header.revision) + 1, "<", prefix_end(start))],
-                [_delete(skey), _delete(self._keys.vip(rec.vip)),
-                 _delete(start, prefix_end(start))] + [_delete(c) for c in
-                                                        claims[:TXN_DELETES]], [])
-            if not resp.succeeded:
-                continue
-            if claims[TXN_DELETES:]:
-                await self._delete(client, claims[TXN_DELETES:])
-            rev = int(resp.header.revision)
-            for key in [skey] + [k for k, _ in ep_keys]:
-                self._mirror.delete(key, rev, local=True)
-            self._forget_removed_services()
-            self._changed()
-            return
-        raise TemporaryError(f"too many concurrent changes to service {name!r}",
-                             "retry the command")
+        resp = await self._session.range(client, self._keys.history_of(kind, name))
+        out = []
+        for kv in resp.kvs:
+            try:
+                entry = {**json.loads(kv.value), "version": int(kv.mod_revision)}
+                out.append(HistoryEntry.from_json(entry))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring history key %r: %s", bytes(kv.key), exc)
+        return sorted(out, key=lambda e: e.version)[-store.HISTORY_DEPTH:]
 
     async def add_endpoints(self, name: str, endpoints: Iterable[EndpointRecord]) -> None:
         # one record per address (a transaction may not name a key twice); this node owns
@@ -395,10 +490,6 @@ class EtcdRegistry:
                                            [_delete(k) for k in chunk], [])
             rev = int(resp.header.revision)
         return rev
-
-    async def _used_vips(self, client: Any) -> set[IPv4Address]:
-        resp = await self._session.range(client, self._keys.vips())
-        return {p.vip for kv in resp.kvs if isinstance(p := self._keys.parse(kv.key), VipKey)}
 
     # -- change notification ---------------------------------------------------------------
     def _changed(self) -> None:

@@ -1,15 +1,20 @@
-"""The etcd registry's data layout: keys under one prefix, the JSON values, VIP ids, the URL.
+"""The etcd registry's data layout: keys under one prefix, the JSON values, the URL.
 
 Pure (no I/O), so every agent computes the same keys and ids and tests need no etcd. Layout,
 under the prefix (default "/meshnode/"):
 
-    services/<name>                    ServiceRecord.settings_json()          no lease
-    vips/<ip>                          the owning service's name              no lease
-    endpoints/<service>/<node>/<ip:port>  EndpointRecord.to_json()           the node's lease
-    addrs/<ip:port>/<service>/<node>   "" (an address claim, see below)      the node's lease
-    policies/...                       reserved for service policies
+    resources/<Kind>/<name>            the document (store.encode), a Service's VIP   no lease
+                                       in its status; the key's mod revision is its version
+    history/<Kind>/<name>/<token>      HistoryEntry.to_json() of each version kept   no lease
+                                       (its mod revision is the version it records)
+    vips/<ip>                          the owning service's name                      no lease
+    endpoints/<service>/<node>/<ip:port>  EndpointRecord.to_json()                   node's lease
+    addrs/<ip:port>/<service>/<node>   "" (an address claim, see below)              node's lease
+    hosts/<node>                       the node's agent report (versions applied)    node's lease
 
-Service names are DNS labels and node names are checked here, so no part holds a "/".
+Kinds are CamelCase words, resource names DNS labels, and node names are checked here, so no
+part holds a "/". A history key is written in the same transaction as the version it records,
+so its mod revision is that version; its token (time and random) only has to be unique.
 An endpoint is written twice: once by service (so a service's endpoints are one range) and once
 by address, so a transaction can check with two range comparisons that no *other* service
 holds the address, which keeps "an address belongs to one service" true when agents race.
@@ -19,14 +24,11 @@ Imports nothing of meshnode's but the registry records, the model, errors and co
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from ipaddress import IPv4Address
 from urllib.parse import urlsplit
 
-from meshnode import constants as C
-from meshnode.discovery.registry import EndpointRecord, ServiceRecord
+from meshnode.discovery.registry import EndpointRecord
 from meshnode.errors import ConfigError, RegistryError, UsageError
 from meshnode.model import HostPort
 
@@ -35,8 +37,21 @@ DEFAULT_PORT = 2379  # etcd's client port
 
 
 @dataclass(frozen=True, slots=True)
-class ServiceKey:
+class ResourceKey:
+    kind: str
     name: str
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryKey:
+    kind: str
+    name: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostKey:
+    node: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +73,7 @@ class ClaimKey:
     node: str
 
 
-ParsedKey = ServiceKey | VipKey | EndpointKey | ClaimKey
+ParsedKey = ResourceKey | HistoryKey | HostKey | VipKey | EndpointKey | ClaimKey
 
 
 def prefix_end(prefix: bytes) -> bytes:
@@ -92,8 +107,23 @@ class KeyLayout:
     def all(self) -> bytes:
         return self.prefix.encode()
 
+    def resource(self, kind: str, name: str) -> bytes:
+        return self._k("resources", kind, name)
+
     def service(self, name: str) -> bytes:
-        return self._k("services", name)
+        return self.resource("Service", name)
+
+    def history(self, kind: str, name: str, token: str) -> bytes:
+        return self._k("history", kind, name, token)
+
+    def history_of(self, kind: str, name: str) -> bytes:
+        return self._k("history", kind, name, "")
+
+    def host(self, node: str) -> bytes:
+        return self._k("hosts", node)
+
+    def hosts(self) -> bytes:
+        return self._k("hosts", "")
 
     def vip(self, vip: IPv4Address) -> bytes:
         return self._k("vips", vip)
@@ -119,8 +149,8 @@ class KeyLayout:
         return [(everyone, mine), (prefix_end(mine), prefix_end(everyone))]
 
     def parse(self, key: bytes) -> ParsedKey | None:
-        """What a key names, or None for keys this version does not know (policies, or keys
-        written by a newer meshnode): they are ignored, never an error."""
+        """What a key names, or None for keys this version does not know (written by an older
+        or a newer meshnode): they are ignored, never an error."""
         try:
             text = key.decode()
         except UnicodeDecodeError:
@@ -130,8 +160,12 @@ class KeyLayout:
         kind, _, rest = text[len(self.prefix):].partition("/")
         parts = rest.split("/")
         try:
-            if kind == "services" and len(parts) == 1 and parts[0]:
-                return ServiceKey(parts[0])
+            if kind == "resources" and len(parts) == 2 and all(parts):
+                return ResourceKey(parts[0], parts[1])
+            if kind == "history" and len(parts) == 3 and all(parts):
+                return HistoryKey(parts[0], parts[1], parts[2])
+            if kind == "hosts" and len(parts) == 1 and parts[0]:
+                return HostKey(parts[0])
             if kind == "vips" and len(parts) == 1:
                 return VipKey(IPv4Address(parts[0]))
             if kind == "endpoints" and len(parts) == 3:
@@ -144,20 +178,6 @@ class KeyLayout:
 
 
 # -- values -------------------------------------------------------------------------------
-def encode_service(rec: ServiceRecord) -> bytes:
-    return json.dumps(rec.settings_json(), sort_keys=True).encode()
-
-
-def decode_service(data: bytes) -> ServiceRecord:
-    """A service's settings (no endpoints). RegistryError for a value that does not parse."""
-    try:
-        d: dict[str, Any] = json.loads(data)
-        return ServiceRecord.from_json({**d, "endpoints": []})
-    except Exception as exc:
-        raise RegistryError(f"unreadable service record in etcd: {exc}",
-                            "delete or rewrite the key with etcdctl") from exc
-
-
 def encode_endpoint(rec: EndpointRecord) -> bytes:
     return json.dumps(rec.to_json(), sort_keys=True).encode()
 
@@ -168,32 +188,6 @@ def decode_endpoint(data: bytes) -> EndpointRecord:
     except Exception as exc:
         raise RegistryError(f"unreadable endpoint record in etcd: {exc}",
                             "delete or rewrite the key with etcdctl") from exc
-
-
-# -- VIPs and ids -------------------------------------------------------------------------
-class VipRange:
-    """The VIP range, and service ids derived from a VIP's offset in it.
-
-    The id keys the kernel's per-service flags on every host, so all agents must agree on it
-    without talking to each other: the offset does that, and a VIP is never held by two
-    services at once (the reservation key guarantees it), so neither is an id."""
-
-    def __init__(self, cidr: str = C.VIP_CIDR) -> None:
-        self.net = IPv4Network(cidr)
-
-    def id_of(self, vip: IPv4Address) -> int:
-        if vip not in self.net or vip in (self.net.network_address, self.net.broadcast_address):
-            raise RegistryError(f"VIP {vip} is outside {self.net}",
-                                "every agent must use the same VIP range")
-        return int(vip) - int(self.net.network_address)
-
-    def first_free(self, used: Iterable[IPv4Address]) -> IPv4Address:
-        taken = set(used)
-        for ip in self.net.hosts():
-            if ip not in taken:
-                return ip
-        raise RegistryError(f"no free VIP left in {self.net}",
-                            "remove unused services with: meshnode service remove NAME")
 
 
 # -- the --registry URL -------------------------------------------------------------------

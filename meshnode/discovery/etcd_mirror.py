@@ -16,41 +16,61 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import replace
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 from meshnode.discovery.etcd_keys import (
     EndpointKey,
+    HostKey,
     KeyLayout,
-    ServiceKey,
+    ResourceKey,
+    VipKey,
     decode_endpoint,
-    decode_service,
 )
-from meshnode.discovery.registry import EndpointRecord, ServiceRecord
+from meshnode.discovery.registry import EndpointRecord, ServiceRecord, VipRange
 from meshnode.errors import RegistryError
 from meshnode.model import HostPort
+from meshnode.policy import store
+from meshnode.policy.resources import Resource
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 1: services with inline settings (ignored: etcd refills the cache)
 
 # (service, node, addr): what one endpoint key names
 EndpointId = tuple[str, str, HostPort]
 
 
 class Mirror:
-    def __init__(self, layout: KeyLayout) -> None:
+    def __init__(self, layout: KeyLayout, vips: VipRange) -> None:
         self.layout = layout
+        self.vips = vips
         self.revision = 0  # every watch event up to here is applied
         self._revs: dict[bytes, int] = {}  # mod revision of each key held
         self._tombs: dict[bytes, int] = {}  # deleted by our own writes, ahead of the watch
-        self._settings: dict[str, ServiceRecord] = {}  # without endpoints
+        self._resources: dict[tuple[str, str], Resource] = {}
+        self._vip: dict[str, IPv4Address] = {}  # each Service's VIP (its resource's status)
         self._eps: dict[str, dict[tuple[str, HostPort], tuple[EndpointRecord, int]]] = {}
+        self._hosts: dict[str, dict[str, Any]] = {}  # every agent's report
+        self._reserved: set[IPv4Address] = set()  # VIP reservation keys
         self._view: dict[str, ServiceRecord] = {}
 
     # -- reads ----------------------------------------------------------------------------
     def services(self) -> dict[str, ServiceRecord]:
         return dict(self._view)
+
+    def resources(self) -> dict[tuple[str, str], Resource]:
+        return dict(self._resources)
+
+    def vip_of(self, name: str) -> IPv4Address | None:
+        return self._vip.get(name)
+
+    def reserved_vips(self) -> set[IPv4Address]:
+        return set(self._reserved)
+
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        return dict(self._hosts)
 
     def endpoints_of_node(self, node: str) -> dict[EndpointId, tuple[EndpointRecord, int]]:
         """Every endpoint key `node` holds (including those of unknown services), with the
@@ -67,16 +87,20 @@ class Mirror:
         self.revision = revision
         self._revs.clear()
         self._tombs.clear()
-        self._settings.clear()
+        self._resources.clear()
+        self._vip.clear()
         self._eps.clear()
+        self._hosts.clear()
+        self._reserved.clear()
         self._view.clear()
         for key, value, rev, lease in kvs:
             self._put(key, value, rev, lease)
-        for name in set(self._settings) | set(self._eps):
+        for name in {n for k, n in self._resources if k == "Service"} | set(self._eps):
             self._rebuild(name)
 
     def put(self, key: bytes, value: bytes, rev: int, lease: int) -> str | None:
-        """Apply a put; the name of the service whose record changed, if one did."""
+        """Apply a put; what changed (a service's name, or another resource's kind/name), if
+        anything the agent serves from did."""
         if rev <= max(self._revs.get(key, 0), self._tombs.get(key, 0)):
             return None  # already applied (our own write), or older than what we hold
         name = self._put(key, value, rev, lease)
@@ -93,11 +117,22 @@ class Mirror:
             self._tombs[key] = max(rev, self._tombs.get(key, 0))
         self._revs.pop(key, None)
         parsed = self.layout.parse(key)
-        if isinstance(parsed, ServiceKey):
-            if self._settings.pop(parsed.name, None) is None:
+        if isinstance(parsed, ResourceKey):
+            if self._resources.pop((parsed.kind, parsed.name), None) is None:
                 return None
+            if parsed.kind != "Service":
+                return f"{parsed.kind}/{parsed.name}"
+            self._vip.pop(parsed.name, None)
             self._rebuild(parsed.name)
             return parsed.name
+        if isinstance(parsed, HostKey):
+            # reports do not shape what the agent serves: no listener hears of them (an agent
+            # reacting to another's report would report again, and so on round the mesh)
+            self._hosts.pop(parsed.node, None)
+            return None
+        if isinstance(parsed, VipKey):
+            self._reserved.discard(parsed.vip)
+            return None
         if isinstance(parsed, EndpointKey):
             eps = self._eps.get(parsed.service, {})
             if eps.pop((parsed.node, parsed.addr), None) is None:
@@ -129,11 +164,26 @@ class Mirror:
     def _put(self, key: bytes, value: bytes, rev: int, lease: int) -> str | None:
         parsed = self.layout.parse(key)
         try:
-            if isinstance(parsed, ServiceKey):
-                rec = decode_service(value)
-                self._settings[parsed.name] = replace(rec, name=parsed.name)
+            if isinstance(parsed, ResourceKey):
+                r, status = store.decode(value, rev)
+                if r.key != (parsed.kind, parsed.name):
+                    raise RegistryError(f"the document names {r.kind} {r.name}",
+                                        "rewrite it with meshnode apply")
+                if r.kind == "Service":
+                    vip = IPv4Address(str(status.get("vip")))
+                    self.vips.id_of(vip)  # inside the range, or not a service of this mesh
+                    self._vip[r.name] = vip
+                self._resources[r.key] = r
                 self._revs[key] = rev
-                return parsed.name
+                return r.name if r.kind == "Service" else f"{r.kind}/{r.name}"
+            if isinstance(parsed, VipKey):
+                self._reserved.add(parsed.vip)
+                self._revs[key] = rev
+                return None
+            if isinstance(parsed, HostKey):
+                self._hosts[parsed.node] = {**json.loads(value), "node": parsed.node}
+                self._revs[key] = rev
+                return None
             if isinstance(parsed, EndpointKey):
                 ep = decode_endpoint(value)
                 # the key says who owns it (its lease is that node's), whatever the value says
@@ -142,32 +192,37 @@ class Mirror:
                                                                                          lease)
                 self._revs[key] = rev
                 return parsed.service
-        except RegistryError as exc:
+        except (RegistryError, ValueError) as exc:
             # someone wrote garbage (by hand, or a newer format): skip that key, keep the rest
             log.warning("ignoring etcd key %r: %s", key, exc)
             return self.delete(key, rev)
-        return None  # VIP reservations, claims and policies do not shape the snapshot
+        return None  # VIP reservations, claims and history do not shape the snapshot
 
     def _rebuild(self, name: str) -> None:
-        rec = self._settings.get(name)
-        if rec is None:
+        r, vip = self._resources.get(("Service", name)), self._vip.get(name)
+        if r is None or vip is None:
             # endpoints of a service that does not exist (yet) are kept but not shown
             self._view.pop(name, None)
             return
         eps = self._eps.get(name, {})
-        self._view[name] = replace(rec, endpoints=frozenset(e for e, _ in eps.values()))
+        self._view[name] = ServiceRecord(name, self.vips.id_of(vip), vip, r.spec, r.version,
+                                         frozenset(e for e, _ in eps.values()))
 
     # -- the cache file -------------------------------------------------------------------
     def save(self, path: Path) -> None:
         """Write the snapshot atomically (tmp + fsync + rename)."""
         data = {"format": CACHE_FORMAT, "prefix": self.layout.prefix,
                 "revision": self.revision,
-                "services": [s.to_json() for s in sorted(self._view.values(),
-                                                          key=lambda s: s.name)]}
+                "resources": [{"doc": r.to_doc(with_version=False), "version": r.version,
+                               "vip": str(self._vip[n]) if k == "Service" else None}
+                              for (k, n), r in sorted(self._resources.items())
+                              if k != "Service" or n in self._vip],
+                "endpoints": {name: [e.to_json() for e, _ in eps.values()]
+                              for name, eps in sorted(self._eps.items())}}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w") as f:
-            json.dump(data, f, indent=1)
+            json.dump(data, f, separators=(",", ":"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -178,7 +233,11 @@ class Mirror:
             data: dict[str, Any] = json.loads(path.read_text())
             if data.get("format") != CACHE_FORMAT or data.get("prefix") != self.layout.prefix:
                 return False
-            recs = [ServiceRecord.from_json(d) for d in data.get("services", [])]
+            items = [(item, *store.decode(json.dumps(item["doc"]).encode(),
+                                          int(item["version"])))
+                     for item in data.get("resources", [])]
+            eps = {name: [EndpointRecord.from_json(e) for e in recs]
+                   for name, recs in data.get("endpoints", {}).items()}
         except FileNotFoundError:
             return False
         except Exception as exc:
@@ -186,9 +245,13 @@ class Mirror:
             log.warning("ignoring the etcd cache %s: %s", path, exc)
             return False
         self.reset([], 0)  # revision 0: the first Reset from etcd replaces every key
-        for rec in recs:
-            self._settings[rec.name] = replace(rec, endpoints=frozenset())
-            self._eps[rec.name] = {(e.node, e.addr): (e, 0) for e in rec.endpoints}
-            self._rebuild(rec.name)
+        for item, r, _ in items:
+            self._resources[r.key] = r
+            if r.kind == "Service":
+                self._vip[r.name] = IPv4Address(item["vip"])
+        for name, recs in eps.items():
+            self._eps[name] = {(e.node, e.addr): (e, 0) for e in recs}
+        for name in {n for k, n in self._resources if k == "Service"}:
+            self._rebuild(name)
         self.revision = int(data.get("revision", 0))
         return True

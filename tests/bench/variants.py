@@ -138,7 +138,7 @@ EXPLICIT_VIP = IPv4Address("127.240.0.1")
 
 def _backend_service() -> bytes:
     """The control message a worker's agent would send for the backend service."""
-    spec = ServiceSpec("backend", 1, EXPLICIT_VIP, BACKEND_PORT)
+    spec = ServiceSpec.build("backend", 1, EXPLICIT_VIP, BACKEND_PORT)
     ep = Endpoint(HostPort(IPv4Address(LOOPBACK), BACKEND_PORT))
     return json.dumps(update_to_wire(Reset(spec, (ep,)))).encode() + b"\n"
 
@@ -280,8 +280,8 @@ def meshnode_captured(tmp: Path, capture: str) -> Iterator[Variant]:
         _tune(h)
         h.start()
         ns = _namespace(h, tmp, "client", f"meshnode-{capture}")
-        svc = h.call("service.add", name="backend", port=BACKEND_PORT,
-                     endpoints=[f"{LOOPBACK}:{BACKEND_PORT}"])
+        svc = h.call("service.add", name="backend", endpoints=[f"{LOOPBACK}:{BACKEND_PORT}"],
+                     patch={"port": BACKEND_PORT})
         vip = svc["vip"]
         # the VIP is bound by nothing: an answer proves the connection was captured
         wait_ready(ns.client, vip, BACKEND_PORT)

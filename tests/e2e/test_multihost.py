@@ -36,8 +36,9 @@ def addrs(h: Host, service: str) -> set[str]:
 
 
 def web_everywhere(f: Fabric, lb: str = "round-robin", locality: bool = False) -> str:
-    vip = f.hosts[0].call("service.add", name="web", port=80,
-                          lb={"algorithm": lb, "locality": locality})["vip"]
+    vip = f.hosts[0].call("service.add", name="web",
+                          patch={"port": 80,
+                                 "balancer": {"algorithm": lb, "locality": locality}})["vip"]
     for i, h in enumerate(f.hosts):
         h.server(f"web-{i}", PORT, service="web", host="0.0.0.0")
     want = {f"{f.ip(i)}:{PORT}" for i in range(len(f.hosts))}
@@ -66,8 +67,9 @@ def test_service_on_three_hosts_reachable_from_every_host(fabric: Fabric) -> Non
 
 def test_registration_on_one_host_is_used_from_another(fabric: Fabric) -> None:
     h0, h1 = fabric.hosts[0], fabric.hosts[1]
-    vip = h0.call("service.add", name="api", port=80,
-                  lb={"algorithm": "round-robin", "locality": False})["vip"]
+    vip = h0.call("service.add", name="api",
+                  patch={"port": 80,
+                         "balancer": {"algorithm": "round-robin", "locality": False}})["vip"]
     client = h0.probe(service="client")
     t0 = time.monotonic()
     h1.server("api-1", PORT, service="api", host="0.0.0.0")
@@ -158,3 +160,40 @@ def test_locality_keeps_calls_on_the_host_then_spills_over(fabric: Fabric) -> No
     spilled = collections.Counter(client.connect(vip, 80)["reply"] for _ in range(20))
     assert sum(spilled.values()) == 20 and set(spilled) <= {"web-0", "web-2"}, spilled
     print(f"\nlocality from h1: {dict(local)} while local, then {dict(spilled)}")
+
+
+def test_an_apply_on_one_host_takes_effect_and_is_reported_everywhere(fabric: Fabric) -> None:
+    """Apply a Service change on host 0, 50 times: every host's agent reports it runs it
+    (through the registry), and a client on the farthest host reaches the new port. Prints
+    apply-to-effect latency: from the apply call to the last host's report."""
+    vip = web_everywhere(fabric)
+    h0, others = fabric.hosts[0], fabric.hosts[1:]
+    nodes = {h.node for h in fabric.hosts}
+    took: list[float] = []
+    for i in range(50):
+        port = 80 + i % 2 + 1  # 81, 82, 81, ...: every apply is a change
+        doc = {"kind": "Service", "name": "web",
+               "spec": {"port": port, "balancer": {"algorithm": "round-robin"}}}
+        t0 = time.monotonic()
+        rev = h0.call("apply", docs=[doc])["results"][0]["version"]
+
+        def converged() -> bool:
+            hosts = {r["node"]: r for r in h0.call("hosts")["hosts"]}
+            return set(hosts) == nodes and all(
+                hosts[h.node]["applied_revision"] >= rev for h in others)
+
+        wait_for(f"apply {i} reported by every host", converged, timeout=10, interval=0.002)
+        took.append(time.monotonic() - t0)
+        if i % 10 == 0:  # the report is not just words: the far host routes the new port
+            client = others[-1].probe(service="client")
+            reply = client.connect(vip, port)
+            client.proc.kill()
+            assert reply["ok"], reply
+    took.sort()
+    print(f"\napply on one host -> applied by all 3 (reported), 50 applies: "
+          f"p50 {took[24] * 1000:.1f} ms, p99 {took[-1] * 1000:.1f} ms, "
+          f"max {max(took) * 1000:.1f} ms")
+    out = h0.cli("get", "Service", "web", "--hosts")
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[1:]]
+    assert {r[0] for r in rows} == nodes and all(r[-1] == "yes" for r in rows), out.stdout

@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
 def three_instances(h: Host, service: str = "web", port: int = 80) -> tuple[str, list[int]]:
     # round robin: these tests assert rotation (p2c-ewma, the default, is tested on its own)
-    vip = h.call("service.add", name=service, port=port,
-                 lb={"algorithm": "round-robin"})["vip"]
+    vip = h.call("service.add", name=service,
+                 patch={"port": port, "balancer": {"algorithm": "round-robin"}})["vip"]
     ports = sorted({free_port() for _ in range(3)})
     while len(ports) < 3:
         ports = sorted({*ports, free_port()})
@@ -83,7 +83,7 @@ def test_only_enrolled_processes_and_mesh_destinations_are_captured(make_host,
 def test_bytes_intact_both_ways_with_half_close(make_host, backend: str) -> None:
     h = make_host(backend)
     h.start()
-    vip = h.call("service.add", name="bulk", port=9000)["vip"]
+    vip = h.call("service.add", name="bulk", patch={"port": 9000})["vip"]
     port = free_port()
     h.bulk_server(port, service="bulk")
     h.wait_endpoints("bulk", {f"127.0.0.1:{port}"})
@@ -166,7 +166,7 @@ def test_dead_workers_fail_open_then_recover(make_host, backend: str) -> None:
 def test_instance_exit_removes_its_endpoint(make_host, backend: str) -> None:
     h = make_host(backend)
     h.start()
-    h.call("service.add", name="web", port=80)
+    h.call("service.add", name="web", patch={"port": 80})
     p1, p2 = free_port(), free_port()
     s1 = h.server("a", p1, service="web")
     h.server("b", p2, service="web")

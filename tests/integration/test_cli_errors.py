@@ -24,7 +24,7 @@ def dead_pid() -> int:
 def test_bad_input_is_one_line_and_changes_nothing(make_host, backend: str) -> None:
     h = make_host(backend)
     h.start()
-    h.call("service.add", name="web", port=80)
+    h.call("service.add", name="web", patch={"port": 80})
     h.server("a", port := free_port(), service="web")
     h.wait_endpoints("web", {f"127.0.0.1:{port}"})
     before = h.status()

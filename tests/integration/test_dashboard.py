@@ -144,7 +144,7 @@ def test_dashboard_renders_live_topology(make_host, tmp_path: Path) -> None:
     exe = chromium()
     h = make_host("ebpf", workers=1)
     h.start()
-    vip = h.call("service.add", name="api", port=80)["vip"]
+    vip = h.call("service.add", name="api", patch={"port": 80})["vip"]
     ports = [free_port(), free_port()]
     while ports[0] == ports[1]:
         ports[1] = free_port()

@@ -30,7 +30,8 @@ def explain_table(h: Host, pid: int, dest: str) -> str:
 
 
 def three_instances(h: Host) -> tuple[str, list[int]]:
-    vip: str = h.call("service.add", name="web", port=80, lb={"algorithm": "round-robin"})["vip"]
+    vip: str = h.call("service.add", name="web",
+                      patch={"port": 80, "balancer": {"algorithm": "round-robin"}})["vip"]
     ports: set[int] = set()
     while len(ports) < 3:
         ports.add(free_port())
@@ -200,7 +201,7 @@ def test_proxy_down_fail_closed_refuses_fail_open_passes(make_host, backend: str
     while other == port:
         other = free_port()
     h.server("other", other)
-    h.call("service.add", name="web", port=80, endpoints=[f"127.0.0.1:{other}"])
+    h.call("service.add", name="web", endpoints=[f"127.0.0.1:{other}"], patch={"port": 80})
     db, web = h.service("db")["vip"], h.service("web")["vip"]
     client = h.probe(service="client")
     e = explain(h, client.pid, f"{db}:5432")
@@ -227,7 +228,7 @@ def test_proxy_down_fail_closed_refuses_fail_open_passes(make_host, backend: str
 def test_bad_input_is_one_line_naming_the_fix(make_host, backend: str) -> None:
     h = make_host(backend)
     h.start()
-    h.call("service.add", name="web", port=80)
+    h.call("service.add", name="web", patch={"port": 80})
     client = h.probe(service="client")
     cases = [
         ([str(dead_pid()), "127.0.0.1:80"], 64, "no process with PID"),

@@ -36,7 +36,8 @@ def value(m: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
 
 
 def api_with_two_instances(h: Host) -> tuple[str, list[int]]:
-    vip = h.call("service.add", name="api", port=80, lb={"algorithm": "round-robin"})["vip"]
+    vip = h.call("service.add", name="api",
+                 patch={"port": 80, "balancer": {"algorithm": "round-robin"}})["vip"]
     ports = [free_port(), free_port()]
     while ports[0] == ports[1]:
         ports[1] = free_port()
@@ -86,9 +87,9 @@ def test_failures_are_counted_by_reason(make_host, backend: str) -> None:
     h = make_host(backend, workers=1)
     h.start()
     dead = free_port()  # nothing listens there: every connect is refused
-    vip = h.call("service.add", name="down", port=80, endpoints=[f"127.0.0.1:{dead}"],
-                 health={"kind": "none"})["vip"]
-    h.call("service.add", name="empty", port=80)
+    vip = h.call("service.add", name="down", endpoints=[f"127.0.0.1:{dead}"],
+                 patch={"port": 80, "health": {"kind": "none"}})["vip"]
+    h.call("service.add", name="empty", patch={"port": 80})
     empty_vip = h.service("empty")["vip"]
     client = h.probe(service="web")
     for _ in range(3):  # accepted by the proxy, then reset: it has nowhere to go

@@ -46,7 +46,7 @@ def main() -> int:
               "(slow answers after 50 ms)")
         print(f"{'algorithm':<12}" + "".join(f"{b.name:>8}" for b, _ in backends))
         for i, algorithm in enumerate(ALGORITHMS):
-            spec = ServiceSpec(f"svc{i}", i + 1, IPv4Address(VIP), 80,
+            spec = ServiceSpec.build(f"svc{i}", i + 1, IPv4Address(VIP), 80,
                                lb=BalancerConfig(algorithm, locality=False))
             worker.send(update_to_wire(Reset(spec, tuple(
                 Endpoint(HostPort.parse(b.addr), weight=w) for b, w in backends))))

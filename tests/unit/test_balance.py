@@ -338,7 +338,7 @@ def test_ring_hash_moves_about_one_nth_of_keys_when_an_endpoint_joins_or_leaves(
 
 def local_service(clock: FakeClock) -> tuple[Loads, Balancer, tuple[Endpoint, ...]]:
     loads = Loads(clock, node="n1", zone="z1")
-    spec = ServiceSpec("web", 1, VIP_, 80, lb=BalancerConfig("round-robin"))
+    spec = ServiceSpec.build("web", 1, VIP_, 80, lb=BalancerConfig("round-robin"))
     b = for_service(spec, "n1", "z1", clock, random.Random(1), loads)
     c = (wep(1, node="n1", zone="z1"), wep(2, node="n2", zone="z1"),
          wep(3, node="n3", zone="z2"), wep(4, node="n4", zone="z2"))
@@ -396,9 +396,9 @@ def test_factory_builds_each_algorithm() -> None:
     kinds = {"p2c-ewma": PeakEwmaP2C, "round-robin": RoundRobin, "random": WeightedRandom,
              "ring-hash": RingHash}
     for name, cls in kinds.items():
-        plain = ServiceSpec("web", 1, VIP_, 80, lb=BalancerConfig(name, locality=False))
+        plain = ServiceSpec.build("web", 1, VIP_, 80, lb=BalancerConfig(name, locality=False))
         assert isinstance(for_service(plain, "n1", "z1", clock, random.Random()), cls)
-        local = ServiceSpec("web", 1, VIP_, 80, lb=BalancerConfig(name))
+        local = ServiceSpec.build("web", 1, VIP_, 80, lb=BalancerConfig(name))
         b = for_service(local, "n1", "z1", clock, random.Random())
         assert isinstance(b, Locality) and isinstance(b.inner(0), cls)
         # A worker that does not know where it runs has nothing to prefer.

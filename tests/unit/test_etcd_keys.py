@@ -13,27 +13,36 @@ from meshnode.discovery.etcd import EtcdRegistry
 from meshnode.discovery.etcd_keys import (
     ClaimKey,
     EndpointKey,
+    HistoryKey,
+    HostKey,
     KeyLayout,
-    ServiceKey,
+    ResourceKey,
     VipKey,
-    VipRange,
     check_node,
     decode_endpoint,
-    decode_service,
     encode_endpoint,
-    encode_service,
     parse_url,
     prefix_end,
 )
 from meshnode.discovery.etcd_mirror import Mirror
-from meshnode.discovery.registry import EndpointRecord, ServiceRecord
+from meshnode.discovery.registry import EndpointRecord, VipRange
 from meshnode.errors import ConfigError, RegistryError
-from meshnode.model import BalancerConfig, HealthConfig, HostPort
+from meshnode.model import HostPort
+from meshnode.policy import store
+from meshnode.policy.document import parse
 
 K = KeyLayout()
-WEB = ServiceRecord("web", 1, IPv4Address("127.240.0.1"), 80, True,
-                    BalancerConfig("ring-hash"), health=HealthConfig("http", "/ready"))
+VIPS = VipRange()
+WEB_DOC = parse({"kind": "Service", "name": "web", "spec": {
+    "port": 80, "failMode": "closed", "balancer": {"algorithm": "ring-hash"},
+    "health": {"kind": "http", "path": "/ready"}}})
 A1 = HostPort.parse("10.0.0.1:80")
+
+
+def service_value(name: str = "web", vip: str = "127.240.0.1", **spec: object) -> bytes:
+    r = WEB_DOC if name == "web" and not spec else parse({"kind": "Service", "name": name,
+                                                          "spec": spec})
+    return store.encode(r, {"vip": vip})
 
 
 def ep(addr: str, node: str = "a") -> EndpointRecord:
@@ -41,20 +50,23 @@ def ep(addr: str, node: str = "a") -> EndpointRecord:
 
 
 def test_key_layout_and_parse_round_trip() -> None:
-    assert K.service("web") == b"/meshnode/services/web"
+    assert K.service("web") == b"/meshnode/resources/Service/web"
     assert K.vip(IPv4Address("127.240.0.7")) == b"/meshnode/vips/127.240.0.7"
     assert K.endpoint("web", "host-1", A1) == b"/meshnode/endpoints/web/host-1/10.0.0.1:80"
     assert K.claim(A1, "web", "host-1") == b"/meshnode/addrs/10.0.0.1:80/web/host-1"
-    assert K.parse(K.service("web")) == ServiceKey("web")
+    assert K.parse(K.service("web")) == ResourceKey("Service", "web")
+    assert K.parse(K.history("Service", "web", "t1")) == HistoryKey("Service", "web", "t1")
+    assert K.parse(K.host("host-1")) == HostKey("host-1")
     assert K.parse(K.vip(IPv4Address("127.240.0.7"))) == VipKey(IPv4Address("127.240.0.7"))
     assert K.parse(K.endpoint("web", "host-1", A1)) == EndpointKey("web", "host-1", A1)
     assert K.parse(K.claim(A1, "web", "host-1")) == ClaimKey(A1, "web", "host-1")
-    # other prefixes, policies, newer kinds and malformed keys are not ours to interpret
-    for key in (b"/other/services/web", b"/meshnode/policies/web", b"/meshnode/new/x",
+    # other prefixes, older layouts, newer kinds and malformed keys are not ours to interpret
+    for key in (b"/other/resources/Service/web", b"/meshnode/services/web", b"/meshnode/new/x",
                 b"/meshnode/endpoints/web/a/not-an-addr", b"/meshnode/vips/300.1.1.1",
-                b"/meshnode/services/", b"/meshnode/endpoints/web/a/10.0.0.1:0", b"\xff"):
+                b"/meshnode/resources/Service/", b"/meshnode/endpoints/web/a/10.0.0.1:0",
+                b"\xff"):
         assert K.parse(key) is None, key
-    assert KeyLayout("/t1/").service("x") == b"/t1/services/x"
+    assert KeyLayout("/t1/").service("x") == b"/t1/resources/Service/x"
     with pytest.raises(ConfigError):
         KeyLayout("meshnode")
 
@@ -79,20 +91,20 @@ def test_prefix_end() -> None:
 
 
 def test_values_round_trip_and_garbage_is_a_registry_error() -> None:
-    assert decode_service(encode_service(WEB)) == WEB
-    with_eps = ServiceRecord("x", 2, IPv4Address("127.240.0.2"), endpoints=frozenset({ep(
-        "10.0.0.2:1")}))
-    assert "endpoints" not in json.loads(encode_service(with_eps))  # they have keys of their own
+    r, status = store.decode(service_value(), 7)
+    assert (r.spec, r.version, status) == (WEB_DOC.spec, 7, {"vip": "127.240.0.1"})
+    assert "version" not in json.loads(service_value())  # the key's mod revision is
     assert decode_endpoint(encode_endpoint(ep("10.0.0.1:80"))) == ep("10.0.0.1:80")
-    for bad in (b"{", b"[]", b'{"name": "x"}'):
+    for bad in (b"{", b"[]", b'{"name": "x"}', b'{"kind": "Service", "name": "x", '
+                                                b'"spec": {"port": "80"}}'):
         with pytest.raises(RegistryError):
-            decode_service(bad)
+            store.decode(bad, 1)
     with pytest.raises(RegistryError):
         decode_endpoint(b'{"addr": "nope"}')
 
 
 def test_service_ids_are_vip_offsets_and_vips_run_out_clearly() -> None:
-    r = VipRange()
+    r = VIPS
     assert r.id_of(IPv4Address("127.240.0.1")) == 1
     assert r.id_of(IPv4Address("127.240.1.0")) == 256
     assert r.id_of(IPv4Address("127.240.255.254")) == 65534
@@ -122,19 +134,24 @@ def test_node_names_are_one_key_part() -> None:
 
 
 def _mirror_with_web() -> Mirror:
-    m = Mirror(K)
-    m.reset([(K.service("web"), encode_service(WEB), 5, 0),
+    m = Mirror(K, VIPS)
+    m.reset([(K.service("web"), service_value(), 5, 0),
              (K.endpoint("web", "a", A1), encode_endpoint(ep("10.0.0.1:80")), 6, 77),
-             (K.vip(WEB.vip), b"web", 5, 0), (K.claim(A1, "web", "a"), b"", 6, 77)], 10)
+             (K.vip(IPv4Address("127.240.0.1")), b"web", 5, 0),
+             (K.claim(A1, "web", "a"), b"", 6, 77)], 10)
     return m
 
 
 def test_mirror_reset_builds_records_and_replaces_everything() -> None:
     m = _mirror_with_web()
     assert m.revision == 10
-    assert m.services()["web"].endpoints == {ep("10.0.0.1:80")}
+    web = m.services()["web"]
+    assert web.endpoints == {ep("10.0.0.1:80")}
+    assert (web.id, web.vip, web.version, web.policy) == (1, IPv4Address("127.240.0.1"), 5,
+                                                           WEB_DOC.spec)
+    assert m.reserved_vips() == {IPv4Address("127.240.0.1")}
     assert m.endpoints_of_node("a") == {("web", "a", A1): (ep("10.0.0.1:80"), 77)}
-    m.reset([(K.service("web"), encode_service(WEB), 5, 0)], 20)  # the endpoint went away
+    m.reset([(K.service("web"), service_value(), 5, 0)], 20)  # the endpoint went away
     assert m.services()["web"].endpoints == frozenset()
 
 
@@ -156,25 +173,27 @@ def test_mirror_drops_stale_events_and_keeps_tombstones_until_the_watch_passes()
 
 
 def test_mirror_hides_orphans_and_skips_garbage() -> None:
-    m = Mirror(K)
+    m = Mirror(K, VIPS)
     m.reset([(K.endpoint("gone", "a", A1), encode_endpoint(ep("10.0.0.1:80")), 3, 7),
-             (K.service("bad"), b"{", 4, 0)], 5)
-    assert m.services() == {}  # an endpoint without its service, a service that won't parse
-    m.put(K.service("gone"), encode_service(ServiceRecord("gone", 9, IPv4Address(
-        "127.240.0.9"))), 6, 0)
+             (K.service("bad"), b"{", 4, 0),
+             (K.service("far"), service_value("far", "10.9.9.9"), 4, 0)], 5)
+    # an endpoint without its service, a service that won't parse, a VIP outside the range
+    assert m.services() == {}
+    m.put(K.service("gone"), service_value("gone", "127.240.0.9"), 6, 0)
     assert m.services()["gone"].endpoints == {ep("10.0.0.1:80")}
 
 
 def test_mirror_cache_round_trip(tmp_path: Path) -> None:
     m = _mirror_with_web()
     m.save(tmp_path / "cache.json")
-    again = Mirror(K)
+    again = Mirror(K, VIPS)
     assert again.load(tmp_path / "cache.json")
     assert again.services() == m.services() and again.revision == 10
-    assert not Mirror(KeyLayout("/other/")).load(tmp_path / "cache.json")  # another prefix
+    assert again.resources() == m.resources()
+    assert not Mirror(KeyLayout("/other/"), VIPS).load(tmp_path / "cache.json")  # another prefix
     (tmp_path / "bad.json").write_text("{")
-    assert not Mirror(K).load(tmp_path / "bad.json")
-    assert not Mirror(K).load(tmp_path / "missing.json")
+    assert not Mirror(K, VIPS).load(tmp_path / "bad.json")
+    assert not Mirror(K, VIPS).load(tmp_path / "missing.json")
 
 
 def test_the_factory_opens_an_etcd_registry_from_a_url(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from ipaddress import IPv4Address
@@ -16,10 +17,12 @@ from typing import Any
 import pytest
 
 from meshnode.discovery.etcd import EtcdRegistry
-from meshnode.discovery.etcd_keys import VipRange
-from meshnode.discovery.registry import EndpointRecord
+from meshnode.discovery.registry import EndpointRecord, VipRange, patch_service
 from meshnode.errors import ConflictError, NotFoundError, TemporaryError, UsageError
 from meshnode.model import HostPort
+from meshnode.policy import store
+from meshnode.policy.document import parse
+from meshnode.policy.store import Delete
 from tests.etcd_cluster import EtcdCluster, TcpGate, etcd_available
 
 pytestmark = pytest.mark.skipif(not etcd_available(), reason="needs etcd and etcdctl "
@@ -101,7 +104,7 @@ async def test_a_service_and_its_endpoints_reach_the_other_agent(etcd: EtcdClust
     async with agents(etcd.endpoints, tmp_path, "a", "b") as (a, b):
         heard: list[int] = []
         b.subscribe(lambda: heard.append(1))
-        web = await a.ensure_service("web", port=80)
+        web = await patch_service(a, "web", {"port": 80})
         assert a.services()["web"] == web  # read-your-writes, before the watch says so
         assert web.vip == IPv4Address("127.240.0.1") and web.id == VipRange().id_of(web.vip)
         await eventually(lambda: "web" in b.services(), 1, "service at b")
@@ -109,7 +112,7 @@ async def test_a_service_and_its_endpoints_reach_the_other_agent(etcd: EtcdClust
         assert (at_b.vip, at_b.id, at_b.port) == (web.vip, web.id, 80)
         await eventually(lambda: bool(heard), 1, "b's listeners hear of a remote change")
         # the same name from the other agent: the same service, settings merged
-        again = await b.ensure_service("web", fail_closed=True)
+        again = await patch_service(b, "web", {"failMode": "closed"})
         assert (again.vip, again.id, again.port, again.fail_closed) == (web.vip, web.id, 80,
                                                                         True)
 
@@ -128,7 +131,7 @@ async def test_a_service_and_its_endpoints_reach_the_other_agent(etcd: EtcdClust
 
         await b.remove_endpoints("web", [HostPort.parse("10.1.0.1:8080")])  # a's, by b
         await eventually(lambda: addrs(a, "web") == {"10.1.0.2:8080"}, 1, "removal at a")
-        await b.remove_service("web")
+        await b.apply([], [Delete("Service", "web")])
         await eventually(lambda: "web" not in a.services(), 1, "service removal at a")
         assert a.describe()["own_endpoints"] == 0  # a service's removal takes ours along
 
@@ -139,9 +142,10 @@ async def test_racing_agents_never_share_a_vip(etcd: EtcdCluster, tmp_path: Path
     async with agents(etcd.endpoints, tmp_path, "a", "b") as (a, b):
         names = [f"svc{i}" for i in range(20)]
         recs = await asyncio.gather(*(
-            (a if i % 2 else b).ensure_service(n) for i, n in enumerate(names)))
+            patch_service((a if i % 2 else b), n, {}) for i, n in enumerate(names)))
         assert len({r.vip for r in recs}) == 20 and len({r.id for r in recs}) == 20
-        shared = await asyncio.gather(a.ensure_service("shared"), b.ensure_service("shared"))
+        shared = await asyncio.gather(patch_service(a, "shared", {}),
+                                      patch_service(b, "shared", {}))
         assert shared[0].vip == shared[1].vip and shared[0].id == shared[1].id
         await eventually(lambda: len(a.services()) == len(b.services()) == 21, 2, "21 each")
         assert a.services() == b.services()
@@ -149,17 +153,47 @@ async def test_racing_agents_never_share_a_vip(etcd: EtcdCluster, tmp_path: Path
         assert len(vips) == 21
         # a freed VIP is reused, with the same id: the id is the VIP's offset
         first = b.services()["svc0"]
-        await a.remove_service("svc0")
-        fresh = await b.ensure_service("fresh")
+        await a.apply([], [Delete("Service", "svc0")])
+        fresh = await patch_service(b, "fresh", {})
         assert (fresh.vip, fresh.id) == (first.vip, first.id)
+
+
+@pytest.mark.timeout(60)
+@run
+async def test_applies_are_atomic_compare_and_swap_with_history(etcd: EtcdCluster,
+                                                               tmp_path: Path) -> None:
+    def svc(name: str, version: int = 0, **spec: Any) -> Any:
+        return parse({"kind": "Service", "name": name, "spec": spec, "version": version})
+
+    async with agents(etcd.endpoints, tmp_path, "a", "b") as (a, b):
+        [web] = await a.apply([svc("web", port=80)])
+        assert web.action == "created" and web.version == a.revision()
+        await eventually(lambda: ("Service", "web") in b.resources(), 1, "web at b")
+        assert b.resources()[("Service", "web")].version == web.version  # one version
+        await b.apply([svc("web", web.version, port=81)])
+        # a still holds version 1 when it tries to write over it: a conflict, not a loss
+        with pytest.raises(ConflictError, match=f"changed since version {web.version}"):
+            await a.apply([svc("web", web.version, port=82)])
+        assert a.services()["web"].port == 81
+        # the last document conflicts: the first two are not written either
+        with pytest.raises(ConflictError):
+            await a.apply([svc("x"), svc("y"), svc("web", web.version)])
+        assert "x" not in a.services() and "x" not in b.services()
+        for port in range(83, 83 + store.HISTORY_DEPTH):
+            await a.apply([svc("web", port=port)])
+        await a.apply([], [Delete("Service", "web")])
+        h = await b.history("Service", "web")
+        assert len(h) == store.HISTORY_DEPTH and h[-1].spec is None
+        assert [e.spec["port"] for e in h[:-1] if e.spec] == list(range(84, 83 + 10))
+        assert all(x.version < y.version for x, y in itertools.pairwise(h))
 
 
 @pytest.mark.timeout(60)
 @run
 async def test_errors_match_the_embedded_store(etcd: EtcdCluster, tmp_path: Path) -> None:
     async with agents(etcd.endpoints, tmp_path, "a", "b") as (a, b):
-        await a.ensure_service("a")
-        await a.ensure_service("b")
+        await patch_service(a, "a", {})
+        await patch_service(a, "b", {})
         await a.add_endpoints("a", [ep("127.0.0.1:9000")])
         with pytest.raises(ConflictError, match="already belongs to service 'a'"):
             await b.add_endpoints("b", [ep("127.0.0.1:9000")])
@@ -171,16 +205,16 @@ async def test_errors_match_the_embedded_store(etcd: EtcdCluster, tmp_path: Path
         await eventually(lambda: len(a.services()["a"].endpoints) == 2, 1, "both nodes' keys")
         for bad in ("", "Web", "-a", "a_b", "x" * 64):
             with pytest.raises(UsageError):
-                await a.ensure_service(bad)
+                await patch_service(a, bad, {})
         with pytest.raises(UsageError):
-            await a.ensure_service("p", port=70000)
+            await patch_service(a, "p", {"port": 70000})
         with pytest.raises(NotFoundError):
             await b.add_endpoints("nope", [ep("127.0.0.1:1")])
         with pytest.raises(NotFoundError):
-            await b.remove_service("nope")
+            await b.apply([], [Delete("Service", "nope")])
         await b.remove_endpoints("nope", [HostPort.parse("127.0.0.1:1")])  # no error
         # an address freed by its service's removal can join another service
-        await b.remove_service("a")
+        await b.apply([], [Delete("Service", "a")])
         await a.add_endpoints("b", [ep("127.0.0.1:9000")])
 
 
@@ -189,7 +223,7 @@ async def test_errors_match_the_embedded_store(etcd: EtcdCluster, tmp_path: Path
 async def test_a_crashed_agents_endpoints_expire_within_the_ttl(etcd: EtcdCluster,
                                                                 tmp_path: Path) -> None:
     async with agents(etcd.endpoints, tmp_path, "a", "b") as (a, b):
-        await a.ensure_service("web")
+        await patch_service(a, "web", {})
         await a.add_endpoints("web", [ep("10.2.0.1:80")])
         await b.add_endpoints("web", [ep("10.2.0.2:80")])
         await eventually(lambda: len(addrs(b, "web")) == 2, 1, "both at b")
@@ -205,7 +239,7 @@ async def test_a_crashed_agents_endpoints_expire_within_the_ttl(etcd: EtcdCluste
 @run
 async def test_close_revokes_the_lease_at_once(etcd: EtcdCluster, tmp_path: Path) -> None:
     async with agents(etcd.endpoints, tmp_path, "a", "b") as (a, b):
-        await a.ensure_service("web")
+        await patch_service(a, "web", {})
         await a.add_endpoints("web", [ep("10.3.0.1:80")])
         await eventually(lambda: bool(addrs(b, "web")), 1, "a's endpoint at b")
         await a.close()
@@ -221,7 +255,7 @@ async def test_outage_keeps_the_snapshot_and_the_resync_resets_it(etcd: EtcdClus
     await gate.mend()
     try:
         async with agents([[gate.endpoint], etcd.endpoints], tmp_path, "a", "b") as (a, b):
-            await a.ensure_service("web")
+            await patch_service(a, "web", {})
             await a.add_endpoints("web", [ep("10.4.0.1:80"), ep("10.4.0.2:80")])
             await b.add_endpoints("web", [ep("10.4.0.9:80")])
             await eventually(lambda: len(addrs(a, "web")) == 3, 1, "all three at a")
@@ -235,7 +269,7 @@ async def test_outage_keeps_the_snapshot_and_the_resync_resets_it(etcd: EtcdClus
                 await a.add_endpoints("web", [ep("10.4.0.3:80")])
             assert "etcd" in exc.value.hint
             with pytest.raises(TemporaryError):
-                await a.ensure_service("other")
+                await patch_service(a, "other", {})
             with pytest.raises(TemporaryError):  # raised, but remembered for the resync
                 await a.remove_endpoints("web", [HostPort.parse("10.4.0.2:80")])
             assert a.describe()["last_error"]
@@ -274,7 +308,7 @@ async def test_outage_keeps_the_snapshot_and_the_resync_resets_it(etcd: EtcdClus
 async def test_an_agent_restarting_while_etcd_is_down_serves_its_cache(
         etcd: EtcdCluster, tmp_path: Path) -> None:
     async with agents(etcd.endpoints, tmp_path, "a") as (a,):
-        await a.ensure_service("web", port=80)
+        await patch_service(a, "web", {"port": 80})
         await a.add_endpoints("web", [ep("10.5.0.1:80")])
         await eventually(lambda: (tmp_path / "a-cache.json").exists(), 1, "cache written")
         last = a.services()
@@ -301,7 +335,7 @@ async def test_an_agent_restarting_while_etcd_is_down_serves_its_cache(
 async def test_a_lease_lost_behind_the_agents_back_is_regranted(etcd: EtcdCluster,
                                                                 tmp_path: Path) -> None:
     async with agents(etcd.endpoints, tmp_path, "a", "b") as (a, b):
-        await a.ensure_service("web")
+        await patch_service(a, "web", {})
         await a.add_endpoints("web", [ep("10.6.0.1:80"), ep("10.6.0.2:80")])
         # b removes one of a's endpoints: a must forget it, not resurrect it later
         await b.remove_endpoints("web", [HostPort.parse("10.6.0.2:80")])
@@ -319,7 +353,7 @@ async def test_a_lease_lost_behind_the_agents_back_is_regranted(etcd: EtcdCluste
 async def test_three_members_restarted_one_at_a_time(etcd3: EtcdCluster,
                                                      tmp_path: Path) -> None:
     async with agents([etcd3.endpoints, etcd3.endpoints[::-1]], tmp_path, "a", "b") as (a, b):
-        await a.ensure_service("web")
+        await patch_service(a, "web", {})
         written: set[str] = set()
         failures: list[float] = []  # each failed stretch of writes, in seconds
         catch_up: list[float] = []  # after each restart: until b has all of a's writes

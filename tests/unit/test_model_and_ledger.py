@@ -20,7 +20,7 @@ def test_bad_addresses_are_usage_errors_with_a_hint(text: str) -> None:
 
 
 def test_updates_survive_the_wire() -> None:
-    u = Reset(ServiceSpec("web", 3, HostPort.parse("127.240.0.9:1").ip, 80, True),
+    u = Reset(ServiceSpec.build("web", 3, HostPort.parse("127.240.0.9:1").ip, 80, True),
               (Endpoint(HostPort.parse("127.0.0.1:8001")),))
     assert update_from_wire(update_to_wire(u)) == u
 

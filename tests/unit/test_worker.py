@@ -29,6 +29,7 @@ from typing import Any
 import psutil
 import pytest
 
+from meshnode import __version__
 from meshnode import constants as C
 from meshnode.config import WorkerConfig
 from meshnode.model import (
@@ -39,7 +40,17 @@ from meshnode.model import (
     OutlierConfig,
     Reset,
     ServiceSpec,
-    update_to_wire,
+)
+from meshnode.telemetry.aggregate import Totals
+from meshnode.wire import (
+    PROTOCOL,
+    AgentMessage,
+    Hello,
+    StatsReply,
+    StatsRequest,
+    encode,
+    update_message,
+    worker_codec,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -161,8 +172,10 @@ class Worker:
         self._rfile = self.ctl.makefile("rb")
         self._seq = 0
 
-    def send(self, msg: dict[str, Any]) -> None:
-        self.ctl.sendall(json.dumps(msg).encode() + b"\n")
+    def send(self, msg: AgentMessage | dict[str, Any]) -> None:
+        """A typed message through the one encoder, or raw JSON (what an odd peer sends)."""
+        self.ctl.sendall(encode(msg) if not isinstance(msg, dict)
+                         else json.dumps(msg).encode() + b"\n")
 
     def recv(self) -> dict[str, Any]:
         line = self._rfile.readline()
@@ -181,7 +194,16 @@ class Worker:
         assert self.request("sync")["t"] == "synced"
 
     def stats(self) -> dict[str, Any]:
-        return self.request("stats")
+        """The stats reply as the agent reads it: decoded by the agent's codec and summed by
+        its Totals, per service as `meshnode status` shows them."""
+        self._seq += 1
+        self.send(StatsRequest(self._seq))
+        reply = worker_codec().decode(self._rfile.readline())
+        assert isinstance(reply, StatsReply) and reply.seq == self._seq, reply
+        totals = Totals()
+        totals.add_worker(reply)
+        return {"worker": reply.worker, "pid": reply.pid, **reply.values,
+                "services": totals.by_service()}
 
     def connect(self) -> socket.socket:
         s = socket.create_connection(("127.0.0.1", self.port), timeout=IO_TIMEOUT)
@@ -214,9 +236,9 @@ def start() -> Iterator[Callable[..., Worker]]:
 def reset(w: Worker, *eps: str, port: int | None = 80, name: str = "web",
           lb: str = "round-robin", outlier: OutlierConfig | None = None) -> None:
     # Round robin unless a test says otherwise: most tests read the order of endpoints.
-    spec = ServiceSpec(name, 1, IPv4Address(VIP), port, lb=BalancerConfig(lb),
+    spec = ServiceSpec.build(name, 1, IPv4Address(VIP), port, lb=BalancerConfig(lb),
                        outlier=outlier or OutlierConfig())
-    w.send(update_to_wire(Reset(spec, tuple(Endpoint(HostPort.parse(e)) for e in eps))))
+    w.send(update_message(Reset(spec, tuple(Endpoint(HostPort.parse(e)) for e in eps))))
     w.sync()
 
 
@@ -247,11 +269,12 @@ def test_sync_barrier_and_round_robin(start: Callable[..., Worker]) -> None:
     assert [ask_name(w) for _ in range(6)] == [b"a", b"b", b"c", b"a", b"b", b"c"]
     wait_for(zero_active(w), what="connections to close")
     st = w.stats()
-    assert st["worker"] == 3 and st["unrouted"] == 0 and st["origdst_errors"] == 0
+    assert st["worker"] == 3 and st["pid"] == w.proc.pid
+    assert st["unrouted"] == 0 and st["origdst_errors"] == 0 and st["unknown_messages"] == 0
     web = st["services"]["web"]
     endpoints = web.pop("endpoints")
-    assert web == {"connections": 6, "active": 0, "bytes_up": 6 * len(b"NAME\n"),
-                   "bytes_down": 6, "connect_errors": 0, "no_endpoint": 0}
+    assert web == {"connections": 6, "active": 0, "closed": 6, "bytes_up": 6 * len(b"NAME\n"),
+                   "bytes_down": 6, "connect_errors": 0, "failures": {}}
     assert set(endpoints) == {b.addr for b in backends}
     for e in endpoints.values():
         assert e["active"] == 0 and e["connections"] == 2 and e["connect_errors"] == 0
@@ -297,7 +320,7 @@ def test_no_endpoint_endpoint_address_and_unrouted(start: Callable[..., Worker])
     # (b) the address is an endpoint of a service: counted under it.
     reset(w, backend.addr)
     assert ask_name(w) == b"direct"
-    w.send(update_to_wire(DoesNotExist("web")))
+    w.send(update_message(DoesNotExist("web")))
     w.sync()
     assert ask_name(w) == b"direct"  # unrouted again
     wait_for(zero_active(w), what="connections to close")
@@ -309,7 +332,27 @@ def test_no_endpoint_endpoint_address_and_unrouted(start: Callable[..., Worker])
     w2 = start(f"{VIP}:80")
     reset(w2, port=80)
     assert_refused(w2)
-    wait_for(lambda: w2.stats()["services"]["web"]["no_endpoint"] == 1, what="no_endpoint")
+    wait_for(lambda: w2.stats()["services"]["web"]["failures"] == {"no_endpoint": 1},
+             what="no_endpoint")
+
+
+def test_handshake_and_messages_from_a_newer_or_broken_agent(start: Callable[..., Worker]) -> None:
+    backend = Backend("a")
+    w = start(f"{VIP}:80")
+    # the agent's hello is answered with the worker's protocol version
+    w.send(Hello(PROTOCOL, "test"))
+    assert w.recv() == {"t": "hello", "protocol": PROTOCOL, "software": __version__}
+    # a kind from a newer agent, a known kind with a field this worker does not know, a line
+    # that is not JSON and a message that fails validation: none stops the worker
+    w.send({"t": "certificates", "pem": "..."})
+    w.ctl.sendall(b"not json at all\n")
+    w.send({"t": "sync"})  # no seq: a bad message, dropped
+    w.send({"t": "tap", "services": [], "sample": 0.5})  # an extra field is fine
+    reset(w, backend.addr)  # answers the sync barrier after all of them
+    assert ask_name(w) == b"a"
+    wait_for(zero_active(w), what="the connection to close")
+    st = w.stats()
+    assert st["unknown_messages"] == 1 and st["services"]["web"]["connections"] == 1
 
 
 def test_own_address_is_refused(start: Callable[..., Worker]) -> None:

@@ -1,0 +1,131 @@
+"""Documents to resources: parse YAML or JSON text, validate each document against its kind,
+and check a set of resources against itself and the store (duplicates, dangling references).
+
+Every error is one line naming the document (source and position, kind and name when known),
+the field path and the fix. The same functions run in the CLI (before anything is sent) and in
+the agent (which never trusts its caller). Pure: no I/O but the text handed in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+import yaml
+
+from meshnode.errors import UsageError
+from meshnode.policy.resources import KINDS, Resource, check_name, kind_info
+
+_TOP = {"kind", "name", "spec", "version"}
+_PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def load_text(text: str, source: str) -> list[tuple[str, Any]]:
+    """The documents in `text` (YAML, `---`-separated, or JSON: one object or a list), each
+    with where it came from ("FILE#N")."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"{source}{where}: not valid YAML or JSON: {problem}",
+                         "fix the syntax (check indentation and quotes)") from None
+    out: list[tuple[str, Any]] = []
+    for doc in docs:
+        for d in doc if isinstance(doc, list) else [doc]:
+            out.append((f"{source}#{len(out) + 1}", d))
+    return out
+
+
+def parse(doc: Any, where: str = "document") -> Resource:
+    """One document to a validated Resource, or a UsageError naming what and how to fix."""
+    if not isinstance(doc, Mapping):
+        raise UsageError(f"{where}: a document must be a mapping with kind, name and spec",
+                         "write e.g. {kind: Service, name: web, spec: {port: 80}}")
+    unknown = sorted(set(map(str, doc)) - _TOP)
+    if unknown:
+        raise UsageError(f"{where}: unknown top-level field {unknown[0]!r}",
+                         "a document has only kind, name, spec and (optionally) version")
+    kind = doc.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise UsageError(f"{where}: missing kind", "add kind: " + " | ".join(sorted(KINDS)))
+    if kind not in KINDS:
+        raise UsageError(f"{where}: unknown kind {kind!r}",
+                         "use one of: " + ", ".join(sorted(KINDS)))
+    name = doc.get("name")
+    if not isinstance(name, str):
+        raise UsageError(f"{where} ({kind}): missing name", "add name: NAME")
+    label = f"{where} ({kind} {name})"
+    try:
+        check_name(name, kind)
+    except UsageError as exc:
+        raise UsageError(f"{label}: {exc.message}", exc.hint) from None
+    version = doc.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise UsageError(f"{label}: version must be a whole number",
+                         "use the version `meshnode get` printed, or leave it out")
+    spec = doc.get("spec") or {}
+    try:
+        value = msgspec.convert(spec, kind_info(kind).spec, strict=True)
+    except msgspec.ValidationError as exc:
+        raise UsageError(f"{label}: {_explain(exc)}",
+                         f"see the {kind} fields: meshnode schema {kind}") from None
+    return Resource(kind, name, value, version)
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.health.timeout`" as
+    "spec.health.timeout: expected int, got str"."""
+    text = str(exc)
+    m = _PATH_RE.search(text)
+    path = "spec" + (m.group("path") if m else "")
+    msg = text[: m.start()] if m else text
+    msg = msg.replace("`", "")
+    return f"{path}: {msg[:1].lower()}{msg[1:]}"
+
+
+def parse_all(docs: Iterable[tuple[str, Any]]) -> list[Resource]:
+    """Every document validated, then the set checked against itself (a name twice)."""
+    out: list[Resource] = []
+    seen: dict[tuple[str, str], str] = {}
+    for where, doc in docs:
+        r = parse(doc, where)
+        if r.key in seen:
+            raise UsageError(f"{where}: {r.kind} {r.name} is also defined in {seen[r.key]}",
+                             "keep one document per resource")
+        seen[r.key] = where
+        out.append(r)
+    return out
+
+
+def check_references(changed: Iterable[Resource], existing: Mapping[tuple[str, str], Resource],
+                     deleted: Iterable[tuple[str, str]] = ()) -> None:
+    """Every reference made by a changed resource names a resource that will exist after the
+    change (in the change itself or already stored), and nothing still stored refers to a
+    resource the change deletes."""
+    after: dict[tuple[str, str], Resource] = dict(existing)
+    gone = set(deleted)
+    for key in gone:
+        after.pop(key, None)
+    for r in changed:
+        after[r.key] = r
+    for r in after.values():
+        for ref in kind_info(r.kind).references(r.spec):
+            target = after.get((ref.kind, ref.name))
+            what = f"{r.kind} {r.name}"
+            if target is None:
+                verb = "deletes" if (ref.kind, ref.name) in gone else "names"
+                raise UsageError(
+                    f"{what} refers to {ref.kind} {ref.name}, which does not exist"
+                    + (" after this change" if verb == "deletes" else ""),
+                    f"create {ref.kind} {ref.name} first, or remove the reference from {what}")
+            if ref.port is not None and ref.kind == "Service":
+                ports = {target.spec.port, *(p.port for p in target.spec.ports)}
+                if ref.port not in ports:
+                    raise UsageError(
+                        f"{what} refers to port {ref.port} of Service {ref.name}, which "
+                        f"declares {sorted(p for p in ports if p is not None) or 'no port'}",
+                        f"declare the port in Service {ref.name} or fix the reference")
