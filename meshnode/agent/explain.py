@@ -1,40 +1,55 @@
 """`meshnode explain PID HOST:PORT`: what would happen to a connection from that process to that
-address right now, decided from the agent's current state the way each layer decides it:
+address right now, decided by the same code that decides it for real:
 
-  1. capture (bpf/mn_connect.c, iptables/*.rules): only connects from processes below the apps
-     cgroup, only to mesh destinations (an endpoint's exact address first, then any port of a
-     VIP). Ready -> redirected to the proxy; fail-closed and not ready -> refused; else untouched.
-  2. routing (proxy/routing.py, rules a/b/c) over what the workers were given: the registry's
-     endpoints less those failing health checks (updates.snapshot), then less the outlier-ejected
-     ones (all of them if none would remain).
-  3. the balancer (balance/factory.py) that orders the candidates.
+  1. capture: only connects from processes below the apps cgroup are looked at; for those,
+     `route.classify` (the kernel hooks' decision, tested against the BPF programs) over the
+     capture state the agent gives the kernel: redirect to the proxy, refuse, pass, or (port 53
+     while the agent's DNS redirect is on) to the agent's DNS server;
+  2. routing: `route.ServiceTable.route` (rules a/b/c) on a table filled with what the workers
+     were given (the registry's endpoints less those failing health checks), with the workers'
+     outlier ejections replayed into it, and on one filled with every registered endpoint, to
+     list the candidates the health checks took out;
+  3. the balancer (balance/factory.py) that orders the candidates, read off that table.
 
-The agent must not import the proxy package (it pulls uvloop), so rules a/b/c are restated here:
-keep them in step with `ServiceTable.route`. Read-only: nothing here changes any state.
+Reads only an `ExplainInputs` snapshot the agent builds per request, never the agent itself.
+Read-only: nothing here changes any state. Runs in the agent: imports the pure route and
+balance packages, discovery's values and host/ (cgroups, processes); never the proxy or bcc.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import psutil
 
-from meshnode.agent.names import registry_resolver
 from meshnode.balance.load import tier_of
+from meshnode.balance.locality import Locality
+from meshnode.discovery import updates
 from meshnode.discovery.dns import MeshZone
 from meshnode.discovery.registry import EndpointRecord, ServiceRecord
 from meshnode.errors import CgroupError, NotFoundError, UsageError
 from meshnode.host import cgroup, process
-from meshnode.model import HostPort
+from meshnode.model import CaptureState, Endpoint, HostPort
+from meshnode.route import (
+    KernelAction,
+    KernelVerdict,
+    NoEndpoint,
+    Passthrough,
+    Route,
+    ServiceTable,
+    ToEndpoint,
+    ToService,
+    classify,
+)
 
-if TYPE_CHECKING:
-    from meshnode.agent.host_agent import HostAgent
-
-__all__ = ["BALANCER_RULES", "explain"]
+__all__ = ["BALANCER_RULES", "ExplainInputs", "HealthView", "ejections", "explain",
+           "parse_dest"]
 
 # One line per algorithm of model.LB_ALGORITHMS: how it picks (see balance/*.py).
 BALANCER_RULES: dict[str, str] = {
@@ -47,6 +62,50 @@ BALANCER_RULES: dict[str, str] = {
 _TIERS = ("this node", "this zone", "elsewhere")  # balance.load.tier_of's 0, 1, 2
 _DEST_FORMS = ("write HOST:PORT, HOST an IPv4 address or SERVICE.{0} "
                "(e.g. 127.0.0.1:8080 or web.{0}:80)")
+
+
+class HealthView(Protocol):
+    """The health checks' verdicts (discovery.health.HealthMonitor)."""
+
+    def healthy(self, service: str, addr: HostPort) -> bool: ...
+
+    def describe(self, service: str, addr: HostPort) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class ExplainInputs:
+    """What explain reads, taken by the agent when the request comes in."""
+
+    services: Mapping[str, ServiceRecord]  # the registry's snapshot
+    pushed: updates.Snapshot  # what the workers were given: per service, its healthy endpoints
+    capture: CaptureState  # what the kernel is given for `services` (updates.capture_state)
+    ready: bool  # the proxy serves every service (capture redirects)
+    backend: str  # the capture backend's name: "ebpf" | "iptables"
+    capture_reason: str
+    outbound_port: int  # the proxy's listener on 127.0.0.1
+    dns_port: int | None  # where enrolled processes' DNS queries go; None: redirect off
+    dns_suffix: str
+    node: str  # this agent's node and zone (locality)
+    zone: str
+    cgroup_mount: Path
+    root_cgroup: Path  # this agent's cgroup subtree: apps/ (enrolled) and proxy/ below it
+    enrollments: Sequence[Mapping[str, Any]]  # EnrollmentManager.describe()
+    health: HealthView
+    # per service, per endpoint: seconds until the workers let it back in (the longest any
+    # worker reports; only endpoints ejected now)
+    ejected_for: Mapping[str, Mapping[HostPort, float]] = field(default_factory=dict)
+
+
+def ejections(totals: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[HostPort, float]]:
+    """`ExplainInputs.ejected_for` from the workers' summed counters (per service, an
+    "endpoints" map of address text to its report, with "ejected_for" in seconds)."""
+    out: dict[str, dict[HostPort, float]] = {}
+    for name, counters in totals.items():
+        for addr, report in (counters.get("endpoints") or {}).items():
+            secs = float(report.get("ejected_for", 0) or 0)
+            if secs > 0:
+                out.setdefault(name, {})[HostPort.parse(addr)] = secs
+    return out
 
 
 @dataclass
@@ -78,10 +137,14 @@ class _Result:
 
 
 # -- inputs ----------------------------------------------------------------------------------
-def _zone(agent: HostAgent) -> MeshZone:
-    """The agent DNS server's view of names (same suffix, same registry lookup)."""
-    assert agent.registry is not None
-    return MeshZone(registry_resolver(agent.registry), agent.cfg.dns_suffix)
+def _zone(inp: ExplainInputs) -> MeshZone:
+    """The agent DNS server's view of names (same suffix, the same snapshot's VIPs)."""
+
+    def resolve(service: str) -> IPv4Address | None:
+        rec = inp.services.get(service)
+        return rec.vip if rec is not None else None
+
+    return MeshZone(resolve, inp.dns_suffix)
 
 
 def parse_dest(dest: str, zone: MeshZone) -> tuple[HostPort, str | None]:
@@ -105,9 +168,10 @@ def parse_dest(dest: str, zone: MeshZone) -> tuple[HostPort, str | None]:
     return HostPort(vip, int(port)), host.rstrip(".").lower()
 
 
-def _inspect(agent: HostAgent, pid: int, mount: Path) -> _Proc:
+def _inspect(inp: ExplainInputs, pid: int) -> _Proc:
     if pid <= 0:
         raise UsageError(f"invalid PID {pid}", "give the PID of a running process")
+    mount = inp.cgroup_mount
     path: Path | None = None
     try:
         with contextlib.suppress(CgroupError):  # no cgroup v2 membership: enrolled in nothing
@@ -120,14 +184,14 @@ def _inspect(agent: HostAgent, pid: int, mount: Path) -> _Proc:
     comm = ""
     with contextlib.suppress(OSError):
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    apps, proxy = agent.root_cgroup / "apps", agent.root_cgroup / "proxy"
+    apps, proxy = inp.root_cgroup / "apps", inp.root_cgroup / "proxy"
     enrolled = path is not None and path.is_relative_to(apps)
     service = None
     if path is not None and enrolled and path != apps:
         service = path.relative_to(apps).parts[0]
     return _Proc(pid, comm, None if path is None else _rel(path, mount), enrolled, service,
                  path is not None and path.is_relative_to(proxy), same_netns,
-                 _enrollment(agent, pid) if enrolled else None)
+                 _enrollment(inp, pid) if enrolled else None)
 
 
 def _rel(path: Path, mount: Path) -> str:
@@ -135,10 +199,9 @@ def _rel(path: Path, mount: Path) -> str:
     return "/" if path == mount else "/" + str(path.relative_to(mount))
 
 
-def _enrollment(agent: HostAgent, pid: int) -> dict[str, Any] | None:
+def _enrollment(inp: ExplainInputs, pid: int) -> dict[str, Any] | None:
     """Its enrollment record, or that of the enrolled ancestor it descends from."""
-    assert agent.enrollments is not None
-    records = {e["pid"]: e for e in agent.enrollments.describe()}
+    records = {e["pid"]: dict(e) for e in inp.enrollments}
     if pid in records:
         return records[pid]
     with contextlib.suppress(psutil.Error):
@@ -148,30 +211,24 @@ def _enrollment(agent: HostAgent, pid: int) -> dict[str, Any] | None:
     return None
 
 
-def _classify(services: dict[str, ServiceRecord], addr: HostPort,
-              ) -> tuple[ServiceRecord | None, EndpointRecord | None]:
-    """The kernel's lookup: an endpoint's exact address first, then a VIP (any port)."""
-    for rec in services.values():
-        for e in rec.endpoints:
-            if e.addr == addr:
-                return rec, e
-    for rec in services.values():
-        if rec.vip == addr.ip:
-            return rec, None
-    return None, None
+def _table(inp: ExplainInputs, snap: updates.Snapshot) -> ServiceTable:
+    """A routing table as a worker of this agent builds it from `snap` (Reset per service).
+    Its own RNG: the order balancers return is not what explain reports."""
+    table = ServiceTable(inp.node, inp.zone, rng=random.Random(0))
+    for update in updates.resets(snap):
+        table.apply(update)
+    return table
 
 
 # -- the decision ----------------------------------------------------------------------------
-async def explain(agent: HostAgent, pid: int, dest: str) -> dict[str, Any]:
-    assert agent.registry is not None and agent.capture is not None
-    zone = _zone(agent)
-    addr, name = parse_dest(dest, zone)
-    mount = cgroup.cgroup2_mount()  # the agent's own mount namespace: the same as the CLI's
-    proc = _inspect(agent, pid, mount)
-    services = agent.registry.services()
-    rec, ep = _classify(services, addr)
-    backend = agent.capture.name
-    apps_rel = _rel(agent.root_cgroup / "apps", mount)
+def explain(inp: ExplainInputs, pid: int, dest: str) -> dict[str, Any]:
+    addr, name = parse_dest(dest, _zone(inp))
+    proc = _inspect(inp, pid)
+    k = classify(inp.capture, addr, outbound_port=inp.outbound_port, dns_port=inp.dns_port)
+    by_id = {rec.id: rec for rec in inp.services.values()}
+    rec = by_id.get(k.service_id) if k.service_id is not None else None
+    backend = inp.backend
+    apps_rel = _rel(inp.root_cgroup / "apps", inp.cgroup_mount)
     r = _Result()
 
     where = f"in cgroup {proc.cgroup}" if proc.cgroup else "with no cgroup v2 membership"
@@ -194,46 +251,25 @@ async def explain(agent: HostAgent, pid: int, dest: str) -> dict[str, Any]:
         r.steps.append(line)
     if rec is None:
         r.steps.append(f"destination: {addr} is no VIP or endpoint of any service")
-    elif ep is None:
+    elif k.match == "vip":
         r.steps.append(f"destination: {addr} is the VIP of service {rec.name} "
                        "(a VIP is captured on every port)")
     else:
         r.steps.append(f"destination: {addr} is an endpoint of service {rec.name}")
 
     vip_note = " (a VIP: nothing listens there, expect connection refused)" \
-        if rec is not None and ep is None else ""
+        if rec is not None and k.match == "vip" else ""
     if not proc.enrolled:
         r.outcome = "direct"
         r.steps.append(f"kernel ({backend}): only connects from {apps_rel} are looked at "
                        "→ untouched")
         r.verdict = (f"not captured: PID {pid} is not enrolled (cgroup {proc.cgroup or '-'}); "
                      f"the connection goes straight to {addr}{vip_note}")
-    elif rec is None:
-        r.outcome = "direct"
-        r.steps.append(f"kernel ({backend}): not a mesh destination → untouched")
-        r.verdict = f"not captured: {addr} is not a mesh destination; it passes through untouched"
-    elif not agent.ready:
-        if rec.fail_closed:
-            r.outcome = "refused"
-            how = "connect fails with EPERM" if backend == "ebpf" else \
-                "TCP reset: connection refused"
-            r.steps.append(f"kernel ({backend}): proxy NOT ready and service {rec.name} is "
-                           f"fail-closed → refused ({how})")
-            r.verdict = (f"refused: the proxy is not ready and service {rec.name} is "
-                         f"fail-closed; {backend} refuses the connect ({how})")
-        else:
-            r.outcome = "direct"
-            r.steps.append(f"kernel ({backend}): proxy NOT ready, service {rec.name} fails open "
-                           "→ untouched")
-            r.verdict = (f"not captured: the proxy is not ready and service {rec.name} fails "
-                         f"open; the connection goes straight to {addr}{vip_note}")
     else:
-        r.captured = True
-        r.steps.append(f"kernel ({backend}): mesh destination, proxy ready → redirected to "
-                       f"127.0.0.1:{agent.cfg.outbound_port}")
-        totals, _ = await agent._proxy_counters()
-        _route(agent, r, rec, ep, addr, totals.get(rec.name, {}).get("endpoints", {}))
-    if rec is not None and proc.enrolled and agent.ready:  # not ready: said above already
+        _kernel(inp, r, k, rec, addr, vip_note)
+        if k.action is KernelAction.REDIRECT and rec is not None:
+            _route(inp, r, rec, addr)
+    if rec is not None and proc.enrolled and inp.ready:  # not ready: said above already
         r.steps.append("if the proxy is not ready: " + (
             "refused (fail-closed)" if rec.fail_closed else
             f"straight to {addr} (fail-open)"))
@@ -247,10 +283,11 @@ async def explain(agent: HostAgent, pid: int, dest: str) -> dict[str, Any]:
         "outcome": r.outcome,
         "captured": r.captured,
         "backend": backend,
-        "capture_reason": agent.capture_reason,
-        "ready": agent.ready,
+        "capture_reason": inp.capture_reason,
+        "ready": inp.ready,
+        "kernel": {"action": k.action.value, "target": str(k.target), "match": k.match},
         "process": proc.to_json(),
-        "destination": {"kind": "none" if rec is None else "vip" if ep is None else "endpoint",
+        "destination": {"kind": k.match or "none",
                         "service": rec.name if rec else None,
                         "vip": str(rec.vip) if rec else None,
                         "service_port": rec.port if rec else None},
@@ -264,90 +301,140 @@ async def explain(agent: HostAgent, pid: int, dest: str) -> dict[str, Any]:
     }
 
 
-def _route(agent: HostAgent, r: _Result, rec: ServiceRecord, ep: EndpointRecord | None,
-           addr: HostPort, proxy_eps: dict[str, dict[str, Any]]) -> None:
-    """The proxy's decision for a captured connection (routing.ServiceTable.route)."""
-    healthy = [e for e in rec.endpoints if agent.health.healthy(rec.name, e.addr)]
-    if ep is not None:
-        r.candidates = [_candidate(agent, rec, ep, proxy_eps, in_rotation=ep in healthy)]
-        if ep in healthy:  # (b) that endpoint only, ejected or not
+def _kernel(inp: ExplainInputs, r: _Result, k: KernelVerdict, rec: ServiceRecord | None,
+            addr: HostPort, vip_note: str) -> None:
+    """The capture step for an enrolled process, in words: `k` is route.classify's verdict."""
+    backend = inp.backend
+    if k.action is KernelAction.REDIRECT:
+        r.captured = True
+        r.steps.append(f"kernel ({backend}): mesh destination, proxy ready → redirected to "
+                       f"{k.target}")
+    elif k.action is KernelAction.REFUSE:
+        assert rec is not None  # only a service's destination is refused
+        r.outcome = "refused"
+        how = "connect fails with EPERM" if backend == "ebpf" else \
+            "TCP reset: connection refused"
+        r.steps.append(f"kernel ({backend}): proxy NOT ready and service {rec.name} is "
+                       f"fail-closed → refused ({how})")
+        r.verdict = (f"refused: the proxy is not ready and service {rec.name} is "
+                     f"fail-closed; {backend} refuses the connect ({how})")
+    elif k.action is KernelAction.DNS:
+        r.outcome = "dns"
+        why = "not a mesh destination" if rec is None else \
+            f"proxy NOT ready, service {rec.name} fails open"
+        r.steps.append(f"kernel ({backend}): {why}; port {addr.port} while the agent's DNS "
+                       f"redirect is on → sent to the agent's DNS server {k.target}")
+        r.verdict = (f"not proxied: a connect to port {addr.port} is a DNS query; it goes to "
+                     f"the agent's DNS server {k.target}, answering as {addr}")
+    elif rec is None:
+        r.outcome = "direct"
+        r.steps.append(f"kernel ({backend}): not a mesh destination → untouched")
+        r.verdict = f"not captured: {addr} is not a mesh destination; it passes through untouched"
+    else:
+        r.outcome = "direct"
+        r.steps.append(f"kernel ({backend}): proxy NOT ready, service {rec.name} fails open "
+                       "→ untouched")
+        r.verdict = (f"not captured: the proxy is not ready and service {rec.name} fails "
+                     f"open; the connection goes straight to {addr}{vip_note}")
+
+
+def _route(inp: ExplainInputs, r: _Result, rec: ServiceRecord, addr: HostPort) -> None:
+    """The proxy's decision for a captured connection: `ServiceTable.route` on what the
+    workers have (`live`), and on every registered endpoint (`every`) for the candidates the
+    health checks took out."""
+    live_table = _table(inp, inp.pushed)
+    for name, reported in inp.ejected_for.items():
+        live_table.hold_ejections(name, reported)
+    live = live_table.route(addr)
+    every = _table(inp, updates.snapshot(inp.services)).route(addr)
+    records = {e.addr: e for e in rec.endpoints}
+    held = inp.ejected_for.get(rec.name, {})
+    known = inp.pushed.get(rec.name, (None, frozenset()))[1]  # the workers' endpoints
+    target = f"service {rec.name} (VIP {rec.vip}:{addr.port})"
+
+    if isinstance(every, ToEndpoint):  # the address is an endpoint's own
+        ep = records.get(every.attempts[0].addr)
+        in_rotation = isinstance(live, ToEndpoint)
+        if ep is not None:
+            r.candidates = [_candidate(inp, rec, ep, held, in_rotation=in_rotation)]
+        if in_rotation:
             r.rule, r.outcome = "b", "proxied"
             r.steps.append("proxy rule (b): an endpoint address → that endpoint only, "
                            "never balanced, ejected or not")
-            r.verdict = (f"captured by {_backend(agent)} → service {rec.name}, endpoint {addr} "
+            r.verdict = (f"captured by {inp.backend} → service {rec.name}, endpoint {addr} "
                          "only (an endpoint address is not balanced)")
-        else:  # the workers only know healthy endpoints: (c) passthrough to the address itself
-            r.rule, r.outcome = "c", "passthrough"
-            r.steps.append(f"proxy rule (c): {addr} fails its health checks, so the proxy does "
-                           "not know it → passthrough to it")
-            r.verdict = (f"captured by {_backend(agent)}, but endpoint {addr} of service "
-                         f"{rec.name} is unhealthy: the proxy connects straight to it "
-                         "(passthrough)")
+            return
+    if isinstance(live, Passthrough):  # rule (c): the workers do not know the address
+        r.rule, r.outcome = "c", "passthrough"
+        if isinstance(every, Passthrough):  # registered since the workers' last update
+            r.steps.append(f"proxy rule (c): the workers do not know {addr} yet → passthrough "
+                           "to it")
+            r.verdict = (f"captured by {inp.backend}, but the proxy does not know {addr} yet: "
+                         "it connects straight to it (passthrough)")
+            return
+        r.steps.append(f"proxy rule (c): {addr} fails its health checks, so the proxy does "
+                       "not know it → passthrough to it")
+        r.verdict = (f"captured by {inp.backend}, but endpoint {addr} of service {rec.name} "
+                     "is unhealthy: the proxy connects straight to it (passthrough)")
         return
 
     r.rule = "a"
+    cands = sorted(_attempts(every), key=lambda e: e.addr)
+    # In words only: which of rule (a)'s two candidate sets route() took shows in `cands`.
     if rec.port is not None and addr.port == rec.port:
-        cands = sorted(rec.endpoints, key=lambda e: e.addr)
         r.steps.append(f"proxy rule (a): port {addr.port} is the service port → every endpoint "
                        f"is a candidate ({len(cands)})")
         missing = "endpoint"
     else:
-        cands = sorted((e for e in rec.endpoints if e.addr.port == addr.port),
-                       key=lambda e: e.addr)
         why = "no service port" if rec.port is None else f"service port {rec.port}"
         r.steps.append(f"proxy rule (a): {why} → the endpoints listening on port {addr.port} "
                        f"are candidates ({len(cands)})")
         missing = f"endpoint on port {addr.port}"
-    live = [e for e in cands if e in healthy]
-    ejected = {e.addr for e in live if _ejected_for(proxy_eps, e.addr) > 0}
-    rotation = [e for e in live if e.addr not in ejected] or live  # outlier.filter's fallback
-    r.candidates = [_candidate(agent, rec, e, proxy_eps, in_rotation=e in rotation)
-                    for e in cands]
-    target = f"service {rec.name} (VIP {rec.vip}:{addr.port})"
-    down = [str(e.addr) for e in cands if e not in healthy]
+    rotation = {e.addr for e in _attempts(live)}
+    live_cands = [e for e in cands if e in known]
+    ejected = sorted(e.addr for e in live_cands if held.get(e.addr, 0) > 0)
+    r.candidates = [_candidate(inp, rec, records[e.addr], held, in_rotation=e.addr in rotation)
+                    for e in cands if e.addr in records]
+    down = [str(e.addr) for e in cands if e not in known]
     if cands:
-        r.steps.append(f"health: {len(live)} of {len(cands)} healthy"
+        r.steps.append(f"health: {len(live_cands)} of {len(cands)} healthy"
                        + (f" (down: {', '.join(down)})" if down else ""))
-    if not live:
+    if isinstance(live, NoEndpoint):
         r.outcome = "no-endpoint"
         none = f"no healthy {missing} (of {len(cands)})" if cands else f"no {missing}"
         r.steps.append(f"→ NoEndpoint: {none}; the proxy accepts and resets the connection")
-        r.verdict = (f"captured by {_backend(agent)} → {target}, but it has {none}: the proxy "
+        r.verdict = (f"captured by {inp.backend} → {target}, but it has {none}: the proxy "
                      "refuses the connection (NoEndpoint)")
         return
+    assert isinstance(live, ToService)
+    left_out = [a for a in ejected if a not in rotation]
     if ejected:
         r.steps.append(f"outlier: {len(ejected)} ejected ("
-                       + ", ".join(f"{a} for {_ejected_for(proxy_eps, a):.0f}s"
-                                   for a in sorted(ejected)) + "; per worker, the longest shown)"
-                       + ("; all are, so all are used anyway" if len(ejected) == len(live)
-                          else ""))
+                       + ", ".join(f"{a} for {held[a]:.0f}s" for a in ejected)
+                       + "; per worker, the longest shown)"
+                       + ("" if left_out else "; all are, so all are used anyway"))
     else:
         r.steps.append("outlier: none ejected")
     r.outcome = "proxied"
-    r.balancer = _balancer(agent, rec)
+    r.balancer = _balancer(inp, rec, live)
     r.steps.append(f"balancer: {rec.lb.algorithm}: {r.balancer['rule']}; the others follow "
                    "as failover")
     if r.balancer["locality"]:
         r.steps.append(f"locality: {r.balancer['locality']}")
-    extra = f", {len(ejected)} ejected" if ejected and len(ejected) < len(live) else ""
-    r.verdict = (f"captured by {_backend(agent)} → {target}, {rec.lb.algorithm} over "
+    extra = f", {len(left_out)} ejected" if left_out else ""
+    r.verdict = (f"captured by {inp.backend} → {target}, {rec.lb.algorithm} over "
                  f"{len(rotation)} healthy endpoint{'s' if len(rotation) != 1 else ''}{extra}")
 
 
-def _backend(agent: HostAgent) -> str:
-    return agent.capture.name if agent.capture is not None else "?"
+def _attempts(route: Route) -> Sequence[Endpoint]:
+    return route.attempts if isinstance(route, ToService) else ()
 
 
-def _ejected_for(proxy_eps: dict[str, dict[str, Any]], addr: HostPort) -> float:
-    return float(proxy_eps.get(str(addr), {}).get("ejected_for", 0) or 0)
-
-
-def _balancer(agent: HostAgent, rec: ServiceRecord) -> dict[str, Any]:
-    node, zone = agent.cfg.node_name, agent.cfg.zone
+def _balancer(inp: ExplainInputs, rec: ServiceRecord, route: ToService) -> dict[str, Any]:
     locality = ""
-    if rec.lb.locality and (node or zone):  # as balance.factory.for_service decides
-        order = [f"this node ({node})"] if node else []
-        order += [f"zone {zone}"] if zone else []
+    if isinstance(route.balancer, Locality):  # what balance.factory.for_service built
+        order = [f"this node ({inp.node})"] if inp.node else []
+        order += [f"zone {inp.zone}"] if inp.zone else []
         locality = ("prefer " + ", then ".join([*order, "the rest"])
                     + "; spill over when the preferred tier is empty or overloaded")
     return {"algorithm": rec.lb.algorithm,
@@ -355,9 +442,9 @@ def _balancer(agent: HostAgent, rec: ServiceRecord) -> dict[str, Any]:
             "locality": locality}
 
 
-def _candidate(agent: HostAgent, rec: ServiceRecord, e: EndpointRecord,
-               proxy_eps: dict[str, dict[str, Any]], *, in_rotation: bool) -> dict[str, Any]:
-    health = agent.health.describe(rec.name, e.addr)
+def _candidate(inp: ExplainInputs, rec: ServiceRecord, e: EndpointRecord,
+               held: Mapping[HostPort, float], *, in_rotation: bool) -> dict[str, Any]:
+    health = inp.health.describe(rec.name, e.addr)
     return {**e.to_json(), "healthy": bool(health.get("healthy", True)), "health": health,
-            "ejected_for": _ejected_for(proxy_eps, e.addr), "in_rotation": in_rotation,
-            "tier": _TIERS[tier_of(e.endpoint, agent.cfg.node_name, agent.cfg.zone)]}
+            "ejected_for": held.get(e.addr, 0.0), "in_rotation": in_rotation,
+            "tier": _TIERS[tier_of(e.endpoint, inp.node, inp.zone)]}

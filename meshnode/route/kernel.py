@@ -10,16 +10,20 @@ function of the capture state the agent last handed to the backend.
      otherwise -> PASS (fail open; counted as passthrough).
   2. a connect that still goes to its own destination (not a mesh destination, or one that
      failed open) on port 53, while the agent's DNS redirect is on -> DNS: to the agent's DNS
-     server on 127.0.0.1:<dns port>. A redirected connect never gets here: its port is the
-     proxy's by then.
+     server on 127.0.0.1:<dns port>. A connect redirected to the proxy does not match: its
+     port is the proxy's by then. A refused one does: the kernel runs every program attached
+     to the hook whatever the one before returned, so mn_dns_connect4 still rewrites (and
+     counts) it, but the connect fails with EPERM all the same.
 Not modelled, because they are no property of the destination: connects from outside the apps
 cgroup and sockets carrying the proxy's SO_MARK (never touched), and an original-destination
 entry that cannot be stored (the connect then proceeds untouched, failing open). An AF_INET6
-socket dialling a v4-mapped address (`mn_connect6`) is classified the same way.
+socket dialling a v4-mapped address gets step 1 alike (`mn_connect6`), but no DNS redirect.
 
 The iptables backend installs the same decision as rules (a REDIRECT per ready destination, a
-REJECT per refused one, the DNS REDIRECT after them); the integration tier checks this function
-against the eBPF programs themselves.
+REJECT per refused one, the DNS REDIRECT after them), with one known difference: nat runs
+before filter there, so a refused destination on port 53 goes to the DNS server instead. The
+integration tier (tests/integration/test_route_kernel.py) checks this function against the
+eBPF programs themselves, destination by destination, counters included.
 
 Pure and shared: imports only meshnode.model and meshnode.constants; never a process package.
 """
@@ -75,7 +79,7 @@ def classify(state: CaptureState, dst: HostPort, *,
             return KernelVerdict(KernelAction.REDIRECT, HostPort(_PROXY_IP, outbound_port),
                                  service_id, match)
         if service_id in state.fail_closed:
-            # EPERM ends the connect: the DNS program attached after this one never runs
+            # refused even on port 53: the DNS program's rewrite cannot undo the EPERM
             return KernelVerdict(KernelAction.REFUSE, dst, service_id, match)
     if dns_port is not None and dst.port == constants.DNS_SERVICE_PORT:
         return KernelVerdict(KernelAction.DNS, HostPort(_PROXY_IP, dns_port), service_id, match)

@@ -20,8 +20,6 @@ from meshnode.model import (
     Remove,
     Reset,
     ServiceSpec,
-    update_from_wire,
-    update_to_wire,
 )
 from meshnode.route import NoEndpoint, Passthrough, ServiceTable, ToEndpoint, ToService
 
@@ -52,8 +50,7 @@ def attempts(route: object) -> list[str]:
 def table_with(*updates: object) -> ServiceTable:
     t = ServiceTable()
     for u in updates:
-        # Through the wire form, as the worker receives them.
-        t.apply(update_from_wire(update_to_wire(u)))  # type: ignore[arg-type]
+        t.apply(u)  # type: ignore[arg-type]
     return t
 
 

@@ -1,0 +1,173 @@
+"""`meshnode explain` without an agent: an `ExplainInputs` snapshot in, the verdict, steps and
+candidates a user reads out. The process side is faked at the host boundary (which cgroup a
+PID is in); tests/integration/test_explain.py checks the same against real connections."""
+
+from __future__ import annotations
+
+import os
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshnode.agent.explain import ExplainInputs, ejections, explain
+from meshnode.discovery import updates
+from meshnode.discovery.registry import EndpointRecord, ServiceRecord
+from meshnode.errors import UsageError
+from meshnode.host import cgroup
+from meshnode.model import BalancerConfig, HostPort, OutlierConfig
+from meshnode.policy.resources import ServicePolicy
+
+pytestmark = pytest.mark.timeout(10)
+
+MOUNT = Path("/sys/fs/cgroup")
+ROOT = MOUNT / "meshnode-t.slice"
+PID = os.getpid()  # a real process; only its cgroup is faked
+
+
+class Health:
+    """Health verdicts: the listed addresses are down."""
+
+    def __init__(self, *down: str) -> None:
+        self.down = {HostPort.parse(a) for a in down}
+
+    def healthy(self, service: str, addr: HostPort) -> bool:
+        return addr not in self.down
+
+    def describe(self, service: str, addr: HostPort) -> dict[str, Any]:
+        ok = addr not in self.down
+        return {"healthy": ok, "reason": "" if ok else "tcp connect failed"}
+
+
+def service(name: str, sid: int, *eps: str, port: int | None = 80, fail_closed: bool = False,
+            lb: str = "round-robin", locality: bool = True) -> ServiceRecord:
+    policy = ServicePolicy(port=port, fail_mode="closed" if fail_closed else "open",
+                           balancer=BalancerConfig(algorithm=lb, locality=locality),
+                           outlier=OutlierConfig())
+    return ServiceRecord(name, sid, IPv4Address(f"127.240.0.{sid}"), policy,
+                         endpoints=frozenset(EndpointRecord(HostPort.parse(e), "static",
+                                                            node="n1") for e in eps))
+
+
+def inputs(*recs: ServiceRecord, ready: bool = True, health: Health | None = None,
+           dns_port: int | None = None, node: str = "",
+           ejected: dict[str, dict[str, float]] | None = None) -> ExplainInputs:
+    services = {r.name: r for r in recs}
+    health = health or Health()
+    totals = {name: {"endpoints": {a: {"ejected_for": s} for a, s in eps.items()}}
+              for name, eps in (ejected or {}).items()}
+    return ExplainInputs(
+        services=services, pushed=updates.snapshot(services, health.healthy), ready=ready,
+        capture=updates.capture_state(services, ready), backend="ebpf", capture_reason="test",
+        outbound_port=15001, dns_port=dns_port, dns_suffix="mesh", node=node, zone="",
+        cgroup_mount=MOUNT, root_cgroup=ROOT, enrollments=[{"pid": PID, "service": "client"}],
+        health=health, ejected_for=ejections(totals))
+
+
+@pytest.fixture(autouse=True)
+def enrolled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This test process sits in the apps cgroup of service "client"."""
+    monkeypatch.setattr(cgroup, "process_cgroup", lambda pid, mount: ROOT / "apps" / "client")
+
+
+WEB = ("127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003")
+
+
+def rows(e: dict[str, Any]) -> dict[str, tuple[bool, bool, float]]:
+    return {c["addr"]: (c["healthy"], c["in_rotation"], c["ejected_for"])
+            for c in e["candidates"]}
+
+
+def test_a_vip_is_balanced_over_the_healthy_endpoints_not_ejected() -> None:
+    inp = inputs(service("web", 1, *WEB), health=Health(WEB[2]),
+                 ejected={"web": {WEB[1]: 42.0}})
+    e = explain(inp, PID, "web.mesh:80")
+    assert e["verdict"] == ("captured by ebpf → service web (VIP 127.240.0.1:80), round-robin "
+                            "over 1 healthy endpoint, 1 ejected")
+    assert (e["outcome"], e["rule"], e["captured"], e["name"]) == (
+        "proxied", "a", True, "web.mesh")
+    assert e["kernel"] == {"action": "redirect", "target": "127.0.0.1:15001", "match": "vip"}
+    assert rows(e) == {WEB[0]: (True, True, 0.0), WEB[1]: (True, False, 42.0),
+                       WEB[2]: (False, False, 0.0)}
+    assert "health: 2 of 3 healthy (down: 127.0.0.1:8003)" in e["steps"]
+    assert f"outlier: 1 ejected ({WEB[1]} for 42s; per worker, the longest shown)" in e["steps"]
+    assert e["steps"][-1] == "if the proxy is not ready: straight to 127.240.0.1:80 (fail-open)"
+
+
+def test_when_every_candidate_is_ejected_all_are_used() -> None:
+    inp = inputs(service("web", 1, *WEB[:2]), ejected={"web": {WEB[0]: 5.0, WEB[1]: 9.0}})
+    e = explain(inp, PID, "127.240.0.1:80")
+    assert e["verdict"].endswith("round-robin over 2 healthy endpoints"), e["verdict"]
+    assert all(in_rotation for _, in_rotation, _ in rows(e).values())
+    assert any(s.endswith("; all are, so all are used anyway") for s in e["steps"]), e["steps"]
+
+
+def test_another_port_of_the_vip_and_no_candidate() -> None:
+    inp = inputs(service("api", 2, "127.0.0.1:9000", "127.0.0.1:9001", port=None))
+    e = explain(inp, PID, "127.240.0.2:9001")
+    assert [c["addr"] for c in e["candidates"]] == ["127.0.0.1:9001"]
+    assert "proxy rule (a): no service port → the endpoints listening on port 9001 are " \
+           "candidates (1)" in e["steps"]
+    n = explain(inp, PID, "127.240.0.2:7000")
+    assert n["outcome"] == "no-endpoint" and n["candidates"] == []
+    assert n["verdict"].endswith("but it has no endpoint on port 7000: the proxy refuses the "
+                                 "connection (NoEndpoint)"), n["verdict"]
+
+
+def test_an_endpoint_address_is_that_endpoint_or_passes_through_when_down() -> None:
+    inp = inputs(service("web", 1, *WEB), health=Health(WEB[2]))
+    b = explain(inp, PID, WEB[0])
+    assert (b["rule"], b["outcome"], b["destination"]["kind"]) == ("b", "proxied", "endpoint")
+    assert b["verdict"] == f"captured by ebpf → service web, endpoint {WEB[0]} only (an " \
+                           "endpoint address is not balanced)"
+    c = explain(inp, PID, WEB[2])
+    assert (c["rule"], c["outcome"], c["captured"]) == ("c", "passthrough", True)
+    assert rows(c) == {WEB[2]: (False, False, 0.0)}
+
+
+def test_proxy_not_ready_fails_closed_or_open() -> None:
+    inp = inputs(service("db", 3, "127.0.0.1:5432", port=5432, fail_closed=True),
+                 service("web", 1, *WEB), ready=False)
+    r = explain(inp, PID, "127.240.0.3:5432")
+    assert (r["outcome"], r["captured"], r["kernel"]["action"]) == ("refused", False, "refuse")
+    assert r["verdict"] == ("refused: the proxy is not ready and service db is fail-closed; "
+                            "ebpf refuses the connect (connect fails with EPERM)")
+    o = explain(inp, PID, "127.240.0.1:80")
+    assert o["outcome"] == "direct" and o["verdict"].startswith(
+        "not captured: the proxy is not ready and service web fails open"), o["verdict"]
+
+
+def test_port_53_goes_to_the_agents_dns_while_it_redirects() -> None:
+    inp = inputs(service("web", 1, *WEB), dns_port=15053)
+    d = explain(inp, PID, "10.0.0.1:53")
+    assert (d["outcome"], d["captured"], d["kernel"]["action"]) == ("dns", False, "dns")
+    assert d["verdict"] == ("not proxied: a connect to port 53 is a DNS query; it goes to the "
+                            "agent's DNS server 127.0.0.1:15053, answering as 10.0.0.1:53")
+    off = explain(inputs(service("web", 1, *WEB)), PID, "10.0.0.1:53")
+    assert off["outcome"] == "direct" and "not a mesh destination" in off["verdict"]
+
+
+def test_locality_is_read_off_the_balancer_the_worker_would_build() -> None:
+    near = explain(inputs(service("web", 1, *WEB), node="n1"), PID, "127.240.0.1:80")
+    assert near["balancer"]["locality"].startswith("prefer this node (n1), then the rest")
+    off = explain(inputs(service("web", 1, *WEB, locality=False), node="n1"), PID,
+                  "127.240.0.1:80")
+    assert off["balancer"]["locality"] == ""
+    assert [c["tier"] for c in near["candidates"]] == ["this node"] * 3
+
+
+def test_a_process_outside_the_apps_cgroup_is_never_captured(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cgroup, "process_cgroup", lambda pid, mount: MOUNT / "user.slice")
+    e = explain(inputs(service("web", 1, *WEB)), PID, "127.240.0.1:80")
+    assert (e["outcome"], e["captured"], e["candidates"]) == ("direct", False, [])
+    assert e["verdict"].startswith(f"not captured: PID {PID} is not enrolled (cgroup "
+                                   "/user.slice)"), e["verdict"]
+
+
+def test_bad_destinations_are_usage_errors() -> None:
+    inp = inputs(service("web", 1, *WEB))
+    for dest in ("nonsense", "example.com:80"):
+        with pytest.raises(UsageError):
+            explain(inp, PID, dest)
