@@ -3,16 +3,17 @@ anything that speaks Consul's catalog): what `GET /v1/catalog/services` and
 `GET /v1/catalog/service/<name>` on the admin port answer, with Consul-style blocking queries.
 
 Three parts:
-  `view`         the view: registry records plus health verdicts to catalog entries (pure);
+  `entry`        one service as the catalog shows it: its record plus health verdicts (pure);
   `parse_query`  `?index=N&wait=30s` to a `BlockingQuery`, or a UsageError naming the fix (pure);
   `Catalog`      keeps the last view and a per-agent index that grows with every change to it.
                  Each URL answers with the index of the last change to what *it* returns, so a
                  blocking query on one service is not woken by another's churn. `query` holds
                  a request on the agent's loop (stdlib asyncio) until that index passes the
                  client's or the wait ends.
-The agent calls `changed()` from its registry subscription and from the health checks' flip
-callback; changes within one turn of the loop are folded into one refresh, and a read refreshes
-first, so an answer never lags a change the agent has already made.
+The agent calls `changed()` from its registry subscription and `health_changed()` from the
+health checks' flip callback. That only marks the view stale: it is read again when a request
+asks or, while blocking queries wait, once per turn of the loop that saw changes. An agent
+nobody asks pays nothing per change, and an answer never lags a change the agent has made.
 
 Indexes are per agent and start again at 1 when it restarts. A client holding an index larger
 than this agent ever gave gets the current state at once (Consul asks clients to reset when an
@@ -36,7 +37,7 @@ from meshnode.errors import UsageError
 from meshnode.model import HostPort
 
 __all__ = ["DEFAULT_WAIT", "MAX_WAIT", "Answer", "BlockingQuery", "Catalog", "CatalogEndpoint",
-           "CatalogService", "parse_query", "view"]
+           "CatalogService", "entry", "parse_query"]
 
 DEFAULT_WAIT = 300.0  # seconds a blocking query waits when it names no wait (Consul's 5 min)
 MAX_WAIT = 600.0  # longer waits are cut to this (Consul's cap): a proxy between gives up sooner
@@ -79,16 +80,13 @@ class CatalogService:
                 "endpoints": [e.to_json() for e in self.endpoints]}
 
 
-def view(services: Mapping[str, ServiceRecord],
-            healthy: Healthy) -> dict[str, CatalogService]:
-    """The catalog's view of the registry's snapshot and the health verdicts. Only what a
-    client acts on: a health check's reason text changes on every probe, and would wake every
-    blocking query each interval for nothing."""
-    return {name: CatalogService(
-        name, rec.vip, rec.port, rec.health.kind,
-        tuple(CatalogEndpoint(e.addr, e.node, e.zone, e.weight, healthy(name, e.addr))
+def entry(rec: ServiceRecord, healthy: Healthy) -> CatalogService:
+    """One service as the catalog shows it. Only what a client acts on: a health check's
+    reason text changes on every probe, and would wake every blocking query for nothing."""
+    return CatalogService(
+        rec.name, rec.vip, rec.port, rec.health.kind,
+        tuple(CatalogEndpoint(e.addr, e.node, e.zone, e.weight, healthy(rec.name, e.addr))
               for e in sorted(rec.endpoints, key=lambda e: e.addr)))
-        for name, rec in services.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,25 +136,39 @@ class Answer:
 class Catalog:
     """The last catalog view, its indexes and the blocking queries waiting on them.
 
-    `read` returns the current view (`view` over the agent's registry and health); it is
-    called on the agent's loop only, after a change, never per request."""
+    `services` is the registry's local snapshot and `healthy` the health verdicts; both are
+    read on the agent's loop only, after a change, never per request. Registry records are
+    immutable and kept while unchanged, so after a registry change a service whose record is
+    the same object keeps its entry (one identity check per service, not a rebuild); only a
+    health flip makes the catalog ask every endpoint's verdict again."""
 
-    def __init__(self, read: Callable[[], Mapping[str, CatalogService]]) -> None:
-        self._read = read
+    def __init__(self, services: Callable[[], Mapping[str, ServiceRecord]],
+                 healthy: Healthy) -> None:
+        self._registry = services
+        self._healthy = healthy
         self.index = 0  # the agent's catalog index: 1 after the first read, then +1 a change
+        self._records: dict[str, ServiceRecord] = {}  # what each entry was made from
         self._services: dict[str, CatalogService] = {}
         self._modified: dict[str, int] = {}  # a service's last change
         self._listed = 0  # the last change to /v1/catalog/services
+        self._listing: tuple[int, dict[str, Any]] = (0, {})  # its body, made once per index
         self._stale = True
+        self._health_stale = True
         self._scheduled = False
+        self._waiting = 0  # blocking queries in `query` now
         # set and replaced on every change: the waiters of that moment wake, later ones wait
         self._changed = asyncio.Event()
 
+    def health_changed(self) -> None:
+        """A health verdict flipped (the health checks' callback: call on the loop)."""
+        self._health_stale = True
+        self.changed()
+
     def changed(self) -> None:
-        """The registry or a health verdict changed (a registry listener: call on the loop)."""
+        """The registry changed (a registry listener: call on the loop)."""
         self._stale = True
-        if self._scheduled:
-            return
+        if self._scheduled or not self._waiting:
+            return  # without waiters the next request reads the view
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -172,10 +184,13 @@ class Catalog:
         """Read the view if something changed; a new index for what differs, waiters woken."""
         if not self._stale:
             return
-        self._stale = False
-        new = dict(self._read())
+        recheck, self._stale, self._health_stale = self._health_stale, False, False
+        records = dict(self._registry())
         old = self._services
-        changed = {n for n in old.keys() | new.keys() if old.get(n) != new.get(n)}
+        new = {name: self._entry(rec, recheck) for name, rec in records.items()}
+        self._records = records
+        changed = {n for n in old.keys() | new.keys()
+                   if old.get(n) is not new.get(n) and old.get(n) != new.get(n)}
         if not changed and self.index:
             return  # a change the catalog does not show (a reason text, a policy field)
         self.index += 1
@@ -192,6 +207,16 @@ class Catalog:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    def _entry(self, rec: ServiceRecord, recheck: bool) -> CatalogService:
+        """`entry(rec)`, reusing the last one when nothing it shows can have changed:
+        the same record, and (`recheck`: after a health flip) the same verdicts."""
+        last = self._services.get(rec.name)
+        if last is not None and self._records.get(rec.name) is rec and (
+                not recheck
+                or all(e.healthy == self._healthy(rec.name, e.addr) for e in last.endpoints)):
+            return last
+        return entry(rec, self._healthy)
+
     def index_of(self, service: str | None) -> int:
         """The index of one URL: the services list (None), or one service. An unknown
         service's is the list's: it changes when the service appears."""
@@ -203,8 +228,10 @@ class Catalog:
         """What a URL returns now: the services list (None) or one service."""
         self.refresh()
         if service is None:
-            return Answer(self._listed, {name: s.summary()
-                                         for name, s in sorted(self._services.items())})
+            if self._listing[0] != self._listed:
+                self._listing = (self._listed, {name: s.summary()
+                                                for name, s in sorted(self._services.items())})
+            return Answer(*self._listing)
         found = self._services.get(service)
         return Answer(self.index_of(service), None if found is None else found.to_json())
 
@@ -216,15 +243,19 @@ class Catalog:
             return self.answer(service)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + q.wait
-        while self.index_of(service) <= q.index <= self.index:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            event = self._changed
-            try:
-                async with asyncio.timeout(remaining):
-                    await event.wait()
-            except TimeoutError:
-                break
-            self.refresh()
+        self._waiting += 1
+        try:
+            while self.index_of(service) <= q.index <= self.index:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                event = self._changed
+                try:
+                    async with asyncio.timeout(remaining):
+                        await event.wait()
+                except TimeoutError:
+                    break
+                self.refresh()
+        finally:
+            self._waiting -= 1
         return self.answer(service)

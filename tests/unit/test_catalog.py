@@ -23,7 +23,6 @@ from meshnode.discovery.catalog import (
     BlockingQuery,
     Catalog,
     parse_query,
-    view,
 )
 from meshnode.discovery.registry import EndpointRecord, ServiceRecord
 from meshnode.errors import UsageError
@@ -65,7 +64,7 @@ class Mesh:
         return addr not in self.unhealthy
 
     def catalog(self) -> Catalog:
-        return Catalog(lambda: view(self.services, self.healthy))
+        return Catalog(lambda: self.services, self.healthy)
 
 
 async def settle() -> None:
@@ -145,7 +144,9 @@ def test_each_url_moves_its_index_only_when_its_answer_changes() -> None:
     assert cat.answer("db").index == 1  # a client watching db is not woken by web
 
     mesh.unhealthy.add(HostPort.parse("127.0.0.1:8002"))  # a health verdict flips
-    cat.changed()
+    cat.changed()  # a registry change elsewhere: web's record is the same, so is its entry
+    assert cat.answer("web").index == 2
+    cat.health_changed()
     assert cat.answer("web").index == 3 and cat.answer(None).index == 3
 
     del mesh.services["web"]
@@ -216,19 +217,36 @@ def test_an_old_or_unknown_index_is_answered_at_once() -> None:
     run(scenario())
 
 
-def test_changes_within_one_loop_turn_are_one_index_step() -> None:
+def test_the_view_is_read_only_when_asked_and_once_per_loop_turn() -> None:
     mesh = Mesh()
     mesh.add("web", ep("127.0.0.1:8001"))
+    reads = 0
 
-    async def scenario() -> None:
-        cat = mesh.catalog()
-        assert cat.answer("web").index == 1
-        for port in (8002, 8003, 8004):  # an enrollment scan registering three ports
+    def read() -> dict[str, ServiceRecord]:
+        nonlocal reads
+        reads += 1
+        return mesh.services
+
+    def scan(*ports: int) -> None:  # an enrollment scan registering some ports
+        for port in ports:
             mesh.add("web", ep(f"127.0.0.1:{port}"))
             cat.changed()
-        await settle()
-        assert cat.index == 2 and cat.answer("web").index == 2
 
+    async def scenario() -> None:
+        assert cat.answer("web").index == 1 and reads == 1
+        scan(8002, 8003)
+        await settle()
+        assert reads == 1  # nobody asked, nobody waits: no work per change
+        assert cat.answer("web").index == 2 and reads == 2  # both changes, one step
+        waiting = asyncio.ensure_future(cat.query("web", BlockingQuery(2, 30.0)))
+        await settle()
+        scan(8004, 8005, 8006)
+        async with asyncio.timeout(1):
+            answer = await waiting
+        assert answer.index == 3 and reads == 3  # a waiter: read once for the whole turn
+        assert answer.body is not None and len(answer.body["endpoints"]) == 6
+
+    cat = Catalog(read, mesh.healthy)
     run(scenario())
 
 
