@@ -177,7 +177,7 @@ def test_an_apply_on_one_host_takes_effect_and_is_reported_everywhere(fabric: Fa
         t0 = time.monotonic()
         rev = h0.call("apply", docs=[doc])["results"][0]["version"]
 
-        def converged() -> bool:
+        def converged(rev: int = rev) -> bool:
             hosts = {r["node"]: r for r in h0.call("hosts")["hosts"]}
             return set(hosts) == nodes and all(
                 hosts[h.node]["applied_revision"] >= rev for h in others)
