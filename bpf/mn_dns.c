@@ -27,14 +27,8 @@
 
 #define MN_LOOPBACK_IP4 0x7f000001 /* 127.0.0.1, host byte order */
 
-/* The agent's switch: flags (MN_DNS_ENABLED) and the port of its server on 127.0.0.1, host
- * byte order. meshnode/bpf/maps.py packs the same layout. */
-struct mn_dns_cfg {
-    __u32 flags;
-    __u32 port;
-};
-
-/* One slot (MN_DNS_CFG_SLOT). An array: the slot always exists, all zero = off. */
+/* The agent's switch (struct mn_dns_cfg, in mn_maps.h). One slot (MN_DNS_CFG_SLOT). An array:
+ * the slot always exists, all zero = off. */
 BPF_TABLE_PINNED("array", __u32, struct mn_dns_cfg, mn_dns_cfg, 1, MN_PIN_DIR "/mn_dns_cfg");
 /* Socket cookie -> the resolver the socket asked. LRU: nothing deletes an entry when the
  * socket closes, and a resolver socket lives as long as its process may. */

@@ -22,15 +22,6 @@ static __always_inline void mn_count(__u32 slot)
 
 #define MN_SOL_IP 0 /* kernel ABI: SOL_IP == IPPROTO_IP */
 
-/* struct sockaddr_in, spelled out: the uapi header drags in more than bcc can parse. */
-struct mn_sockaddr_in {
-    __u16 family;
-    __u16 port; /* network order */
-    __u32 addr; /* network order */
-    __u32 cgroup; /* sin_zero: 8 bytes no caller reads; ours carry the connection's source */
-    __u32 pid;
-};
-
 /* Fill the caller's buffer; returns 0 or -1 when the buffer is too small (then the kernel's
  * own answer stands). */
 static __always_inline int mn_answer(struct bpf_sockopt *ctx, struct mn_orig *orig)

@@ -2,8 +2,10 @@
  *
  * Each program file is compiled as its own bcc module; they meet in these maps because every
  * map is pinned under MN_PIN_DIR (BPF_TABLE_PINNED: the first module to load creates and pins
- * a map, the others open the pin). meshnode/bpf/maps.py packs the same layouts in Python:
- * change a struct here and there together.
+ * a map, the others open the pin). Every struct that crosses into user space lives here, also
+ * those of maps a single program owns: meshnode/bpf/maps.py and meshnode/proxy/origdst.py
+ * read and write the same layouts in Python, and tests/integration/test_bpf_layout.py compares
+ * them with what clang makes of these (change a struct here and there together).
  *
  * Every number comes in as a -D flag from meshnode/constants.py (MN_<NAME>) plus MN_PIN_DIR;
  * nothing here restates one.
@@ -43,6 +45,24 @@ struct mn_addr4 {
  * The getsockopt answer carries `cgroup` and `pid` in sockaddr_in's 8 padding bytes. */
 struct mn_orig {
     struct mn_addr4 dst;
+    __u32 cgroup;
+    __u32 pid;
+};
+
+/* The agent's DNS switch, the one value of mn_dns_cfg (mn_dns.c): flags (MN_DNS_ENABLED) and
+ * the port of its DNS server on 127.0.0.1, both host byte order. */
+struct mn_dns_cfg {
+    __u32 flags;
+    __u32 port;
+};
+
+/* struct sockaddr_in as mn_getsockopt.c answers SO_ORIGINAL_DST, spelled out (the uapi header
+ * drags in more than bcc can parse). sin_zero's 8 bytes, which no caller reads, carry the
+ * connection's source: the dialer's cgroup id (low 32 bits) and pid, host byte order. */
+struct mn_sockaddr_in {
+    __u16 family;
+    __u16 port; /* network order */
+    __u32 addr; /* network order */
     __u32 cgroup;
     __u32 pid;
 };

@@ -87,7 +87,15 @@ class LoadedEntry:
     prog_id: int
 
 
-def load_and_pin(config: BuildConfig) -> list[LoadedEntry]:
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    entries: list[LoadedEntry]
+    # Map name -> (key size, value size) as clang laid out the C types (bcc's Key and Leaf):
+    # what the layout test compares with the Python struct formats.
+    layouts: dict[str, tuple[int, int]]
+
+
+def load_and_pin(config: BuildConfig) -> Loaded:
     """Compile every program, load its entries, pin maps (by mn_maps.h) and programs under
     `config.pin_dir`. The pins keep everything alive after this process exits."""
     pin_dir = config.pin_dir
@@ -98,11 +106,13 @@ def load_and_pin(config: BuildConfig) -> list[LoadedEntry]:
                        "install python3-bpfcc and use a venv made with "
                        "--system-site-packages") from exc
     loaded: list[LoadedEntry] = []
+    layouts: dict[str, tuple[int, int]] = {}
     with _sources() as root, ExitStack() as modules:
         flags = cflags(config, root / "include")
         for prog in all_programs():
             bpf = _compile(BPF, root / prog.source, flags, prog)
             modules.callback(bpf.cleanup)
+            layouts.update(_layouts(bpf, (*MAP_PINS, *DNS_MAP_PINS)))
             for entry in prog.entries:
                 try:
                     fn = bpf.load_func(entry.function, int(entry.prog_type),
@@ -119,7 +129,23 @@ def load_and_pin(config: BuildConfig) -> list[LoadedEntry]:
     if missing:
         raise BpfError(f"maps not pinned: {', '.join(missing)}",
                        "check that bpffs is mounted at /sys/fs/bpf")
-    return loaded
+    return Loaded(loaded, layouts)
+
+
+def _layouts(bpf: Any, names: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """Key and value sizes of the maps a compiled module defines (bcc's ctypes types)."""
+    import ctypes
+
+    out: dict[str, tuple[int, int]] = {}
+    for name in names:
+        try:
+            table = bpf.get_table(name.encode())
+        except KeyError:  # not defined by this module (mn_dns.c's maps in the others)
+            continue
+        # A per-CPU table's Leaf is an array of one value per CPU; sLeaf is the C type.
+        leaf = getattr(table, "sLeaf", table.Leaf)
+        out[name] = (ctypes.sizeof(table.Key), ctypes.sizeof(leaf))
+    return out
 
 
 def _compile(bpf_cls: Any, source: Path, flags: list[str], prog: ProgramSpec) -> Any:

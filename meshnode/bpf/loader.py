@@ -7,7 +7,8 @@ a long-running process; it attaches the pinned programs itself afterwards with r
 Attaching is deliberately not done here: an attachment outlives its process, and only the agent
 records it in its ledger first.
 
-Output, exit 0: {"ok": true, "entries": [{"function", "pin", "prog_id"}...], "elapsed_ms"}
+Output, exit 0: {"ok": true, "entries": [{"function", "pin", "prog_id"}...],
+                 "maps": {"<name>": [key size, value size]...}, "elapsed_ms"}
 Output, exit 1: {"ok": false, "error": "<one line>", "hint": "<what to do>"}
 """
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from meshnode.bpf.compile import BuildConfig, load_and_pin
 
-        entries = load_and_pin(BuildConfig(args.pin_dir, args.outbound_port, args.proxy_mark))
+        loaded = load_and_pin(BuildConfig(args.pin_dir, args.outbound_port, args.proxy_mark))
     except MeshnodeError as exc:
         print(json.dumps({"ok": False, "error": exc.message.splitlines()[0] if exc.message
                           else type(exc).__name__, "hint": exc.hint}))
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "ok": True,
         "entries": [{"function": e.function, "pin": e.pin, "prog_id": e.prog_id}
-                    for e in entries],
+                    for e in loaded.entries],
+        "maps": loaded.layouts,
         "elapsed_ms": round((time.monotonic() - started) * 1000),
     }
     print(json.dumps(result))

@@ -30,6 +30,21 @@ _U64 = struct.Struct("=Q")
 ADDR4_SIZE = _ADDR4.size
 # struct mn_orig { struct mn_addr4 dst; __u32 cgroup; __u32 pid; }: the value of mn_origdst.
 ORIG_SIZE = ADDR4_SIZE + 8
+# struct mn_dns_cfg { __u32 flags; __u32 port; }: host byte order, as C reads them.
+_DNS_CFG = struct.Struct("=II")
+
+# Key and value sizes of every pinned map, as this module packs them. The agent checks the
+# pinned maps against them on open (maps made by another meshnode version are refused), and
+# tests/integration/test_bpf_layout.py checks them against what clang compiled.
+MAP_LAYOUTS: dict[str, tuple[int, int]] = {
+    "mn_dest": (ADDR4_SIZE, _U32.size),
+    "mn_svc": (_U32.size, _U32.size),
+    "mn_cookie": (_U64.size, ORIG_SIZE),
+    "mn_origdst": (ADDR4_SIZE, ORIG_SIZE),
+    "mn_stats": (_U32.size, _U64.size),  # per CPU: the kernel pads each CPU's value to 8
+    "mn_dns_cfg": (_U32.size, _DNS_CFG.size),
+    "mn_dns_orig": (_U64.size, ADDR4_SIZE),
+}
 
 DestKey = tuple[IPv4Address, int]  # (ip, port); port 0: every port of a VIP
 
@@ -61,8 +76,8 @@ def unpack_u32(raw: bytes) -> int:
 
 
 def pack_dns_cfg(enabled: bool, port: int) -> bytes:
-    """struct mn_dns_cfg { __u32 flags; __u32 port; }: host byte order, as C reads them."""
-    return _U32.pack(constants.DNS_ENABLED if enabled else 0) + _U32.pack(port)
+    """struct mn_dns_cfg: the DNS switch's flags and port."""
+    return _DNS_CFG.pack(constants.DNS_ENABLED if enabled else 0, port)
 
 
 def service_flags(state: CaptureState, service_id: int) -> int:
@@ -235,10 +250,19 @@ class CaptureMaps:
 
     @classmethod
     def open(cls, pin_dir: Path) -> CaptureMaps:
+        """Open the pinned maps, refusing any whose layout is not the one this code packs."""
         fds: dict[str, int] = {}
         try:
             for name in ("mn_dest", "mn_svc", "mn_origdst", "mn_stats", "mn_dns_cfg"):
                 fds[name] = syscall.obj_get(str(pin_dir / name))
+                _, key_size, value_size = syscall.map_info(fds[name])
+                if (key_size, value_size) != MAP_LAYOUTS[name]:
+                    raise BpfError(
+                        f"pinned map {pin_dir / name} has key/value sizes "
+                        f"{key_size}/{value_size}, this meshnode packs "
+                        "{}/{}".format(*MAP_LAYOUTS[name]),
+                        f"another meshnode version made it: stop that agent, or sweep and "
+                        f"remove {pin_dir}")
         except BpfError:
             for fd in fds.values():
                 os.close(fd)
