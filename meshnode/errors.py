@@ -5,6 +5,8 @@ Each carries a one-line message, a hint naming the fix, and a sysexits-style exi
 
 from __future__ import annotations
 
+import inspect
+
 EX_USAGE = 64
 EX_DATAERR = 65
 EX_NOINPUT = 66
@@ -14,6 +16,7 @@ EX_SOFTWARE = 70
 EX_OSERR = 71
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
+EX_PROTOCOL = 76
 EX_NOPERM = 77
 EX_CONFIG = 78
 
@@ -31,8 +34,12 @@ class MeshnodeError(Exception):
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
     def to_wire(self) -> dict[str, object]:
+        """The error as plain data for the control socket (wire.ErrorInfo): `details` holds the
+        constructor's further arguments (a KernelError's errno), so from_wire rebuilds it whole."""
+        details = {name: value for name in _extra_params(type(self))
+                   if isinstance(value := getattr(self, name, None), int | str | float)}
         return {"type": type(self).__name__, "message": self.message, "hint": self.hint,
-                "exit_code": self.exit_code}
+                "exit_code": self.exit_code, "details": details}
 
 
 class UsageError(MeshnodeError):
@@ -108,6 +115,13 @@ class TemporaryError(MeshnodeError):
     exit_code = EX_TEMPFAIL
 
 
+class WireError(MeshnodeError):
+    """A message on the control socket or the agent-worker channel could not be decoded."""
+
+    exit_code = EX_PROTOCOL
+    default_hint = "the two ends speak different versions: upgrade the CLI and the agent together"
+
+
 class StateError(MeshnodeError):
     """A state file (ledger, enrollments, caches) cannot be written: the state directory is
     read-only, full, or not a directory. Keeps the errno."""
@@ -125,16 +139,34 @@ ERROR_TYPES: dict[str, type[MeshnodeError]] = {
         MeshnodeError, UsageError, ConfigError, NotFoundError, AccessError,
         UnavailableError, AgentNotRunningError, KernelError, BpfError, CaptureError,
         CgroupError, IptablesError, RegistryError, ConflictError, TemporaryError, StateError,
+        WireError,
     )
 }
 
 
+def _extra_params(cls: type[MeshnodeError]) -> tuple[str, ...]:
+    """The constructor's arguments beyond message and hint (each kept as the same-named
+    attribute, as KernelError keeps `errno`)."""
+    params = inspect.signature(cls.__init__).parameters
+    return tuple(name for name, p in params.items()
+                 if name not in ("self", "message", "hint")
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
 def from_wire(data: dict[str, object]) -> MeshnodeError:
-    """Rebuild an error the agent sent over the control socket."""
+    """Rebuild an error the agent sent over the control socket, through its constructor (so a
+    KernelError keeps its errno). An unknown type (a newer agent's) becomes a MeshnodeError with
+    the same message, hint and exit code."""
     cls = ERROR_TYPES.get(str(data.get("type")), MeshnodeError)
-    err = cls.__new__(cls)
-    MeshnodeError.__init__(err, str(data.get("message", "")), str(data.get("hint", "")))
+    message, hint = str(data.get("message", "")), str(data.get("hint", ""))
+    details = data.get("details")
+    extra = ({name: details[name] for name in _extra_params(cls) if name in details}
+             if isinstance(details, dict) else {})
+    try:
+        err = cls(message, hint, **extra)
+    except (TypeError, ValueError):  # details of the wrong type: keep what can be kept
+        err = MeshnodeError(message, hint)
     code = data.get("exit_code")
-    if isinstance(code, int):
+    if isinstance(code, int) and not isinstance(code, bool) and code != err.exit_code:
         err.exit_code = code
     return err

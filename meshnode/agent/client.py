@@ -1,15 +1,22 @@
-"""A blocking client for the agent's control socket (used by the CLI and tests)."""
+"""A blocking client for the agent's control socket (used by the CLI and tests): requests and
+replies are meshnode.wire's typed envelope; an error the agent sends is raised here as the same
+typed error, and a reply that cannot be decoded is a WireError.
+
+CLI side: imports nothing of the agent's but this module's own (wire, errors).
+"""
 
 from __future__ import annotations
 
-import json
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from meshnode.errors import AccessError, AgentNotRunningError, from_wire
+from meshnode.errors import AccessError, AgentNotRunningError, WireError
+from meshnode.wire import Failure, Request, Result, StreamItem, StreamStart, decode_reply, encode
+
+_CLOSED = ("the agent closed the control connection", "check the agent log")
 
 
 class AgentClient:
@@ -37,14 +44,19 @@ class AgentClient:
         then the items simply end."""
         sock = self._connect()
         try:
-            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            sock.sendall(encode(Request(op, args)))
             lines = sock.makefile("rb")
-            first = json.loads(lines.readline() or b"{}")
-            if not first.get("ok"):
-                if "error" in first:
-                    raise from_wire(first["error"])
-                raise AgentNotRunningError("the agent closed the control connection",
-                                           "check the agent log")
+            first = lines.readline()
+            if not first:
+                raise AgentNotRunningError(*_CLOSED)
+            match decode_reply(first):
+                case StreamStart():
+                    pass
+                case Failure(error):
+                    raise error.error()
+                case other:
+                    raise WireError(f"the agent answered {op!r} with {type(other).__name__}, "
+                                    "not a stream")
             while True:
                 if deadline is not None:
                     left = deadline - time.monotonic()
@@ -59,24 +71,32 @@ class AgentClient:
                     return
                 if not line:
                     return  # the agent went away
-                yield json.loads(line)["event"]
+                match decode_reply(line):
+                    case StreamItem(item):
+                        yield item
+                    case Failure(error):
+                        raise error.error()
+                    case other:
+                        raise WireError(f"unexpected {type(other).__name__} in a stream")
         finally:
             sock.close()
 
     def call(self, op: str, **args: Any) -> Any:
         sock = self._connect()
         try:
-            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            sock.sendall(encode(Request(op, args)))
             buf = b""
             while not buf.endswith(b"\n"):
                 chunk = sock.recv(65536)
                 if not chunk:
-                    raise AgentNotRunningError("the agent closed the control connection",
-                                               "check the agent log")
+                    raise AgentNotRunningError(*_CLOSED)
                 buf += chunk
         finally:
             sock.close()
-        reply = json.loads(buf)
-        if not reply.get("ok"):
-            raise from_wire(reply.get("error", {}))
-        return reply.get("result")
+        match decode_reply(buf):
+            case Result(value):
+                return value
+            case Failure(error):
+                raise error.error()
+            case other:
+                raise WireError(f"the agent answered {op!r} with {type(other).__name__}")

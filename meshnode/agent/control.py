@@ -1,10 +1,11 @@
-"""The agent's control socket: a root-only Unix socket speaking one JSON object per line.
+"""The agent's control socket: a root-only Unix socket speaking one JSON object per line, the
+typed envelope of meshnode.wire.
 
-Request `{"op": NAME, ...args}`; reply `{"ok": true, "result": ...}` or
-`{"ok": false, "error": {type, message, hint, exit_code}}`. A streaming operation (its handler
-returns an async iterator, e.g. `tap`) answers `{"ok": true, "stream": true}` and then one
-`{"event": ...}` line per item, until the client closes the connection. Typed errors travel
-intact so the CLI prints the same one-line message and exit code as if it had failed locally.
+A `Request` (op name and an args mapping) gets one reply: `Result`, or `Failure` with the typed
+error, or, for a streaming operation (its handler returns an async iterator, e.g. `tap`),
+`StreamStart` and then one `StreamItem` per item until the client closes the connection.
+Typed errors travel intact (errno included) so the CLI prints the same one-line message and
+exit code as if it had failed locally. A line that is not a request gets a WireError back.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import logging
 import os
 import socket
@@ -21,7 +21,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from meshnode.errors import AccessError, MeshnodeError, UsageError
+from meshnode.errors import AccessError, MeshnodeError, UsageError, WireError
+from meshnode.wire import (
+    ErrorInfo,
+    Failure,
+    Reply,
+    Result,
+    StreamItem,
+    StreamStart,
+    decode_request,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +73,11 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             if _peer_uid(writer) != 0:
-                reply = self._error(AccessError("the control socket is root-only"))
-                writer.write(json.dumps(reply).encode() + b"\n")
+                writer.write(encode(self._error(AccessError("the control socket is root-only"))))
                 return
             while line := await reader.readline():
-                reply = await self._handle(line)
-                stream = reply.pop("stream", None)
-                writer.write(json.dumps(reply).encode() + b"\n")
+                reply, stream = await self._handle(line)
+                writer.write(encode(reply))
                 await writer.drain()
                 if stream is not None:
                     await self._stream(stream, reader, writer)
@@ -84,6 +92,7 @@ class ControlServer:
                       writer: asyncio.StreamWriter) -> None:
         """Write items until the client hangs up (its end of stream) or they run out."""
         hangup = asyncio.ensure_future(reader.read())
+        item: asyncio.Future[Any] | None = None
         try:
             while True:
                 item = asyncio.ensure_future(anext(items))
@@ -97,37 +106,41 @@ class ControlServer:
                     event = item.result()
                 except StopAsyncIteration:
                     return
-                writer.write(json.dumps({"event": event}).encode() + b"\n")
+                writer.write(encode(StreamItem(event)))
                 await writer.drain()
         finally:
             hangup.cancel()
+            # Cancelled mid-wait (the agent stopping): the pending step must end before the
+            # generator can be closed ("aclose(): asynchronous generator is already running").
+            if item is not None and not item.done():
+                item.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await item
             if inspect.isasyncgen(items):
                 await items.aclose()
 
     @staticmethod
-    def _error(err: MeshnodeError) -> dict[str, Any]:
-        return {"ok": False, "error": err.to_wire()}
+    def _error(err: MeshnodeError) -> Failure:
+        return Failure(ErrorInfo.of(err))
 
-    async def _handle(self, line: bytes) -> dict[str, Any]:
+    async def _handle(self, line: bytes) -> tuple[Reply, AsyncIterator[Any] | None]:
+        """The reply to one request line, and the items to stream after it (if any)."""
         try:
-            req = json.loads(line)
-            if not isinstance(req, dict):
-                raise ValueError("not an object")
-        except ValueError:
-            return self._error(UsageError("malformed control request", "send one JSON object"))
-        op = str(req.pop("op", ""))
-        handler = self.handlers.get(op)
+            req = decode_request(line)
+        except WireError as err:
+            return self._error(err), None
+        handler = self.handlers.get(req.op)
         if handler is None:
-            return self._error(UsageError(f"unknown control operation {op!r}",
-                                          "upgrade the CLI and the agent together"))
+            return self._error(UsageError(f"unknown control operation {req.op!r}",
+                                          "upgrade the CLI and the agent together")), None
         try:
-            result = await handler(req)
+            result = await handler(dict(req.args))
             if isinstance(result, AsyncIterator):
-                return {"ok": True, "stream": result}
-            return {"ok": True, "result": result}
+                return StreamStart(), result
+            return Result(result), None
         except MeshnodeError as err:
-            return self._error(err)
+            return self._error(err), None
         except Exception as exc:
-            log.exception("control operation %s failed", op)
-            return self._error(MeshnodeError(f"{op} failed inside the agent: {exc}",
-                                             "see the agent log"))
+            log.exception("control operation %s failed", req.op)
+            return self._error(MeshnodeError(f"{req.op} failed inside the agent: {exc}",
+                                             "see the agent log")), None

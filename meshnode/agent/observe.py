@@ -23,6 +23,8 @@ from meshnode.telemetry.admin import AdminServer
 from meshnode.telemetry.aggregate import Accumulator, Totals
 from meshnode.telemetry.history import History, figures
 from meshnode.telemetry.metrics import Snapshot
+from meshnode.wire import CgroupSources
+from meshnode.wire import Tap as TapMessage
 
 if TYPE_CHECKING:
     from meshnode.agent.host_agent import HostAgent
@@ -213,8 +215,8 @@ class Telemetry:
         return sorted(hosts.values(), key=lambda h: (not h["local"], h["node"]))
 
     # -- sources: which cgroup is which service --------------------------------------------
-    def sources_message(self) -> dict[str, Any]:
-        return {"t": "sources", "cgroups": self._sources}
+    def sources_message(self) -> CgroupSources:
+        return CgroupSources(dict(self._sources))
 
     def refresh_sources(self, apps: Path) -> None:
         """Read the apps cgroup's service folders; tell the workers when they changed."""
@@ -230,11 +232,11 @@ class Telemetry:
                 self.agent.workers.send_all(self.sources_message())
 
     # -- tap ---------------------------------------------------------------------------------
-    def tap_message(self, extra: frozenset[str] = frozenset()) -> dict[str, Any]:
+    def tap_message(self, extra: frozenset[str] = frozenset()) -> TapMessage:
         services: set[str] = set(extra)
         for t in self._taps:
             services |= t.services
-        return {"t": "tap", "services": sorted(services)}
+        return TapMessage(tuple(sorted(services)))
 
     def describe(self) -> dict[str, Any]:
         """For `meshnode status`."""
@@ -244,7 +246,7 @@ class Telemetry:
                 "access_log_sample": cfg.access_log_sample, "taps": len(self._taps)}
 
     def on_event(self, event: dict[str, Any]) -> None:
-        event.pop("t", None)
+        """A worker's tap event (wire.ConnEvent's record) to the taps that want it."""
         for tap in self._taps:
             if tap.matches(event):
                 try:
@@ -281,7 +283,7 @@ class Telemetry:
             self._taps.discard(tap)
             workers.send_all(self.tap_message())
 
-    def initial_messages(self) -> list[dict[str, Any]]:
+    def initial_messages(self) -> list[CgroupSources | TapMessage]:
         return [self.sources_message(), self.tap_message()]
 
 

@@ -2,6 +2,10 @@
 updates over a socketpair, run sync barriers, collect stats, restart the dead with backoff,
 and drain them on stop.
 
+The channel speaks meshnode.wire's typed messages (one codec each way): the agent opens with
+Hello, and each worker's answer says which protocol it speaks (`Worker.protocol`). A line that is
+not a message is logged and dropped; a kind this agent does not know is skipped and counted.
+
 The agent never imports the proxy package (it would pull uvloop into the agent): workers are
 separate processes started with `python -m meshnode.proxy.worker`.
 """
@@ -11,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import signal
 import socket
@@ -21,11 +24,28 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from meshnode import __version__
 from meshnode.config import AgentConfig
-from meshnode.errors import UnavailableError
-from meshnode.model import Update, update_to_wire
+from meshnode.errors import UnavailableError, WireError
+from meshnode.model import Add, DoesNotExist, Remove, Reset, Update
+from meshnode.wire import (
+    PROTOCOL,
+    AgentMessage,
+    ConnEvent,
+    Hello,
+    Listening,
+    StartError,
+    StatsReply,
+    StatsRequest,
+    Sync,
+    Synced,
+    encode,
+    update_message,
+    worker_codec,
+)
 
-Message = dict[str, Any]
+# What a (re)started worker is sent first: discovery updates and other agent messages.
+Initial = Update | AgentMessage
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +62,12 @@ class Worker:
         self.writer: asyncio.StreamWriter | None = None
         self.listening = asyncio.Event()
         self.error: str | None = None
-        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.pending: dict[int, asyncio.Future[Synced | StatsReply]] = {}
         self.channel_open = False  # False from the moment the worker's end closes (it died)
         self.started_at = 0.0
         self.restarts = 0
+        self.protocol: int | None = None  # from its Hello; None until it answers
+        self.codec = worker_codec()
 
     @property
     def pid(self) -> int | None:
@@ -56,18 +78,18 @@ class Worker:
         return (self.proc is not None and self.proc.returncode is None and self.channel_open
                 and self.listening.is_set())
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: AgentMessage) -> None:
         if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+            self.writer.write(encode(msg))
 
 
 class WorkerPool:
     def __init__(self, cfg: AgentConfig, proxy_cgroup: Path,
-                 initial: Callable[[], list[Message]],
+                 initial: Callable[[], list[Initial]],
                  on_change: Callable[[], Awaitable[None]],
-                 on_event: Callable[[Message], None] = lambda event: None) -> None:
+                 on_event: Callable[[dict[str, Any]], None] = lambda event: None) -> None:
         """`initial`: what a (re)started worker is sent first (routes, sources, taps);
-        `on_event`: the tap events workers send."""
+        `on_event`: the tap events workers send (each the connection's record)."""
         self.cfg = cfg
         self.proxy_cgroup = proxy_cgroup
         self._initial = initial
@@ -118,12 +140,14 @@ class WorkerPool:
         w.listening.clear()
         w.error = None
         w.started_at = time.monotonic()
+        w.protocol = None
         reader, w.writer = await asyncio.open_unix_connection(sock=parent)
         w.channel_open = True
         self._spawn_task(self._read(w, reader))
+        w.send(Hello(PROTOCOL, __version__))
         # Routes first: the worker applies them before its first accepted connection needs them.
         for msg in self._initial():
-            w.send(msg)
+            w.send(_message(msg))
 
     def _spawn_task(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -147,22 +171,31 @@ class WorkerPool:
 
     def _dispatch(self, w: Worker, line: bytes) -> None:
         try:
-            msg = json.loads(line)
-        except ValueError:
-            log.warning("worker %d sent garbage: %r", w.id, line[:100])
+            msg = w.codec.decode(line)
+        except WireError as err:
+            log.warning("worker %d: %s; ignored: %.100r", w.id, err.message, line)
             return
-        t = msg.get("t")
-        if t == "event":
-            self._on_event(msg)
-        elif t == "listening":
-            w.listening.set()
-        elif t == "error":
-            w.error = f"{msg.get('message')} ({msg.get('hint', '')})"
-            log.error("worker %d: %s", w.id, w.error)
-        elif t in ("synced", "stats"):
-            fut = w.pending.pop(int(msg.get("seq", -1)), None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+        match msg:
+            case None:
+                if w.codec.unknown.total() == 1:
+                    log.info("worker %d sent a message kind this agent does not know "
+                             "(a newer worker?): %s", w.id, dict(w.codec.unknown))
+            case ConnEvent(record):
+                self._on_event(record)
+            case Listening():
+                w.listening.set()
+            case StartError(message, hint):
+                w.error = f"{message} ({hint})"
+                log.error("worker %d: %s", w.id, w.error)
+            case Hello(protocol, software):
+                w.protocol = protocol
+                if protocol != PROTOCOL:
+                    log.info("worker %d speaks protocol %d (meshnode %s), this agent %d",
+                             w.id, protocol, software or "?", PROTOCOL)
+            case Synced(seq) | StatsReply(seq):
+                fut = w.pending.pop(seq, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg)
 
     def _watch(self, w: Worker) -> None:
         self._spawn_task(self._supervise(w))
@@ -224,21 +257,24 @@ class WorkerPool:
         return [w for w in self.workers if w.alive]
 
     def broadcast(self, updates: list[Update]) -> None:
+        # encoded once, not once per worker: a Reset of a large service is a long line
+        lines = b"".join(encode(update_message(u)) for u in updates)
         for w in self.workers:
-            for u in updates:
-                w.send(update_to_wire(u))
+            if lines and w.writer is not None and not w.writer.is_closing():
+                w.writer.write(lines)
 
-    def send_all(self, msg: Message) -> None:
+    def send_all(self, msg: AgentMessage) -> None:
         for w in self.workers:
             w.send(msg)
 
-    async def _ask(self, w: Worker, msg: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    async def _ask(self, w: Worker, ask: Callable[[int], Sync | StatsRequest],
+                   timeout: float) -> Synced | StatsReply | None:
         if not w.channel_open:
             return None
         seq = next(self._seq)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Synced | StatsReply] = asyncio.get_running_loop().create_future()
         w.pending[seq] = fut
-        w.send({**msg, "seq": seq})
+        w.send(ask(seq))
         try:
             async with asyncio.timeout(timeout):
                 return await fut
@@ -251,16 +287,23 @@ class WorkerPool:
         live = self.alive
         if not live:
             return False
-        answers = await asyncio.gather(*(self._ask(w, {"t": "sync"}, timeout) for w in live))
+        answers = await asyncio.gather(*(self._ask(w, Sync, timeout) for w in live))
         return all(a is not None for a in answers) and all(w.alive for w in live)
 
-    async def stats(self, timeout: float = 1.0) -> list[dict[str, Any]]:
-        """The live workers' counters, each with its "pid" (a new pid: counters restarted)."""
+    async def stats(self, timeout: float = 1.0) -> list[StatsReply]:
+        """The live workers' counters (each names its pid: a new pid, counters restarted)."""
         live = self.alive
-        answers = await asyncio.gather(*(self._ask(w, {"t": "stats"}, timeout) for w in live))
-        return [{**a, "pid": w.pid} for w, a in zip(live, answers, strict=True)
-                if a is not None]
+        answers = await asyncio.gather(*(self._ask(w, StatsRequest, timeout) for w in live))
+        return [a for a in answers if isinstance(a, StatsReply)]
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"id": w.id, "pid": w.pid, "alive": w.alive, "restarts": w.restarts}
+        return [{"id": w.id, "pid": w.pid, "alive": w.alive, "restarts": w.restarts,
+                 "protocol": w.protocol, "unknown_messages": w.codec.unknown.total()}
                 for w in self.workers]
+
+
+def _message(item: Initial) -> AgentMessage:
+    """Discovery updates travel as their wire messages; other messages as they are."""
+    if isinstance(item, Reset | Add | Remove | DoesNotExist):
+        return update_message(item)
+    return item

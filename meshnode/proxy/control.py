@@ -1,8 +1,10 @@
 """The worker's end of the agent channel: newline-delimited JSON over an inherited AF_UNIX
 SOCK_STREAM socket.
 
-Owns framing only: splitting lines, decoding JSON objects, encoding replies, noticing the
-agent's end of stream. What a message means is the worker's business (`ControlHandler`).
+Owns framing: splitting lines, decoding them into typed messages (meshnode.wire, the one codec
+of the channel), encoding replies, noticing the agent's end of stream. A line that is not a
+message is logged and dropped; a kind this worker does not know (a newer agent's) is skipped and
+counted (`unknown`). What a message means is the worker's business (`ControlHandler`).
 Messages are handled synchronously in arrival order, which is what makes `sync` a barrier.
 
 Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/bpf/host.
@@ -11,10 +13,12 @@ Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/b
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
+
+from meshnode.errors import WireError
+from meshnode.wire import AgentMessage, WorkerMessage, agent_codec, encode
 
 __all__ = ["MAX_LINE", "ControlChannel", "ControlHandler", "open_control"]
 
@@ -24,7 +28,7 @@ MAX_LINE = 16 * 1024 * 1024  # a Reset of a large service is one line; anything 
 
 
 class ControlHandler(Protocol):
-    def on_message(self, msg: dict[str, Any]) -> None: ...
+    def on_message(self, msg: AgentMessage) -> None: ...
 
     def on_control_closed(self) -> None:
         """The agent closed its end (or the channel failed): time to drain and exit."""
@@ -37,6 +41,7 @@ class ControlChannel(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._closed = asyncio.get_running_loop().create_future()
+        self._codec = agent_codec()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -61,14 +66,21 @@ class ControlChannel(asyncio.Protocol):
 
     def _dispatch(self, line: bytes) -> None:
         try:
-            msg = json.loads(line)
-        except ValueError:
-            log.warning("control: not JSON, ignored: %.200r", line)
+            msg = self._codec.decode(line)
+        except WireError as err:
+            log.warning("control: %s; ignored: %.200r", err.message, line)
             return
-        if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
-            log.warning("control: not a message object, ignored: %.200r", line)
+        if msg is None:
+            if self._codec.unknown.total() == 1 or log.isEnabledFor(logging.DEBUG):
+                log.info("control: unknown message kinds ignored (a newer agent?): %s",
+                         dict(self._codec.unknown))
             return
         self._handler.on_message(msg)
+
+    @property
+    def unknown(self) -> int:
+        """Messages skipped because their kind is unknown here."""
+        return self._codec.unknown.total()
 
     def eof_received(self) -> bool:
         return False  # close our end too; connection_lost tells the worker
@@ -83,10 +95,10 @@ class ControlChannel(asyncio.Protocol):
     def is_open(self) -> bool:
         return self._transport is not None and not self._transport.is_closing()
 
-    def send(self, msg: dict[str, Any]) -> None:
+    def send(self, msg: WorkerMessage) -> None:
         if self._transport is None or self._transport.is_closing():
             return  # the agent is gone; nobody to tell
-        self._transport.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+        self._transport.write(encode(msg))
 
     async def close(self, timeout: float) -> None:
         """Flush what we wrote (close() sends buffered bytes first) and wait up to `timeout`."""

@@ -6,26 +6,16 @@ attributes on slotted objects: the relay bumps byte counters once per read, so t
 single attribute add (no dict lookups, no locks: a worker is one thread). The agent sums the
 workers, keeps history for rates and percentiles, and exports Prometheus metrics.
 
-Per pair (`PairStats`; the source is "unknown" when the client's service cannot be told):
-  connections     accepted connections routed to the destination service (VIP or endpoint
-                  address), including those that then found no endpoint or failed every connect
-  active          of those, the ones still open (client side not yet closed)
-  closed          of those, the ones that ended (connections - active, kept for exports)
-  bytes_up        client → upstream bytes relayed
-  bytes_down      upstream → client bytes relayed
-  connect_errors  failed or timed-out upstream connect attempts (one connection may add several)
-  failures        connections that never got an upstream, by reason: no_endpoint, refused,
-                  timeout, unreachable, error (the reason of the last attempt)
-  connect         histogram of the successful attempt's connect latency (seconds)
-  duration        histogram of connection lifetimes, accept to close (seconds)
-Per destination service and endpoint: `selections`, connect attempts the balancer sent there.
-Worker-wide: `unrouted` connections passed straight to their original destination,
-`origdst_errors` connections refused because their original destination was unreadable or was
-the proxy itself, `active` every open client connection.
+What each figure means, its kind and its Prometheus name are declared once, in
+meshnode.counters: a pair's counters are the PAIR_FIELDS (attributes of PairStats, the names the
+relay and the connector bump), `failures` counts connections that never got an upstream by
+reason, `connect` and `duration` are the PAIR_HISTOGRAMS. Per destination service and endpoint,
+`selections` counts the connect attempts the balancer sent there. Worker-wide (WORKER_FIELDS):
+`unrouted` connections passed straight to their original destination, `origdst_errors`
+connections refused because their original destination was unreadable or was the proxy itself.
 
-The wire form also carries the per-service sums `services` that `meshnode status` shows, each
-with "endpoints": {ADDR: {"active", "connections", "connect_errors", "ewma_ms",
-"ejected_for"}} from the balancers' load records (route.ServiceTable.endpoint_report).
+The stats reply (wire.StatsReply) sends every figure by its schema name; the per-service sums
+`meshnode status` shows are the agent's (telemetry/aggregate.py), from the same pairs.
 
 Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/bpf/host.
 """
@@ -33,20 +23,23 @@ Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/b
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
+from meshnode.counters import PAIR_FIELDS, PAIR_HISTOGRAMS
 from meshnode.histogram import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
 from meshnode.model import HostPort
+from meshnode.wire import HistogramCounts, PairCounters, StatsReply
 
 __all__ = ["UNKNOWN_SOURCE", "PairStats", "WorkerStats"]
 
 UNKNOWN_SOURCE = "unknown"
-# Counters summed into the per-service view of `meshnode status`.
-_SERVICE_FIELDS = ("connections", "active", "bytes_up", "bytes_down", "connect_errors",
-                   "no_endpoint")
+_PAIR_NAMES = tuple(f.name for f in PAIR_FIELDS)
+_HISTOGRAM_NAMES = tuple(h.name for h in PAIR_HISTOGRAMS)
 
 
 class PairStats:
+    """One pair's figures. The integer attributes are exactly counters.PAIR_FIELDS (a unit
+    test holds them together): the hot path bumps attributes, the wire form names them."""
+
     __slots__ = ("active", "bytes_down", "bytes_up", "closed", "connect", "connect_errors",
                  "connections", "dst", "duration", "failures", "src")
 
@@ -66,17 +59,14 @@ class PairStats:
     def fail(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
 
-    @property
-    def no_endpoint(self) -> int:
-        return self.failures.get("no_endpoint", 0)
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"src": self.src, "dst": self.dst, "connections": self.connections,
-                "active": self.active, "closed": self.closed, "bytes_up": self.bytes_up,
-                "bytes_down": self.bytes_down, "connect_errors": self.connect_errors,
-                "failures": dict(self.failures),
-                "connect": {"counts": self.connect.counts, "sum": self.connect.sum},
-                "duration": {"counts": self.duration.counts, "sum": self.duration.sum}}
+    def to_wire(self) -> PairCounters:
+        hists: dict[str, HistogramCounts] = {}
+        for name in _HISTOGRAM_NAMES:
+            h: Histogram = getattr(self, name)
+            hists[name] = HistogramCounts(list(h.counts), h.sum)
+        return PairCounters(self.src, self.dst,
+                            {name: getattr(self, name) for name in _PAIR_NAMES},
+                            dict(self.failures), hists)
 
 
 class WorkerStats:
@@ -104,25 +94,17 @@ class WorkerStats:
         key = (dst, addr)
         self.selections[key] = self.selections.get(key, 0) + 1
 
-    def services(self) -> dict[str, dict[str, int]]:
-        """Per destination service, the pairs' counters summed."""
-        out: dict[str, dict[str, int]] = {}
-        for p in self.pairs.values():
-            acc = out.setdefault(p.dst, dict.fromkeys(_SERVICE_FIELDS, 0))
-            for k in _SERVICE_FIELDS:
-                acc[k] += getattr(p, k)
-        return out
-
-    def to_wire(self, seq: int, worker: int, active: int,
-                endpoints: Callable[[str], dict[str, Any]] = lambda name: {}) -> dict[str, Any]:
-        """`endpoints(name)` gives a service's per-endpoint report (the routing table's)."""
-        services: dict[str, Any] = {}
-        for name, counters in self.services().items():
-            services[name] = {**counters, "endpoints": endpoints(name)}
+    def to_wire(self, seq: int, worker: int, pid: int, active: int,
+                endpoints: Callable[[str], dict[str, dict[str, float | int]]] = lambda name: {},
+                unknown_messages: int = 0) -> StatsReply:
+        """`endpoints(name)` gives a service's per-endpoint report (the routing table's);
+        `active`: open client connections; `unknown_messages`: ignored control messages."""
         selections: dict[str, dict[str, int]] = {}
         for (dst, addr), n in self.selections.items():
             selections.setdefault(dst, {})[str(addr)] = n
-        return {"t": "stats", "seq": seq, "worker": worker, "services": services,
-                "pairs": [p.to_wire() for p in self.pairs.values()], "selections": selections,
-                "unrouted": self.unrouted, "origdst_errors": self.origdst_errors,
-                "active": active}
+        reports = {dst: report for dst in {p.dst for p in self.pairs.values()}
+                   if (report := endpoints(dst))}
+        return StatsReply(
+            seq, worker, pid, tuple(p.to_wire() for p in self.pairs.values()), reports,
+            selections, {"unrouted": self.unrouted, "origdst_errors": self.origdst_errors,
+                         "active": active, "unknown_messages": unknown_messages})

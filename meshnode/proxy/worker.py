@@ -5,21 +5,10 @@ over the inherited control socket, route each accepted connection by its origina
 connect upstream (SO_MARK before connect, so capture skips the proxy's own sockets), hand the
 pair to the relay, sweep idle relays, and drain on SIGTERM/SIGINT or when the agent goes away.
 
-Control channel (newline-delimited JSON; see control.py for framing):
-  worker → agent  {"t":"listening","worker":ID,"pid":PID}          once bound
-                  {"t":"error","message":M,"hint":H}                startup failed (then exit)
-                  {"t":"synced","seq":N}                            answer to sync
-                  {"t":"stats","seq":N,"worker":ID,"services":{...},"pairs":[...],
-                   "selections":{...},"unrouted":U,"origdst_errors":E,"active":A}
-                                                                    answer to stats (stats.py)
-                  {"t":"event","event":"open"|"close",...}          a tapped connection (the
-                   access log record, telemetry.py)
-  agent → worker  reset / add / remove / gone (model.update_to_wire), {"t":"sync","seq":N},
-                  {"t":"stats","seq":N},
-                  {"t":"sources","cgroups":{"ID":SERVICE}}          cgroup id (low 32 bits) →
-                                                                    source service, all of them
-                  {"t":"tap","services":[NAME|"*",...]}             send events for connections
-                                                                    from or to these ([]: none)
+Control channel: the typed messages of meshnode.wire (framing in control.py). The agent opens
+with Hello and the worker answers with its own protocol version; then discovery updates, sync
+barriers, stats requests, the cgroup -> source service map and the tap filter come in, and
+listening, start-up errors, synced, stats replies and tap events go out.
 Exit codes: 0 after a drain, 69 when the listener cannot be bound, 77 when SO_MARK is refused
 (needs CAP_NET_ADMIN; mark 0 skips it), 64 for a bad explicit target.
 
@@ -41,10 +30,10 @@ import sys
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address
-from typing import Any
 
 import uvloop
 
+from meshnode import __version__
 from meshnode.config import WorkerConfig
 from meshnode.errors import (
     EX_UNAVAILABLE,
@@ -53,7 +42,7 @@ from meshnode.errors import (
     UnavailableError,
     UsageError,
 )
-from meshnode.model import Endpoint, HostPort, OrigDstAddr, update_from_wire
+from meshnode.model import Endpoint, HostPort, OrigDstAddr
 from meshnode.proxy.accesslog import AccessLog
 from meshnode.proxy.connect import Connector
 from meshnode.proxy.control import ControlChannel, open_control
@@ -64,6 +53,26 @@ from meshnode.proxy.relay import BufferPool, Relay, RelayRegistry
 from meshnode.proxy.stats import PairStats, WorkerStats
 from meshnode.proxy.telemetry import ConnInfo, Sources
 from meshnode.route.table import Passthrough, ServiceTable, ToService
+from meshnode.wire import (
+    MIN_PROTOCOL,
+    PROTOCOL,
+    AgentMessage,
+    CgroupSources,
+    ConnEvent,
+    EndpointsAdded,
+    EndpointsRemoved,
+    Hello,
+    Listening,
+    ServiceGone,
+    ServiceReset,
+    StartError,
+    StatsRequest,
+    Sync,
+    Synced,
+    Tap,
+    WorkerMessage,
+    as_update,
+)
 
 __all__ = ["ListenError", "MarkError", "ProxyWorker", "bind_listener", "main"]
 
@@ -73,7 +82,6 @@ log = logging.getLogger("meshnode.proxy")
 BACKLOG = 4096  # clamped by net.core.somaxconn
 ACCEPT_BATCH = 64  # connections taken per listener wake-up (libuv's accept loop takes all)
 ACCEPT_PAUSE = 0.1  # seconds without accepting after accept() failed (out of descriptors)
-_UPDATES = frozenset({"reset", "add", "remove", "gone"})
 
 
 class ListenError(UnavailableError):
@@ -140,6 +148,7 @@ class ProxyWorker:
         self.access = (AccessLog(config.access_log, config.access_log_sample)
                        if config.access_log else None)
         self._control: ControlChannel | None = None
+        self.agent_protocol = PROTOCOL  # until the agent's Hello says otherwise
         # Kept, not asked for per connection: asyncio.get_running_loop() costs a getpid(2).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lsock: _socket.socket | None = None
@@ -159,32 +168,38 @@ class ProxyWorker:
 
     # -- control channel ---------------------------------------------------------------------
 
-    def on_message(self, msg: dict[str, Any]) -> None:
-        t = msg["t"]
-        if t in _UPDATES:
-            try:
-                self.table.apply(update_from_wire(msg))
-            except (MeshnodeError, KeyError, TypeError, ValueError) as exc:
-                log.error("bad %s update ignored: %s", t, exc)
-        elif t == "sync":
-            # Every message before this one has been applied: they are handled in order.
-            self._send({"t": "synced", "seq": msg.get("seq")})
-        elif t == "stats":
-            self._send(self.stats.to_wire(msg.get("seq", 0), self.config.worker_id,
-                                          len(self.registry), self.table.endpoint_report))
-        elif t == "sources":
-            self.sources.replace(msg.get("cgroups") or {})
-        elif t == "tap":
-            self.tap = frozenset(str(s) for s in msg.get("services") or ())
-        else:
-            log.warning("unknown control message %r ignored", t)
+    def on_message(self, msg: AgentMessage) -> None:
+        match msg:
+            case ServiceReset() | EndpointsAdded() | EndpointsRemoved() | ServiceGone():
+                try:
+                    self.table.apply(as_update(msg))
+                except (MeshnodeError, KeyError, TypeError, ValueError) as exc:
+                    log.error("bad %s update ignored: %s", type(msg).__name__, exc)
+            case Sync(seq):
+                # Every message before this one has been applied: they are handled in order.
+                self._send(Synced(seq))
+            case StatsRequest(seq):
+                control = self._control
+                self._send(self.stats.to_wire(seq, self.config.worker_id, os.getpid(),
+                                              len(self.registry), self.table.endpoint_report,
+                                              control.unknown if control else 0))
+            case CgroupSources(cgroups):
+                self.sources.replace(cgroups)
+            case Tap(services):
+                self.tap = frozenset(services)
+            case Hello(protocol):
+                if protocol < MIN_PROTOCOL:
+                    log.error("the agent speaks protocol %d, this worker needs %d or later",
+                              protocol, MIN_PROTOCOL)
+                self.agent_protocol = protocol
+                self._send(Hello(PROTOCOL, __version__))
 
     def on_control_closed(self) -> None:
         if self._stop is not None and not self._stop.is_set():
             log.info("agent channel closed: draining")
         self.request_stop()
 
-    def _send(self, msg: dict[str, Any]) -> None:
+    def _send(self, msg: WorkerMessage) -> None:
         if self._control is not None:
             self._control.send(msg)
 
@@ -296,7 +311,7 @@ class ProxyWorker:
         """A relay's upstream answered: its tap event."""
         info = relay.info
         if self.tap and info is not None and info.tapped(self.tap):
-            self._send(info.event("open", relay, self.config.worker_id, self.clock()))
+            self._send(_event(info.event("open", relay, self.config.worker_id, self.clock())))
 
     def _finished(self, relay: Relay) -> None:
         """A relay ended: its duration, and its access log line and tap event."""
@@ -310,7 +325,7 @@ class ProxyWorker:
         now = self.clock()
         relay.stats.duration.observe(now - info.t0)
         if self.tap and info.tapped(self.tap):
-            self._send(info.event("close", relay, self.config.worker_id, now))
+            self._send(_event(info.event("close", relay, self.config.worker_id, now)))
         if self.access is not None and self.access.wants():
             self.access.write(info.log_line(relay, self.config.worker_id, now))
 
@@ -341,7 +356,7 @@ class ProxyWorker:
             lsock = bind_listener(self.config.listen_host, self.config.listen_port)
         except MeshnodeError as err:
             log.error("%s", err)
-            self._send({"t": "error", "message": err.message, "hint": err.hint})
+            self._send(StartError(err.message, err.hint, err.exit_code))
             if self._control is not None:
                 await self._control.close(timeout=2.0)
             return err.exit_code
@@ -353,7 +368,7 @@ class ProxyWorker:
         poller.register(lsock.fileno(), READ, self._on_accept)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        self._send({"t": "listening", "worker": self.config.worker_id, "pid": os.getpid()})
+        self._send(Listening(self.config.worker_id, os.getpid()))
         sweeper = loop.create_task(self._sweep_idle())
         await self._stop.wait()
         await self._shutdown(sweeper)
@@ -395,6 +410,12 @@ class ProxyWorker:
         #    before the socket closes.
         if self._control is not None:
             await self._control.close(timeout=2.0)
+
+
+def _event(record: dict[str, object]) -> ConnEvent:
+    """A tap event: the record without the old inline tag (wire.ConnEvent carries its own)."""
+    record.pop("t", None)
+    return ConnEvent(record)
 
 
 FD_RESERVE = 16  # descriptors kept for what opens later: access log, netlink, control

@@ -1,10 +1,16 @@
 """Summing the workers' counters into one host-wide view (`Totals`), kept monotonic across
-worker restarts.
+worker restarts. `meshnode status`, `stat`, `top`, the dashboard and /metrics all read it.
 
 A worker's counters start at zero when it starts. The agent keeps each worker's last answer;
 when a worker id answers with a new pid (it was restarted), the old process's last answer moves
 into `retired`, so every counter the agent exports only ever grows (what Prometheus' rate()
 expects). Counts between the last sample and a crash are lost (at most one sample interval).
+
+How each figure combines is its `kind` in meshnode.counters: counters add (live and retired
+processes), gauges add over the live workers only, a max takes the largest live value. Names a
+worker sends that the schema does not declare (a newer worker's) are ignored.
+
+Agent side: imports the shared schema and wire types, never the proxy package.
 """
 
 from __future__ import annotations
@@ -12,66 +18,80 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshnode.histogram import CONNECT_BUCKETS, DURATION_BUCKETS
+from meshnode.counters import ENDPOINT_FIELDS, PAIR_FIELDS, PAIR_HISTOGRAMS, WORKER_FIELDS, Field
+from meshnode.wire import HistogramCounts, PairCounters, StatsReply
 
-__all__ = ["Accumulator", "PairTotals", "Totals"]
+__all__ = ["Accumulator", "HistogramTotals", "PairTotals", "Totals"]
 
-_COUNTERS = ("connections", "closed", "bytes_up", "bytes_down", "connect_errors")
+
+def _combine(into: dict[str, Any], fields: tuple[Field, ...], values: dict[str, Any],
+             gauges: bool) -> None:
+    """Fold `values` (by schema name) into `into` by each field's kind; a past process
+    (`gauges` False) brings only its counters."""
+    for f in fields:
+        v = values.get(f.name)
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            continue  # absent, or not a number: nothing to add
+        if f.kind == "counter" or (f.kind == "gauge" and gauges):
+            into[f.name] = into.get(f.name, 0) + v
+        elif f.kind == "max" and gauges:
+            into[f.name] = max(into.get(f.name, 0), v)
+
+
+@dataclass
+class HistogramTotals:
+    counts: list[int]
+    sum: float = 0.0
+
+    def add(self, counts: list[int], total: float) -> None:
+        if len(counts) != len(self.counts):
+            return  # a worker of another version with other buckets: skip rather than misfile
+        self.counts = [a + b for a, b in zip(self.counts, counts, strict=True)]
+        self.sum += total
+
+
+def _histograms() -> dict[str, HistogramTotals]:
+    return {h.name: HistogramTotals([0] * (len(h.bounds) + 1)) for h in PAIR_HISTOGRAMS}
 
 
 @dataclass
 class PairTotals:
-    """One (source service, destination service) pair, summed over workers."""
+    """One (source service, destination service) pair, summed over workers. `values` holds
+    counters.PAIR_FIELDS by name (read them with `p["connections"]`)."""
 
     src: str
     dst: str
-    connections: int = 0
-    active: int = 0
-    closed: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    connect_errors: int = 0
+    values: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
-    connect: list[int] = field(default_factory=lambda: [0] * (len(CONNECT_BUCKETS) + 1))
-    connect_sum: float = 0.0
-    duration: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
-    duration_sum: float = 0.0
+    histograms: dict[str, HistogramTotals] = field(default_factory=_histograms)
+
+    def __getitem__(self, name: str) -> int:
+        return self.values.get(name, 0)
 
     @property
     def failed(self) -> int:
         """Connections that never reached an endpoint."""
         return sum(self.failures.values())
 
-    def add_wire(self, w: dict[str, Any]) -> None:
-        for k in _COUNTERS:
-            setattr(self, k, getattr(self, k) + int(w.get(k, 0)))
-        self.active += int(w.get("active", 0))
-        for reason, n in (w.get("failures") or {}).items():
-            self.failures[reason] = self.failures.get(reason, 0) + int(n)
-        _add_hist(self.connect, w.get("connect"))
-        self.connect_sum += float((w.get("connect") or {}).get("sum", 0.0))
-        _add_hist(self.duration, w.get("duration"))
-        self.duration_sum += float((w.get("duration") or {}).get("sum", 0.0))
+    def add_wire(self, w: PairCounters) -> None:
+        _combine(self.values, PAIR_FIELDS, w.values, gauges=True)
+        self._add_failures(w.failures)
+        for name, h in self.histograms.items():
+            wh: HistogramCounts | None = w.histograms.get(name)
+            if wh is not None:
+                h.add(wh.counts, wh.sum)
 
     def add(self, o: PairTotals, gauges: bool = True) -> None:
-        for k in _COUNTERS:
-            setattr(self, k, getattr(self, k) + getattr(o, k))
-        if gauges:
-            self.active += o.active
-        for reason, n in o.failures.items():
+        _combine(self.values, PAIR_FIELDS, o.values, gauges)
+        self._add_failures(o.failures)
+        for name, h in self.histograms.items():
+            oh = o.histograms.get(name)
+            if oh is not None:
+                h.add(oh.counts, oh.sum)
+
+    def _add_failures(self, failures: dict[str, int]) -> None:
+        for reason, n in failures.items():
             self.failures[reason] = self.failures.get(reason, 0) + n
-        self.connect = [a + b for a, b in zip(self.connect, o.connect, strict=True)]
-        self.connect_sum += o.connect_sum
-        self.duration = [a + b for a, b in zip(self.duration, o.duration, strict=True)]
-        self.duration_sum += o.duration_sum
-
-
-def _add_hist(into: list[int], wire: Any) -> None:
-    counts = (wire or {}).get("counts") or ()
-    if len(counts) != len(into):
-        return  # a worker of another version with other buckets: skip rather than misfile
-    for i, n in enumerate(counts):
-        into[i] += int(n)
 
 
 @dataclass
@@ -79,10 +99,10 @@ class Totals:
     """The host's proxy counters at one instant."""
 
     pairs: dict[tuple[str, str], PairTotals] = field(default_factory=dict)
+    # (service, endpoint address) -> ENDPOINT_FIELDS by name
+    endpoints: dict[tuple[str, str], dict[str, int | float]] = field(default_factory=dict)
     selections: dict[tuple[str, str], int] = field(default_factory=dict)  # (dst, endpoint)
-    unrouted: int = 0
-    origdst_errors: int = 0
-    active: int = 0
+    values: dict[str, int] = field(default_factory=dict)  # WORKER_FIELDS by name
 
     def pair(self, src: str, dst: str) -> PairTotals:
         p = self.pairs.get((src, dst))
@@ -90,26 +110,44 @@ class Totals:
             p = self.pairs[(src, dst)] = PairTotals(src, dst)
         return p
 
-    def add_worker(self, answer: dict[str, Any]) -> None:
-        for w in answer.get("pairs") or ():
-            self.pair(str(w.get("src", "")), str(w.get("dst", ""))).add_wire(w)
-        for dst, eps in (answer.get("selections") or {}).items():
-            for addr, n in eps.items():
-                self.selections[(dst, addr)] = self.selections.get((dst, addr), 0) + int(n)
-        self.unrouted += int(answer.get("unrouted", 0))
-        self.origdst_errors += int(answer.get("origdst_errors", 0))
-        self.active += int(answer.get("active", 0))
+    def add_worker(self, answer: StatsReply) -> None:
+        for w in answer.pairs:
+            self.pair(w.src, w.dst).add_wire(w)
+        for dst, eps in answer.endpoints.items():
+            for addr, figures in eps.items():
+                _combine(self.endpoints.setdefault((dst, addr), {}), ENDPOINT_FIELDS, figures,
+                         gauges=True)
+        for dst, picks in answer.selections.items():
+            for addr, n in picks.items():
+                self.selections[(dst, addr)] = self.selections.get((dst, addr), 0) + n
+        _combine(self.values, WORKER_FIELDS, answer.values, gauges=True)
 
     def add(self, o: Totals, gauges: bool = True) -> None:
         """Add `o`'s counters (and its gauges, unless `o` is the past: retired workers)."""
         for (src, dst), p in o.pairs.items():
             self.pair(src, dst).add(p, gauges)
+        for key, figures in o.endpoints.items():
+            _combine(self.endpoints.setdefault(key, {}), ENDPOINT_FIELDS, figures, gauges)
         for k, n in o.selections.items():
             self.selections[k] = self.selections.get(k, 0) + n
-        self.unrouted += o.unrouted
-        self.origdst_errors += o.origdst_errors
-        if gauges:
-            self.active += o.active
+        _combine(self.values, WORKER_FIELDS, o.values, gauges)
+
+    def by_service(self) -> dict[str, dict[str, Any]]:
+        """What `meshnode status` shows per destination service: the PAIR_FIELDS summed over
+        sources, `failures` by reason, and `endpoints` (address -> ENDPOINT_FIELDS)."""
+        out: dict[str, dict[str, Any]] = {}
+        for p in self.pairs.values():
+            svc = out.setdefault(p.dst, {**{f.name: 0 for f in PAIR_FIELDS}, "failures": {},
+                                         "endpoints": {}})
+            for f in PAIR_FIELDS:
+                svc[f.name] += p[f.name]
+            for reason, n in p.failures.items():
+                svc["failures"][reason] = svc["failures"].get(reason, 0) + n
+        for (dst, addr), figures in self.endpoints.items():
+            svc = out.setdefault(dst, {**{f.name: 0 for f in PAIR_FIELDS}, "failures": {},
+                                       "endpoints": {}})
+            svc["endpoints"][addr] = dict(figures)
+        return out
 
 
 class Accumulator:
@@ -117,30 +155,29 @@ class Accumulator:
 
     def __init__(self) -> None:
         self.retired = Totals()
-        self._last: dict[int, tuple[int | None, dict[str, Any]]] = {}  # worker id → pid, answer
+        self._last: dict[int, StatsReply] = {}  # worker id → its last answer
 
-    def update(self, answers: list[dict[str, Any]]) -> Totals:
-        """`answers`: the live workers' stats replies, each with the agent-added "pid"."""
+    def update(self, answers: list[StatsReply]) -> Totals:
+        """`answers`: the live workers' stats replies."""
         total = Totals()
         total.add(self.retired, gauges=False)
         answered = set()
         for a in answers:
-            wid, pid = int(a.get("worker", -1)), a.get("pid")
-            answered.add(wid)
-            prev = self._last.get(wid)
-            if prev is not None and prev[0] != pid:
-                gone = _counters_of(prev[1])
+            answered.add(a.worker)
+            prev = self._last.get(a.worker)
+            if prev is not None and prev.pid != a.pid:
+                gone = _counters_of(prev)
                 self.retired.add(gone, gauges=False)
                 total.add(gone, gauges=False)
-            self._last[wid] = (pid, a)
+            self._last[a.worker] = a
             total.add_worker(a)
-        for wid, (_, a) in self._last.items():
+        for wid, a in self._last.items():
             if wid not in answered:  # dead or slow: its counts so far still count
                 total.add(_counters_of(a), gauges=False)
         return total
 
 
-def _counters_of(answer: dict[str, Any]) -> Totals:
+def _counters_of(answer: StatsReply) -> Totals:
     t = Totals()
     t.add_worker(answer)
     return t

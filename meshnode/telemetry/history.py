@@ -4,7 +4,9 @@ and connect-latency percentiles over a window (`meshnode stat`, `top`, the dashb
 The agent samples the workers once a second and keeps the last `keep` seconds. A window's
 figures are the difference between the newest sample and the newest one at least `window`
 seconds older (or the oldest kept, seeded with zeros at agent start), divided by the time
-between them, the same arithmetic as Prometheus' rate() and histogram_quantile().
+between them, the same arithmetic as Prometheus' rate() and histogram_quantile(). The figures
+read the counters by their meshnode.counters names (connections, active, bytes_up, bytes_down,
+the failures and the connect histogram).
 """
 
 from __future__ import annotations
@@ -51,15 +53,16 @@ def figures(new: Iterable[PairTotals], old: Iterable[PairTotals], seconds: float
         cur.add(p)
     for p in old:
         base.add(p)
-    conns = cur.connections - base.connections
+    conns = cur["connections"] - base["connections"]
     failed = cur.failed - base.failed
-    counts = [a - b for a, b in zip(cur.connect, base.connect, strict=True)]
+    counts = [a - b for a, b in zip(cur.histograms["connect"].counts,
+                                    base.histograms["connect"].counts, strict=True)]
     span = max(seconds, 1e-9)
     return WindowFigures(
-        connections=conns, failed=failed, active=cur.active,
+        connections=conns, failed=failed, active=cur["active"],
         rate=conns / span, error_rate=(failed / conns) if conns > 0 else 0.0,
-        bytes_up_rate=(cur.bytes_up - base.bytes_up) / span,
-        bytes_down_rate=(cur.bytes_down - base.bytes_down) / span,
+        bytes_up_rate=(cur["bytes_up"] - base["bytes_up"]) / span,
+        bytes_down_rate=(cur["bytes_down"] - base["bytes_down"]) / span,
         p50_ms=_ms(quantile(0.50, CONNECT_BUCKETS, counts)),
         p95_ms=_ms(quantile(0.95, CONNECT_BUCKETS, counts)),
         p99_ms=_ms(quantile(0.99, CONNECT_BUCKETS, counts)))

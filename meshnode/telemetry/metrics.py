@@ -4,6 +4,9 @@ The agent builds a Snapshot in its event loop (worker counters summed, kernel, D
 health and enrollment figures); the admin server's thread renders it at scrape time with
 prometheus-client's exposition (text and OpenMetrics, by the scraper's Accept header).
 
+The traffic families (names, help, kinds, labels) come from the declared counter schema,
+meshnode.counters; the agent, kernel, DNS and registry families are written out here.
+
 Labels stay bounded: services (`src`, `dst`, `service`), endpoints of services, failure reasons
 and kernel event names; never per-connection values or ephemeral ports. A client whose service
 cannot be told is `src="unknown"`.
@@ -28,7 +31,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from meshnode.histogram import CONNECT_BUCKETS, DURATION_BUCKETS
+from meshnode.counters import (
+    ENDPOINT_FIELDS,
+    FAILURES,
+    PAIR_FIELDS,
+    PAIR_HISTOGRAMS,
+    SELECTIONS,
+    WORKER_FIELDS,
+    Field,
+)
 from meshnode.telemetry.aggregate import Totals
 
 __all__ = ["MeshCollector", "Snapshot"]
@@ -49,6 +60,17 @@ class Snapshot:
     services: list[dict[str, Any]]  # name, endpoints: [{addr, healthy, checks, failed}]
     enrolled: dict[str, int]  # service → enrolled processes
     workers: list[dict[str, Any]]  # id, alive, restarts
+
+
+def _family(families: dict[str, Metric], f: Field,
+            labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
+    """The family a schema field belongs to, made on first use (fields may share one)."""
+    fam = families.get(f.family)
+    if isinstance(fam, CounterMetricFamily | GaugeMetricFamily):
+        return fam
+    kind = CounterMetricFamily if f.kind == "counter" else GaugeMetricFamily
+    made = families[f.family] = kind(f.family, f.help, labels=labels)
+    return made
 
 
 def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, float]]:
@@ -90,52 +112,36 @@ class MeshCollector(Collector):
 
     @staticmethod
     def _traffic(t: Totals) -> Iterator[Metric]:
-        opened = CounterMetricFamily("meshnode_connections_opened",
-                                     "Connections accepted for a destination service.",
-                                     labels=_PAIR)
-        closed = CounterMetricFamily("meshnode_connections_closed",
-                                     "Connections that ended.", labels=_PAIR)
-        active = GaugeMetricFamily("meshnode_connections_active", "Connections open now.",
-                                   labels=_PAIR)
-        sent = CounterMetricFamily("meshnode_bytes",
-                                   "Bytes relayed; direction up is client to endpoint, down "
-                                   "is endpoint to client.", labels=[*_PAIR, "direction"])
-        failures = CounterMetricFamily("meshnode_connect_failures",
-                                       "Connections that never reached an endpoint, by reason "
-                                       "(no_endpoint, refused, timeout, unreachable, error).",
-                                       labels=[*_PAIR, "reason"])
-        attempts = CounterMetricFamily("meshnode_connect_attempt_errors",
-                                       "Failed upstream connect attempts, retried ones "
-                                       "included.", labels=_PAIR)
-        latency = HistogramMetricFamily("meshnode_connect_latency_seconds",
-                                        "Upstream connect latency.", labels=_PAIR)
-        duration = HistogramMetricFamily("meshnode_connection_duration_seconds",
-                                         "Connection lifetime, accept to close.", labels=_PAIR)
-        for (src, dst), p in sorted(t.pairs.items()):
-            lv = [src, dst]
-            opened.add_metric(lv, float(p.connections))
-            closed.add_metric(lv, float(p.closed))
-            active.add_metric(lv, float(p.active))
-            sent.add_metric([*lv, "up"], float(p.bytes_up))
-            sent.add_metric([*lv, "down"], float(p.bytes_down))
+        """Every family of the counter schema (meshnode.counters), in its declared order."""
+        pairs = sorted(t.pairs.items())
+        families: dict[str, Metric] = {}
+        for f in PAIR_FIELDS:
+            fam = _family(families, f, [*_PAIR, *(k for k, _ in f.labels)])
+            for (src, dst), p in pairs:
+                fam.add_metric([src, dst, *(v for _, v in f.labels)], p[f.name] * f.scale)
+        failures = _family(families, FAILURES, [*_PAIR, "reason"])
+        for (src, dst), p in pairs:
             for reason, n in sorted(p.failures.items()):
-                failures.add_metric([*lv, reason], float(n))
-            attempts.add_metric(lv, float(p.connect_errors))
-            latency.add_metric(lv, _buckets(CONNECT_BUCKETS, p.connect), p.connect_sum)
-            duration.add_metric(lv, _buckets(DURATION_BUCKETS, p.duration), p.duration_sum)
-        yield from (opened, closed, active, sent, failures, attempts, latency, duration)
-        picks = CounterMetricFamily("meshnode_endpoint_selections",
-                                    "Connect attempts the balancer sent to an endpoint.",
-                                    labels=["dst", "endpoint"])
+                failures.add_metric([src, dst, reason], float(n))
+        for h in PAIR_HISTOGRAMS:
+            hist = HistogramMetricFamily(h.family, h.help, labels=_PAIR)
+            for (src, dst), p in pairs:
+                totals = p.histograms[h.name]
+                hist.add_metric([src, dst], _buckets(h.bounds, totals.counts), totals.sum)
+            families[h.family] = hist
+        endpoints = sorted(t.endpoints.items())
+        for f in ENDPOINT_FIELDS:
+            fam = _family(families, f, ["dst", "endpoint"])
+            for (dst, addr), figures in endpoints:
+                if f.name in figures:
+                    fam.add_metric([dst, addr], figures[f.name] * f.scale)
+        picks = _family(families, SELECTIONS, ["dst", "endpoint"])
         for (dst, addr), n in sorted(t.selections.items()):
             picks.add_metric([dst, addr], float(n))
-        yield picks
-        yield CounterMetricFamily("meshnode_passthrough_connections",
-                                  "Captured connections to no mesh destination, sent on "
-                                  "unchanged.", value=float(t.unrouted))
-        yield CounterMetricFamily("meshnode_origdst_errors",
-                                  "Connections refused: original destination unreadable.",
-                                  value=float(t.origdst_errors))
+        for f in WORKER_FIELDS:
+            if f.family:
+                _family(families, f, []).add_metric([], t.values.get(f.name, 0) * f.scale)
+        yield from families.values()
 
     @staticmethod
     def _kernel(s: Snapshot) -> Iterator[Metric]:

@@ -10,7 +10,6 @@ Every proxy gets one worker process/thread; `meshnode_explicit(workers=k)` is fo
 from __future__ import annotations
 
 import contextlib
-import json
 import resource
 import socket
 import subprocess
@@ -23,7 +22,8 @@ from typing import Any
 
 import psutil
 
-from meshnode.model import Endpoint, HostPort, Reset, ServiceSpec, update_to_wire
+from meshnode.model import Endpoint, HostPort, Reset, ServiceSpec
+from meshnode.wire import encode, update_message
 from tests.bench.client import Client, ClientError
 from tests.bench.procs import listens, stop_tree
 from tests.harness import Host, wait_for
@@ -140,7 +140,7 @@ def _backend_service() -> bytes:
     """The control message a worker's agent would send for the backend service."""
     spec = ServiceSpec.build("backend", 1, EXPLICIT_VIP, BACKEND_PORT)
     ep = Endpoint(HostPort(IPv4Address(LOOPBACK), BACKEND_PORT))
-    return json.dumps(update_to_wire(Reset(spec, (ep,)))).encode() + b"\n"
+    return encode(update_message(Reset(spec, (ep,))))
 
 
 @contextlib.contextmanager

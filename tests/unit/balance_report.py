@@ -18,7 +18,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address
 
-from meshnode.model import BalancerConfig, Endpoint, HostPort, Reset, ServiceSpec, update_to_wire
+from meshnode.model import BalancerConfig, Endpoint, HostPort, Reset, ServiceSpec
+from meshnode.wire import update_message
 from tests.unit.test_worker import VIP, Backend, Worker, recv_all
 
 ALGORITHMS = ("round-robin", "random", "p2c-ewma", "ring-hash")
@@ -48,7 +49,7 @@ def main() -> int:
         for i, algorithm in enumerate(ALGORITHMS):
             spec = ServiceSpec.build(f"svc{i}", i + 1, IPv4Address(VIP), 80,
                                lb=BalancerConfig(algorithm, locality=False))
-            worker.send(update_to_wire(Reset(spec, tuple(
+            worker.send(update_message(Reset(spec, tuple(
                 Endpoint(HostPort.parse(b.addr), weight=w) for b, w in backends))))
             worker.sync()
             rngs = [random.Random(n) for n in range(calls)]

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 
 from meshnode import constants as C
-from meshnode.errors import UsageError, from_wire
+from meshnode.errors import KernelError, UsageError, from_wire
 from meshnode.host.ledger import Ledger
-from meshnode.model import Endpoint, HostPort, Reset, ServiceSpec, update_from_wire, update_to_wire
+from meshnode.model import Endpoint, HostPort, Reset, ServiceSpec
+from meshnode.wire import agent_codec, as_update, encode, update_message
 
 
 @pytest.mark.parametrize("text", ["", "1.2.3.4", "1.2.3.4:", ":80", "host:80", "1.2.3.4:0",
@@ -22,12 +23,19 @@ def test_bad_addresses_are_usage_errors_with_a_hint(text: str) -> None:
 def test_updates_survive_the_wire() -> None:
     u = Reset(ServiceSpec.build("web", 3, HostPort.parse("127.240.0.9:1").ip, 80, True),
               (Endpoint(HostPort.parse("127.0.0.1:8001")),))
-    assert update_from_wire(update_to_wire(u)) == u
+    assert as_update(agent_codec().decode(encode(update_message(u)))) == u  # type: ignore[arg-type]
 
 
 def test_errors_survive_the_wire() -> None:
     err = from_wire(UsageError("bad", "fix it").to_wire())
     assert isinstance(err, UsageError) and err.hint == "fix it" and err.exit_code == 64
+
+
+def test_a_kernel_error_keeps_its_errno_across_the_wire() -> None:
+    # from_wire used to build errors without their constructor: errno was lost (AttributeError)
+    err = from_wire(KernelError("bpf_prog_load failed", "see dmesg", errno=13).to_wire())
+    assert isinstance(err, KernelError) and err.errno == 13
+    assert (err.message, err.hint, err.exit_code) == ("bpf_prog_load failed", "see dmesg", 71)
 
 
 def _c_sources() -> dict[str, str]:

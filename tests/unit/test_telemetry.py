@@ -8,12 +8,12 @@ import json
 import random
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshnode.counters import ENDPOINT_FIELDS, PAIR_FIELDS, PAIR_HISTOGRAMS, WORKER_FIELDS
 from meshnode.histogram import CONNECT_BUCKETS, Histogram, quantile
 from meshnode.model import HostPort, OrigDstAddr
 from meshnode.proxy.accesslog import FLUSH_INTERVAL, AccessLog
@@ -22,6 +22,7 @@ from meshnode.proxy.telemetry import ConnInfo
 from meshnode.telemetry.aggregate import Accumulator, Totals
 from meshnode.telemetry.history import History
 from meshnode.telemetry.metrics import MeshCollector, Snapshot
+from meshnode.wire import StatsReply, encode, worker_codec
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -39,7 +40,8 @@ def test_quantile_interpolates_inside_the_bucket() -> None:
 
 
 def worker_answer(worker: int, pid: int, connections: int, active: int = 0,
-                  bytes_up: int = 0, latency: float = 0.001) -> dict[str, Any]:
+                  bytes_up: int = 0, latency: float = 0.001) -> StatsReply:
+    """A worker's stats reply, through the wire as the agent receives it."""
     stats = WorkerStats()
     p = stats.pair("web", "api")
     p.connections, p.active, p.closed, p.bytes_up = connections, active, connections - active, \
@@ -48,20 +50,33 @@ def worker_answer(worker: int, pid: int, connections: int, active: int = 0,
         p.connect.observe(latency)
     if connections:
         p.fail("refused")
-    return {**stats.to_wire(1, worker, active), "pid": pid}
+    endpoints = {"127.0.0.1:1": {"active": active, "connections": connections,
+                                 "connect_errors": 1, "ewma_ms": 1.5, "ejected_for": 0.0}}
+    reply = stats.to_wire(1, worker, pid, active, lambda name: endpoints)
+    decoded = worker_codec().decode(encode(reply))
+    assert isinstance(decoded, StatsReply)
+    return decoded
 
 
 def test_totals_stay_monotonic_when_a_worker_restarts() -> None:
     acc = Accumulator()
     t = acc.update([worker_answer(0, 100, 10, active=2), worker_answer(1, 101, 5)])
-    assert t.pair("web", "api").connections == 15 and t.pair("web", "api").active == 2
+    assert t.pair("web", "api")["connections"] == 15 and t.pair("web", "api")["active"] == 2
     # worker 0 died: while it is down its counts stay (its gauge goes)
     t = acc.update([worker_answer(1, 101, 6)])
-    assert t.pair("web", "api").connections == 16 and t.pair("web", "api").active == 0
+    assert t.pair("web", "api")["connections"] == 16 and t.pair("web", "api")["active"] == 0
     # it is back with a new pid and fresh counters: the old ones are retired, not lost
     t = acc.update([worker_answer(0, 200, 1), worker_answer(1, 101, 6)])
     p = t.pair("web", "api")
-    assert (p.connections, p.failures["refused"], sum(p.connect)) == (17, 3, 17)
+    assert (p["connections"], p.failures["refused"], sum(p.histograms["connect"].counts)) == \
+        (17, 3, 17)
+    # what `meshnode status` shows is the same monotonic sum: per service and per endpoint
+    # (counters keep the retired process's counts, the gauge only the live workers')
+    api = t.by_service()["api"]
+    assert api["connections"] == 17 and api["failures"] == {"refused": 3}
+    assert api["endpoints"]["127.0.0.1:1"] == {"active": 0, "connections": 17,
+                                               "connect_errors": 3, "ewma_ms": 1.5,
+                                               "ejected_for": 0.0}
 
 
 def test_window_figures_are_deltas_over_time() -> None:
@@ -119,6 +134,9 @@ def test_exposition_has_bounded_labels_and_the_right_values() -> None:
     assert samples[("meshnode_health_checks_total", (("endpoint", "127.0.0.1:1"),
                                                      ("result", "ok"), ("service", "api")))] == 3
     assert samples[("meshnode_worker_restarts_total", (("worker", "0"),))] == 2
+    ep = (("dst", "api"), ("endpoint", "127.0.0.1:1"))
+    assert samples[("meshnode_endpoint_connections_total", ep)] == 4
+    assert samples[("meshnode_endpoint_connect_ewma_seconds", ep)] == 0.0015
     labels = {k for (_, lv) in samples for k, _ in lv}
     assert labels <= {"src", "dst", "direction", "reason", "le", "endpoint", "service",
                       "health", "result", "backend", "event", "worker", "version", "node",
@@ -132,9 +150,38 @@ def test_pair_counters_feed_the_status_view() -> None:
     a, b = stats.pair("web", "api"), stats.pair("unknown", "api")
     a.connections, b.connections, b.bytes_down = 2, 3, 9
     b.fail("no_endpoint")
-    assert stats.services()["api"] == {"connections": 5, "active": 0, "bytes_up": 0,
-                                       "bytes_down": 9, "connect_errors": 0, "no_endpoint": 1}
+    totals = Accumulator().update([stats.to_wire(1, 0, 10, 0)])
+    assert totals.by_service()["api"] == {"connections": 5, "active": 0, "closed": 0,
+                                          "bytes_up": 0, "bytes_down": 9, "connect_errors": 0,
+                                          "failures": {"no_endpoint": 1}, "endpoints": {}}
     assert isinstance(stats.passthrough, PairStats)
+
+
+def test_the_schema_names_every_worker_counter() -> None:
+    """counters.PAIR_FIELDS are exactly PairStats' integer counters, so a counter the worker
+    keeps cannot miss the agent's sums, status and /metrics (nor can the schema name one the
+    worker never counts)."""
+    p = PairStats("a", "b")
+    ints = {name for name in PairStats.__slots__ if type(getattr(p, name)) is int}
+    assert ints == {f.name for f in PAIR_FIELDS}
+    assert {h.name for h in PAIR_HISTOGRAMS} == {
+        name for name in PairStats.__slots__ if isinstance(getattr(p, name), Histogram)}
+    # fields sharing a Prometheus family agree on its kind and help
+    families: dict[str, tuple[str, str]] = {}
+    for f in (*PAIR_FIELDS, *ENDPOINT_FIELDS, *WORKER_FIELDS):
+        if f.family:
+            assert families.setdefault(f.family, (f.kind, f.help)) == (f.kind, f.help), f
+
+
+def test_status_counters_never_fall_back_after_a_worker_restart() -> None:
+    """The sum behind `meshnode status` is the Accumulator's: a restarted worker's fresh
+    zeroes do not pull the service's counters back."""
+    acc = Accumulator()
+    before = acc.update([worker_answer(0, 100, 10), worker_answer(1, 101, 5)])
+    after = acc.update([worker_answer(0, 300, 0), worker_answer(1, 101, 5)])
+    assert before.by_service()["api"]["connections"] == 15
+    assert after.by_service()["api"]["connections"] == 15
+    assert after.by_service()["api"]["endpoints"]["127.0.0.1:1"]["connections"] == 15
 
 
 def test_access_log_batches_samples_and_follows_rotation(tmp_path: Path) -> None:

@@ -82,7 +82,7 @@ def control(op: str) -> Any:
             if not chunk:
                 break
             buf += chunk
-    return json.loads(buf)["result"]
+    return json.loads(buf)["value"]  # meshnode.wire.Result: {"t": "result", "value": ...}
 
 
 def endpoints(service: str) -> set[str]:

@@ -1,0 +1,115 @@
+"""The declared counter schema: every traffic figure a proxy worker keeps, how the agent sums
+it, and what /metrics calls it.
+
+One declaration drives four places that used to list the fields by hand:
+- the worker (proxy/stats.py): a pair's counters are `PairStats` attributes named here, sent by
+  name in the stats reply (wire.StatsReply);
+- the agent's sums (telemetry/aggregate.py): by `kind`, a counter adds over workers and over
+  the processes a restart retired (so it never falls back), a gauge adds over the live workers
+  only, a max takes the largest live value;
+- the Prometheus families (telemetry/metrics.py): family name, help and constant labels;
+- `meshnode status` (per service: the pair fields summed over sources; per endpoint: the
+  ENDPOINT fields), read from the same sums as `stat` and /metrics.
+
+Adding a counter: one `Field` here and the code that bumps it in the worker. The agent, the
+wire and /metrics follow without an edit. Names a peer sends that are not declared here (a newer
+worker's) are ignored by the sums.
+
+Pure, shared by the worker and the agent: imports nothing of meshnode's but histogram.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from meshnode.histogram import CONNECT_BUCKETS, DURATION_BUCKETS
+
+__all__ = ["ENDPOINT_FIELDS", "FAILURES", "PAIR_FIELDS", "PAIR_HISTOGRAMS", "SELECTIONS",
+           "WORKER_FIELDS", "Field", "HistogramField", "Kind"]
+
+Kind = Literal["counter", "gauge", "max"]
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One figure. `family` is its Prometheus family ("": not exported); fields sharing a family
+    are told apart by the constant `labels`; `scale` converts the value to the family's unit."""
+
+    name: str
+    kind: Kind
+    family: str
+    help: str
+    labels: tuple[tuple[str, str], ...] = ()
+    scale: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramField:
+    """A fixed-bucket histogram (meshnode.histogram): counts per bucket and their sum."""
+
+    name: str
+    bounds: tuple[float, ...]
+    family: str
+    help: str
+
+
+_BYTES_HELP = "Bytes relayed; direction up is client to endpoint, down is endpoint to client."
+
+# Per (source service, destination service) pair. The source is "unknown" when the client's
+# service cannot be told.
+PAIR_FIELDS: tuple[Field, ...] = (
+    Field("connections", "counter", "meshnode_connections_opened",
+          "Connections accepted for a destination service (VIP or endpoint address), "
+          "including those that then found no endpoint or failed every connect."),
+    Field("active", "gauge", "meshnode_connections_active", "Connections open now."),
+    Field("closed", "counter", "meshnode_connections_closed", "Connections that ended."),
+    Field("bytes_up", "counter", "meshnode_bytes", _BYTES_HELP, (("direction", "up"),)),
+    Field("bytes_down", "counter", "meshnode_bytes", _BYTES_HELP, (("direction", "down"),)),
+    Field("connect_errors", "counter", "meshnode_connect_attempt_errors",
+          "Failed upstream connect attempts, retried ones included."),
+)
+
+# Per pair and reason (no_endpoint, refused, timeout, unreachable, error: the last attempt's).
+FAILURES = Field("failures", "counter", "meshnode_connect_failures",
+                 "Connections that never reached an endpoint, by reason (no_endpoint, refused, "
+                 "timeout, unreachable, error).")
+
+PAIR_HISTOGRAMS: tuple[HistogramField, ...] = (
+    HistogramField("connect", CONNECT_BUCKETS, "meshnode_connect_latency_seconds",
+                   "Upstream connect latency."),
+    HistogramField("duration", DURATION_BUCKETS, "meshnode_connection_duration_seconds",
+                   "Connection lifetime, accept to close."),
+)
+
+# Per (destination service, endpoint), from the worker's balancer load records
+# (proxy/routing.ServiceTable.endpoint_report). Reported for the services a worker routes now.
+ENDPOINT_FIELDS: tuple[Field, ...] = (
+    Field("active", "gauge", "meshnode_endpoint_connections_active",
+          "Connections to the endpoint open now."),
+    Field("connections", "counter", "meshnode_endpoint_connections",
+          "Connections the balancer made to the endpoint."),
+    Field("connect_errors", "counter", "meshnode_endpoint_connect_errors",
+          "Failed connect attempts to the endpoint."),
+    Field("ewma_ms", "max", "meshnode_endpoint_connect_ewma_seconds",
+          "The balancer's moving average of connect latency (the slowest worker's).",
+          scale=0.001),
+    Field("ejected_for", "max", "meshnode_endpoint_ejected_seconds",
+          "Seconds the endpoint stays ejected by outlier detection (0: in rotation)."),
+)
+
+# Per (destination service, endpoint): connect attempts the balancer sent there, kept after the
+# service goes away.
+SELECTIONS = Field("selections", "counter", "meshnode_endpoint_selections",
+                   "Connect attempts the balancer sent to an endpoint.")
+
+# Per worker, summed over the host.
+WORKER_FIELDS: tuple[Field, ...] = (
+    Field("unrouted", "counter", "meshnode_passthrough_connections",
+          "Captured connections to no mesh destination, sent on unchanged."),
+    Field("origdst_errors", "counter", "meshnode_origdst_errors",
+          "Connections refused: original destination unreadable."),
+    Field("active", "gauge", "", "Client connections open in the workers now."),
+    Field("unknown_messages", "counter", "meshnode_worker_unknown_messages",
+          "Agent messages of a kind the workers do not know (a newer agent's), ignored."),
+)
