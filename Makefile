@@ -4,14 +4,21 @@
 #   make bench-quick            the regression guard (under 2 minutes): run it before changing
 #                               the data path; its last line says whether each target holds
 #   make bench BENCH_ARGS="--out DIR"
+#   make bench-scale            what one change costs with 10 000 services of 4 endpoints
+#                               (tests/bench/scale.py; about 10 minutes on 2 CPUs);
+#                               SCALE_ARGS="--services 1000" for a quick run
 BENCH_ARGS ?=
+SCALE_ARGS ?=
 
-.PHONY: bench bench-quick
+.PHONY: bench bench-quick bench-scale
 bench:
 	./setup.sh bench $(BENCH_ARGS)
 
 bench-quick:
 	./setup.sh bench --quick $(BENCH_ARGS)
+
+bench-scale:
+	./setup.sh bench scale $(SCALE_ARGS)
 
 # The Vagrant testbed (issue: multi-host on real VMs): three Debian 12 VMs under libvirt, a box
 # built from the Debian mirror, the scenarios of tests/e2e/test_multihost.py across them; the

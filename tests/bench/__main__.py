@@ -130,6 +130,11 @@ def _run(plan: Plan, chosen: list[Variant], scaling: list[Variant]) -> report.Ra
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["scale"]:  # `make bench-scale`: its own run (tests/bench/scale.py)
+        from tests.bench import scale
+
+        return scale.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
