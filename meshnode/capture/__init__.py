@@ -54,7 +54,10 @@ class CaptureBackend(Protocol):
         whatever was created is removed before the error propagates."""
 
     def sync(self, state: CaptureState) -> None:
-        """Make the kernel redirect exactly `state.redirected()` and refuse `state.refused()`."""
+        """Make the kernel redirect exactly `state.redirected()` and refuse `state.refused()`.
+        Applies only the difference against the last sync (nothing when nothing the kernel
+        shows changed); the first one after `install` starts from what the kernel holds.
+        Reusing the unchanged CaptureRule objects between states keeps the diff cheap."""
 
     def set_dns(self, port: int | None) -> None:
         """Send the apps cgroup's DNS queries (UDP and TCP to port 53 of any resolver) to
@@ -62,7 +65,7 @@ class CaptureBackend(Protocol):
         it. Off after `install`; call it only while a DNS server listens there (fail open)."""
 
     def stats(self) -> dict[str, int]:
-        """Kernel-side counters (captured, passthrough, ...) where the backend has them."""
+        """Kernel-side counters (captured, passthrough, ...); empty without CAP_STATS."""
 
     def remove(self) -> None:
         """Remove everything `install` created; fail-open: redirect stops first."""
