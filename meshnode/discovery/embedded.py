@@ -1,17 +1,25 @@
-"""The embedded registry: one host's resources, VIPs and endpoints in a JSON file that survives
-agent restarts.
+"""The embedded registry: one host's resources, VIPs and endpoints on disk, surviving agent
+restarts, with writes that cost what they change, not what the mesh holds.
+
+On disk: a snapshot (`registry.json`) and a journal beside it (`registry.journal`), one JSON
+line per committed change. A write appends its line and fsyncs it before memory changes, so a
+change the caller saw succeed survives a crash, and a write that failed (disk full, read-only
+state directory) changed nothing. Loading reads the snapshot and replays the journal (a torn
+last line, from a crash mid-append, is dropped: its write never returned). When the journal
+outgrows the snapshot, a new snapshot is written atomically and the journal starts over, so
+the O(mesh) cost is paid once per many changes.
 
 Every write bumps the store's revision, and the resources it writes take it as their version
-(as etcd's mod revision does), so versions are comparable across kinds. An apply is planned by
-meshnode.policy.store (compare-and-swap, references) and written with one atomic file
-replacement: all of it or nothing. VIPs come from the loopback range in constants.VIP_CIDR
-(`VipRange`, the same ids as etcd), so a connection to a VIP that capture missed is refused on
-the host and never leaves it.
+(as etcd's mod revision does). An apply is planned by meshnode.policy.store (compare-and-swap,
+references) and is one journal line: all or nothing. VIPs come from the loopback range in
+constants.VIP_CIDR (`VipRange`, the same ids as etcd), so a connection to a VIP that capture
+missed is refused on the host and never leaves it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,104 +33,216 @@ from meshnode.discovery.registry import (
     Listener,
     ServiceRecord,
     VipRange,
-    service_records,
 )
-from meshnode.errors import ConflictError, NotFoundError, RegistryError
+from meshnode.errors import ConflictError, MeshnodeError, NotFoundError, RegistryError
+from meshnode.host.statefile import write_atomic
 from meshnode.model import HostPort
 from meshnode.policy import store
 from meshnode.policy.resources import Resource
 from meshnode.policy.store import Delete, HistoryEntry, Outcome
 
+log = logging.getLogger(__name__)
+
 FORMAT = 2  # 1: services with their settings inline (read and converted on load)
+COMPACT_MIN = 1 << 20  # bytes of journal before it may be folded into the snapshot
+
+Key = tuple[str, str]
+Op = dict[str, Any]
 
 
 class EmbeddedRegistry:
     def __init__(self, path: Path, vip_cidr: str = C.VIP_CIDR) -> None:
         self.path = path
+        self.journal = path.with_suffix(".journal")
         self._vips = VipRange(vip_cidr)
         self._listeners: list[Listener] = []
         self._revision = 0
-        self._resources: dict[tuple[str, str], Resource] = {}
-        self._status: dict[tuple[str, str], dict[str, Any]] = {}
-        self._history: dict[tuple[str, str], list[HistoryEntry]] = {}
+        self._resources: dict[Key, Resource] = {}
+        self._vip: dict[str, IPv4Address] = {}
+        self._history: dict[Key, list[HistoryEntry]] = {}
         self._endpoints: dict[str, frozenset[EndpointRecord]] = {}
+        self._owner: dict[HostPort, str] = {}  # which service each endpoint address serves
         self._services: dict[str, ServiceRecord] = {}
         self._host: dict[str, Any] = {}
+        self._journal_bytes = 0
+        self._snapshot_bytes = 0
         self._load()
 
-    # -- persistence ----------------------------------------------------------------------
+    # -- loading --------------------------------------------------------------------------
     def _load(self) -> None:
         try:
-            data: dict[str, Any] = json.loads(self.path.read_text())
+            text = self.path.read_text()
+            self._snapshot_bytes = len(text)
+            data: dict[str, Any] = json.loads(text)
             if int(data.get("format", 1)) == 1:
                 data = _from_format_1(data)
             self._revision = int(data["revision"])
             for item in data["resources"]:
-                doc = dict(item["doc"])
-                r, status = store.decode(json.dumps(doc).encode(), int(item["version"]))
-                self._resources[r.key] = r
-                self._status[r.key] = {**status, **item.get("status", {})}
+                self._put_resource(item)
             for key, entries in data.get("history", {}).items():
                 kind, _, name = key.partition("/")
                 self._history[(kind, name)] = [HistoryEntry.from_json(e) for e in entries]
             for name, eps in data.get("endpoints", {}).items():
-                self._endpoints[name] = frozenset(EndpointRecord.from_json(e) for e in eps)
+                self._set_endpoints(name, [EndpointRecord.from_json(e) for e in eps])
         except FileNotFoundError:
-            return
+            pass
         except (OSError, ValueError, KeyError, TypeError, RegistryError) as exc:
             raise RegistryError(f"registry file {self.path} is unreadable: {exc}",
                                 "fix or move the file away; the agent starts empty without it"
                                 ) from exc
-        self._rebuild()
+        self._replay()
+        for name in {n for k, n in self._resources if k == "Service"}:
+            self._rebuild(name)
 
-    def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def _replay(self) -> None:
+        try:
+            with open(self.journal, "rb") as f:
+                lines = f.read().split(b"\n")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise RegistryError(f"registry journal {self.journal} is unreadable: {exc}",
+                                "fix its permissions, or move it away (losing the changes "
+                                "since the last snapshot)") from exc
+        for i, line in enumerate(lines):
+            if not line:
+                continue
+            try:
+                entry = json.loads(line)
+                if int(entry["revision"]) <= self._revision:
+                    continue  # already in the snapshot (a crash between snapshot and reset)
+                self._apply_ops(entry["ops"])
+                self._revision = int(entry["revision"])
+            except (ValueError, KeyError, TypeError, RegistryError) as exc:
+                if i == len(lines) - 1 or all(not rest for rest in lines[i + 1:]):
+                    log.warning("dropping a torn last journal line of %s (a crash while "
+                                "writing it; that write never returned)", self.journal)
+                    self._heal_journal()  # the next line must not be glued onto it
+                    break
+                raise RegistryError(f"registry journal {self.journal} is corrupt at line "
+                                    f"{i + 1}: {exc}",
+                                    "move it away (losing the changes since the last "
+                                    "snapshot) and restart the agent") from exc
+            self._journal_bytes += len(line) + 1
+
+    # -- the one write path ---------------------------------------------------------------
+    def _commit(self, ops: list[Op], touched: Iterable[str]) -> int:
+        """Make `ops` durable as revision+1, then apply them to memory and tell listeners."""
+        rev = self._revision + 1
+        line = json.dumps({"revision": rev, "ops": ops}, separators=(",", ":")).encode() + b"\n"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(28, "short write (no space left on device?)")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._heal_journal()
+            raise RegistryError(f"cannot write the registry journal {self.journal}: "
+                                f"{exc.strerror or exc}",
+                                "free space or fix permissions in the state directory; "
+                                "nothing was changed") from exc
+        self._journal_bytes += len(line)
+        self._apply_ops(ops)
+        self._revision = rev
+        for name in set(touched):
+            self._rebuild(name)
+        if self._journal_bytes > max(COMPACT_MIN, self._snapshot_bytes):
+            self._compact()
+        for listener in list(self._listeners):
+            listener()
+        return rev
+
+    def _heal_journal(self) -> None:
+        """After a failed append: cut what part of the line may have landed, so the next
+        line starts clean (best effort: a failing disk may refuse this too)."""
+        try:
+            os.truncate(self.journal, self._journal_bytes)
+        except OSError:
+            pass
+
+    def _compact(self) -> None:
+        """Fold the journal into a new snapshot (atomic), then start the journal over. A
+        failure keeps the journal as it is: nothing is lost, compaction is tried again."""
         data = {
             "format": FORMAT, "revision": self._revision,
             "resources": [{"doc": r.to_doc(with_version=False), "version": r.version,
-                           "status": self._status.get(k, {})}
-                          for k, r in sorted(self._resources.items())],
+                           "status": self._status(k, n)}
+                          for (k, n), r in sorted(self._resources.items())],
             "history": {f"{k}/{n}": [e.to_json() for e in h]
                         for (k, n), h in sorted(self._history.items())},
             "endpoints": {name: [e.to_json() for e in sorted(eps, key=lambda e: e.addr)]
                           for name, eps in sorted(self._endpoints.items()) if eps},
         }
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-
-    def _rebuild(self) -> None:
-        vips = {n: IPv4Address(self._status[(k, n)]["vip"]) for (k, n) in self._resources
-                if k == "Service"}
-        self._services = service_records(self._resources, vips, self._vips, self._endpoints)
-
-    def _commit(self, undo: dict[str, Any]) -> None:
-        """Write the new state; on a failed write put the old one back (nothing half-done)."""
+        blob = json.dumps(data, separators=(",", ":")).encode()
         try:
-            self._save()
-        except OSError as exc:
-            self.__dict__.update(undo)
-            self._rebuild()
-            raise RegistryError(f"cannot write the registry file {self.path}: "
-                                f"{exc.strerror or exc}",
-                                "free space or fix permissions in the state directory") from exc
-        self._rebuild()
-        for listener in list(self._listeners):
-            listener()
+            write_atomic(self.path, blob)
+            os.truncate(self.journal, 0)
+        except (OSError, MeshnodeError) as exc:
+            log.warning("registry snapshot not written (%s); the journal keeps growing", exc)
+            return
+        self._snapshot_bytes, self._journal_bytes = len(blob), 0
 
-    def _snapshot(self) -> dict[str, Any]:
-        return {"_revision": self._revision, "_resources": dict(self._resources),
-                "_status": dict(self._status), "_history": dict(self._history),
-                "_endpoints": dict(self._endpoints)}
+    def _status(self, kind: str, name: str) -> dict[str, Any]:
+        return {"vip": str(self._vip[name])} if kind == "Service" else {}
+
+    # -- applying ops (from a commit or a replay) -----------------------------------------
+    def _apply_ops(self, ops: list[Op]) -> None:
+        for op in ops:
+            if "put" in op:
+                self._put_resource(op["put"])
+            elif "delete" in op:
+                kind, name = op["delete"]
+                self._resources.pop((kind, name), None)
+                if kind == "Service":
+                    self._vip.pop(name, None)
+                    self._set_endpoints(name, [])
+            elif "history" in op:
+                kind, name, entry = op["history"]
+                key = (kind, name)
+                self._history[key] = store.trimmed(self._history.get(key, []),
+                                                   HistoryEntry.from_json(entry))
+            elif "endpoints" in op:
+                name, eps = op["endpoints"]
+                self._set_endpoints(name, [EndpointRecord.from_json(e) for e in eps])
+            else:
+                raise RegistryError(f"unknown journal operation {sorted(op)}",
+                                    "the journal was written by a newer meshnode")
+
+    def _put_resource(self, item: Mapping[str, Any]) -> None:
+        r, status = store.decode(json.dumps(item["doc"]).encode(), int(item["version"]))
+        status = {**status, **item.get("status", {})}
+        self._resources[r.key] = r
+        if r.kind == "Service":
+            self._vip[r.name] = IPv4Address(status["vip"])
+
+    def _set_endpoints(self, name: str, eps: Iterable[EndpointRecord]) -> None:
+        for e in self._endpoints.pop(name, frozenset()):
+            if self._owner.get(e.addr) == name:
+                del self._owner[e.addr]
+        new = frozenset(eps)
+        if new:
+            self._endpoints[name] = new
+            for e in new:
+                self._owner[e.addr] = name
+
+    def _rebuild(self, name: str) -> None:
+        r, vip = self._resources.get(("Service", name)), self._vip.get(name)
+        if r is None or vip is None:
+            self._services.pop(name, None)
+            return
+        self._services[name] = ServiceRecord(name, self._vips.id_of(vip), vip, r.spec,
+                                             r.version, self._endpoints.get(name, frozenset()))
 
     # -- queries --------------------------------------------------------------------------
     def services(self) -> dict[str, ServiceRecord]:
         return dict(self._services)
 
-    def resources(self) -> dict[tuple[str, str], Resource]:
+    def resources(self) -> dict[Key, Resource]:
         return dict(self._resources)
 
     def revision(self) -> int:
@@ -132,10 +252,7 @@ class EmbeddedRegistry:
         return list(self._history.get((kind, name), []))
 
     def owner_of(self, addr: HostPort) -> str | None:
-        for name, eps in self._endpoints.items():
-            if any(e.addr == addr for e in eps):
-                return name
-        return None
+        return self._owner.get(addr)
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -154,7 +271,7 @@ class EmbeddedRegistry:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "embedded", "path": str(self.path), "connected": True,
-                "revision": self._revision}
+                "revision": self._revision, "journal_bytes": self._journal_bytes}
 
     # -- changes --------------------------------------------------------------------------
     async def apply(self, puts: Sequence[Resource], deletes: Sequence[Delete] = ()
@@ -162,37 +279,23 @@ class EmbeddedRegistry:
         outcomes = store.plan(self._resources, puts, deletes)
         if all(o.action == "unchanged" for o in outcomes):
             return outcomes
-        current = {n: IPv4Address(self._status[(k, n)]["vip"]) for (k, n) in self._resources
-                   if k == "Service"}
         changed = [r for r, o in zip(puts, outcomes, strict=False) if o.action != "unchanged"]
-        vips = self._vips.assign(current, changed,
+        vips = self._vips.assign(self._vip, changed,
                                  [d.name for d in deletes if d.kind == "Service"])
-        undo = self._snapshot()
-        self._revision += 1
-        rev, now = self._revision, time.time()
-        done: list[Outcome] = []
-        for o in outcomes:
-            key = (o.kind, o.name)
-            if o.action == "unchanged":
-                done.append(o)
-                continue
-            hist = self._history.get(key, [])
-            if o.action == "deleted":
-                del self._resources[key]
-                self._status.pop(key, None)
-                if o.kind == "Service":
-                    self._endpoints.pop(o.name, None)
-                self._history[key] = store.trimmed(hist, HistoryEntry(rev, None, now))
-                done.append(o)
-                continue
-            r = next(p for p in puts if p.key == key)
-            self._resources[key] = Resource(r.kind, r.name, r.spec, rev)
-            if o.kind == "Service":
-                self._status[key] = {"vip": str(vips[o.name])}
-            self._history[key] = store.trimmed(hist, HistoryEntry(rev, r.spec_builtins(), now))
-            done.append(Outcome(o.kind, o.name, o.action, rev))
-        self._commit(undo)
-        return done
+        rev, now = self._revision + 1, time.time()
+        ops: list[Op] = []
+        for r in changed:
+            ops.append({"put": {"doc": r.to_doc(with_version=False), "version": rev,
+                                "status": {"vip": str(vips[r.name])}
+                                if r.kind == "Service" else {}}})
+            ops.append({"history": [r.kind, r.name,
+                                    HistoryEntry(rev, r.spec_builtins(), now).to_json()]})
+        for d in deletes:
+            ops.append({"delete": [d.kind, d.name]})
+            ops.append({"history": [d.kind, d.name, HistoryEntry(rev, None, now).to_json()]})
+        self._commit(ops, [o.name for o in outcomes if o.kind == "Service"])
+        return [o if o.action in ("unchanged", "deleted") else
+                Outcome(o.kind, o.name, o.action, rev) for o in outcomes]
 
     async def add_endpoints(self, name: str, endpoints: Iterable[EndpointRecord]) -> None:
         if name not in self._services:
@@ -207,10 +310,7 @@ class EmbeddedRegistry:
                                     f"remove it there first: meshnode service remove {owner} "
                                     f"--endpoint {e.addr}")
         if new:
-            undo = self._snapshot()
-            self._revision += 1
-            self._endpoints[name] = have | new
-            self._commit(undo)
+            self._write_endpoints(name, have | new)
 
     async def remove_endpoints(self, name: str, addrs: Iterable[HostPort]) -> None:
         have = self._endpoints.get(name)
@@ -219,10 +319,11 @@ class EmbeddedRegistry:
         gone = set(addrs)
         kept = frozenset(e for e in have if e.addr not in gone)
         if kept != have:
-            undo = self._snapshot()
-            self._revision += 1
-            self._endpoints[name] = kept
-            self._commit(undo)
+            self._write_endpoints(name, kept)
+
+    def _write_endpoints(self, name: str, eps: frozenset[EndpointRecord]) -> None:
+        self._commit([{"endpoints": [name, [e.to_json() for e in sorted(
+            eps, key=lambda e: e.addr)]]}], [name])
 
 
 def _from_format_1(data: dict[str, Any]) -> dict[str, Any]:

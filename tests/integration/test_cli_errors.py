@@ -36,7 +36,7 @@ def test_bad_input_is_one_line_and_changes_nothing(make_host, backend: str) -> N
         (["enroll", str(os.getpid()), "--service", "web"], 64, "another network namespace"),
         (["enroll", str(outsider.pid), "--service", "Bad_Name"], 64, "invalid service name"),
         (["unenroll", str(outsider.pid)], 66, "is not enrolled"),
-        (["service", "remove", "nope"], 66, "no service named 'nope'"),
+        (["service", "remove", "nope"], 66, "no Service named 'nope'"),
         (["service", "add", "web", "--endpoint", "example:80"], 64, "invalid address"),
         (["service", "add", "web", "--endpoint", "127.0.0.1:99999"], 64, "out of range"),
         (["service", "add", "web", "--port", "0"], 64, "invalid service port"),

@@ -4,8 +4,8 @@ versions, compare-and-swap, atomic applies, history, VIPs and endpoints."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import os
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from ipaddress import IPv4Address
@@ -14,13 +14,16 @@ from typing import Any
 
 import pytest
 
-from meshnode.discovery import updates
+from meshnode.discovery import embedded, updates
 from meshnode.discovery.embedded import EmbeddedRegistry
 from meshnode.discovery.registry import EndpointRecord, patch_service
 from meshnode.errors import ConflictError, NotFoundError, RegistryError, UsageError
 from meshnode.model import Add, CaptureRule, DoesNotExist, Endpoint, HostPort, Remove, Reset
 from meshnode.policy.document import parse
 from meshnode.policy.store import HISTORY_DEPTH, Delete
+from tests.unit.test_statefile import full_tmpfs, root_only
+
+__all__ = ["full_tmpfs"]  # a fixture, used by name
 
 
 def run(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
@@ -100,28 +103,54 @@ async def test_a_multi_document_apply_is_all_or_nothing(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
     r = EmbeddedRegistry(path)
     await r.apply([svc("a", port=80)])
-    before, rev = path.read_bytes(), r.revision()
+    before, rev = r.journal.read_bytes(), r.revision()
     stale = svc("a", 999, port=81)  # a conflict in the last document
     with pytest.raises(ConflictError):
         await r.apply([svc("b"), svc("c"), stale])
-    assert set(r.services()) == {"a"} and r.revision() == rev and path.read_bytes() == before
+    assert set(r.services()) == {"a"} and r.revision() == rev
+    assert r.journal.read_bytes() == before
+
+
+@root_only
+def test_a_full_disk_changes_nothing_and_loses_nothing(full_tmpfs: Path) -> None:
+    async def go() -> None:
+        (full_tmpfs / "filler").unlink()
+        path = full_tmpfs / "r.json"
+        r = EmbeddedRegistry(path)
+        await r.apply([svc("a")])
+        ballast = full_tmpfs / "ballast"
+        with open(ballast, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"x" * 512)
+        rev = r.revision()
+        big = svc("b", ports=[{"port": p} for p in range(1000, 1300)])  # more than a page
+        with pytest.raises(RegistryError, match="cannot write the registry journal") as exc:
+            await r.apply([big])
+        assert "nothing was changed" in exc.value.hint
+        assert set(r.services()) == {"a"} and r.revision() == rev
+        ballast.unlink()
+        await r.apply([svc("c")])  # the journal is whole again: later writes land
+        assert set(EmbeddedRegistry(path).services()) == {"a", "c"}
+    asyncio.run(go())
 
 
 @run
-async def test_a_failed_write_changes_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "state" / "r.json"
+async def test_the_journal_is_folded_into_a_snapshot_and_a_torn_line_dropped(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedded, "COMPACT_MIN", 2000)
+    path = tmp_path / "r.json"
     r = EmbeddedRegistry(path)
-    await r.apply([svc("a")])
-    os.chmod(path.parent, 0o500)
-    (path.parent / "r.tmp").mkdir()  # even root cannot open a directory for writing
-    try:
-        with pytest.raises(RegistryError, match="cannot write the registry file"):
-            await r.apply([svc("b")])
-    finally:
-        (path.parent / "r.tmp").rmdir()
-        os.chmod(path.parent, 0o700)
-    assert set(r.services()) == {"a"}
-    assert set(EmbeddedRegistry(path).services()) == {"a"}
+    for i in range(30):
+        await r.apply([svc(f"s{i}", port=80)])
+        await r.add_endpoints(f"s{i}", [ep(f"127.0.0.1:{9000 + i}")])
+    # folded into the snapshot whenever it outgrew it, then started over
+    assert path.exists() and r.journal.stat().st_size <= max(2000, path.stat().st_size) + 400
+    with open(r.journal, "ab") as f:
+        f.write(b'{"revision": 99999, "ops": [{"put"')  # a crash mid-append
+    again = EmbeddedRegistry(path)
+    assert again.services() == r.services() and again.revision() == r.revision()
+    await again.apply([svc("after")])  # appends after the torn line is cut away
+    assert "after" in EmbeddedRegistry(path).services()
 
 
 @run
