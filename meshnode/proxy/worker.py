@@ -160,6 +160,8 @@ class ProxyWorker:
         # rest, instead of accepting a client whose upstream socket could not be made.
         self._capacity = sys.maxsize
         self._full = False
+        self._limited: dict[str, int] = {}  # active relays of services with maxConnections
+        self._counted: dict[int, str] = {}  # id(relay) -> its service, for those relays
         self._stop: asyncio.Event | None = None
         self._force = False
         # Destinations that are this proxy's own listener (connecting there would loop).
@@ -293,6 +295,11 @@ class ProxyWorker:
         stats.connections += 1
         relay = self._relay(client, info, stats)
         if isinstance(route, ToService):
+            if not self._admit(route.service, relay):
+                stats.fail("max_connections")
+                relay.outcome = "max_connections"
+                relay.reset()
+                return
             connector.connect(relay, route.attempts, stats, route.balancer, route.outlier)
         else:
             stats.fail("no_endpoint")
@@ -313,8 +320,25 @@ class ProxyWorker:
         if self.tap and info is not None and info.tapped(self.tap):
             self._send(_event(info.event("open", relay, self.config.worker_id, self.clock())))
 
+    def _admit(self, service: str, relay: Relay) -> bool:
+        """The service's maxConnections (per worker; 0: no limit): count this relay against
+        it, or refuse it. Counted relays are remembered, so a limit set or changed while
+        connections run never drives the count below what this worker admitted."""
+        spec = self.table.spec(service)
+        limit = spec.policy.max_connections if spec is not None else 0
+        if not limit:
+            return True
+        active = self._limited.get(service, 0)
+        if active >= limit:
+            return False
+        self._limited[service] = active + 1
+        self._counted[id(relay)] = service
+        return True
+
     def _finished(self, relay: Relay) -> None:
         """A relay ended: its duration, and its access log line and tap event."""
+        if self._counted and (service := self._counted.pop(id(relay), None)) is not None:
+            self._limited[service] -= 1
         if self._full and len(self.registry) < self._capacity:
             self._full = False
             if self._lsock is not None and self._poller is not None:  # not draining

@@ -39,6 +39,7 @@ from meshnode.model import (
     HostPort,
     OutlierConfig,
     Reset,
+    ServicePolicy,
     ServiceSpec,
 )
 from meshnode.telemetry.aggregate import Totals
@@ -555,3 +556,27 @@ def test_at_its_descriptor_limit_a_worker_leaves_clients_queued_then_serves_them
         while len(got) < 5:
             got += s.recv(16)
         assert got == b"fresh"
+
+
+def test_max_connections_refuses_past_the_limit_and_admits_again(
+        start: Callable[..., Worker]) -> None:
+    backend = Backend("a")
+    w = start(f"{VIP}:80")
+    policy = ServicePolicy(port=80, max_connections=2,
+                           balancer=BalancerConfig("round-robin"))
+    w.send(update_message(Reset(ServiceSpec("web", 1, IPv4Address(VIP), policy),
+                                (Endpoint(HostPort.parse(backend.addr)),))))
+    w.sync()
+    held = [w.connect(), w.connect()]
+    for s in held:  # both relays are up (the backend echoes)
+        s.sendall(b"ECHO\n")
+        s.sendall(b"x")
+        assert s.recv(1) == b"x"
+    assert_refused(w)  # the third, past maxConnections
+    held.pop().close()
+    wait_for(lambda: w.stats()["services"]["web"]["active"] == 1, what="one relay to end")
+    assert ask_name(w) == b"a"  # room again
+    held.pop().close()
+    wait_for(zero_active(w), what="connections to close")
+    web = w.stats()["services"]["web"]
+    assert web["failures"] == {"max_connections": 1} and web["connections"] == 4
