@@ -18,6 +18,7 @@ missed is refused on the host and never leaves it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -160,10 +161,8 @@ class EmbeddedRegistry:
     def _heal_journal(self) -> None:
         """After a failed append: cut what part of the line may have landed, so the next
         line starts clean (best effort: a failing disk may refuse this too)."""
-        try:
+        with contextlib.suppress(OSError):
             os.truncate(self.journal, self._journal_bytes)
-        except OSError:
-            pass
 
     def _compact(self) -> None:
         """Fold the journal into a new snapshot (atomic), then start the journal over. A
