@@ -74,7 +74,13 @@ class BpfCapture:
         self.timings["install"] = time.monotonic() - started
 
     def sync(self, state: CaptureState) -> None:
-        self._require_maps().sync(state)
+        maps = self._require_maps()
+        started = time.perf_counter()
+        maps.sync(state)
+        # The kernel's share of a change, apart from the agent's reconcile (bench-scale
+        # reads these lines from the agent's log).
+        log.debug("capture sync: %d map writes in %.1f ms", maps.last_writes,
+                  (time.perf_counter() - started) * 1000)
 
     def set_dns(self, port: int | None) -> None:
         self._require_maps().set_dns(port)

@@ -18,8 +18,10 @@ one the caller names).
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -30,6 +32,8 @@ from meshnode.capture import CaptureContext
 from meshnode.errors import IptablesError, UnavailableError
 from meshnode.host.ledger import Entry, UndoFn
 from meshnode.model import CaptureRule, CaptureState
+
+log = logging.getLogger(__name__)
 
 KIND_CHAIN = "iptables_chain"
 KIND_JUMP = "iptables_jump"
@@ -201,9 +205,14 @@ class IptablesCapture:
     def sync(self, state: CaptureState) -> None:
         if not self._installed:
             raise IptablesError("iptables capture is not installed", "call install() first")
+        started = time.perf_counter()
         if state == self._state:  # cheap when the caller reuses unchanged sets
             return
+        restores = self.restores
         self._restore(state)
+        log.debug("capture sync: %s in %.1f ms",
+                  "iptables-restore" if self.restores > restores else "chains unchanged",
+                  (time.perf_counter() - started) * 1000)
 
     def _restore(self, state: CaptureState) -> None:
         text = render_rules(self.chains, state, self.ctx.outbound_port, self.ctx.proxy_mark)

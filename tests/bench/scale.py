@@ -35,6 +35,7 @@ import json
 import math
 import os
 import pstats
+import re
 import shutil
 import signal
 import subprocess
@@ -54,6 +55,7 @@ import psutil
 from meshnode import constants
 from meshnode.bpf import syscall
 from meshnode.bpf.maps import pack_addr4
+from meshnode.config import AgentConfig
 from tests.harness import Host, Probe, wait_for
 
 PORT = 9000  # every endpoint's port, and the services' VIP port
@@ -110,10 +112,12 @@ class ScaleHost(Host):
         self.starts += 1
         log = open(self.tmp / f"agent-{self.starts}.log", "wb")  # noqa: SIM115
         t0 = time.monotonic()
+        # The agent's own entry point: `meshnode agent` would exec it, leaving cProfile behind.
+        cfg = AgentConfig(instance=self.tag, capture="ebpf", workers=1, netns=self.netns,
+                          drain_grace=2.0, access_log="off")
         self.agent = subprocess.Popen(
-            [sys.executable, "-m", "cProfile", "-o", str(self.profile), "-m", "meshnode.cli",
-             "agent", "--instance", self.tag, "--netns", self.netns, "--capture", "ebpf",
-             "--workers", "1", "--drain-grace", "2", "--log-level", "info", *self.agent_args],
+            [sys.executable, "-m", "cProfile", "-o", str(self.profile),
+             "-m", "meshnode.cli.agent_main", "--log-level=debug", *cfg.to_argv()],
             env=self.env, stdout=log, stderr=subprocess.STDOUT)
         agent = self.agent
 
@@ -124,6 +128,10 @@ class ScaleHost(Host):
 
         wait_for("agent ready", ready, timeout)
         return time.monotonic() - t0
+
+    @property
+    def log_file(self) -> Path:
+        return self.tmp / f"agent-{self.starts}.log"
 
     @property
     def registry_file(self) -> Path:
@@ -289,6 +297,15 @@ def table(n: int, samples: dict[str, Samples]) -> str:
     return "\n".join(lines) + "\n(ms; kernel and probe from the call's start)"
 
 
+def capture_syncs(log: Path, offset: int) -> list[float]:
+    """ms of each capture sync the agent logged after `offset` (BpfCapture.sync's debug line;
+    it runs in a thread, which cProfile does not see)."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return [float(m) for m in re.findall(r"capture sync: \d+ map writes in ([0-9.]+) ms", text)]
+
+
 def top_costs(profile: Path, limit: int = 15) -> str:
     """The agent's top functions by own time, and meshnode's by cumulative time."""
     entries: dict[tuple[str, int, str], tuple[Any, ...]] = \
@@ -342,8 +359,10 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
         if math.isnan(reach(probe, vip0, want0, time.perf_counter(), timeout=30)):
             raise RuntimeError(f"{vip0}:{PORT} (service s0) does not reach its endpoints: "
                                f"see the agent log in {h.tmp} (--keep)")
+        log_mark = h.log_file.stat().st_size
         samples = changes(h, args.services, args.changes, probe)
         rss_after = rss_mib(h)
+        syncs = capture_syncs(h.log_file, log_mark)
     finally:
         if server is not None:
             server.kill()
@@ -352,6 +371,9 @@ def run(args: argparse.Namespace, tmp: Path) -> int:
           f"({args.services * (ENDPOINTS + 1)} mesh destinations), embedded registry, eBPF, "
           f"1 worker; {os.cpu_count()} CPUs; loaded by {load} in {load_s:.0f}s")
     print(table(args.services, samples))
+    if syncs:
+        print(f"capture sync (the agent's debug log, {len(syncs)} syncs during the changes): "
+              f"p50 {pct(syncs, .5):.1f} ms, p99 {pct(syncs, .99):.1f} ms of each change")
     if load_calls:
         tenth = max(1, len(load_calls) // 10)
         print(f"load, service.add with 4 endpoints: p50 {pct(load_calls[:tenth], .5) * 1e3:.0f}"
