@@ -30,12 +30,12 @@ import psutil
 
 from meshnode.balance.load import tier_of
 from meshnode.balance.locality import Locality
-from meshnode.discovery import updates
 from meshnode.discovery.dns import MeshZone
 from meshnode.discovery.registry import EndpointRecord, ServiceRecord
 from meshnode.errors import CgroupError, NotFoundError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.model import CaptureState, Endpoint, HostPort
+from meshnode.policy import compiler
 from meshnode.route import (
     KernelAction,
     KernelVerdict,
@@ -77,8 +77,8 @@ class ExplainInputs:
     """What explain reads, taken by the agent when the request comes in."""
 
     services: Mapping[str, ServiceRecord]  # the registry's snapshot
-    pushed: updates.Snapshot  # what the workers were given: per service, its healthy endpoints
-    capture: CaptureState  # what the kernel is given for `services` (updates.capture_state)
+    pushed: compiler.Snapshot  # what the workers were given: per service, its healthy endpoints
+    capture: CaptureState  # what the kernel is given for `services` (compiler.capture_state)
     ready: bool  # the proxy serves every service (capture redirects)
     backend: str  # the capture backend's name: "ebpf" | "iptables"
     capture_reason: str
@@ -211,11 +211,11 @@ def _enrollment(inp: ExplainInputs, pid: int) -> dict[str, Any] | None:
     return None
 
 
-def _table(inp: ExplainInputs, snap: updates.Snapshot) -> ServiceTable:
+def _table(inp: ExplainInputs, snap: compiler.Snapshot) -> ServiceTable:
     """A routing table as a worker of this agent builds it from `snap` (Reset per service).
     Its own RNG: the order balancers return is not what explain reports."""
     table = ServiceTable(inp.node, inp.zone, rng=random.Random(0))
-    for update in updates.resets(snap):
+    for update in compiler.resets(snap):
         table.apply(update)
     return table
 
@@ -346,7 +346,7 @@ def _route(inp: ExplainInputs, r: _Result, rec: ServiceRecord, addr: HostPort) -
     for name, reported in inp.ejected_for.items():
         live_table.hold_ejections(name, reported)
     live = live_table.route(addr)
-    every = _table(inp, updates.snapshot(inp.services)).route(addr)
+    every = _table(inp, compiler.snapshot(inp.services)).route(addr)
     records = {e.addr: e for e in rec.endpoints}
     held = inp.ejected_for.get(rec.name, {})
     known = inp.pushed.get(rec.name, (None, frozenset()))[1]  # the workers' endpoints

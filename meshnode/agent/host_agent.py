@@ -31,14 +31,15 @@ from meshnode.agent.resources_api import ResourceApi
 from meshnode.agent.workers import WorkerPool
 from meshnode.capture import CaptureBackend, CaptureContext, undo_functions
 from meshnode.config import AgentConfig
-from meshnode.discovery import catalog, updates
+from meshnode.discovery import catalog
 from meshnode.discovery.factory import open_registry
 from meshnode.discovery.health import HealthMonitor
 from meshnode.discovery.registry import EndpointRecord, Registry, ServiceRecord, patch_service
 from meshnode.errors import AccessError, ConflictError, MeshnodeError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.host.ledger import Ledger, UndoFn
-from meshnode.model import HostPort, Update
+from meshnode.model import HostPort
+from meshnode.policy import compiler
 from meshnode.policy.store import Delete
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class HostAgent:
         self.ready = False
         self.started_at = 0.0
         self.ready_after = 0.0
-        self._pushed: updates.Snapshot = {}
+        self.compiler = compiler.Compiler()  # what the workers and the kernel were given
         self._reconcile_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
         self.health = HealthMonitor(on_change=self._health_changed)
@@ -165,10 +166,11 @@ class HostAgent:
             Path(log_file).parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.workers = WorkerPool(
             self.cfg, proxy,
-            lambda: [*updates.resets(self._pushed),
+            lambda: [*compiler.resets(self.compiler.pushed),
                      *self.telemetry.initial_messages()],
             self._workers_changed, self.telemetry.on_event)
-        self._pushed = updates.snapshot(self.registry.services())
+        self.health.update(self.compiler.run(self.registry.services(),
+                                             self.health.healthy).changed)
         await self.workers.start()
         self.enrollments = EnrollmentManager(
             self.registry, apps, self.mount, self.state / "enrollments.json",
@@ -206,16 +208,15 @@ class HostAgent:
             if self._stopping:  # capture is being removed: never re-install rules
                 return
             revision = self.registry.revision()  # what this pass applies, at least
-            services = self.registry.services()
             self.telemetry.refresh_sources(self.root_cgroup / "apps")
-            self.health.sync(services)
-            snap = updates.snapshot(services, self.health.healthy)
-            pending: list[Update] = updates.diff(self._pushed, snap)
-            self._pushed = snap
-            if pending:
-                self.workers.broadcast(pending)
+            # only what changed since the last pass: a change costs itself, not the mesh
+            compiled = self.compiler.run(self.registry.services(), self.health.healthy,
+                                         self.health.take_dirty())
+            self.health.update(compiled.changed)
+            if compiled.updates:
+                self.workers.broadcast(compiled.updates)
             ready = await self.workers.barrier()
-            state = updates.capture_state(services, ready)
+            state = self.compiler.capture_state(ready)
             await asyncio.to_thread(self.capture.sync, state)
             self.ready = ready  # published only once the kernel rules match it
             if ready and self.report is not None:
@@ -449,8 +450,8 @@ class HostAgent:
         # ejections: from the same monotonic sums as status, stat and /metrics
         totals = (await self.telemetry.sample()).by_service() if self.ready else {}
         inputs = ExplainInputs(
-            services=services, pushed=self._pushed, ready=self.ready,
-            capture=updates.capture_state(services, self.ready), backend=self.capture.name,
+            services=services, pushed=self.compiler.pushed, ready=self.ready,
+            capture=compiler.capture_state(services, self.ready), backend=self.capture.name,
             capture_reason=self.capture_reason, outbound_port=self.cfg.outbound_port,
             dns_port=dns, dns_suffix=self.cfg.dns_suffix, node=self.cfg.node_name,
             zone=self.cfg.zone, cgroup_mount=self.mount, root_cgroup=self.root_cgroup,

@@ -60,6 +60,7 @@ class EmbeddedRegistry:
         self._revision = 0
         self._resources: dict[Key, Resource] = {}
         self._vip: dict[str, IPv4Address] = {}
+        self._vip_owner: dict[IPv4Address, str] = {}
         self._history: dict[Key, list[HistoryEntry]] = {}
         self._endpoints: dict[str, frozenset[EndpointRecord]] = {}
         self._owner: dict[HostPort, str] = {}  # which service each endpoint address serves
@@ -198,7 +199,7 @@ class EmbeddedRegistry:
                 kind, name = op["delete"]
                 self._resources.pop((kind, name), None)
                 if kind == "Service":
-                    self._vip.pop(name, None)
+                    self._set_vip(name, None)
                     self._set_endpoints(name, [])
             elif "history" in op:
                 kind, name, entry = op["history"]
@@ -217,7 +218,16 @@ class EmbeddedRegistry:
         status = {**status, **item.get("status", {})}
         self._resources[r.key] = r
         if r.kind == "Service":
-            self._vip[r.name] = IPv4Address(status["vip"])
+            self._set_vip(r.name, IPv4Address(status["vip"]))
+
+    def _set_vip(self, name: str, vip: IPv4Address | None) -> None:
+        old = self._vip.pop(name, None)
+        if old is not None and old != vip:
+            self._vip_owner.pop(old, None)
+            self._vips.release(old)
+        if vip is not None:
+            self._vip[name] = vip
+            self._vip_owner[vip] = name
 
     def _set_endpoints(self, name: str, eps: Iterable[EndpointRecord]) -> None:
         for e in self._endpoints.pop(name, frozenset()):
@@ -279,7 +289,7 @@ class EmbeddedRegistry:
         if all(o.action == "unchanged" for o in outcomes):
             return outcomes
         changed = [r for r, o in zip(puts, outcomes, strict=False) if o.action != "unchanged"]
-        vips = self._vips.assign(self._vip, changed,
+        vips = self._vips.assign(self._vip, self._vip_owner, changed,
                                  [d.name for d in deletes if d.kind == "Service"])
         rev, now = self._revision + 1, time.time()
         ops: list[Op] = []

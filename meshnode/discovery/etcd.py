@@ -284,12 +284,11 @@ class EtcdRegistry:
         compare: list[Any] = []
         success: list[Any] = []
         now = time.time()
-        current = {n: vip for (k, n) in stored if k == "Service"
-                   if (vip := self._mirror.vip_of(n)) is not None}
         changed = [r for r, o in zip(puts, outcomes, strict=False) if o.action != "unchanged"]
         gone = list(deletes)
-        vips = self._vips.assign(current, changed, [d.name for d in gone if d.kind == "Service"],
-                                 self._mirror.reserved_vips())
+        current = self._mirror.service_vips()
+        vips = self._vips.assign(current, self._mirror.reserved_vips(), changed,
+                                 [d.name for d in gone if d.kind == "Service"])
         for r in changed:
             key = self._keys.resource(r.kind, r.name)
             old = stored.get(r.key)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -53,7 +53,7 @@ class Mirror:
         self._vip: dict[str, IPv4Address] = {}  # each Service's VIP (its resource's status)
         self._eps: dict[str, dict[tuple[str, HostPort], tuple[EndpointRecord, int]]] = {}
         self._hosts: dict[str, dict[str, Any]] = {}  # every agent's report
-        self._reserved: set[IPv4Address] = set()  # VIP reservation keys
+        self._reserved: dict[IPv4Address, str] = {}  # VIP reservation keys: their service
         self._view: dict[str, ServiceRecord] = {}
 
     # -- reads ----------------------------------------------------------------------------
@@ -66,8 +66,13 @@ class Mirror:
     def vip_of(self, name: str) -> IPv4Address | None:
         return self._vip.get(name)
 
-    def reserved_vips(self) -> set[IPv4Address]:
-        return set(self._reserved)
+    def reserved_vips(self) -> Mapping[IPv4Address, str]:
+        """Every VIP reservation and its service (a live view: read, do not keep)."""
+        return self._reserved
+
+    def service_vips(self) -> Mapping[str, IPv4Address]:
+        """Every known Service's VIP (a live view: read, do not keep)."""
+        return self._vip
 
     def hosts(self) -> dict[str, dict[str, Any]]:
         return dict(self._hosts)
@@ -131,7 +136,8 @@ class Mirror:
             self._hosts.pop(parsed.node, None)
             return None
         if isinstance(parsed, VipKey):
-            self._reserved.discard(parsed.vip)
+            if self._reserved.pop(parsed.vip, None) is not None:
+                self.vips.release(parsed.vip)
             return None
         if isinstance(parsed, EndpointKey):
             eps = self._eps.get(parsed.service, {})
@@ -177,7 +183,7 @@ class Mirror:
                 self._revs[key] = rev
                 return r.name if r.kind == "Service" else f"{r.kind}/{r.name}"
             if isinstance(parsed, VipKey):
-                self._reserved.add(parsed.vip)
+                self._reserved[parsed.vip] = value.decode()
                 self._revs[key] = rev
                 return None
             if isinstance(parsed, HostKey):

@@ -123,23 +123,38 @@ class HealthMonitor:
         self._probes = probes
         self._states: dict[Key, HealthState] = {}
         self._tasks: dict[Key, tuple[HealthConfig, asyncio.Task[None]]] = {}
+        self._by_service: dict[str, set[Key]] = {}  # the keys each service's checks use
+        self.dirty: set[str] = set()  # services with a verdict flipped, for the compiler
 
     def sync(self, services: Mapping[str, ServiceRecord]) -> None:
-        want: dict[Key, HealthConfig] = {
-            (rec.name, e.addr): rec.health
-            for rec in services.values() if rec.health.kind != "none" for e in rec.endpoints}
-        for key in list(self._tasks):
-            cfg, task = self._tasks[key]
-            if want.get(key) != cfg:
+        """Follow a whole registry (what the agent starts from)."""
+        self.update({**dict.fromkeys(self._by_service), **services})
+
+    def update(self, changed: Mapping[str, ServiceRecord | None]) -> None:
+        """Follow the services whose record changed (None: gone); the others keep their
+        loops untouched, so a change costs its own endpoints, not the mesh's."""
+        for name, rec in changed.items():
+            want: dict[Key, HealthConfig] = {} if rec is None or rec.health.kind == "none" \
+                else {(name, e.addr): rec.health for e in rec.endpoints}
+            for key in self._by_service.pop(name, set()) - want.keys():
+                _, task = self._tasks.pop(key)
                 task.cancel()
-                del self._tasks[key]
-        for key in list(self._states):
-            if key not in want:
-                del self._states[key]
-        for key, cfg in want.items():
-            if key not in self._tasks:
+                self._states.pop(key, None)
+            for key, cfg in want.items():
+                held = self._tasks.get(key)
+                if held is not None and held[0] == cfg:
+                    continue
+                if held is not None:
+                    held[1].cancel()
                 self._states.setdefault(key, HealthState(changed_at=self._clock()))
                 self._tasks[key] = (cfg, asyncio.ensure_future(self._loop(key, cfg)))
+            if want:
+                self._by_service[name] = set(want)
+
+    def take_dirty(self) -> set[str]:
+        """The services whose endpoints' verdicts flipped since the last call."""
+        dirty, self.dirty = self.dirty, set()
+        return dirty
 
     async def _loop(self, key: Key, cfg: HealthConfig) -> None:
         probe = self._probes[cfg.kind]
@@ -154,6 +169,7 @@ class HealthMonitor:
             if state.record(ok, detail, cfg, self._clock()):
                 log.warning("endpoint %s of %s is now %s: %s", key[1], key[0],
                             "healthy" if state.healthy else "UNHEALTHY", detail)
+                self.dirty.add(key[0])
                 self._on_change()
             await asyncio.sleep(cfg.interval)
 
@@ -174,3 +190,4 @@ class HealthMonitor:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        self._by_service.clear()

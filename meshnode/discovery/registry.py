@@ -10,103 +10,22 @@ agent compiles them into what the workers, the kernel and the health checker nee
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Protocol
-
-import msgspec
 
 from meshnode import constants as C
 from meshnode.errors import ConflictError, RegistryError, UsageError
 from meshnode.model import (
-    BalancerConfig,
-    Endpoint,
-    HealthConfig,
     HostPort,
-    OutlierConfig,
-    ServicePolicy,
-    ServiceSpec,
     service_name,
 )
 from meshnode.policy.document import parse
+from meshnode.policy.records import EndpointRecord, ServiceRecord
 from meshnode.policy.resources import Resource
 from meshnode.policy.store import Delete, HistoryEntry, Outcome
 
-
-@dataclass(frozen=True, slots=True)
-class EndpointRecord:
-    addr: HostPort
-    source: str  # "process" (an enrolled process's listener) or "static" (service add)
-    pid: int | None = None
-    node: str = ""  # the agent that registered it (its lease owns it, with etcd)
-    zone: str = ""
-    weight: int = 1
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint(self.addr, self.node, self.zone, self.weight)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"addr": str(self.addr), "source": self.source, "pid": self.pid,
-                "node": self.node, "zone": self.zone, "weight": self.weight}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> EndpointRecord:
-        return cls(HostPort.parse(d["addr"]), str(d["source"]), d.get("pid"),
-                   str(d.get("node", "")), str(d.get("zone", "")), int(d.get("weight", 1)))
-
-
-@dataclass(frozen=True, slots=True)
-class ServiceRecord:
-    """A service as the agent uses it: the Service resource's policy at `version`, the VIP the
-    registry gave it (the id is the VIP's offset, the same on every host), and its endpoints."""
-
-    name: str
-    id: int  # keys the kernel's service flags; VipRange.id_of(vip) on every host
-    vip: IPv4Address
-    policy: ServicePolicy = field(default_factory=ServicePolicy)
-    version: int = 0
-    endpoints: frozenset[EndpointRecord] = field(default_factory=frozenset)
-
-    @property
-    def spec(self) -> ServiceSpec:
-        return ServiceSpec(self.name, self.id, self.vip, self.policy)
-
-    @property
-    def port(self) -> int | None:
-        return self.policy.port
-
-    @property
-    def fail_closed(self) -> bool:
-        return self.policy.fail_closed
-
-    @property
-    def lb(self) -> BalancerConfig:
-        return self.policy.balancer
-
-    @property
-    def outlier(self) -> OutlierConfig:
-        return self.policy.outlier
-
-    @property
-    def health(self) -> HealthConfig:
-        return self.policy.health
-
-    def endpoint_set(self) -> frozenset[Endpoint]:
-        return frozenset(e.endpoint for e in self.endpoints)
-
-    def settings_json(self) -> dict[str, Any]:
-        """Everything but the endpoints, as `status` shows it."""
-        return {"name": self.name, "id": self.id, "vip": str(self.vip), "port": self.port,
-                "version": self.version, "fail_closed": self.fail_closed,
-                "lb": msgspec.to_builtins(self.lb, order="deterministic"),
-                "outlier": _snake(self.outlier), "health": _snake(self.health),
-                "policy": msgspec.to_builtins(self.policy)}
-
-
-def _snake(value: Any) -> dict[str, Any]:
-    """A policy struct with every field, by its Python name (status and explain read these)."""
-    return {f: getattr(value, f) for f in value.__struct_fields__}
+__all__ = ["CAS_RETRIES", "EndpointRecord", "Listener", "Registry", "ServiceRecord", "VipRange",
+           "check_service_args", "patch_service", "service_records"]
 
 
 class VipRange:
@@ -118,6 +37,7 @@ class VipRange:
 
     def __init__(self, cidr: str = C.VIP_CIDR) -> None:
         self.net = IPv4Network(cidr)
+        self._hint = 1  # the lowest offset that may be free
 
     def id_of(self, vip: IPv4Address) -> int:
         if vip not in self.net or vip in (self.net.network_address, self.net.broadcast_address):
@@ -132,42 +52,55 @@ class VipRange:
                              f"pick a VIP inside {self.net}, or leave spec.vip out")
         return ip
 
-    def first_free(self, used: Iterable[IPv4Address]) -> IPv4Address:
-        taken = set(used)
-        for ip in self.net.hosts():
-            if ip not in taken:
+    def first_free(self, taken: Callable[[IPv4Address], bool]) -> IPv4Address:
+        """The lowest VIP not `taken`, scanning from the lowest one that may be free (so an
+        allocation costs the allocations since the last release, not the mesh)."""
+        base, last = int(self.net.network_address), self.net.num_addresses - 1
+        for offset in range(max(self._hint, 1), last):
+            ip = IPv4Address(base + offset)
+            if not taken(ip):
+                self._hint = offset
                 return ip
         raise RegistryError(f"no free VIP left in {self.net}",
                             "remove unused services with: meshnode delete Service NAME")
 
-    def assign(self, current: Mapping[str, IPv4Address], puts: Iterable[Resource],
-               deleted: Iterable[str] = (), reserved: Iterable[IPv4Address] = ()
+    def release(self, vip: IPv4Address) -> None:
+        """`vip` is free again: the next allocation may take it."""
+        if vip in self.net:
+            self._hint = min(self._hint, int(vip) - int(self.net.network_address))
+
+    def assign(self, current: Mapping[str, IPv4Address], owners: Mapping[IPv4Address, str],
+               puts: Iterable[Resource], deleted: Iterable[str] = ()
                ) -> dict[str, IPv4Address]:
         """The VIP of each Service put: its pinned one, else the one it has, else the first
-        free (not in `current`, nor `reserved`: held by services this snapshot does not know
-        yet). ConflictError when a pinned VIP is another service's."""
+        free. `current` is each service's VIP; `owners` each reserved VIP's service (it may
+        hold reservations of services `current` does not know yet). ConflictError when a
+        pinned VIP is another service's. Costs the services put, not the mesh."""
         gone = set(deleted)
-        held = {name: vip for name, vip in current.items() if name not in gone}
+
+        def owner(vip: IPv4Address) -> str | None:
+            name = owners.get(vip)
+            return None if name in gone else name
+
         out: dict[str, IPv4Address] = {}
         services = [r for r in puts if r.kind == "Service"]
         for r in services:  # pinned first, so an allocation never takes a pinned address
             if r.spec.vip is not None:
                 out[r.name] = self.check_pinned(r.spec.vip, r.name)
         for r in services:
-            if r.name not in out and r.name in held:
-                out[r.name] = held[r.name]
-        owners = {vip: name for name, vip in held.items()}
+            if r.name not in out and r.name in current:
+                out[r.name] = current[r.name]
         for name, vip in out.items():
-            owner = owners.get(vip)
-            if owner is not None and owner != name and owner not in out:
-                raise ConflictError(f"Service {name}: VIP {vip} belongs to Service {owner}",
+            held_by = owner(vip)
+            if held_by is not None and held_by != name and held_by not in out:
+                raise ConflictError(f"Service {name}: VIP {vip} belongs to Service {held_by}",
                                     "pin another VIP, or leave spec.vip out")
-        taken = {*out.values(), *(v for n, v in held.items() if n not in out), *reserved}
+        taken = set(out.values())
         for r in services:
             if r.name not in out:
-                out[r.name] = self.first_free(taken)
+                out[r.name] = self.first_free(lambda ip: ip in taken or owner(ip) is not None)
                 taken.add(out[r.name])
-        if len(set(out.values())) != len(out):
+        if len(taken) != len(out):
             raise ConflictError("two Services pin the same VIP",
                                 "give each Service its own spec.vip")
         return out

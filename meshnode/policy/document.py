@@ -105,22 +105,29 @@ def check_references(changed: Iterable[Resource], existing: Mapping[tuple[str, s
                      deleted: Iterable[tuple[str, str]] = ()) -> None:
     """Every reference made by a changed resource names a resource that will exist after the
     change (in the change itself or already stored), and nothing still stored refers to a
-    resource the change deletes."""
-    after: dict[tuple[str, str], Resource] = dict(existing)
+    resource the change deletes. Costs the change (and, when it deletes, the stored resources
+    of kinds that can refer), not the store."""
     gone = set(deleted)
-    for key in gone:
-        after.pop(key, None)
-    for r in changed:
-        after[r.key] = r
-    for r in after.values():
+    new = {r.key: r for r in changed}
+
+    def after(key: tuple[str, str]) -> Resource | None:
+        if key in new:
+            return new[key]
+        return None if key in gone else existing.get(key)
+
+    referrers = [r for r in new.values() if kind_info(r.kind).refers]
+    if gone:
+        referrers += [r for key, r in existing.items() if key not in new and key not in gone
+                      and kind_info(key[0]).refers]
+    for r in referrers:
         for ref in kind_info(r.kind).references(r.spec):
-            target = after.get((ref.kind, ref.name))
+            target = after((ref.kind, ref.name))
             what = f"{r.kind} {r.name}"
             if target is None:
-                verb = "deletes" if (ref.kind, ref.name) in gone else "names"
+                deleting = (ref.kind, ref.name) in gone
                 raise UsageError(
                     f"{what} refers to {ref.kind} {ref.name}, which does not exist"
-                    + (" after this change" if verb == "deletes" else ""),
+                    + (" after this change" if deleting else ""),
                     f"create {ref.kind} {ref.name} first, or remove the reference from {what}")
             if ref.port is not None and ref.kind == "Service":
                 ports = {target.spec.port, *(p.port for p in target.spec.ports)}

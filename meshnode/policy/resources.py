@@ -166,12 +166,21 @@ class Reference:
     port: int | None = None  # a port the referenced Service must declare
 
 
+def _no_references(_spec: Any) -> Iterable[Reference]:
+    return ()
+
+
 @dataclass(frozen=True, slots=True)
 class KindInfo:
     spec: type[msgspec.Struct]
     summary: str
     # what this kind's spec names elsewhere (the cross-resource checks); none by default
-    references: Callable[[Any], Iterable[Reference]] = lambda _spec: ()
+    references: Callable[[Any], Iterable[Reference]] = _no_references
+
+    @property
+    def refers(self) -> bool:
+        """Whether resources of this kind can name others (else the checks skip them)."""
+        return self.references is not _no_references
 
 
 KINDS: dict[str, KindInfo] = {

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from meshnode.agent.explain import ExplainInputs, ejections, explain
-from meshnode.discovery import updates
 from meshnode.discovery.registry import EndpointRecord, ServiceRecord
 from meshnode.errors import UsageError
 from meshnode.host import cgroup
 from meshnode.model import BalancerConfig, HostPort, OutlierConfig
+from meshnode.policy import compiler
 from meshnode.policy.resources import ServicePolicy
 
 pytestmark = pytest.mark.timeout(10)
@@ -58,8 +58,8 @@ def inputs(*recs: ServiceRecord, ready: bool = True, health: Health | None = Non
     totals = {name: {"endpoints": {a: {"ejected_for": s} for a, s in eps.items()}}
               for name, eps in (ejected or {}).items()}
     return ExplainInputs(
-        services=services, pushed=updates.snapshot(services, health.healthy), ready=ready,
-        capture=updates.capture_state(services, ready), backend="ebpf", capture_reason="test",
+        services=services, pushed=compiler.snapshot(services, health.healthy), ready=ready,
+        capture=compiler.capture_state(services, ready), backend="ebpf", capture_reason="test",
         outbound_port=15001, dns_port=dns_port, dns_suffix="mesh", node=node, zone="",
         cgroup_mount=MOUNT, root_cgroup=ROOT, enrollments=[{"pid": PID, "service": "client"}],
         health=health, ejected_for=ejections(totals))

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
-from meshnode.discovery import embedded, updates
+from meshnode.discovery import embedded
 from meshnode.discovery.embedded import EmbeddedRegistry
 from meshnode.discovery.registry import EndpointRecord, patch_service
 from meshnode.errors import ConflictError, NotFoundError, RegistryError, UsageError
 from meshnode.model import Add, CaptureRule, DoesNotExist, Endpoint, HostPort, Remove, Reset
+from meshnode.policy import compiler
 from meshnode.policy.document import parse
 from meshnode.policy.store import HISTORY_DEPTH, Delete
 from tests.unit.test_statefile import full_tmpfs, root_only
@@ -244,19 +245,19 @@ async def test_updates_diff_is_reset_add_remove_doesnotexist(tmp_path: Path) -> 
     r = EmbeddedRegistry(tmp_path / "r.json")
     await r.apply([svc("a"), svc("gone")])
     await r.add_endpoints("a", [ep("127.0.0.1:1")])
-    old = updates.snapshot(r.services())
+    old = compiler.snapshot(r.services())
     await r.add_endpoints("a", [ep("127.0.0.1:2")])
     await r.remove_endpoints("a", [HostPort.parse("127.0.0.1:1")])
     await r.apply([svc("new")], [Delete("Service", "gone")])
-    out = updates.diff(old, updates.snapshot(r.services()))
+    out = compiler.diff(old, compiler.snapshot(r.services()))
     e2, e1 = Endpoint(HostPort.parse("127.0.0.1:2")), Endpoint(HostPort.parse("127.0.0.1:1"))
     assert out[0] == DoesNotExist("gone")
     assert Add("a", (e2,)) in out and Remove("a", (e1,)) in out
     assert any(isinstance(u, Reset) and u.service.name == "new" for u in out)
     # a changed port re-sends the whole service
     await r.apply([svc("a", port=81)])
-    out = updates.diff(updates.snapshot(r.services()) | {"a": old["a"]},
-                       updates.snapshot(r.services()))
+    out = compiler.diff(compiler.snapshot(r.services()) | {"a": old["a"]},
+                       compiler.snapshot(r.services()))
     assert [type(u) for u in out] == [Reset]
 
 
@@ -266,10 +267,10 @@ async def test_capture_state_only_redirects_when_ready(tmp_path: Path) -> None:
     await r.apply([svc("a", failMode="closed")])
     a = r.services()["a"]
     await r.add_endpoints("a", [ep("127.0.0.1:7")])
-    st = updates.capture_state(r.services(), ready=False)
+    st = compiler.capture_state(r.services(), ready=False)
     assert st.rules == {CaptureRule(a.vip, 0, a.id),
                         CaptureRule(IPv4Address("127.0.0.1"), 7, a.id)}
     assert st.redirected() == []
     assert len(st.refused()) == 2  # fail-closed and not ready: refuse
-    st = updates.capture_state(r.services(), ready=True)
+    st = compiler.capture_state(r.services(), ready=True)
     assert len(st.redirected()) == 2 and st.refused() == []

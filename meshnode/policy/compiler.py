@@ -1,0 +1,157 @@
+"""The compiler: registry records and health in, what each consumer needs out.
+
+- the proxy workers: the four discovery updates (Reset/Add/Remove/DoesNotExist) that bring
+  their route tables from what they were given to what the registry now says;
+- the kernel: the capture state (which destinations belong to which service, which services
+  the proxy can serve, which fail closed);
+- the health checker: which services' endpoints to probe changed.
+
+Each rule is written once, per service (`entry`, `rules`); `snapshot`/`diff`/`capture_state`
+apply it to a whole registry (explain, tests), `Compiler` to what changed since its last run:
+a store hands out the same record object until the service changes, so the compiler finds
+the changed services by identity and does work in proportion to them, not to the mesh.
+
+Pure: no I/O; imports nothing of meshnode's but the model and the policy records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+
+from meshnode.model import (
+    Add,
+    CaptureRule,
+    CaptureState,
+    DoesNotExist,
+    Endpoint,
+    HostPort,
+    Remove,
+    Reset,
+    ServiceSpec,
+    Update,
+)
+from meshnode.policy.records import ServiceRecord
+
+Entry = tuple[ServiceSpec, frozenset[Endpoint]]
+Snapshot = Mapping[str, Entry]
+Healthy = Callable[[str, HostPort], bool]
+
+
+# -- the rules, per service -----------------------------------------------------------------
+def entry(rec: ServiceRecord, healthy: Healthy | None = None) -> Entry:
+    """What the workers balance over: every endpoint, less those failing health checks."""
+    return (rec.spec, frozenset(e.endpoint for e in rec.endpoints
+                                if healthy is None or healthy(rec.name, e.addr)))
+
+
+def rules(rec: ServiceRecord) -> frozenset[CaptureRule]:
+    """VIPs capture every port; endpoints their own address."""
+    return frozenset({CaptureRule(rec.vip, 0, rec.id),
+                      *(CaptureRule(e.addr.ip, e.addr.port, rec.id) for e in rec.endpoints)})
+
+
+def change(name: str, old: Entry | None, new: Entry | None) -> list[Update]:
+    """The updates that take a worker's view of one service from `old` to `new`."""
+    if new is None:
+        return [] if old is None else [DoesNotExist(name)]
+    spec, eps = new
+    if old is None or old[0] != spec:
+        return [Reset(spec, tuple(sorted(eps)))]
+    out: list[Update] = []
+    # removals first: an endpoint whose weight or zone changed is removed, then added
+    if removed := old[1] - eps:
+        out.append(Remove(name, tuple(sorted(removed))))
+    if added := eps - old[1]:
+        out.append(Add(name, tuple(sorted(added))))
+    return out
+
+
+# -- whole registries -----------------------------------------------------------------------
+def snapshot(services: Mapping[str, ServiceRecord], healthy: Healthy | None = None
+             ) -> dict[str, Entry]:
+    return {name: entry(rec, healthy) for name, rec in services.items()}
+
+
+def resets(snap: Snapshot) -> list[Update]:
+    """Everything, for a worker that starts from nothing."""
+    return [Reset(spec, tuple(sorted(eps))) for spec, eps in snap.values()]
+
+
+def diff(old: Snapshot, new: Snapshot) -> list[Update]:
+    out: list[Update] = [DoesNotExist(name) for name in sorted(old.keys() - new.keys())]
+    for name in sorted(new):
+        out += change(name, old.get(name), new[name])
+    return out
+
+
+def capture_state(services: Mapping[str, ServiceRecord], ready: bool) -> CaptureState:
+    """`ready`: the proxy can serve all of these services now (workers alive and synced)."""
+    ids = frozenset(rec.id for rec in services.values())
+    return CaptureState(
+        rules=frozenset().union(*(rules(rec) for rec in services.values())),
+        ready=ids if ready else frozenset(),
+        fail_closed=frozenset(rec.id for rec in services.values() if rec.fail_closed))
+
+
+# -- incremental ------------------------------------------------------------------------------
+@dataclass
+class Compiled:
+    updates: list[Update]  # for the workers, in order
+    changed: dict[str, ServiceRecord | None]  # services whose record changed (None: gone)
+
+
+@dataclass
+class Compiler:
+    """Keeps what it last compiled; each run costs the services that changed (by record
+    identity, or named in `health_dirty`), plus one pass over the names."""
+
+    pushed: dict[str, Entry] = field(default_factory=dict)  # what the workers were given
+    _records: dict[str, ServiceRecord] = field(default_factory=dict)
+    _rules: dict[str, frozenset[CaptureRule]] = field(default_factory=dict)
+    _all_rules: set[CaptureRule] = field(default_factory=set)
+    _ids: dict[str, int] = field(default_factory=dict)
+    _fail_closed: set[int] = field(default_factory=set)
+
+    def run(self, services: Mapping[str, ServiceRecord], healthy: Healthy,
+            health_dirty: Collection[str] = ()) -> Compiled:
+        changed: dict[str, ServiceRecord | None] = {
+            name: None for name in self._records.keys() - services.keys()}
+        records = self._records
+        for name, cur in services.items():
+            if records.get(name) is not cur:
+                changed[name] = cur
+        updates: list[Update] = []
+        for name in sorted({*changed, *(n for n in health_dirty if n in services)}):
+            rec: ServiceRecord | None = changed[name] if name in changed else services[name]
+            new = None if rec is None else entry(rec, healthy)
+            updates += change(name, self.pushed.get(name), new)
+            if new is None:
+                self.pushed.pop(name, None)
+            else:
+                self.pushed[name] = new
+            if name in changed:
+                self._record(name, rec)
+        return Compiled(updates, changed)
+
+    def _record(self, name: str, rec: ServiceRecord | None) -> None:
+        old_rules = self._rules.pop(name, frozenset())
+        self._all_rules.difference_update(old_rules)
+        old_id = self._ids.pop(name, None)
+        if old_id is not None:
+            self._fail_closed.discard(old_id)
+        if rec is None:
+            self._records.pop(name, None)
+            return
+        self._records[name] = rec
+        self._rules[name] = new_rules = rules(rec)
+        self._all_rules.update(new_rules)
+        self._ids[name] = rec.id
+        if rec.fail_closed:
+            self._fail_closed.add(rec.id)
+
+    def capture_state(self, ready: bool) -> CaptureState:
+        ids = frozenset(self._ids.values())
+        return CaptureState(rules=frozenset(self._all_rules),
+                            ready=ids if ready else frozenset(),
+                            fail_closed=frozenset(self._fail_closed))
