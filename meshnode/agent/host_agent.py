@@ -17,6 +17,8 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +86,8 @@ class HostAgent:
         self.compiler = compiler.Compiler()  # what the workers and the kernel were given
         self._reconcile_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
-        self.health = HealthMonitor(on_change=self._health_changed)
+        self.health = HealthMonitor(on_change=self._health_changed, node=cfg.node_name)
+        self._background: set[asyncio.Task[None]] = set()
         # the read-only catalog on the admin port (/v1/catalog) follows registry and health
         self.catalog = catalog.Catalog(
             lambda: self.registry.services() if self.registry else {}, self.health.healthy)
@@ -169,8 +172,8 @@ class HostAgent:
             lambda: [*compiler.resets(self.compiler.pushed),
                      *self.telemetry.initial_messages()],
             self._workers_changed, self.telemetry.on_event)
-        self.health.update(self.compiler.run(self.registry.services(),
-                                             self.health.healthy).changed)
+        self.compiler.run(self.registry.services(), self.health.healthy,
+                          on_changed=self.health.update)
         await self.workers.start()
         self.enrollments = EnrollmentManager(
             self.registry, apps, self.mount, self.state / "enrollments.json",
@@ -210,9 +213,11 @@ class HostAgent:
             revision = self.registry.revision()  # what this pass applies, at least
             self.telemetry.refresh_sources(self.root_cgroup / "apps")
             # only what changed since the last pass: a change costs itself, not the mesh
-            compiled = self.compiler.run(self.registry.services(), self.health.healthy,
-                                         self.health.take_dirty())
-            self.health.update(compiled.changed)
+            services = self.registry.services()
+            dirty = self.health.take_dirty()
+            compiled = self.compiler.run(services, self.health.healthy, dirty,
+                                         on_changed=self.health.update)
+            self._share_health(services, {*compiled.changed, *dirty})
             if compiled.updates:
                 self.workers.broadcast(compiled.updates)
             ready = await self.workers.barrier()
@@ -221,6 +226,34 @@ class HostAgent:
             self.ready = ready  # published only once the kernel rules match it
             if ready and self.report is not None:
                 self.report.applied(revision)
+
+    def _share_health(self, services: Mapping[str, ServiceRecord], names: Iterable[str]) -> None:
+        """Write this host's verdicts into its endpoints' registry records where they differ
+        from what the records say: every other agent reads them from there. In the
+        background: a slow or unreachable registry must not hold up the data plane (a verdict
+        that could not be written is written again when the registry resyncs)."""
+        writes: dict[str, list[EndpointRecord]] = {}
+        for name in names:
+            rec = services.get(name)
+            if rec is None or rec.health.kind == "none":
+                continue
+            for e in rec.endpoints:
+                if self.health.owns(e.node):
+                    verdict = self.health.healthy(name, e.addr)
+                    if verdict != (e.healthy is not False):
+                        writes.setdefault(name, []).append(replace(e, healthy=verdict))
+        if writes:
+            task = asyncio.ensure_future(self._write_health(writes))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _write_health(self, writes: dict[str, list[EndpointRecord]]) -> None:
+        assert self.registry
+        for name, recs in writes.items():
+            try:
+                await self.registry.add_endpoints(name, recs)
+            except MeshnodeError as exc:
+                log.warning("health of %s not shared: %s", name, exc)
 
     def _health_changed(self) -> None:
         """A health verdict flipped: the workers' balancers and the catalog follow it."""

@@ -311,15 +311,17 @@ class EmbeddedRegistry:
             raise NotFoundError(f"no service named {name!r}",
                                 f"create it: meshnode service add {name}")
         have = self._endpoints.get(name, frozenset())
-        new = {e for e in endpoints if e not in have}
-        for e in new:
+        # one record per address: a record for an address held replaces it (weight, health)
+        new = {e.addr: e for e in endpoints if e not in have}
+        for e in new.values():
             owner = self.owner_of(e.addr)
             if owner is not None and owner != name:
                 raise ConflictError(f"endpoint {e.addr} already belongs to service {owner!r}",
                                     f"remove it there first: meshnode service remove {owner} "
                                     f"--endpoint {e.addr}")
         if new:
-            self._write_endpoints(name, have | new)
+            self._write_endpoints(name, frozenset(
+                {e for e in have if e.addr not in new} | set(new.values())))
 
     async def remove_endpoints(self, name: str, addrs: Iterable[HostPort]) -> None:
         have = self._endpoints.get(name)

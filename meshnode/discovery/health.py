@@ -1,7 +1,10 @@
-"""Active health checks: the agent probes every endpoint of every service it knows (TCP
-connect, or HTTP GET expecting 2xx) on the service's schedule, and tells the agent when an
-endpoint crosses its healthy/unhealthy threshold. Unhealthy endpoints leave the workers'
-balancers and come back once healthy; `meshnode status` shows each one's state and why.
+"""Active health checks: each agent probes the endpoints of its own host (TCP connect, or
+HTTP GET expecting 2xx) on the service's schedule, and tells the agent when an endpoint
+crosses its healthy/unhealthy threshold; the agent writes the verdict into the endpoint's
+registry record, and every other agent reads it from there (as Consul's agents do), so the
+mesh costs one probe per endpoint, not one per host and endpoint, and no probe crosses hosts.
+Unhealthy endpoints leave the workers' balancers and come back once healthy; `meshnode
+status` shows each one's state and why (and which host checked a remote one).
 
 New endpoints start healthy (optimistic): a fresh instance takes traffic at once, and the
 unhealthy threshold bounds how long a broken one can. The threshold logic (`HealthState`) is
@@ -117,13 +120,17 @@ class HealthMonitor:
     """One check loop per (service, endpoint) with active checks; `sync` follows the registry."""
 
     def __init__(self, on_change: Callable[[], None], clock: Clock = time.monotonic,
-                 probes: Mapping[str, Probe] = PROBES) -> None:
+                 probes: Mapping[str, Probe] = PROBES, node: str = "") -> None:
         self._on_change = on_change
+        self.node = node  # endpoints of this node (or of none) are probed here
         self._clock = clock
         self._probes = probes
         self._states: dict[Key, HealthState] = {}
         self._tasks: dict[Key, tuple[HealthConfig, asyncio.Task[None]]] = {}
         self._by_service: dict[str, set[Key]] = {}  # the keys each service's checks use
+        # other hosts' endpoints: the verdict their agent wrote in the registry, and who
+        self._remote: dict[Key, tuple[bool, str]] = {}
+        self._remote_by_service: dict[str, set[Key]] = {}
         self.dirty: set[str] = set()  # services with a verdict flipped, for the compiler
 
     def sync(self, services: Mapping[str, ServiceRecord]) -> None:
@@ -134,8 +141,16 @@ class HealthMonitor:
         """Follow the services whose record changed (None: gone); the others keep their
         loops untouched, so a change costs its own endpoints, not the mesh's."""
         for name, rec in changed.items():
+            for key in self._remote_by_service.pop(name, set()):
+                self._remote.pop(key, None)
+            if rec is not None:
+                remote = {(name, e.addr): (e.healthy is not False, e.node)
+                          for e in rec.endpoints if not self.owns(e.node)}
+                self._remote.update(remote)
+                if remote:
+                    self._remote_by_service[name] = set(remote)
             want: dict[Key, HealthConfig] = {} if rec is None or rec.health.kind == "none" \
-                else {(name, e.addr): rec.health for e in rec.endpoints}
+                else {(name, e.addr): rec.health for e in rec.endpoints if self.owns(e.node)}
             for key in self._by_service.pop(name, set()) - want.keys():
                 _, task = self._tasks.pop(key)
                 task.cancel()
@@ -173,12 +188,23 @@ class HealthMonitor:
                 self._on_change()
             await asyncio.sleep(cfg.interval)
 
+    def owns(self, node: str) -> bool:
+        return node in ("", self.node)
+
     def healthy(self, service: str, addr: HostPort) -> bool:
+        """This host's verdict for its endpoints, the registry's for other hosts'."""
         state = self._states.get((service, addr))
-        return state is None or state.healthy
+        if state is not None:
+            return state.healthy
+        remote = self._remote.get((service, addr))
+        return remote is None or remote[0]
 
     def describe(self, service: str, addr: HostPort) -> dict[str, Any]:
         state = self._states.get((service, addr))
+        remote = self._remote.get((service, addr))
+        if state is None and remote is not None:
+            return {"healthy": remote[0], "reason": f"checked by {remote[1]}", "checks": None,
+                    "failed": None, "last_check_ago_s": None}
         if state is None:
             return {"healthy": True, "reason": "no active check", "checks": 0, "failed": 0,
                     "last_check_ago_s": None}
@@ -191,3 +217,5 @@ class HealthMonitor:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         self._by_service.clear()
+        self._remote.clear()
+        self._remote_by_service.clear()

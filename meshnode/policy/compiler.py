@@ -114,13 +114,19 @@ class Compiler:
     _fail_closed: set[int] = field(default_factory=set)
 
     def run(self, services: Mapping[str, ServiceRecord], healthy: Healthy,
-            health_dirty: Collection[str] = ()) -> Compiled:
+            health_dirty: Collection[str] = (),
+            on_changed: Callable[[Mapping[str, ServiceRecord | None]], None] | None = None,
+            ) -> Compiled:
+        """`on_changed` hears of the changed records before anything is compiled (the health
+        checker reads the verdicts other hosts wrote into them, which `healthy` returns)."""
         changed: dict[str, ServiceRecord | None] = {
             name: None for name in self._records.keys() - services.keys()}
         records = self._records
         for name, cur in services.items():
             if records.get(name) is not cur:
                 changed[name] = cur
+        if on_changed is not None:
+            on_changed(changed)
         updates: list[Update] = []
         for name in sorted({*changed, *(n for n in health_dirty if n in services)}):
             rec: ServiceRecord | None = changed[name] if name in changed else services[name]

@@ -33,19 +33,26 @@ class EndpointRecord:
     node: str = ""  # the agent that registered it (its lease owns it, with etcd)
     zone: str = ""
     weight: int = 1
+    # the verdict of the active checks run by the endpoint's own agent (None: not checked)
+    healthy: bool | None = None
 
     @property
     def endpoint(self) -> Endpoint:
         return Endpoint(self.addr, self.node, self.zone, self.weight)
 
     def to_json(self) -> dict[str, Any]:
-        return {"addr": str(self.addr), "source": self.source, "pid": self.pid,
-                "node": self.node, "zone": self.zone, "weight": self.weight}
+        out = {"addr": str(self.addr), "source": self.source, "pid": self.pid,
+               "node": self.node, "zone": self.zone, "weight": self.weight}
+        if self.healthy is not None:
+            out["healthy"] = self.healthy
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> EndpointRecord:
+        healthy = d.get("healthy")
         return cls(HostPort.parse(d["addr"]), str(d["source"]), d.get("pid"),
-                   str(d.get("node", "")), str(d.get("zone", "")), int(d.get("weight", 1)))
+                   str(d.get("node", "")), str(d.get("zone", "")), int(d.get("weight", 1)),
+                   None if healthy is None else bool(healthy))
 
 
 @dataclass(frozen=True, slots=True)

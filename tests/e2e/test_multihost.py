@@ -197,3 +197,31 @@ def test_an_apply_on_one_host_takes_effect_and_is_reported_everywhere(fabric: Fa
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines()[1:]]
     assert {r[0] for r in rows} == nodes and all(r[-1] == "yes" for r in rows), out.stdout
+
+
+def test_each_host_checks_its_own_endpoints_and_shares_the_verdict(fabric: Fabric) -> None:
+    """An endpoint is probed by its own host's agent only; the others read the verdict from
+    the registry and route around it, without ever trying it."""
+    vip = web_everywhere(fabric)
+    h0, h2 = fabric.hosts[0], fabric.hosts[2]
+    h0.call("service.add", name="web",
+            patch={"health": {"kind": "tcp", "interval": 0.2, "timeout": 0.2,
+                              "unhealthyThreshold": 1, "healthyThreshold": 1}})
+    dead = f"{fabric.ip(2)}:{PORT + 1}"  # nothing listens there (yet)
+    h2.call("service.add", name="web", endpoints=[dead])
+
+    def verdict(h: Host) -> dict[str, object]:
+        eps = {e["addr"]: e for e in h.service("web")["endpoints"]}
+        return dict(eps[dead]["health"]) if dead in eps else {}
+
+    wait_for("h0 reads h2's verdict", lambda: verdict(h0).get("healthy") is False, timeout=10)
+    assert verdict(h0)["reason"] == "checked by h2"  # h0 never probed it
+    assert "tcp connect failed" in str(verdict(h2)["reason"])
+    client = h0.probe(service="client")
+    replies = collections.Counter(client.connect(vip, 80)["reply"] for _ in range(12))
+    assert set(replies) == {"web-0", "web-1", "web-2"}
+    assert h0.service("web")["counters"]["connect_errors"] == 0  # never tried
+    h2.server("late", PORT + 1, service=None, host="0.0.0.0")
+    wait_for("h0 reads the recovery", lambda: verdict(h0).get("healthy") is True, timeout=10)
+    replies = collections.Counter(client.connect(vip, 80)["reply"] for _ in range(16))
+    assert set(replies) == {"web-0", "web-1", "web-2", "late"}
