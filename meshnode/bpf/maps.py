@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import TypeVar
 
 from meshnode import constants
 from meshnode.bpf import syscall
@@ -46,6 +47,7 @@ MAP_LAYOUTS: dict[str, tuple[int, int]] = {
     "mn_dns_orig": (_U64.size, ADDR4_SIZE),
 }
 
+T = TypeVar("T")
 DestKey = tuple[IPv4Address, int]  # (ip, port); port 0: every port of a VIP
 
 STAT_NAMES: dict[str, int] = {
@@ -169,9 +171,10 @@ class MapMirror:
         old, self.state = self.state, state
         before: dict[DestKey, int | None] = {}  # each touched key's value before this step
         if state.rules is not old.rules:
-            for r in old.rules - state.rules:
+            removed, added = _set_changes(old.rules, state.rules)
+            for r in removed:
                 self._unclaim((r.ip, r.port), r.service_id, before)
-            for r in state.rules - old.rules:
+            for r in added:
                 self._claim((r.ip, r.port), r.service_id, before)
         delta = MapDelta()
         touched: set[int] = set()  # service ids whose flags may change
@@ -190,10 +193,10 @@ class MapMirror:
                 if not self._keys_of[was]:
                     del self._keys_of[was]
                 touched.add(was)
-        if state.ready is not old.ready:
-            touched |= state.ready ^ old.ready
-        if state.fail_closed is not old.fail_closed:
-            touched |= state.fail_closed ^ old.fail_closed
+        for was_set, now_set in ((old.ready, state.ready), (old.fail_closed, state.fail_closed)):
+            if now_set is not was_set:
+                for changed in _set_changes(was_set, now_set):
+                    touched |= changed
         for sid in touched:
             want = service_flags(state, sid) if sid in self._keys_of else 0
             if want == self.services.get(sid, 0):
@@ -233,6 +236,16 @@ class MapMirror:
 def sum_percpu(raw: bytes, ncpus: int) -> int:
     """Sum one per-CPU u64 value (the kernel pads each CPU's value to 8 bytes)."""
     return sum(_U64.unpack_from(raw, 8 * i)[0] for i in range(ncpus))
+
+
+def _set_changes(old: frozenset[T], new: frozenset[T]) -> tuple[frozenset[T], frozenset[T]]:
+    """(removed, added). Each difference walks a whole set; the sizes tell when one of them
+    must be empty (a pure add or removal, the usual change), which halves the walk."""
+    if len(new) >= len(old):
+        added = new - old
+        return (old - new if len(old) - len(new) + len(added) else frozenset()), added
+    removed = old - new
+    return removed, (new - old if len(new) - len(old) + len(removed) else frozenset())
 
 
 class CaptureMaps:
