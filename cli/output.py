@@ -38,7 +38,8 @@ def status_text(s: dict[str, Any]) -> str:
         + "".join(f", #{w['id']} pid {w['pid']}" + ("" if w["alive"] else " DOWN")
                   for w in s["workers"]),
         f"cgroup    {s['cgroup']}",
-        f"registry  {reg.get('backend', '?')}"
+        f"registry  {reg.get('backend', '?')}, revision {reg.get('revision', '?')}, "
+        f"applied {reg.get('applied_revision', '?')}"
         + ("" if reg.get("connected", True) else f" (DISCONNECTED: {reg.get('last_error')})"),
     ]
     dns = s.get("dns")

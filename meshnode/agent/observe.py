@@ -131,7 +131,9 @@ class Telemetry:
                   "capture": a.capture.name},
             ready=a.ready, totals=totals, kernel=kernel,
             dns=a.names.describe()["counters"] if a.names else {},
-            registry=a.registry.describe(), services=services, enrolled=enrolled,
+            registry={**a.registry.describe(),
+                      "applied_revision": a.report.applied_revision if a.report else 0},
+            services=services, enrolled=enrolled,
             workers=a.workers.describe())
 
     # -- stat, top, overview ---------------------------------------------------------------

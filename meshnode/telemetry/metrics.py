@@ -168,6 +168,14 @@ class MeshCollector(Collector):
         reg.add_metric([str(s.registry.get("backend", ""))],
                        1.0 if s.registry.get("connected") else 0.0)
         yield reg
+        rev = GaugeMetricFamily(
+            "meshnode_registry_revision",
+            "The registry's revision: as this agent holds it (held), and as its workers and "
+            "kernel run it (applied). A rollout has reached this host when applied catches up.",
+            labels=["state"])
+        rev.add_metric(["held"], float(s.registry.get("revision") or 0))
+        rev.add_metric(["applied"], float(s.registry.get("applied_revision") or 0))
+        yield rev
         eps = GaugeMetricFamily("meshnode_service_endpoints",
                                 "Endpoints of a service by health.", labels=["service", "health"])
         healthy = GaugeMetricFamily("meshnode_endpoint_healthy",

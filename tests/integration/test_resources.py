@@ -54,6 +54,15 @@ def test_apply_get_diff_history_rollback_delete(make_host, backend: str,
     h.wait_endpoints("web", {f"127.0.0.1:{p}" for p in ports})
     vip = h.service("web")["vip"]
     assert lands(h, vip, 80) == {"instance-0", "instance-1"}
+    # the agent says which revision its workers and kernel run: this apply's, or later
+    version = h.service("web")["version"]
+    reg = h.status()["registry"]
+    assert reg["applied_revision"] >= version and reg["revision"] >= version
+    status, metrics = h.http_get("/metrics")
+    assert status == 200
+    applied = [line for line in metrics.splitlines()
+               if line.startswith('meshnode_registry_revision{state="applied"}')]
+    assert applied and float(applied[0].split()[-1]) >= version
 
     # idempotent: the same document again changes nothing
     assert h.cli("apply", "-f", v1).stdout.strip() == "Service/web unchanged"
