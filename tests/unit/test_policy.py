@@ -4,6 +4,7 @@ apply plan; and random documents never crash the validator."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshnode.errors import ConflictError, NotFoundError, UsageError
-from meshnode.policy import resources
+from meshnode.discovery.embedded import EmbeddedRegistry
+from meshnode.errors import ConflictError, NotFoundError, RegistryError, UsageError
+from meshnode.policy import resources, store
 from meshnode.policy.document import load_text, parse, parse_all
 from meshnode.policy.resources import KINDS, KindInfo, Reference, Resource, ServicePolicy
 from meshnode.policy.store import Delete, plan
@@ -149,3 +151,26 @@ def test_random_documents_give_a_resource_or_a_usage_error(d: dict[str, Any]) ->
 def test_random_text_gives_documents_or_a_usage_error(text: str) -> None:
     with contextlib.suppress(UsageError):
         parse_all(load_text(text, "t"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | documents.map(lambda d: json.dumps(d).encode()))
+def test_stored_values_decode_or_raise_a_registry_error(data: bytes) -> None:
+    """What a store hands back (etcd values, registry files) may have been written by hand or
+    by another version: a typed error, never a crash."""
+    try:
+        store.decode(data, 1)
+    except RegistryError as exc:
+        assert exc.hint
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_a_garbage_registry_journal_is_a_registry_error(tmp_path_factory: Any,
+                                                         data: bytes) -> None:
+    path = tmp_path_factory.mktemp("j") / "r.json"
+    path.with_suffix(".journal").write_bytes(data)
+    try:
+        EmbeddedRegistry(path)
+    except RegistryError as exc:
+        assert "journal" in str(exc) and exc.hint
