@@ -72,6 +72,7 @@ TXN_DELETES = 100
 # an apply costs each resource a compare and two puts (document and history), a new VIP one
 # more of each
 TXN_RESOURCES = 40
+CACHE_DELAY = 0.5  # seconds: the cache file trails the mirror by at most this
 # Optimistic transactions retry when another agent wrote in between; each failure returns
 # the current state, so only new concurrent writers can make one fail again.
 MAX_ATTEMPTS = 100
@@ -99,6 +100,7 @@ class EtcdRegistry:
         self._listeners: list[Listener] = []
         self._flush_pending = False
         self._cache_warned = False
+        self._cache_timer: asyncio.TimerHandle | None = None
         # This node's endpoints as the agent last asked for them: put back after an outage
         # that cost the lease, trimmed of what others removed.
         self._own: dict[tuple[str, HostPort], EndpointRecord] = {}
@@ -159,11 +161,15 @@ class EtcdRegistry:
         if lease:
             self._mirror.drop_lease(self.node, lease)  # what etcd just deleted
         self._flush()
+        self._save_cache()
 
     async def abandon(self) -> None:
         """Stop without revoking the lease, as a crashed agent would: this node's endpoints
         stay until the TTL runs out. For tests of that path, and for a handover."""
         await self._session.abandon()
+        if self._cache_timer is not None:
+            self._cache_timer.cancel()
+            self._cache_timer = None
 
     # -- the session's hooks (SessionOwner) -------------------------------------------------
     def reset(self, kvs: Iterable[tuple[bytes, bytes, int, int]], revision: int) -> None:
@@ -492,24 +498,34 @@ class EtcdRegistry:
 
     # -- change notification ---------------------------------------------------------------
     def _changed(self) -> None:
-        """Write the cache and call the listeners once per burst of changes (one loop turn),
-        not once per key of a transaction."""
+        """Call the listeners once per burst of changes (one loop turn), not once per key of a
+        transaction; write the cache at most every CACHE_DELAY (it costs the whole mesh, and
+        only an agent restarting during an etcd outage reads it)."""
+        loop = asyncio.get_running_loop()
         if not self._flush_pending:
             self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
+        if self.cache_path is not None and self._cache_timer is None:
+            self._cache_timer = loop.call_later(CACHE_DELAY, self._save_cache)
 
     def _flush(self) -> None:
         self._flush_pending = False
-        if self.cache_path is not None:
-            try:
-                self._mirror.save(self.cache_path)
-                self._cache_warned = False
-            except OSError as exc:
-                if not self._cache_warned:  # once per failure streak, not per change
-                    log.warning("cannot write the etcd cache %s: %s", self.cache_path, exc)
-                    self._cache_warned = True
         for listener in list(self._listeners):
             listener()
+
+    def _save_cache(self) -> None:
+        if self._cache_timer is not None:
+            self._cache_timer.cancel()
+            self._cache_timer = None
+        if self.cache_path is None:
+            return
+        try:
+            self._mirror.save(self.cache_path)
+            self._cache_warned = False
+        except MeshnodeError as exc:
+            if not self._cache_warned:  # once per failure streak, not per change
+                log.warning("cannot write the etcd cache: %s", exc)
+                self._cache_warned = True
 
 
 # -- request building -----------------------------------------------------------------------

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from ipaddress import IPv4Address
@@ -30,6 +29,7 @@ from meshnode.discovery.etcd_keys import (
 )
 from meshnode.discovery.registry import EndpointRecord, ServiceRecord, VipRange
 from meshnode.errors import RegistryError
+from meshnode.host.statefile import write_json
 from meshnode.model import HostPort
 from meshnode.policy import store
 from meshnode.policy.resources import Resource
@@ -216,7 +216,7 @@ class Mirror:
 
     # -- the cache file -------------------------------------------------------------------
     def save(self, path: Path) -> None:
-        """Write the snapshot atomically (tmp + fsync + rename)."""
+        """Write the snapshot atomically (host/statefile.py); StateError when it cannot."""
         data = {"format": CACHE_FORMAT, "prefix": self.layout.prefix,
                 "revision": self.revision,
                 "resources": [{"doc": r.to_doc(with_version=False), "version": r.version,
@@ -225,13 +225,7 @@ class Mirror:
                               if k != "Service" or n in self._vip],
                 "endpoints": {name: [e.to_json() for e, _ in eps.values()]
                               for name, eps in sorted(self._eps.items())}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f, separators=(",", ":"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json(path, data)
 
     def load(self, path: Path) -> bool:
         """Serve the cache until etcd answers. False (and empty) without a usable cache."""

@@ -126,7 +126,8 @@ async def test_a_service_and_its_endpoints_reach_the_other_agent(etcd: EtcdClust
         await eventually(lambda: bool(heard), 1, "b's listeners hear of it")
         assert {e.node for e in b.services()["web"].endpoints} == {"a"}
         # the snapshot is also on disk, for an agent restarting while etcd is down
-        await eventually(lambda: "10.1.0.1:8080" in (tmp_path / "b-cache.json").read_text(),
+        cache = tmp_path / "b-cache.json"  # written at most every CACHE_DELAY
+        await eventually(lambda: cache.exists() and "10.1.0.1:8080" in cache.read_text(),
                          1, "b's cache file")
 
         await b.remove_endpoints("web", [HostPort.parse("10.1.0.1:8080")])  # a's, by b
