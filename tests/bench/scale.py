@@ -25,6 +25,18 @@ Addresses: the agent's VIPs (127.240.0.0/16; the bench pins its new services' VI
 127.240.250.0 on), endpoints from 127.1.0.1 on, 127.200/16 and 127.201/16 for the changes; one
 server bound to 0.0.0.0 in the namespace answers them all with the address it was reached on.
 Everything started is stopped, and the namespace removed, on success, failure or Ctrl-C.
+
+Measured (2 shared CPUs, Linux 6.18, main at 315ecd0 with the lead's uncommitted registry
+and compiler work in the tree; ms, p50 / p99; the machine was shared, so +-50 %):
+  services  add service   add endpoint  remove endpoint  capture sync  RSS agent/worker
+  1 000     6 / 16        5 / 13        6 / 17           0.3 / 1.0     40 / 33 MiB
+  10 000    62 / 92       52 / 126      60 / 103         2.4 / 10      107 / 82 MiB
+The kernel shows each change within 1-4 ms of the call's return, a probe reaches a new
+service's endpoints 1-2 ms after it. Run on the tree of a few hours earlier, before the
+registry and compiler rewrite, adding a service cost 414 / 903 ms with 1 000 services and
+2 550 / 3 600 ms with 10 000 (issue 12 measured 271 ms at 1 000 on 6e38661). The agent's
+profile at 10 000 (--profile): the host report (_report_state counting local endpoints, one
+gethostname per endpoint) 36 % of its CPU, the compiler 13 %, reconcile itself 6 %.
 """
 
 from __future__ import annotations
