@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from meshnode import __version__
+from meshnode.agent import cluster
 from meshnode.agent.control import ControlServer, Handler
 from meshnode.agent.enrollment import EnrollmentManager
 from meshnode.agent.names import MeshNames
@@ -184,7 +185,7 @@ class HostAgent:
 
         self.control = ControlServer(self.cfg.control_socket, self._handlers())
         await self.control.start()
-        await self.telemetry.start_admin()
+        await self.telemetry.start_admin(hosts=self._hosts_view)
         await self._reconcile()
         self.report.start()
         self._tasks = [asyncio.ensure_future(self._reconcile_loop()),
@@ -367,11 +368,13 @@ class HostAgent:
                 "workers": len(self.workers.workers) if self.workers else 0}
 
     async def _op_hosts(self, _: dict[str, Any]) -> Any:
-        """Every agent's last report (etcd: the live ones), this one's fresh."""
+        return self._hosts_view()
+
+    def _hosts_view(self) -> dict[str, Any]:
+        """Every agent's last report (etcd: the live ones), this one's fresh, each marked
+        current or not (agent/cluster.py); the admin port serves it as /api/hosts."""
         assert self.registry and self.report
-        hosts = {**self.registry.hosts(), self.cfg.node_name: self.report.current()}
-        return {"revision": self.registry.revision(),
-                "hosts": [hosts[n] for n in sorted(hosts)]}
+        return cluster.hosts_view(self.registry, self.report.current())
 
     async def _op_ping(self, _: dict[str, Any]) -> Any:
         return {"version": __version__, "pid": os.getpid(), "ready": self.ready}

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshnode import __version__
 from meshnode.errors import MeshnodeError, UsageError
-from meshnode.telemetry.admin import AdminServer
+from meshnode.telemetry.admin import AdminServer, HostsSource
 from meshnode.telemetry.aggregate import Accumulator, Totals
 from meshnode.telemetry.history import History, figures
 from meshnode.telemetry.metrics import Snapshot
@@ -94,12 +94,14 @@ class Telemetry:
                 log.exception("telemetry sample failed")
 
     # -- admin port ------------------------------------------------------------------------
-    async def start_admin(self) -> None:
+    async def start_admin(self, hosts: HostsSource | None = None) -> None:
+        """`hosts`: the mesh's hosts and their reports (GET /api/hosts), run on this loop."""
         cfg = self.agent.cfg
         if not cfg.admin_port:
             return
         self.admin = AdminServer("127.0.0.1", cfg.admin_port, self,
-                                 asyncio.get_running_loop(), catalog=self.agent.catalog)
+                                 asyncio.get_running_loop(), catalog=self.agent.catalog,
+                                 hosts=hosts)
         await asyncio.to_thread(self.admin.start)
 
     async def stop_admin(self) -> None:

@@ -4,6 +4,8 @@ and the JSON API it polls, and a readiness probe.
   GET /metrics                 Prometheus exposition (OpenMetrics when the scraper asks for it)
   GET /ready                   200 "ready" when capture and workers are up, else 503
   GET /api/overview?window=S   services, edges, hosts and series for the dashboard (JSON)
+  GET /api/hosts               every agent in the registry: its report (ready, capture, applied
+                               revision, ...) and whether it runs the newest resources (JSON)
   GET /                        the dashboard (meshnode/dashboard/index.html)
   GET /static/NAME             its files (package data; nothing comes from the internet)
   GET /v1/catalog/services     the read-only catalog (meshnode/discovery/catalog.py): every
@@ -41,7 +43,7 @@ from meshnode.discovery.catalog import Answer, BlockingQuery, Catalog, parse_que
 from meshnode.errors import UnavailableError, UsageError
 from meshnode.telemetry.metrics import MeshCollector, Snapshot
 
-__all__ = ["AdminServer", "Provider"]
+__all__ = ["AdminServer", "HostsSource", "Provider"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ CATALOG = "/v1/catalog/"
 INDEX_HEADER = "X-Meshnode-Index"
 
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+# The mesh's hosts (agent/cluster.py's view). A plain callable, not the agent: the admin port
+# needs this one answer, and runs it on the agent's loop, which owns the registry snapshot.
+HostsSource = Callable[[], dict[str, Any]]
 
 
 class Provider(Protocol):
@@ -79,11 +84,13 @@ class _QuietHandler(WSGIRequestHandler):
 
 class AdminServer:
     def __init__(self, host: str, port: int, provider: Provider,
-                 loop: asyncio.AbstractEventLoop, catalog: Catalog | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop, catalog: Catalog | None = None,
+                 hosts: HostsSource | None = None) -> None:
         self.host, self.port = host, port
         self._provider = provider
         self._loop = loop
         self._catalog = catalog
+        self._hosts = hosts
         self._blocking = threading.BoundedSemaphore(MAX_BLOCKING)
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(MeshCollector(lambda: self._run(provider.snapshot())))
@@ -132,6 +139,8 @@ class AdminServer:
                 window = _window(environ.get("QUERY_STRING", ""))
                 body = json.dumps(self._run(self._provider.overview(window))).encode()
                 return _reply(start, "200 OK", body, "application/json")
+            if path == "/api/hosts" and self._hosts is not None:
+                return _json(start, "200 OK", self._run(_call(self._hosts)))
             if path.startswith(CATALOG) and self._catalog is not None:
                 return self._catalog_reply(start, path[len(CATALOG):],
                                            environ.get("QUERY_STRING", ""))
@@ -187,6 +196,10 @@ class AdminServer:
             return self._run(self._catalog.query(service, q), q.wait + _TIMEOUT)
         finally:
             self._blocking.release()
+
+
+async def _call(source: HostsSource) -> dict[str, Any]:
+    return source()
 
 
 def _json(start: StartResponse, status: str, body: Any,

@@ -1,6 +1,7 @@
 """The dashboard end to end: a real agent's admin port, rendered by headless Chromium inside
-the host's network namespace. The page polls api/overview and draws the topology with ECharts'
-SVG renderer, so graph labels are DOM text the test can read back from --dump-dom."""
+the host's network namespace. The page polls api/overview and api/hosts and draws the topology
+with ECharts' SVG renderer, so graph labels are DOM text the test can read back from
+--dump-dom. tests/e2e/test_dashboard_hosts.py reuses these helpers on three hosts."""
 
 from __future__ import annotations
 
@@ -54,12 +55,20 @@ def edge_rate(view: dict[str, Any], src: str, dst: str) -> float:
     return sum(e["rate"] for e in view["edges"] if (e["src"], e["dst"]) == (src, dst))
 
 
-def run_chromium(h: Host, exe: str, tmp: Path, *mode: str) -> str:
+def api_hosts(h: Host) -> dict[str, Any]:
+    """GET api/hosts from inside the host, as the page does."""
+    status, body = h.http_get("/api/hosts")
+    assert status == 200, body
+    result: dict[str, Any] = json.loads(body)
+    return result
+
+
+def run_chromium(h: Host, exe: str, tmp: Path, *mode: str, size: str = "1400,1000") -> str:
     """One headless Chromium run in the host's namespace; killed (whole group) on failure."""
     profile = tempfile.mkdtemp(prefix="chromium-", dir=tmp)
     argv = ["nsenter", f"--net=/run/netns/{h.netns}", exe, "--headless=new", "--no-sandbox",
             "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run", "--hide-scrollbars",
-            f"--user-data-dir={profile}", "--window-size=1400,1000",
+            f"--user-data-dir={profile}", f"--window-size={size}",
             "--virtual-time-budget=8000", *mode, ADMIN]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own group: renderers die with it
@@ -86,6 +95,10 @@ class RenderedPage(HTMLParser):
         super().__init__()
         self.edges: dict[str, float] = {}
         self.services: set[str] = set()
+        self.hosts: dict[str, dict[str, str]] = {}  # the Hosts table: node -> data-* of its row
+        self.endpoint_hosts: dict[str, str] = {}  # the Endpoints table: "SERVICE ADDR" -> node
+        self.kpi_hosts = ""
+        self._kpi_hosts = False
         self.updated = 0
         self.banner_hidden = False
         self.graph_text: list[str] = []
@@ -103,6 +116,12 @@ class RenderedPage(HTMLParser):
             self.edges[str(a["data-edge"])] = float(a.get("data-rate") or 0)
         if a.get("data-service") is not None:
             self.services.add(str(a["data-service"]))
+        if tag == "tr" and a.get("data-current") is not None:
+            self.hosts[str(a["data-host"])] = {k[5:]: str(v) for k, v in a.items()
+                                               if k.startswith("data-")}
+        if tag == "tr" and a.get("data-endpoint") is not None:
+            self.endpoint_hosts[str(a["data-endpoint"])] = str(a.get("data-host") or "")
+        self._kpi_hosts = a.get("id") == "k-hosts"
         if tag in self.VOID:
             return
         if self._graph_depth or a.get("id") == "graph":
@@ -110,11 +129,14 @@ class RenderedPage(HTMLParser):
         self._in_text = self._graph_depth > 0 and tag == "text"
 
     def handle_endtag(self, tag: str) -> None:
+        self._kpi_hosts = False
         if self._graph_depth:
             self._graph_depth -= 1
         self._in_text = False
 
     def handle_data(self, data: str) -> None:
+        if self._kpi_hosts:
+            self.kpi_hosts += data.strip()
         if self._in_text:
             self.graph_text.append(data.strip())
 
@@ -175,3 +197,19 @@ def test_dashboard_renders_live_topology(make_host, tmp_path: Path) -> None:
     assert {s["name"] for s in view["services"]} <= page.services  # "web" too, if a service
     assert page.edges.get("web->api", 0) > 0, page.edges
     assert {"api", "web"} <= set(page.graph_text), page.graph_text
+
+    # one agent, one host: its report, current, and each endpoint placed on it
+    cluster = api_hosts(h)
+    api_version = h.call("get", kind="Service", name="api")["items"][0]["version"]
+    assert cluster["current_revision"] >= api_version
+    node = h.status()["node"]  # the harness's tag names the instance; the node is the agent's
+    (me,) = cluster["hosts"]
+    assert me["node"] == node and me["local"] and me["current"] and me["ready"], me
+    assert (me["capture"], me["workers"], me["local_endpoints"]) == ("ebpf", 1, 2), me
+    assert me["applied_revision"] >= cluster["current_revision"]
+    assert page.kpi_hosts == "1"
+    assert set(page.hosts) == {node}, page.hosts
+    row = page.hosts[node]
+    assert (row["state"], row["current"]) == ("ready", "true"), row
+    assert int(row["applied"]) >= api_version
+    assert page.endpoint_hosts == {f"api 127.0.0.1:{p}": node for p in ports}

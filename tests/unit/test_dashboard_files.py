@@ -72,6 +72,45 @@ def test_dashboard_polls_the_relative_api_and_uses_svg() -> None:
     assert js.count("renderer: 'svg'") >= 2  # the graph and the trend charts
 
 
+def test_dashboard_polls_the_relative_hosts_api() -> None:
+    js = ROOT.joinpath("static", "dashboard.js").read_text(encoding="utf-8")
+    assert "const HOSTS_API = 'api/hosts';" in js
+    assert "fetchJson(HOSTS_API)" in js
+
+
+class _Tables(HTMLParser):
+    """Each table of index.html by id: its column headings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.columns: dict[str, list[str]] = {}
+        self._table: str | None = None
+        self._th = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self._table = dict(attrs).get("id") or "?"
+            self.columns[self._table] = []
+        self._th = tag == "th" and self._table is not None
+
+    def handle_endtag(self, tag: str) -> None:
+        self._th = False
+        if tag == "table":
+            self._table = None
+
+    def handle_data(self, data: str) -> None:
+        if self._th and self._table is not None:
+            self.columns[self._table].append(data.strip())
+
+
+def test_index_has_the_hosts_and_endpoints_tables() -> None:
+    tables = _Tables()
+    tables.feed(ROOT.joinpath("index.html").read_text(encoding="utf-8"))
+    assert tables.columns["cluster"] == ["Host", "Zone", "State", "Capture", "Applied revision",
+                                         "Services", "Local endpoints", "Workers", "Version"]
+    assert tables.columns["endpoints"] == ["Service", "Endpoint", "Host", "Zone", "Health"]
+
+
 def test_vendored_echarts_is_licensed() -> None:
     bundle = ROOT.joinpath("static", "vendor", "echarts.min.js").read_text(encoding="utf-8")
     assert "Apache Software Foundation" in bundle[:2000]

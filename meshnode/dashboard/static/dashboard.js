@@ -1,6 +1,9 @@
-/* meshnode dashboard: polls the agent's api/overview and renders header, topology graph,
- * traffic list, services table, per-service trends and hosts. Plain ES2020, no build step.
- * Test hooks: tr[data-edge="SRC->DST"][data-rate], tr[data-service], body[data-updated]. */
+/* meshnode dashboard: polls the agent's api/overview and api/hosts and renders header, the
+ * mesh's hosts, topology graph, traffic list, services and endpoints tables, per-service trends
+ * and what runs on each host. Plain ES2020, no build step.
+ * Test hooks: tr[data-edge="SRC->DST"][data-rate], tr[data-service], body[data-updated],
+ * #cluster tr[data-host][data-state][data-applied][data-current],
+ * #endpoints tr[data-endpoint="SERVICE ADDR"][data-host]. */
 'use strict';
 
 (() => {
@@ -8,6 +11,7 @@
   const WINDOW_S = 10;
   const FETCH_TIMEOUT_MS = 5000;
   const API = `api/overview?window=${WINDOW_S}`;
+  const HOSTS_API = 'api/hosts';
   const UNKNOWN = 'unknown';
   const GRAPH_MIN_HEIGHT = 380;
   const COLORS = {
@@ -120,7 +124,11 @@
     setText('k-errors', fmtPct(errRate));
     $('k-errors').classList.toggle('bad', errRate > 0);
     setText('k-bytes', fmtBytes(sum((s) => s.bytes_up_rate) + sum((s) => s.bytes_down_rate)));
-    setText('k-hosts', (d.hosts || []).length);
+    const cluster = d.cluster?.hosts;
+    setText('k-hosts', (cluster || d.hosts || []).length);
+    const behind = (cluster || []).filter((x) => !x.current).length;
+    setText('k-hosts-note', !cluster ? '' : behind ? `${behind} behind` : 'all current');
+    $('k-hosts-note').classList.toggle('bad', behind > 0);
   }
 
   function showBanner(message, title = 'Agent unreachable.') {
@@ -470,7 +478,68 @@
     }
   }
 
-  // -- hosts ------------------------------------------------------------------------------
+  // -- the mesh's hosts (api/hosts) -------------------------------------------------------
+  /* One row per agent that reports to the registry. "Current": ready, and its applied
+   * revision covers the newest resource version (a rollout has converged when every row is). */
+  function clusterRow(x, newest) {
+    const applied = num(x.applied_revision) ?? 0;
+    const state = x.ready ? 'ready' : 'not ready';
+    const sync = x.current ? h('span', { class: 'pill pill-ok' }, 'current')
+      : !x.ready ? h('span', { class: 'pill pill-muted' }, 'not routing')
+        : h('span', { class: 'pill pill-warn', title: `newest resource version r${newest}` },
+          `behind r${newest}`);
+    const at = num(x.applied_at) ? `applied at ${fmtClock(new Date(x.applied_at * 1000))}` : '';
+    return h('tr', { data: { host: x.node, state, applied: String(applied),
+      current: String(Boolean(x.current)) } },
+    h('td', {}, h('span', { class: 'host-name' }, x.node),
+      x.local ? h('span', { class: 'pill pill-muted host-local' }, 'this node') : null),
+    h('td', { class: x.zone ? null : 'dim' }, x.zone || '—'),
+    h('td', {}, h('span', { class: 'health' }, h('i', { class: `hdot ${x.ready ? 'ok' : 'bad'}` }),
+      state)),
+    h('td', {}, fmtCapture(x.capture)),
+    h('td', { title: at }, h('span', { class: 'rev mono' }, `r${applied}`), sync),
+    h('td', { class: 'num' }, x.services ?? '—'),
+    h('td', { class: 'num' }, x.local_endpoints ?? '—'),
+    h('td', { class: 'num' }, x.workers ?? '—'),
+    h('td', { class: 'mono dim' }, x.version || '—'));
+  }
+
+  function renderCluster(d) {
+    const c = d.cluster || {};
+    const hosts = [...(c.hosts || [])].sort((a, b) => (b.local - a.local) || a.node.localeCompare(b.node));
+    $('cluster').tBodies[0].replaceChildren(...hosts.map((x) => clusterRow(x, c.current_revision ?? 0)));
+    const empty = $('cluster-empty');
+    empty.hidden = hosts.length > 0;
+    empty.textContent = c.error ? `Hosts unavailable: ${c.error}.` : 'No agent has reported yet.';
+    const current = hosts.filter((x) => x.current).length;
+    setText('cluster-hint', c.error ? 'every agent in the registry'
+      : `${current} of ${hosts.length} current · newest resource version r${c.current_revision ?? 0}`
+        + ` · registry revision r${c.revision ?? 0}`);
+  }
+
+  // -- endpoints, with the host each runs on ---------------------------------------------
+  function renderEndpoints(d) {
+    const rows = [];
+    const svcs = [...(d.services || [])].sort((a, b) => a.name.localeCompare(b.name));
+    for (const s of svcs) {
+      for (const e of s.endpoints || []) {
+        const ok = e.health === 'healthy';
+        rows.push(h('tr', { data: { endpoint: `${s.name} ${e.addr}`, host: e.node || '' } },
+          h('td', { class: 'svc-name' }, s.name),
+          h('td', { class: 'mono' }, e.addr),
+          h('td', {}, h('span', { class: 'host-name' }, e.node || '?'),
+            e.node && e.node === d.node ? h('span', { class: 'pill pill-muted host-local' }, 'this node')
+              : null),
+          h('td', { class: e.zone ? null : 'dim' }, e.zone || '—'),
+          h('td', {}, h('span', { class: 'health' }, h('i', { class: `hdot ${ok ? 'ok' : 'bad'}` }),
+            e.health || '—'))));
+      }
+    }
+    $('endpoints').tBodies[0].replaceChildren(...rows);
+    $('endpoints-empty').hidden = rows.length > 0;
+  }
+
+  // -- what runs on each host -------------------------------------------------------------
   function endpointHealth(d) {
     const m = new Map();
     for (const s of d.services || []) {
@@ -505,13 +574,22 @@
         host.zone ? h('span', { class: 'pill pill-muted' }, `zone ${host.zone}`) : null),
       h('div', { class: 'host-sub' }, `Endpoints (${eps.length})`),
       eps.length ? h('div', { class: 'chips' }, chips) : h('p', { class: 'empty' }, 'No endpoints.'),
-      h('div', { class: 'host-sub' }, `Enrolled processes (${(host.enrolled || []).length})`),
-      enrolledTable(host.enrolled || []));
+      // only this agent knows its enrolled processes: another host's are on its own dashboard
+      host.local ? [h('div', { class: 'host-sub' }, `Enrolled processes (${(host.enrolled || []).length})`),
+        enrolledTable(host.enrolled || [])] : null);
   }
 
+  /* The overview's hosts (those with endpoints, and this one), plus every agent that reports
+   * to the registry but has no endpoint yet. */
   function renderHosts(d) {
     const health = endpointHealth(d);
-    const hosts = [...(d.hosts || [])].sort((a, b) => (b.local - a.local) || a.node.localeCompare(b.node));
+    const byNode = new Map((d.hosts || []).map((x) => [x.node, x]));
+    for (const x of d.cluster?.hosts || []) {
+      if (!byNode.has(x.node)) {
+        byNode.set(x.node, { node: x.node, zone: x.zone, local: x.local, endpoints: [], enrolled: [] });
+      }
+    }
+    const hosts = [...byNode.values()].sort((a, b) => (b.local - a.local) || a.node.localeCompare(b.node));
     $('hosts').replaceChildren(...hosts.map((x) => hostCard(x, health)));
   }
 
@@ -519,33 +597,38 @@
   function render(d) {
     renderHeader(d);
     renderKpis(d);
+    renderCluster(d);
     renderGraph(d);
     renderTraffic(d);
     renderServices(d);
+    renderEndpoints(d);
     renderTrends(d);
     renderHosts(d);
   }
 
-  async function fetchOverview() {
+  async function fetchJson(url) {
     const ctl = new AbortController();
     const timer = setTimeout(() => ctl.abort(), FETCH_TIMEOUT_MS);
     try {
-      const res = await fetch(API, { cache: 'no-store', signal: ctl.signal });
-      if (!res.ok) throw new Error(`HTTP ${res.status} from ${API}`);
+      const res = await fetch(url, { cache: 'no-store', signal: ctl.signal });
+      if (!res.ok) throw new Error(`HTTP ${res.status} from ${url}`);
       return await res.json();
     } finally {
       clearTimeout(timer);
     }
   }
 
+  const why = (err) => (err.name === 'AbortError' ? 'request timed out' : err.message || String(err));
+
   async function poll() {
-    let data;
-    try {
-      data = await fetchOverview();
-    } catch (err) {
-      showBanner(err.name === 'AbortError' ? 'request timed out' : err.message || String(err));
+    // both at once; the hosts failing (an older agent, a busy registry) costs only their panel
+    const [overview, cluster] = await Promise.allSettled([fetchJson(API), fetchJson(HOSTS_API)]);
+    if (overview.status === 'rejected') {
+      showBanner(why(overview.reason));
       return;
     }
+    const data = overview.value;
+    data.cluster = cluster.status === 'fulfilled' ? cluster.value : { error: why(cluster.reason) };
     try {
       render(data);
     } catch (err) {

@@ -1,0 +1,108 @@
+"""The cluster on the dashboard: three namespaces, an agent each, one etcd. Host 0's admin port
+lists every agent that reports to the registry (GET /api/hosts), and its page, rendered by
+headless Chromium inside host 0, shows the three hosts, each running the newest resources,
+and every endpoint with the host it runs on. The screenshot is artifacts/dashboard-3-hosts.png.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.fabric import Fabric
+from tests.e2e.test_multihost import PORT, web_everywhere
+from tests.harness import wait_for
+from tests.integration.test_dashboard import (
+    ARTIFACTS,
+    RenderedPage,
+    api_hosts,
+    chromium,
+    run_chromium,
+    trickle,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
+
+SHOT = "dashboard-3-hosts.png"
+SIZE = "1400,1700"  # tall enough for the hosts, services and endpoints tables in one picture
+
+
+@pytest.fixture
+def fabric(tmp_path: Path) -> Iterator[Fabric]:
+    f = Fabric(tmp_path, hosts=3, etcd_members=1, ttl=3)
+    try:
+        f.start()
+        yield f
+    finally:
+        f.close()
+
+
+def test_host0_dashboard_shows_every_host_and_where_each_endpoint_runs(
+        fabric: Fabric, tmp_path: Path) -> None:
+    exe = chromium()
+    h0 = fabric.hosts[0]
+    nodes = {h.node for h in fabric.hosts}
+    t0 = time.monotonic()
+    vip = web_everywhere(fabric)  # Service "web", an instance on each host
+    version = h0.call("get", kind="Service", name="web")["items"][0]["version"]
+
+    def converged() -> dict[str, Any] | None:
+        view = api_hosts(h0)
+        hosts = view["hosts"]
+        done = {x["node"] for x in hosts} == nodes and all(x["current"] for x in hosts)
+        return view if done else None
+
+    view = wait_for("three hosts current on h0's api/hosts", converged, timeout=15,
+                    interval=0.05)
+    print(f"\nh0's api/hosts: 3 hosts current {time.monotonic() - t0:.2f}s after the "
+          f"service was added; newest resource r{view['current_revision']}, registry "
+          f"r{view['revision']}, applied "
+          + ", ".join(f"{x['node']} r{x['applied_revision']}" for x in view["hosts"]))
+    assert view["current_revision"] == version  # web is the only resource
+    for x in view["hosts"]:
+        # each agent's own report, read through etcd: its state, not h0's
+        assert x["applied_revision"] >= version and x["ready"], x
+        assert (x["capture"], x["workers"], x["services"], x["local_endpoints"]) == \
+            ("ebpf", 2, 1, 1), x
+        assert x["local"] == (x["node"] == h0.node), x
+        assert x["instance"] == fabric.hosts[int(x["node"][1:])].tag, x
+
+    client = h0.probe(service="client")
+    assert client.connect(vip, 80)["ok"]
+    with trickle(client, vip, 80):  # so the topology and the traffic table have an edge
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / SHOT
+        shot.unlink(missing_ok=True)
+        run_chromium(h0, exe, tmp_path, f"--screenshot={shot}", size=SIZE)
+        print(f"dashboard screenshot: {shot}")
+        page = RenderedPage(run_chromium(h0, exe, tmp_path, "--dump-dom", size=SIZE))
+
+    assert shot.is_file() and shot.stat().st_size > 10_000, "no screenshot"
+    assert page.updated >= 1 and page.banner_hidden
+    assert page.kpi_hosts == "3"
+    assert set(page.hosts) == nodes, page.hosts
+    for node, row in page.hosts.items():
+        assert (row["state"], row["current"]) == ("ready", "true"), (node, row)
+        assert int(row["applied"]) >= version, (node, row)
+    assert page.endpoint_hosts == {f"web {fabric.ip(i)}:{PORT}": f"h{i}" for i in range(3)}
+
+
+def test_a_host_that_stops_leaves_the_dashboard(fabric: Fabric) -> None:
+    """A stopped agent's report goes with its lease: h0 stops listing it, and a restarted one
+    comes back, current again."""
+    web_everywhere(fabric)
+    h0, h2 = fabric.hosts[0], fabric.hosts[2]
+    h2.stop()
+    wait_for("h2 gone from h0's api/hosts",
+             lambda: {x["node"] for x in api_hosts(h0)["hosts"]} == {"h0", "h1"}, timeout=10)
+    h2.start()
+
+    def back() -> bool:
+        hosts = {x["node"]: x for x in api_hosts(h0)["hosts"]}
+        return set(hosts) == {"h0", "h1", "h2"} and hosts["h2"]["current"]
+
+    wait_for("h2 back and current on h0's api/hosts", back, timeout=15)
