@@ -6,6 +6,8 @@ and every endpoint with the host it runs on. The screenshot is artifacts/dashboa
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 
 from tests.e2e.fabric import Fabric
 from tests.e2e.test_multihost import PORT, web_everywhere
-from tests.harness import wait_for
+from tests.harness import Host, wait_for
 from tests.integration.test_dashboard import (
     ARTIFACTS,
     RenderedPage,
@@ -28,7 +30,7 @@ from tests.integration.test_dashboard import (
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
 SHOT = "dashboard-3-hosts.png"
-SIZE = "1400,1700"  # tall enough for the hosts, services and endpoints tables in one picture
+SIZE = "1400,2050"  # the whole page: hosts, topology, services, endpoints, trends, cards
 
 
 @pytest.fixture
@@ -91,18 +93,39 @@ def test_host0_dashboard_shows_every_host_and_where_each_endpoint_runs(
     assert page.endpoint_hosts == {f"web {fabric.ip(i)}:{PORT}": f"h{i}" for i in range(3)}
 
 
-def test_a_host_that_stops_leaves_the_dashboard(fabric: Fabric) -> None:
-    """A stopped agent's report goes with its lease: h0 stops listing it, and a restarted one
-    comes back, current again."""
+def current(h: Host) -> dict[str, bool]:
+    """Host h's api/hosts: each node and whether it is current."""
+    return {x["node"]: x["current"] for x in api_hosts(h)["hosts"]}
+
+
+def test_h0_sees_a_rollout_converge_and_a_stopped_host_leave(fabric: Fabric) -> None:
     web_everywhere(fabric)
     h0, h2 = fabric.hosts[0], fabric.hosts[2]
+    everyone = {"h0": True, "h1": True, "h2": True}
+    wait_for("all current", lambda: current(h0) == everyone, timeout=15)
+
+    # h2's agent frozen (well within its lease's TTL): an apply on h0 reaches h1, not h2
+    assert h2.agent is not None
+    os.kill(h2.agent.pid, signal.SIGSTOP)
+    try:
+        doc = {"kind": "Service", "name": "web",
+               "spec": {"port": 81, "balancer": {"algorithm": "round-robin"}}}
+        rev = h0.call("apply", docs=[doc])["results"][0]["version"]
+        wait_for("h1 current, h2 behind",
+                 lambda: current(h0) == {"h0": True, "h1": True, "h2": False}, timeout=2,
+                 interval=0.02)
+        view = api_hosts(h0)
+        h2_row = {x["node"]: x for x in view["hosts"]}["h2"]
+        assert view["current_revision"] == rev and h2_row["applied_revision"] < rev, view
+    finally:
+        os.kill(h2.agent.pid, signal.SIGCONT)
+    t0 = time.monotonic()
+    wait_for("h2 current again", lambda: current(h0) == everyone, timeout=10, interval=0.02)
+    print(f"\nh2 thawed -> current on h0's api/hosts in {time.monotonic() - t0:.2f}s")
+
+    # a stopped agent's report goes with its lease; a new one comes back, current again
     h2.stop()
     wait_for("h2 gone from h0's api/hosts",
-             lambda: {x["node"] for x in api_hosts(h0)["hosts"]} == {"h0", "h1"}, timeout=10)
+             lambda: current(h0) == {"h0": True, "h1": True}, timeout=10)
     h2.start()
-
-    def back() -> bool:
-        hosts = {x["node"]: x for x in api_hosts(h0)["hosts"]}
-        return set(hosts) == {"h0", "h1", "h2"} and hosts["h2"]["current"]
-
-    wait_for("h2 back and current on h0's api/hosts", back, timeout=15)
+    wait_for("h2 back and current", lambda: current(h0) == everyone, timeout=15)
