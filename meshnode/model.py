@@ -8,6 +8,7 @@ Their wire form is meshnode.wire's (generic: encoded and rebuilt field by field)
 from __future__ import annotations
 
 import ipaddress
+import weakref
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
@@ -171,11 +172,27 @@ class CaptureRule:
     service_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class CaptureState:
     rules: frozenset[CaptureRule] = field(default_factory=frozenset)
     ready: frozenset[int] = field(default_factory=frozenset)  # proxy can serve these now
     fail_closed: frozenset[int] = field(default_factory=frozenset)
+    # A hint, not part of the value: the rules removed and added since `base` (a weak
+    # reference: states must not keep their ancestors' rule sets alive), the state the
+    # compiler made before this one, so a backend that synced `base` applies the change
+    # without comparing the mesh's rule sets.
+    base: weakref.ref[CaptureState] | None = field(default=None, compare=False, repr=False)
+    removed: frozenset[CaptureRule] = field(default_factory=frozenset, compare=False,
+                                            repr=False)
+    added: frozenset[CaptureRule] = field(default_factory=frozenset, compare=False, repr=False)
+
+    def changes_since(self, old: CaptureState) -> tuple[frozenset[CaptureRule],
+                                                         frozenset[CaptureRule]] | None:
+        """(removed, added) since `old` when this state says so, else None (compare)."""
+        if old is self:
+            return frozenset(), frozenset()
+        base = self.base() if self.base is not None else None
+        return (self.removed, self.added) if base is old else None
 
     def redirected(self) -> list[CaptureRule]:
         """The rules the kernel redirects now: those of ready services."""

@@ -7,11 +7,10 @@ cannot disagree about it. A pure function over a registry snapshot: it reads `ho
 `resources()` and `revision()` and nothing else, and imports no agent, telemetry or process
 module.
 
-Why "current" is measured against the newest *resource* version and not `revision()`: a
-report is itself a registry write (etcd: the key hosts/<node>), so the store's revision moves
-past every agent's applied revision the moment they publish that they applied it; no agent
-could ever look current. A host whose applied revision covers the newest resource version
-runs every resource as it is now (the same test `meshnode get KIND --hosts` makes).
+"Current" means the host's applied revision reaches the registry's `revision()`: the newest
+change to what agents serve (resources, VIPs, endpoints, deletions included). Agents' own
+reports are writes too (etcd: hosts/<node>) but do not move it, so agents that run the same
+data report the same number.
 """
 
 from __future__ import annotations
@@ -19,27 +18,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-from meshnode.policy.resources import Resource
-
 __all__ = ["ClusterSource", "hosts_view"]
 
 
 class ClusterSource(Protocol):
-    """What the view reads of the registry (discovery.registry.Registry has all three)."""
+    """What the view reads of the registry (discovery.registry.Registry has both)."""
 
     def hosts(self) -> dict[str, dict[str, Any]]: ...
-
-    def resources(self) -> dict[tuple[str, str], Resource]: ...
 
     def revision(self) -> int: ...
 
 
 def hosts_view(registry: ClusterSource, local: Mapping[str, Any]) -> dict[str, Any]:
-    """{"revision": the store's, "current_revision": the newest resource version, "hosts":
-    [report + "local", "current"]}, by node name. `local` is this agent's report
-    as of now: the registry's copy of it may be a publish behind."""
+    """{"revision": the registry's, "current_revision": the same (kept for readers of
+    earlier reports), "hosts": [report + "local", "current"]}, by node name. `local` is this
+    agent's report as of now: the registry's copy of it may be a publish behind."""
     reports = {**registry.hosts(), str(local.get("node", "")): dict(local)}
-    newest = max((r.version for r in registry.resources().values()), default=0)
+    newest = registry.revision()
     hosts = []
     for node in sorted(reports):
         report = reports[node]

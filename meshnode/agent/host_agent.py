@@ -41,7 +41,7 @@ from meshnode.discovery.registry import EndpointRecord, Registry, ServiceRecord,
 from meshnode.errors import AccessError, ConflictError, MeshnodeError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.host.ledger import Ledger, UndoFn
-from meshnode.model import HostPort
+from meshnode.model import CaptureState, HostPort
 from meshnode.policy import compiler
 from meshnode.policy.store import Delete
 
@@ -70,6 +70,7 @@ def enter_netns(name: str) -> None:
 class HostAgent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
+        self.node = cfg.node_name  # read once: it may ask the kernel for the host name
         self.state = cfg.state_path
         self.ledger = Ledger(self.state / "ledger.json")
         self.mount = Path()
@@ -85,6 +86,8 @@ class HostAgent:
         self.started_at = 0.0
         self.ready_after = 0.0
         self.compiler = compiler.Compiler()  # what the workers and the kernel were given
+        self._feed = 0  # the registry change feed's position the compiler has read to
+        self._synced: CaptureState | None = None  # the state the kernel last took
         self._reconcile_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
         self.health = HealthMonitor(on_change=self._health_changed, node=cfg.node_name)
@@ -173,6 +176,7 @@ class HostAgent:
             lambda: [*compiler.resets(self.compiler.pushed),
                      *self.telemetry.initial_messages()],
             self._workers_changed, self.telemetry.on_event)
+        self._feed, _ = self.registry.changes(0)
         self.compiler.run(self.registry.services(), self.health.healthy,
                           on_changed=self.health.update)
         await self.workers.start()
@@ -216,14 +220,17 @@ class HostAgent:
             # only what changed since the last pass: a change costs itself, not the mesh
             services = self.registry.services()
             dirty = self.health.take_dirty()
+            self._feed, names = self.registry.changes(self._feed)
             compiled = self.compiler.run(services, self.health.healthy, dirty,
-                                         on_changed=self.health.update)
+                                         on_changed=self.health.update, names=names)
             self._share_health(services, {*compiled.changed, *dirty})
             if compiled.updates:
                 self.workers.broadcast(compiled.updates)
             ready = await self.workers.barrier()
             state = self.compiler.capture_state(ready)
-            await asyncio.to_thread(self.capture.sync, state)
+            if state is not self._synced:  # the same object: nothing the kernel holds changed
+                await asyncio.to_thread(self.capture.sync, state)
+                self._synced = state
             self.ready = ready  # published only once the kernel rules match it
             if ready and self.report is not None:
                 self.report.applied(revision)
@@ -358,13 +365,12 @@ class HostAgent:
         }
 
     def _report_state(self) -> dict[str, Any]:
-        assert self.registry
-        return {"node": self.cfg.node_name, "zone": self.cfg.zone, "version": __version__,
+        """What this host reports; costs nothing per service (published on every apply)."""
+        return {"node": self.node, "zone": self.cfg.zone, "version": __version__,
                 "instance": self.cfg.instance, "ready": self.ready,
                 "capture": self.capture.name if self.capture else None,
-                "services": len(self.registry.services()),
-                "local_endpoints": sum(1 for rec in self.registry.services().values()
-                                       for e in rec.endpoints if e.node == self.cfg.node_name),
+                "services": self.compiler.services,
+                "local_endpoints": self.compiler.endpoints_by_node.get(self.node, 0),
                 "workers": len(self.workers.workers) if self.workers else 0}
 
     async def _op_hosts(self, _: dict[str, Any]) -> Any:

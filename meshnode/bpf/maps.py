@@ -171,7 +171,8 @@ class MapMirror:
         old, self.state = self.state, state
         before: dict[DestKey, int | None] = {}  # each touched key's value before this step
         if state.rules is not old.rules:
-            removed, added = _set_changes(old.rules, state.rules)
+            hint = state.changes_since(old)
+            removed, added = hint if hint is not None else _set_changes(old.rules, state.rules)
             for r in removed:
                 self._unclaim((r.ip, r.port), r.service_id, before)
             for r in added:

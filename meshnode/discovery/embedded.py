@@ -26,10 +26,12 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from meshnode import constants as C
 from meshnode.discovery.registry import (
+    ChangeFeed,
     EndpointRecord,
     Listener,
     ServiceRecord,
@@ -65,6 +67,8 @@ class EmbeddedRegistry:
         self._endpoints: dict[str, frozenset[EndpointRecord]] = {}
         self._owner: dict[HostPort, str] = {}  # which service each endpoint address serves
         self._services: dict[str, ServiceRecord] = {}
+        self._view = MappingProxyType(self._services)
+        self.feed = ChangeFeed()
         self._host: dict[str, Any] = {}
         self._journal_bytes = 0
         self._snapshot_bytes = 0
@@ -240,6 +244,7 @@ class EmbeddedRegistry:
                 self._owner[e.addr] = name
 
     def _rebuild(self, name: str) -> None:
+        self.feed.add(name)
         r, vip = self._resources.get(("Service", name)), self._vip.get(name)
         if r is None or vip is None:
             self._services.pop(name, None)
@@ -248,8 +253,11 @@ class EmbeddedRegistry:
                                              r.version, self._endpoints.get(name, frozenset()))
 
     # -- queries --------------------------------------------------------------------------
-    def services(self) -> dict[str, ServiceRecord]:
-        return dict(self._services)
+    def services(self) -> Mapping[str, ServiceRecord]:
+        return self._view
+
+    def changes(self, cursor: int) -> tuple[int, set[str] | None]:
+        return self.feed.seq, self.feed.since(cursor)
 
     def resources(self) -> dict[Key, Resource]:
         return dict(self._resources)

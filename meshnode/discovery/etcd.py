@@ -116,14 +116,17 @@ class EtcdRegistry:
         return cls(endpoints, node=node, cache_path=cache_path, **options)
 
     # -- the Registry protocol: reads ------------------------------------------------------
-    def services(self) -> dict[str, ServiceRecord]:
+    def services(self) -> Mapping[str, ServiceRecord]:
         return self._mirror.services()
+
+    def changes(self, cursor: int) -> tuple[int, set[str] | None]:
+        return self._mirror.feed.seq, self._mirror.feed.since(cursor)
 
     def resources(self) -> dict[tuple[str, str], Resource]:
         return self._mirror.resources()
 
     def revision(self) -> int:
-        return int(self._mirror.revision)
+        return int(self._mirror.data_revision)
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -144,7 +147,8 @@ class EtcdRegistry:
         return {"backend": "etcd", "endpoints": [f"{h}:{p}" for h, p in self.endpoints],
                 "connected": self._session.connected,
                 "last_error": self._session.last_error,
-                "lease_ttl": self.ttl, "revision": self._mirror.revision,
+                "lease_ttl": self.ttl, "revision": self._mirror.data_revision,
+                "watch_revision": self._mirror.revision,
                 "node": self.node, "prefix": self._keys.prefix,
                 "lease_id": f"{self._session.lease_id:x}", "own_endpoints": len(self._own)}
 

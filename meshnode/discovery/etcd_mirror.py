@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from meshnode.discovery.etcd_keys import (
@@ -27,7 +28,7 @@ from meshnode.discovery.etcd_keys import (
     VipKey,
     decode_endpoint,
 )
-from meshnode.discovery.registry import EndpointRecord, ServiceRecord, VipRange
+from meshnode.discovery.registry import ChangeFeed, EndpointRecord, ServiceRecord, VipRange
 from meshnode.errors import RegistryError
 from meshnode.host.statefile import write_json
 from meshnode.model import HostPort
@@ -47,6 +48,8 @@ class Mirror:
         self.layout = layout
         self.vips = vips
         self.revision = 0  # every watch event up to here is applied
+        self.data_revision = 0  # the newest change to what agents serve (not their reports)
+        self.feed = ChangeFeed()
         self._revs: dict[bytes, int] = {}  # mod revision of each key held
         self._tombs: dict[bytes, int] = {}  # deleted by our own writes, ahead of the watch
         self._resources: dict[tuple[str, str], Resource] = {}
@@ -55,10 +58,11 @@ class Mirror:
         self._hosts: dict[str, dict[str, Any]] = {}  # every agent's report
         self._reserved: dict[IPv4Address, str] = {}  # VIP reservation keys: their service
         self._view: dict[str, ServiceRecord] = {}
+        self._view_proxy = MappingProxyType(self._view)
 
     # -- reads ----------------------------------------------------------------------------
-    def services(self) -> dict[str, ServiceRecord]:
-        return dict(self._view)
+    def services(self) -> Mapping[str, ServiceRecord]:
+        return self._view_proxy
 
     def resources(self) -> dict[tuple[str, str], Resource]:
         return dict(self._resources)
@@ -90,6 +94,8 @@ class Mirror:
     def reset(self, kvs: Iterable[tuple[bytes, bytes, int, int]], revision: int) -> None:
         """Replace everything with a full read at `revision`: (key, value, mod_rev, lease)."""
         self.revision = revision
+        self.data_revision = 0
+        self.feed.reset()
         self._revs.clear()
         self._tombs.clear()
         self._resources.clear()
@@ -99,7 +105,8 @@ class Mirror:
         self._reserved.clear()
         self._view.clear()
         for key, value, rev, lease in kvs:
-            self._put(key, value, rev, lease)
+            if self._put(key, value, rev, lease) is not None:
+                self.data_revision = max(self.data_revision, rev)
         for name in {n for k, n in self._resources if k == "Service"} | set(self._eps):
             self._rebuild(name)
 
@@ -110,12 +117,19 @@ class Mirror:
             return None  # already applied (our own write), or older than what we hold
         name = self._put(key, value, rev, lease)
         if name is not None:
+            self.data_revision = max(self.data_revision, rev)
             self._rebuild(name)
         return name
 
     def delete(self, key: bytes, rev: int, *, local: bool = False) -> str | None:
         """Apply a delete. `local`: the result of our own write, which the watch has not
         delivered yet; keep a tombstone so older events for the key are dropped."""
+        name = self._delete(key, rev, local)
+        if name is not None:
+            self.data_revision = max(self.data_revision, rev)
+        return name
+
+    def _delete(self, key: bytes, rev: int, local: bool) -> str | None:
         if rev <= self._revs.get(key, 0):
             return None
         if local:
@@ -205,6 +219,7 @@ class Mirror:
         return None  # VIP reservations, claims and history do not shape the snapshot
 
     def _rebuild(self, name: str) -> None:
+        self.feed.add(name)
         r, vip = self._resources.get(("Service", name)), self._vip.get(name)
         if r is None or vip is None:
             # endpoints of a service that does not exist (yet) are kept but not shown
@@ -218,7 +233,7 @@ class Mirror:
     def save(self, path: Path) -> None:
         """Write the snapshot atomically (host/statefile.py); StateError when it cannot."""
         data = {"format": CACHE_FORMAT, "prefix": self.layout.prefix,
-                "revision": self.revision,
+                "revision": self.revision, "data_revision": self.data_revision,
                 "resources": [{"doc": r.to_doc(with_version=False), "version": r.version,
                                "vip": str(self._vip[n]) if k == "Service" else None}
                               for (k, n), r in sorted(self._resources.items())
@@ -254,4 +269,5 @@ class Mirror:
         for name in {n for k, n in self._resources if k == "Service"}:
             self._rebuild(name)
         self.revision = int(data.get("revision", 0))
+        self.data_revision = int(data.get("data_revision", self.revision))
         return True

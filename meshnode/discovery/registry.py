@@ -9,6 +9,7 @@ agent compiles them into what the workers, the kernel and the health checker nee
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Protocol
@@ -24,8 +25,9 @@ from meshnode.policy.records import EndpointRecord, ServiceRecord
 from meshnode.policy.resources import Resource
 from meshnode.policy.store import Delete, HistoryEntry, Outcome
 
-__all__ = ["CAS_RETRIES", "EndpointRecord", "Listener", "Registry", "ServiceRecord", "VipRange",
-           "check_service_args", "patch_service", "service_records"]
+__all__ = ["CAS_RETRIES", "ChangeFeed", "EndpointRecord", "Listener", "Registry",
+           "ServiceRecord", "VipRange", "check_service_args", "patch_service",
+           "service_records"]
 
 
 class VipRange:
@@ -109,6 +111,38 @@ class VipRange:
 Listener = Callable[[], None]
 
 
+class ChangeFeed:
+    """Which services' records changed, for consumers that must not scan the mesh to find
+    out (the compiler): each change appends the service's name under a sequence number, and a
+    consumer asks what changed since the number it last saw. None means "everything may
+    have": the consumer fell further behind than the feed keeps, or the store was replaced
+    whole (an etcd resync)."""
+
+    def __init__(self, depth: int = 1 << 16) -> None:
+        self.seq = 0
+        self._log: deque[tuple[int, str]] = deque(maxlen=depth)
+        self._floor = 0
+
+    def add(self, name: str) -> None:
+        self.seq += 1
+        self._log.append((self.seq, name))
+
+    def reset(self) -> None:
+        self.seq += 1
+        self._floor = self.seq
+        self._log.clear()
+
+    def since(self, cursor: int) -> set[str] | None:
+        if cursor < self._floor or (self._log and cursor < self._log[0][0] - 1):
+            return None
+        out: set[str] = set()
+        for seq, name in reversed(self._log):
+            if seq <= cursor:
+                break
+            out.add(name)
+        return out
+
+
 class Registry(Protocol):
     """Resources (Service and the policy kinds), VIPs and endpoints, shared by every agent
     that uses the same store.
@@ -127,14 +161,22 @@ class Registry(Protocol):
         """Stop watching; a distributed store also revokes this node's lease."""
         ...
 
-    def services(self) -> dict[str, ServiceRecord]: ...
+    def services(self) -> Mapping[str, ServiceRecord]:
+        """A read-only view (not a copy: the mesh may be large); read it, do not keep it."""
+        ...
+
+    def changes(self, cursor: int) -> tuple[int, set[str] | None]:
+        """(the feed's position now, the services changed since `cursor` or None: any)."""
+        ...
 
     def resources(self) -> dict[tuple[str, str], Resource]:
         """Every stored resource, of every kind, with its version."""
         ...
 
     def revision(self) -> int:
-        """The store's revision of this snapshot: grows with every change of any kind."""
+        """The revision of the newest change to what agents serve (resources, VIPs,
+        endpoints) in this snapshot; agents' reports do not move it, so agents that run the
+        same data report the same number."""
         ...
 
     async def apply(self, puts: Sequence[Resource], deletes: Sequence[Delete] = ()
@@ -189,7 +231,7 @@ async def patch_service(reg: Registry, name: str, patch: Mapping[str, Any]) -> S
             # a check may not outlast its interval: a shorter interval brings the timeout along
             health["timeout"] = min(float(health.get("timeout", 1.0)), float(health["interval"]))
         new = parse({"kind": "Service", "name": name, "spec": merged,
-                     "version": old.version if old else 0}, f"service {name}")
+                     "version": old.version if old else 0}, "service add")
         try:
             if old is None or new.spec != old.spec:
                 if old is None:

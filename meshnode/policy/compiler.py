@@ -16,6 +16,7 @@ Pure: no I/O; imports nothing of meshnode's but the model and the policy records
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -112,19 +113,32 @@ class Compiler:
     _all_rules: set[CaptureRule] = field(default_factory=set)
     _ids: dict[str, int] = field(default_factory=dict)
     _fail_closed: set[int] = field(default_factory=set)
+    endpoints_by_node: dict[str, int] = field(default_factory=dict)  # for the host report
+    _capture: dict[bool, CaptureState] = field(default_factory=dict)  # by readiness
+    _last: CaptureState | None = None  # the state made last; the delta below is since it
+    _added: set[CaptureRule] = field(default_factory=set)
+    _removed: set[CaptureRule] = field(default_factory=set)
 
     def run(self, services: Mapping[str, ServiceRecord], healthy: Healthy,
             health_dirty: Collection[str] = (),
             on_changed: Callable[[Mapping[str, ServiceRecord | None]], None] | None = None,
-            ) -> Compiled:
-        """`on_changed` hears of the changed records before anything is compiled (the health
-        checker reads the verdicts other hosts wrote into them, which `healthy` returns)."""
-        changed: dict[str, ServiceRecord | None] = {
-            name: None for name in self._records.keys() - services.keys()}
+            names: Collection[str] | None = None) -> Compiled:
+        """`names`: the services that may have changed (the registry's change feed); None: any
+        (one pass over the mesh, comparing record objects). `on_changed` hears of the changed
+        records before anything is compiled (the health checker reads the verdicts other hosts
+        wrote into them, which `healthy` returns)."""
         records = self._records
-        for name, cur in services.items():
-            if records.get(name) is not cur:
-                changed[name] = cur
+        changed: dict[str, ServiceRecord | None] = {}
+        if names is None:
+            changed.update((name, None) for name in records.keys() - services.keys())
+            for name, cur in services.items():
+                if records.get(name) is not cur:
+                    changed[name] = cur
+        else:
+            for name in names:
+                now = services.get(name)
+                if records.get(name) is not now:
+                    changed[name] = now
         if on_changed is not None:
             on_changed(changed)
         updates: list[Update] = []
@@ -140,9 +154,23 @@ class Compiler:
                 self._record(name, rec)
         return Compiled(updates, changed)
 
+    @property
+    def services(self) -> int:
+        return len(self._records)
+
     def _record(self, name: str, rec: ServiceRecord | None) -> None:
+        self._capture.clear()
+        old = self._records.get(name)
+        for r, step in ((old, -1), (rec, 1)):
+            for e in r.endpoints if r is not None else ():
+                self.endpoints_by_node[e.node] = self.endpoints_by_node.get(e.node, 0) + step
         old_rules = self._rules.pop(name, frozenset())
         self._all_rules.difference_update(old_rules)
+        for rule in old_rules:  # the delta since the last state made (re-adding cancels)
+            if rule in self._added:
+                self._added.discard(rule)
+            else:
+                self._removed.add(rule)
         old_id = self._ids.pop(name, None)
         if old_id is not None:
             self._fail_closed.discard(old_id)
@@ -152,12 +180,29 @@ class Compiler:
         self._records[name] = rec
         self._rules[name] = new_rules = rules(rec)
         self._all_rules.update(new_rules)
+        for rule in new_rules:
+            if rule in self._removed:
+                self._removed.discard(rule)
+            else:
+                self._added.add(rule)
         self._ids[name] = rec.id
         if rec.fail_closed:
             self._fail_closed.add(rec.id)
 
     def capture_state(self, ready: bool) -> CaptureState:
+        """The kernel's state; the same object while nothing it holds changed, so a caller
+        can tell there is nothing to sync without comparing the mesh."""
+        cached = self._capture.get(ready)
+        if cached is not None:
+            return cached
         ids = frozenset(self._ids.values())
-        return CaptureState(rules=frozenset(self._all_rules),
-                            ready=ids if ready else frozenset(),
-                            fail_closed=frozenset(self._fail_closed))
+        state = CaptureState(rules=frozenset(self._all_rules),
+                             ready=ids if ready else frozenset(),
+                             fail_closed=frozenset(self._fail_closed),
+                             base=None if self._last is None else weakref.ref(self._last),
+                             removed=frozenset(self._removed), added=frozenset(self._added))
+        self._capture[ready] = state
+        self._last = state
+        self._added.clear()
+        self._removed.clear()
+        return state

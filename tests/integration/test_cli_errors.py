@@ -39,7 +39,7 @@ def test_bad_input_is_one_line_and_changes_nothing(make_host, backend: str) -> N
         (["service", "remove", "nope"], 66, "no Service named 'nope'"),
         (["service", "add", "web", "--endpoint", "example:80"], 64, "invalid address"),
         (["service", "add", "web", "--endpoint", "127.0.0.1:99999"], 64, "out of range"),
-        (["service", "add", "web", "--port", "0"], 64, "invalid service port"),
+        (["service", "add", "web", "--port", "0"], 64, "port 0 is out of range"),
         (["service", "remove", "web", "--endpoint", "127.0.0.1:1"], 64, "has no endpoint"),
         (["enroll", "12x", "--service", "web"], 64, "valid integer"),
     ]

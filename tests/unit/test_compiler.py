@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import Counter
 from pathlib import Path
 
 from meshnode.discovery.embedded import EmbeddedRegistry
@@ -37,6 +38,7 @@ def test_incremental_runs_match_the_full_compile(tmp_path: Path) -> None:
         r = EmbeddedRegistry(tmp_path / "r.json")
         c = compiler.Compiler()
         view: dict[str, compiler.Entry] = {}
+        last = c.capture_state(True)
         down: set[tuple[str, HostPort]] = set()
 
         def healthy(name: str, addr: HostPort) -> bool:
@@ -55,6 +57,7 @@ def test_incremental_runs_match_the_full_compile(tmp_path: Path) -> None:
                 addr = HostPort.parse(f"127.0.{name[1:]}.{rng.randrange(1, 5)}:"
                                       f"{rng.randrange(8000, 8003)}")
                 await r.add_endpoints(name, [EndpointRecord(addr, "static",
+                                                            node=rng.choice(["a", "b"]),
                                                             weight=rng.randrange(1, 3))])
             elif op < 0.7:
                 name = rng.choice(names)
@@ -73,8 +76,18 @@ def test_incremental_runs_match_the_full_compile(tmp_path: Path) -> None:
             out = c.run(services, healthy, dirty)
             play(view, out.updates)
             assert view == compiler.snapshot(services, healthy), step
-            assert c.capture_state(True) == compiler.capture_state(services, True), step
-            assert c.capture_state(False) == compiler.capture_state(services, False), step
+            before = last
+            last = c.capture_state(True)
+            assert last == compiler.capture_state(services, True), step
+            # the delta the state carries turns the previous state's rules into these
+            hint = last.changes_since(before)
+            assert hint is not None and (before.rules - hint[0]) | hint[1] == last.rules, step
+            assert c.capture_state(True) is last  # nothing changed: the same object
+            by_node = Counter(e.node for rec in services.values() for e in rec.endpoints)
+            assert {n: k for n, k in c.endpoints_by_node.items() if k} == by_node, step
+            assert c.services == len(services)
+        services = r.services()
+        assert c.capture_state(False) == compiler.capture_state(services, False)
 
     asyncio.run(go())
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshnode.agent.cluster import hosts_view
-from meshnode.policy.resources import Resource
 from meshnode.telemetry.admin import AdminServer, HostsSource
 
 
@@ -26,17 +25,13 @@ def report(node: str, applied: Any, ready: bool = True, **extra: Any) -> dict[st
 
 @dataclass
 class Store:
-    """A registry snapshot: the reports it holds, its resources' versions, its revision."""
+    """A registry snapshot: the reports it holds and its revision (of served data only)."""
 
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
-    versions: dict[str, int] = field(default_factory=dict)  # Service name -> version
     rev: int = 0
 
     def hosts(self) -> dict[str, dict[str, Any]]:
         return {n: dict(r) for n, r in self.reports.items()}
-
-    def resources(self) -> dict[tuple[str, str], Resource]:
-        return {("Service", n): Resource("Service", n, None, v) for n, v in self.versions.items()}
 
     def revision(self) -> int:
         return self.rev
@@ -46,12 +41,11 @@ def by_node(view: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {h["node"]: h for h in view["hosts"]}
 
 
-def test_a_host_is_current_once_it_applied_the_newest_resource_version() -> None:
-    # the reports themselves are writes: the store's revision (30) is past every applied one
-    store = Store({"h1": report("h1", 25), "h2": report("h2", 12)},
-                  {"web": 25, "api": 12}, rev=30)
-    view = hosts_view(store, report("h0", 27))
-    assert (view["revision"], view["current_revision"]) == (30, 25)
+def test_a_host_is_current_once_it_applied_the_registry_revision() -> None:
+    # the registry's revision counts served data only (agents' reports do not move it)
+    store = Store({"h1": report("h1", 25), "h2": report("h2", 12)}, rev=25)
+    view = hosts_view(store, report("h0", 25))
+    assert (view["revision"], view["current_revision"]) == (25, 25)
     assert [h["node"] for h in view["hosts"]] == ["h0", "h1", "h2"]
     hosts = by_node(view)
     assert {n: h["current"] for n, h in hosts.items()} == {"h0": True, "h1": True, "h2": False}
@@ -61,19 +55,19 @@ def test_a_host_is_current_once_it_applied_the_newest_resource_version() -> None
 
 def test_this_hosts_fresh_report_replaces_its_published_one() -> None:
     # the registry still holds h0's report from before its last apply (publishing lags)
-    store = Store({"h0": report("h0", 10)}, {"web": 20}, rev=21)
+    store = Store({"h0": report("h0", 10)}, rev=20)
     hosts = by_node(hosts_view(store, report("h0", 20)))
     assert hosts["h0"]["applied_revision"] == 20 and hosts["h0"]["current"]
 
 
 def test_a_host_that_is_not_ready_is_never_current() -> None:
-    store = Store({"h1": report("h1", 50, ready=False)}, {"web": 5}, rev=50)
+    store = Store({"h1": report("h1", 50, ready=False)}, rev=50)
     hosts = by_node(hosts_view(store, report("h0", 50)))
     assert not hosts["h1"]["current"] and hosts["h0"]["current"]
 
 
-def test_without_resources_every_ready_host_is_current() -> None:
-    store = Store({"h1": report("h1", 0)}, rev=3)
+def test_an_empty_registry_every_ready_host_is_current() -> None:
+    store = Store({"h1": report("h1", 0)}, rev=0)
     view = hosts_view(store, report("h0", 0))
     assert view["current_revision"] == 0
     assert all(h["current"] for h in view["hosts"])
@@ -81,7 +75,7 @@ def test_without_resources_every_ready_host_is_current() -> None:
 
 def test_an_odd_report_from_another_agent_does_not_break_the_view() -> None:
     # an agent of another version may leave a field out or write it as text
-    store = Store({"h1": report("h1", "seven"), "h2": {"node": "h2"}}, {"web": 1}, rev=9)
+    store = Store({"h1": report("h1", "seven"), "h2": {"node": "h2"}}, rev=4)
     hosts = by_node(hosts_view(store, report("h0", "4")))
     assert hosts["h0"]["applied_revision"] == 4 and hosts["h0"]["current"]
     assert hosts["h1"]["applied_revision"] == 0 and not hosts["h1"]["current"]
@@ -125,7 +119,7 @@ def get(port: int, path: str) -> tuple[int, str, str]:
 
 
 def test_api_hosts_serves_the_view_computed_on_the_agents_loop() -> None:
-    store = Store({"h1": report("h1", 7)}, {"web": 7}, rev=8)
+    store = Store({"h1": report("h1", 7)}, rev=7)
     threads: list[str] = []
 
     def source() -> dict[str, Any]:
