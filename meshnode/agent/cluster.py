@@ -1,5 +1,5 @@
 """The mesh's hosts as an operator sees them: every agent's last report (agent/report.py) and
-whether each has caught up with the newest resource change, so a rollout can be watched
+whether each has caught up with the newest change to served data, so a rollout can be watched
 converging (the `hosts` control operation, the dashboard's GET /api/hosts).
 
 Owns that one judgement, "current or behind", so the control operation and the dashboard

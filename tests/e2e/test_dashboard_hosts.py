@@ -61,10 +61,10 @@ def test_host0_dashboard_shows_every_host_and_where_each_endpoint_runs(
     view = wait_for("three hosts current on h0's api/hosts", converged, timeout=15,
                     interval=0.05)
     print(f"\nh0's api/hosts: 3 hosts current {time.monotonic() - t0:.2f}s after the "
-          f"service was added; newest resource r{view['current_revision']}, registry "
-          f"r{view['revision']}, applied "
+          f"service was added; registry r{view['revision']}, applied "
           + ", ".join(f"{x['node']} r{x['applied_revision']}" for x in view["hosts"]))
-    assert view["current_revision"] == version  # web is the only resource
+    # the registry's revision counts served data (web and its endpoints), not the reports
+    assert view["current_revision"] == view["revision"] >= version
     for x in view["hosts"]:
         # each agent's own report, read through etcd: its state, not h0's
         assert x["applied_revision"] >= version and x["ready"], x
@@ -116,7 +116,7 @@ def test_h0_sees_a_rollout_converge_and_a_stopped_host_leave(fabric: Fabric) -> 
                  interval=0.02)
         view = api_hosts(h0)
         h2_row = {x["node"]: x for x in view["hosts"]}["h2"]
-        assert view["current_revision"] == rev and h2_row["applied_revision"] < rev, view
+        assert view["current_revision"] >= rev > h2_row["applied_revision"], view
     finally:
         os.kill(h2.agent.pid, signal.SIGCONT)
     t0 = time.monotonic()

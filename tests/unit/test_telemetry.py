@@ -140,7 +140,7 @@ def test_exposition_has_bounded_labels_and_the_right_values() -> None:
     labels = {k for (_, lv) in samples for k, _ in lv}
     assert labels <= {"src", "dst", "direction", "reason", "le", "endpoint", "service",
                       "health", "result", "backend", "event", "worker", "version", "node",
-                      "instance", "capture"}
+                      "instance", "capture", "state"}
     buckets = [k for k in samples if k[0] == "meshnode_connect_latency_seconds_bucket"]
     assert len(buckets) == len(CONNECT_BUCKETS) + 1  # and +Inf
 

@@ -480,13 +480,14 @@
 
   // -- the mesh's hosts (api/hosts) -------------------------------------------------------
   /* One row per agent that reports to the registry. "Current": ready, and its applied
-   * revision covers the newest resource version (a rollout has converged when every row is). */
+   * revision reaches the registry's (the newest change to served data; a rollout has
+   * converged when every row is). */
   function clusterRow(x, newest) {
     const applied = num(x.applied_revision) ?? 0;
     const state = x.ready ? 'ready' : 'not ready';
     const sync = x.current ? h('span', { class: 'pill pill-ok' }, 'current')
       : !x.ready ? h('span', { class: 'pill pill-muted' }, 'not routing')
-        : h('span', { class: 'pill pill-warn', title: `newest resource version r${newest}` },
+        : h('span', { class: 'pill pill-warn', title: `registry revision r${newest}` },
           `behind r${newest}`);
     const at = num(x.applied_at) ? `applied at ${fmtClock(new Date(x.applied_at * 1000))}` : '';
     return h('tr', { data: { host: x.node, state, applied: String(applied),
@@ -513,8 +514,7 @@
     empty.textContent = c.error ? `Hosts unavailable: ${c.error}.` : 'No agent has reported yet.';
     const current = hosts.filter((x) => x.current).length;
     setText('cluster-hint', c.error ? 'every agent in the registry'
-      : `${current} of ${hosts.length} current · newest resource version r${c.current_revision ?? 0}`
-        + ` · registry revision r${c.revision ?? 0}`);
+      : `${current} of ${hosts.length} current · registry revision r${c.revision ?? 0}`);
   }
 
   // -- endpoints, with the host each runs on ---------------------------------------------
