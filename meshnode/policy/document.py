@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgspec
-import yaml
 
 from meshnode.errors import UsageError
 from meshnode.policy.resources import KINDS, Resource, check_name, kind_info
@@ -25,6 +24,8 @@ _PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 def load_text(text: str, source: str) -> list[tuple[str, Any]]:
     """The documents in `text` (YAML, `---`-separated, or JSON: one object or a list), each
     with where it came from ("FILE#N")."""
+    import yaml  # here: only the CLI reads text; the agent gets parsed documents (1.5 MB)
+
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
