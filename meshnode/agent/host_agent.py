@@ -1,7 +1,9 @@
 """HostAgent: the one privileged process per host (or per test namespace).
 
-Owns the kernel state (cgroups, capture, all recorded in a ledger), the registry, enrollment,
-the proxy workers and the control socket. Start is all or nothing; stop removes capture first
+Owns the lifecycle and the reconcile: the kernel state (cgroups, capture, all recorded in a
+ledger), the registry, enrollment, the proxy workers, health sharing and the control socket,
+whose operations (api.py, resources_api.py, status.py) get the running collaborators, not
+this object. Start is all or nothing; stop removes capture first
 (connections fall back to their original destinations), then drains the workers, hands enrolled
 processes back to their old cgroups and removes everything the ledger lists. A new agent sweeps
 what a crashed one left before it creates anything.
@@ -23,27 +25,25 @@ from pathlib import Path
 from typing import Any
 
 from meshnode import __version__
-from meshnode.agent import cluster
-from meshnode.agent.control import ControlServer, Handler
+from meshnode.agent.api import ControlApi, Parts
+from meshnode.agent.control import ControlServer
 from meshnode.agent.enrollment import EnrollmentManager
 from meshnode.agent.names import MeshNames
 from meshnode.agent.observe import Telemetry
 from meshnode.agent.report import HostReport
 from meshnode.agent.requeue import reconcile_forever
-from meshnode.agent.resources_api import ResourceApi
 from meshnode.agent.workers import WorkerPool
 from meshnode.capture import CaptureBackend, CaptureContext, undo_functions
 from meshnode.config import AgentConfig
 from meshnode.discovery import catalog
 from meshnode.discovery.factory import open_registry
 from meshnode.discovery.health import HealthMonitor
-from meshnode.discovery.registry import EndpointRecord, Registry, ServiceRecord, patch_service
+from meshnode.discovery.registry import EndpointRecord, Registry, ServiceRecord
 from meshnode.errors import AccessError, ConflictError, MeshnodeError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.host.ledger import Ledger, UndoFn
-from meshnode.model import CaptureState, HostPort
+from meshnode.model import CaptureState
 from meshnode.policy import compiler
-from meshnode.policy.store import Delete
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,10 @@ class HostAgent:
         self.registry.subscribe(self._dirty.set)
         self.registry.subscribe(self.catalog.changed)
 
-        self.control = ControlServer(self.cfg.control_socket, self._handlers())
+        api = ControlApi(self._parts())
+        self.control = ControlServer(self.cfg.control_socket, api.handlers())
         await self.control.start()
-        await self.telemetry.start_admin(hosts=self._hosts_view)
+        await self.telemetry.start_admin(hosts=api.hosts_view)
         await self._reconcile()
         self.report.start()
         self._tasks = [asyncio.ensure_future(self._reconcile_loop()),
@@ -346,24 +347,7 @@ class HostAgent:
             log.info("stopping")
             await self.stop()
 
-    # -- control operations ---------------------------------------------------------------
-    def _handlers(self) -> dict[str, Handler]:
-        assert self.registry
-        return {
-            "ping": self._op_ping,
-            "status": self._op_status,
-            "enroll": self._op_enroll,
-            "unenroll": self._op_unenroll,
-            "service.add": self._op_service_add,
-            "service.remove": self._op_service_remove,
-            "explain": self._op_explain,
-            "stat": self._op_stat,
-            "top": self._op_top,
-            "tap": self._op_tap,
-            **ResourceApi(self.registry, self._settled).handlers(),
-            "hosts": self._op_hosts,
-        }
-
+    # -- what the control socket and the report read ------------------------------------
     def _report_state(self) -> dict[str, Any]:
         """What this host reports; costs nothing per service (published on every apply)."""
         return {"node": self.node, "zone": self.cfg.zone, "version": __version__,
@@ -373,165 +357,22 @@ class HostAgent:
                 "local_endpoints": self.compiler.endpoints_by_node.get(self.node, 0),
                 "workers": len(self.workers.workers) if self.workers else 0}
 
-    async def _op_hosts(self, _: dict[str, Any]) -> Any:
-        return self._hosts_view()
-
-    def _hosts_view(self) -> dict[str, Any]:
-        """Every agent's last report (etcd: the live ones), this one's fresh, each marked
-        current or not (agent/cluster.py); the admin port serves it as /api/hosts."""
-        assert self.registry and self.report
-        return cluster.hosts_view(self.registry, self.report.current())
-
-    async def _op_ping(self, _: dict[str, Any]) -> Any:
-        return {"version": __version__, "pid": os.getpid(), "ready": self.ready}
+    def _parts(self) -> Parts:
+        """The collaborators the control operations may use, once all of them run."""
+        assert self.registry and self.enrollments and self.workers and self.capture
+        assert self.names and self.report
+        return Parts(cfg=self.cfg, node=self.node, registry=self.registry,
+                     enrollments=self.enrollments, workers=self.workers, capture=self.capture,
+                     capture_reason=self.capture_reason, names=self.names,
+                     telemetry=self.telemetry, health=self.health, compiler=self.compiler,
+                     report=self.report, mount=self.mount, root_cgroup=self.root_cgroup,
+                     ready=lambda: self.ready, ready_after=lambda: self.ready_after,
+                     settle=self._settled)
 
     async def _settled(self) -> None:
         """Apply a change now, so the caller's next connection already sees it."""
         self._dirty.clear()
         await self._reconcile()
-
-    @staticmethod
-    def _int(args: dict[str, Any], key: str) -> int:
-        try:
-            return int(args[key])
-        except (KeyError, TypeError, ValueError):
-            raise UsageError(f"{key} must be a number", f"pass a valid {key}") from None
-
-    async def _op_enroll(self, args: dict[str, Any]) -> Any:
-        assert self.enrollments
-        e = await self.enrollments.enroll(self._int(args, "pid"), str(args.get("service", "")))
-        await self._settled()
-        return {"pid": e.pid, "service": e.service,
-                "cgroup": str(self.enrollments.service_cgroup(e.service)),
-                "endpoints": sorted(str(p) for p in e.ports)}
-
-    async def _op_unenroll(self, args: dict[str, Any]) -> Any:
-        assert self.enrollments
-        e = await self.enrollments.unenroll(self._int(args, "pid"))
-        await self._settled()
-        return {"pid": e.pid, "service": e.service}
-
-    async def _op_service_add(self, args: dict[str, Any]) -> Any:
-        """`service add`: the flags are a partial Service spec, merged in the registry over
-        the stored version (compare-and-swap), then the static endpoints."""
-        assert self.registry
-        name = str(args.get("name", ""))
-        eps = [HostPort.parse(str(e)) for e in args.get("endpoints", [])]
-        patch = args.get("patch") or {}
-        if not isinstance(patch, dict):
-            raise UsageError("service.add: patch must be an object", "upgrade the CLI")
-        rec = await patch_service(self.registry, name, patch)
-        if eps:
-            weight = self._int(args, "weight") if args.get("weight") is not None else 1
-            await self.registry.add_endpoints(
-                name, [EndpointRecord(a, "static", None, self.cfg.node_name, self.cfg.zone,
-                                      weight) for a in eps])
-        await self._settled()
-        return self._describe_service(self.registry.services()[rec.name], {})
-
-    async def _op_service_remove(self, args: dict[str, Any]) -> Any:
-        assert self.registry
-        name = str(args.get("name", ""))
-        eps = [HostPort.parse(str(e)) for e in args.get("endpoints", [])]
-        if eps:
-            rec = self.registry.services().get(name)
-            known = {e.addr for e in rec.endpoints} if rec else set()
-            if missing := [str(a) for a in eps if a not in known]:
-                raise UsageError(f"service {name!r} has no endpoint {', '.join(missing)}",
-                                 "see its endpoints: meshnode status")
-            await self.registry.remove_endpoints(name, eps)
-        else:
-            await self.registry.apply([], [Delete("Service", name)])
-        await self._settled()
-        return {"removed": name, "endpoints": [str(a) for a in eps]}
-
-    def _describe_service(self, rec: ServiceRecord, counters: dict[str, Any]) -> dict[str, Any]:
-        per_ep: dict[str, dict[str, Any]] = counters.get("endpoints", {})
-        return {
-            **rec.settings_json(),
-            "counters": {k: v for k, v in counters.items() if k != "endpoints"},
-            "endpoints": [
-                {**e.to_json(), "health": self.health.describe(rec.name, e.addr),
-                 "proxy": per_ep.get(str(e.addr), {})}
-                for e in sorted(rec.endpoints, key=lambda e: e.addr)],
-        }
-
-    @staticmethod
-    def _window(args: dict[str, Any]) -> float:
-        try:
-            window = float(args.get("window", 60))
-        except (TypeError, ValueError):
-            window = -1.0
-        if not 0 < window <= 600:
-            raise UsageError(f"invalid window {args.get('window')!r}",
-                             "use --window SECONDS, up to 600 (10 minutes are kept)")
-        return window
-
-    async def _op_stat(self, args: dict[str, Any]) -> Any:
-        service = args.get("service")
-        return await self.telemetry.stat(self._window(args),
-                                         None if service is None else str(service))
-
-    async def _op_top(self, args: dict[str, Any]) -> Any:
-        return await self.telemetry.top(self._window(args), self._int(args, "limit"))
-
-    async def _op_tap(self, args: dict[str, Any]) -> Any:
-        def opt(key: str) -> str | None:
-            v = args.get(key)
-            return None if v is None else str(v)
-
-        return self.telemetry.open_tap(str(args.get("service") or "*"), opt("src"), opt("dst"),
-                                       bool(args.get("failed_only")))
-
-    async def _op_explain(self, args: dict[str, Any]) -> Any:
-        from meshnode.agent.explain import ExplainInputs, ejections, explain
-
-        assert self.registry and self.capture and self.enrollments
-        services = self.registry.services()
-        dns = self.names.server.port if self.names and self.names.redirecting else None
-        # ejections: from the same monotonic sums as status, stat and /metrics
-        totals = (await self.telemetry.sample()).by_service() if self.ready else {}
-        inputs = ExplainInputs(
-            services=services, pushed=self.compiler.pushed, ready=self.ready,
-            capture=compiler.capture_state(services, self.ready), backend=self.capture.name,
-            capture_reason=self.capture_reason, outbound_port=self.cfg.outbound_port,
-            dns_port=dns, dns_suffix=self.cfg.dns_suffix, node=self.cfg.node_name,
-            zone=self.cfg.zone, cgroup_mount=self.mount, root_cgroup=self.root_cgroup,
-            enrollments=self.enrollments.describe(), health=self.health,
-            ejected_for=ejections(totals))
-        return explain(inputs, self._int(args, "pid"), str(args.get("dest", "")))
-
-    async def _op_status(self, _: dict[str, Any]) -> Any:
-        assert self.registry and self.workers and self.enrollments and self.capture
-        # the telemetry's sums, as `stat` and /metrics read them: after a worker restart the
-        # counters carry on from where they were instead of falling back
-        totals = await self.telemetry.sample()
-        per_service = totals.by_service()
-        try:
-            kernel = await asyncio.to_thread(self.capture.stats)
-        except MeshnodeError as exc:
-            kernel = {"error": str(exc)}  # type: ignore[dict-item]
-        return {
-            "instance": self.cfg.instance,
-            "node": self.cfg.node_name,
-            "zone": self.cfg.zone,
-            "version": __version__,
-            "pid": os.getpid(),
-            "ready": self.ready,
-            "ready_after_s": round(self.ready_after, 3),
-            "capture": {"backend": self.capture.name, "reason": self.capture_reason,
-                        "kernel": kernel},
-            "registry": {**self.registry.describe(),
-                         "applied_revision": self.report.applied_revision if self.report else 0},
-            "dns": self.names.describe() if self.names else None,
-            "telemetry": self.telemetry.describe(),
-            "cgroup": str(self.root_cgroup),
-            "workers": self.workers.describe(),
-            "proxy": dict(totals.values),
-            "services": [self._describe_service(rec, per_service.get(name, {}))
-                         for name, rec in sorted(self.registry.services().items())],
-            "enrolled": self.enrollments.describe(),
-        }
 
 
 async def _main(cfg: AgentConfig) -> None:

@@ -1,0 +1,190 @@
+"""The control socket's operations (apart from the resource ones, resources_api.py): argument
+checks, then calls into the collaborators the agent hands over once it runs.
+
+Takes `Parts`, the running agent's collaborators, and two callables (settle: apply a change
+now; ready: whether capture is on), never the HostAgent itself: what an operation can reach is
+written down here. Status assembly is status.py's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meshnode import __version__
+from meshnode.agent import cluster, status
+from meshnode.agent.control import Handler
+from meshnode.agent.enrollment import EnrollmentManager
+from meshnode.agent.names import MeshNames
+from meshnode.agent.observe import Telemetry
+from meshnode.agent.report import HostReport
+from meshnode.agent.resources_api import ResourceApi
+from meshnode.agent.workers import WorkerPool
+from meshnode.capture import CaptureBackend
+from meshnode.config import AgentConfig
+from meshnode.discovery.health import HealthMonitor
+from meshnode.discovery.registry import EndpointRecord, Registry, patch_service
+from meshnode.errors import UsageError
+from meshnode.model import HostPort
+from meshnode.policy import compiler
+from meshnode.policy.store import Delete
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The running agent's collaborators, as the operations see them."""
+
+    cfg: AgentConfig
+    node: str
+    registry: Registry
+    enrollments: EnrollmentManager
+    workers: WorkerPool
+    capture: CaptureBackend
+    capture_reason: str
+    names: MeshNames
+    telemetry: Telemetry
+    health: HealthMonitor
+    compiler: compiler.Compiler
+    report: HostReport
+    mount: Path
+    root_cgroup: Path
+    ready: Callable[[], bool]
+    ready_after: Callable[[], float]
+    settle: Callable[[], Awaitable[None]]  # apply a change now, before answering
+
+
+class ControlApi:
+    def __init__(self, parts: Parts) -> None:
+        self.p = parts
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "ping": self.ping,
+            "status": self.status,
+            "enroll": self.enroll,
+            "unenroll": self.unenroll,
+            "service.add": self.service_add,
+            "service.remove": self.service_remove,
+            "explain": self.explain,
+            "stat": self.stat,
+            "top": self.top,
+            "tap": self.tap,
+            "hosts": self.hosts,
+            **ResourceApi(self.p.registry, self.p.settle).handlers(),
+        }
+
+    def hosts_view(self) -> dict[str, Any]:
+        """Every agent's last report (etcd: the live ones), this one's fresh, each marked
+        current or not (agent/cluster.py); the admin port serves it as /api/hosts."""
+        return cluster.hosts_view(self.p.registry, self.p.report.current())
+
+    async def hosts(self, _: dict[str, Any]) -> Any:
+        return self.hosts_view()
+
+    async def ping(self, _: dict[str, Any]) -> Any:
+        return {"version": __version__, "pid": os.getpid(), "ready": self.p.ready()}
+
+    async def enroll(self, args: dict[str, Any]) -> Any:
+        e = await self.p.enrollments.enroll(_int(args, "pid"), str(args.get("service", "")))
+        await self.p.settle()
+        return {"pid": e.pid, "service": e.service,
+                "cgroup": str(self.p.enrollments.service_cgroup(e.service)),
+                "endpoints": sorted(str(p) for p in e.ports)}
+
+    async def unenroll(self, args: dict[str, Any]) -> Any:
+        e = await self.p.enrollments.unenroll(_int(args, "pid"))
+        await self.p.settle()
+        return {"pid": e.pid, "service": e.service}
+
+    async def service_add(self, args: dict[str, Any]) -> Any:
+        """`service add`: the flags are a partial Service spec, merged in the registry over
+        the stored version (compare-and-swap), then the static endpoints."""
+        reg = self.p.registry
+        name = str(args.get("name", ""))
+        eps = [HostPort.parse(str(e)) for e in args.get("endpoints", [])]
+        patch = args.get("patch") or {}
+        if not isinstance(patch, dict):
+            raise UsageError("service.add: patch must be an object", "upgrade the CLI")
+        rec = await patch_service(reg, name, patch)
+        if eps:
+            weight = _int(args, "weight") if args.get("weight") is not None else 1
+            await reg.add_endpoints(
+                name, [EndpointRecord(a, "static", None, self.p.node, self.p.cfg.zone, weight)
+                       for a in eps])
+        await self.p.settle()
+        return status.describe_service(reg.services()[rec.name], {}, self.p.health)
+
+    async def service_remove(self, args: dict[str, Any]) -> Any:
+        reg = self.p.registry
+        name = str(args.get("name", ""))
+        eps = [HostPort.parse(str(e)) for e in args.get("endpoints", [])]
+        if eps:
+            rec = reg.services().get(name)
+            known = {e.addr for e in rec.endpoints} if rec else set()
+            if missing := [str(a) for a in eps if a not in known]:
+                raise UsageError(f"service {name!r} has no endpoint {', '.join(missing)}",
+                                 "see its endpoints: meshnode status")
+            await reg.remove_endpoints(name, eps)
+        else:
+            await reg.apply([], [Delete("Service", name)])
+        await self.p.settle()
+        return {"removed": name, "endpoints": [str(a) for a in eps]}
+
+    async def stat(self, args: dict[str, Any]) -> Any:
+        service = args.get("service")
+        return await self.p.telemetry.stat(_window(args),
+                                           None if service is None else str(service))
+
+    async def top(self, args: dict[str, Any]) -> Any:
+        return await self.p.telemetry.top(_window(args), _int(args, "limit"))
+
+    async def tap(self, args: dict[str, Any]) -> Any:
+        def opt(key: str) -> str | None:
+            v = args.get(key)
+            return None if v is None else str(v)
+
+        return self.p.telemetry.open_tap(str(args.get("service") or "*"), opt("src"),
+                                         opt("dst"), bool(args.get("failed_only")))
+
+    async def explain(self, args: dict[str, Any]) -> Any:
+        from meshnode.agent.explain import ExplainInputs, ejections, explain
+
+        p = self.p
+        services = p.registry.services()
+        ready = p.ready()
+        dns = p.names.server.port if p.names.redirecting else None
+        # ejections: from the same monotonic sums as status, stat and /metrics
+        totals = (await p.telemetry.sample()).by_service() if ready else {}
+        inputs = ExplainInputs(
+            services=services, pushed=p.compiler.pushed, ready=ready,
+            capture=compiler.capture_state(services, ready), backend=p.capture.name,
+            capture_reason=p.capture_reason, outbound_port=p.cfg.outbound_port,
+            dns_port=dns, dns_suffix=p.cfg.dns_suffix, node=p.node,
+            zone=p.cfg.zone, cgroup_mount=p.mount, root_cgroup=p.root_cgroup,
+            enrollments=p.enrollments.describe(), health=p.health,
+            ejected_for=ejections(totals))
+        return explain(inputs, _int(args, "pid"), str(args.get("dest", "")))
+
+    async def status(self, _: dict[str, Any]) -> Any:
+        return await status.status(self.p)
+
+
+def _int(args: dict[str, Any], key: str) -> int:
+    try:
+        return int(args[key])
+    except (KeyError, TypeError, ValueError):
+        raise UsageError(f"{key} must be a number", f"pass a valid {key}") from None
+
+
+def _window(args: dict[str, Any]) -> float:
+    try:
+        window = float(args.get("window", 60))
+    except (TypeError, ValueError):
+        window = -1.0
+    if not 0 < window <= 600:
+        raise UsageError(f"invalid window {args.get('window')!r}",
+                         "use --window SECONDS, up to 600 (10 minutes are kept)")
+    return window

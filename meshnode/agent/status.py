@@ -1,0 +1,61 @@
+"""`meshnode status`: the agent, its capture, registry, DNS, workers, services with their
+endpoints and counters, and enrolled processes, as one JSON value.
+
+Counters come from the telemetry's sums (the same as `stat` and /metrics read), so after a
+worker restart they carry on instead of falling back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING, Any
+
+from meshnode import __version__
+from meshnode.discovery.health import HealthMonitor
+from meshnode.errors import MeshnodeError
+from meshnode.policy.records import ServiceRecord
+
+if TYPE_CHECKING:  # api.py builds Parts and imports this module
+    from meshnode.agent.api import Parts
+
+
+def describe_service(rec: ServiceRecord, counters: dict[str, Any],
+                     health: HealthMonitor) -> dict[str, Any]:
+    per_ep: dict[str, dict[str, Any]] = counters.get("endpoints", {})
+    return {
+        **rec.settings_json(),
+        "counters": {k: v for k, v in counters.items() if k != "endpoints"},
+        "endpoints": [
+            {**e.to_json(), "health": health.describe(rec.name, e.addr),
+             "proxy": per_ep.get(str(e.addr), {})}
+            for e in sorted(rec.endpoints, key=lambda e: e.addr)],
+    }
+
+
+async def status(p: Parts) -> dict[str, Any]:
+    totals = await p.telemetry.sample()
+    per_service = totals.by_service()
+    try:
+        kernel: dict[str, Any] = dict(await asyncio.to_thread(p.capture.stats))
+    except MeshnodeError as exc:
+        kernel = {"error": str(exc)}
+    return {
+        "instance": p.cfg.instance,
+        "node": p.node,
+        "zone": p.cfg.zone,
+        "version": __version__,
+        "pid": os.getpid(),
+        "ready": p.ready(),
+        "ready_after_s": round(p.ready_after(), 3),
+        "capture": {"backend": p.capture.name, "reason": p.capture_reason, "kernel": kernel},
+        "registry": {**p.registry.describe(), "applied_revision": p.report.applied_revision},
+        "dns": p.names.describe(),
+        "telemetry": p.telemetry.describe(),
+        "cgroup": str(p.root_cgroup),
+        "workers": p.workers.describe(),
+        "proxy": dict(totals.values),
+        "services": [describe_service(rec, per_service.get(name, {}), p.health)
+                     for name, rec in sorted(p.registry.services().items())],
+        "enrolled": p.enrollments.describe(),
+    }
