@@ -1,59 +1,25 @@
 """The control socket's operations (apart from the resource ones, resources_api.py): argument
 checks, then calls into the collaborators the agent hands over once it runs.
 
-Takes `Parts`, the running agent's collaborators, and two callables (settle: apply a change
-now; ready: whether capture is on), never the HostAgent itself: what an operation can reach is
-written down here. Status assembly is status.py's.
+Takes `Parts` (parts.py), the running agent's collaborators, never the HostAgent itself: what
+an operation can reach is written down there. Status assembly is status.py's.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from meshnode import __version__
 from meshnode.agent import cluster, status
 from meshnode.agent.control import Handler
-from meshnode.agent.enrollment import EnrollmentManager
-from meshnode.agent.names import MeshNames
-from meshnode.agent.observe import Telemetry
-from meshnode.agent.report import HostReport
+from meshnode.agent.parts import Parts
 from meshnode.agent.resources_api import ResourceApi
-from meshnode.agent.workers import WorkerPool
-from meshnode.capture import CaptureBackend
-from meshnode.config import AgentConfig
-from meshnode.discovery.health import HealthMonitor
-from meshnode.discovery.registry import EndpointRecord, Registry, patch_service
+from meshnode.discovery.registry import EndpointRecord, patch_service
 from meshnode.errors import UsageError
 from meshnode.model import HostPort
 from meshnode.policy import compiler
 from meshnode.policy.store import Delete
-
-
-@dataclass(frozen=True)
-class Parts:
-    """The running agent's collaborators, as the operations see them."""
-
-    cfg: AgentConfig
-    node: str
-    registry: Registry
-    enrollments: EnrollmentManager
-    workers: WorkerPool
-    capture: CaptureBackend
-    capture_reason: str
-    names: MeshNames
-    telemetry: Telemetry
-    health: HealthMonitor
-    compiler: compiler.Compiler
-    report: HostReport
-    mount: Path
-    root_cgroup: Path
-    ready: Callable[[], bool]
-    ready_after: Callable[[], float]
-    settle: Callable[[], Awaitable[None]]  # apply a change now, before answering
 
 
 class ControlApi:

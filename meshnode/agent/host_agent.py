@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from meshnode import __version__
-from meshnode.agent.api import ControlApi, Parts
+from meshnode.agent.api import ControlApi
 from meshnode.agent.control import ControlServer
 from meshnode.agent.enrollment import EnrollmentManager
 from meshnode.agent.names import MeshNames
 from meshnode.agent.observe import Telemetry
+from meshnode.agent.parts import Parts
 from meshnode.agent.report import HostReport
 from meshnode.agent.requeue import reconcile_forever
 from meshnode.agent.workers import WorkerPool
@@ -95,7 +96,7 @@ class HostAgent:
         # the read-only catalog on the admin port (/v1/catalog) follows registry and health
         self.catalog = catalog.Catalog(
             lambda: self.registry.services() if self.registry else {}, self.health.healthy)
-        self.telemetry = Telemetry(self)
+        self.telemetry = Telemetry(cfg)
         self._stop = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -187,10 +188,12 @@ class HostAgent:
         self.registry.subscribe(self._dirty.set)
         self.registry.subscribe(self.catalog.changed)
 
-        api = ControlApi(self._parts())
+        parts = self._parts()
+        self.telemetry.attach(parts)
+        api = ControlApi(parts)
         self.control = ControlServer(self.cfg.control_socket, api.handlers())
         await self.control.start()
-        await self.telemetry.start_admin(hosts=api.hosts_view)
+        await self.telemetry.start_admin(catalog=self.catalog, hosts=api.hosts_view)
         await self._reconcile()
         self.report.start()
         self._tasks = [asyncio.ensure_future(self._reconcile_loop()),

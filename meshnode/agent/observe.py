@@ -2,8 +2,8 @@
 host-wide history, answers `stat`, `top` and `tap`, tells workers which cgroup is which source
 service, and feeds the admin port (/metrics, dashboard API).
 
-Kept apart from HostAgent, which only wires it in: this module reads the agent's registry,
-health, capture, names, enrollments and workers, and changes none of them.
+Takes the agent's config, then `Parts` (parts.py) once the agent runs: it reads the
+registry, health, capture, names, enrollments and workers there, and changes none of them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshnode import __version__
+from meshnode.config import AgentConfig
 from meshnode.errors import MeshnodeError, UsageError
 from meshnode.telemetry.admin import AdminServer, HostsSource
 from meshnode.telemetry.aggregate import Accumulator, Totals
@@ -27,7 +28,8 @@ from meshnode.wire import CgroupSources
 from meshnode.wire import Tap as TapMessage
 
 if TYPE_CHECKING:
-    from meshnode.agent.host_agent import HostAgent
+    from meshnode.agent.parts import Parts
+    from meshnode.discovery.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,13 @@ class Tap:
 
 
 class Telemetry:
-    def __init__(self, agent: HostAgent) -> None:
-        self.agent = agent
+    """The agent's traffic figures (sums over its workers, their history), the admin port,
+    the taps and the cgroup sources. Built with the agent (the workers' first messages come
+    from here); reads the running agent's collaborators once `attach` hands them over."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.parts: Parts | None = None
         self.acc = Accumulator()
         self.history = History(time.time())
         self._sampled_at = 0.0
@@ -69,6 +76,13 @@ class Telemetry:
         self._taps: set[Tap] = set()
         self.admin: AdminServer | None = None
 
+    def attach(self, parts: Parts) -> None:
+        self.parts = parts
+
+    def _p(self) -> Parts:
+        assert self.parts is not None, "telemetry read before the agent runs"
+        return self.parts
+
     # -- sampling ----------------------------------------------------------------------------
     async def sample(self) -> Totals:
         """The host's counters now. Operators' reads must see the connections that already
@@ -76,8 +90,7 @@ class Telemetry:
         after the previous one replaces it, keeping the history about one sample a second
         however often it is read."""
         async with self._sample_lock:
-            assert self.agent.workers is not None
-            totals = self.acc.update(await self.agent.workers.stats())
+            totals = self.acc.update(await self._p().workers.stats())
             now = time.monotonic()
             soon_after = now - self._sampled_at < SAMPLE_INTERVAL / 2
             self.history.add(time.time(), totals, replace_latest=soon_after)
@@ -94,14 +107,14 @@ class Telemetry:
                 log.exception("telemetry sample failed")
 
     # -- admin port ------------------------------------------------------------------------
-    async def start_admin(self, hosts: HostsSource | None = None) -> None:
+    async def start_admin(self, catalog: Catalog | None = None,
+                          hosts: HostsSource | None = None) -> None:
         """`hosts`: the mesh's hosts and their reports (GET /api/hosts), run on this loop."""
-        cfg = self.agent.cfg
+        cfg = self.cfg
         if not cfg.admin_port:
             return
         self.admin = AdminServer("127.0.0.1", cfg.admin_port, self,
-                                 asyncio.get_running_loop(), catalog=self.agent.catalog,
-                                 hosts=hosts)
+                                 asyncio.get_running_loop(), catalog=catalog, hosts=hosts)
         await asyncio.to_thread(self.admin.start)
 
     async def stop_admin(self) -> None:
@@ -111,37 +124,35 @@ class Telemetry:
 
     @property
     def ready(self) -> bool:
-        return self.agent.ready
+        return self.parts is not None and self.parts.ready()
 
     async def snapshot(self) -> Snapshot:
-        a = self.agent
-        assert a.registry is not None and a.capture is not None and a.workers is not None
+        a = self._p()
         totals = await self.sample()
         try:
             kernel = await asyncio.to_thread(a.capture.stats)
         except MeshnodeError:
             kernel = {}
         enrolled: dict[str, int] = {}
-        for e in a.enrollments.describe() if a.enrollments else []:
+        for e in a.enrollments.describe():
             enrolled[e["service"]] = enrolled.get(e["service"], 0) + 1
         services = [{"name": name, "endpoints": [
             {"addr": str(e.addr), **_health(a.health.describe(name, e.addr))}
             for e in sorted(rec.endpoints, key=lambda e: e.addr)]}
             for name, rec in sorted(a.registry.services().items())]
         return Snapshot(
-            info={"version": __version__, "node": a.cfg.node_name, "instance": a.cfg.instance,
+            info={"version": __version__, "node": a.node, "instance": a.cfg.instance,
                   "capture": a.capture.name},
-            ready=a.ready, totals=totals, kernel=kernel,
-            dns=a.names.describe()["counters"] if a.names else {},
+            ready=a.ready(), totals=totals, kernel=kernel,
+            dns=a.names.describe()["counters"],
             registry={**a.registry.describe(),
-                      "applied_revision": a.report.applied_revision if a.report else 0},
+                      "applied_revision": a.report.applied_revision},
             services=services, enrolled=enrolled,
             workers=a.workers.describe())
 
     # -- stat, top, overview ---------------------------------------------------------------
     async def stat(self, window: float, service: str | None) -> dict[str, Any]:
-        a = self.agent
-        assert a.registry is not None
+        a = self._p()
         await self.sample()
         known = a.registry.services()
         if service is not None and service not in known:
@@ -173,8 +184,7 @@ class Telemetry:
 
     async def overview(self, window: float) -> dict[str, Any]:
         """The dashboard's one poll: services, edges, hosts and per-service series."""
-        a = self.agent
-        assert a.registry is not None and a.capture is not None
+        a = self._p()
         stat = await self.stat(window, None)
         known = a.registry.services()
         services = []
@@ -193,17 +203,16 @@ class Telemetry:
                   "bytes_rate": round(p["bytes_up_rate"] + p["bytes_down_rate"], 3)}
                  for p in (await self.top(window, 1000))["pairs"]]
         return {
-            "node": a.cfg.node_name, "instance": a.cfg.instance, "version": __version__,
-            "capture": a.capture.name, "ready": a.ready, "time": time.time(), "window": window,
+            "node": a.node, "instance": a.cfg.instance, "version": __version__,
+            "capture": a.capture.name, "ready": a.ready(), "time": time.time(), "window": window,
             "services": services, "edges": edges, "hosts": self._hosts(),
             "series": {name: self.history.series(name) for name in sorted(known)},
         }
 
     def _hosts(self) -> list[dict[str, Any]]:
-        a = self.agent
-        assert a.registry is not None
+        a = self._p()
         hosts: dict[str, dict[str, Any]] = {}
-        local = a.cfg.node_name
+        local = a.node
         hosts[local] = {"node": local, "zone": a.cfg.zone, "local": True, "endpoints": [],
                         "enrolled": []}
         for name, rec in sorted(a.registry.services().items()):
@@ -212,7 +221,7 @@ class Telemetry:
                                                      "local": e.node == local,
                                                      "endpoints": [], "enrolled": []})
                 h["endpoints"].append({"service": name, "addr": str(e.addr)})
-        for proc in a.enrollments.describe() if a.enrollments else []:
+        for proc in a.enrollments.describe():
             hosts[local]["enrolled"].append({"pid": proc["pid"], "service": proc["service"],
                                              "cmd": _cmdline(proc["pid"]),
                                              "ports": proc["endpoints"]})
@@ -232,8 +241,8 @@ class Telemetry:
                     found[str(entry.inode())] = entry.name
         if found != self._sources:
             self._sources = found
-            if self.agent.workers is not None:
-                self.agent.workers.send_all(self.sources_message())
+            if self.parts is not None:  # else the workers get them as a first message
+                self.parts.workers.send_all(self.sources_message())
 
     # -- tap ---------------------------------------------------------------------------------
     def tap_message(self, extra: frozenset[str] = frozenset()) -> TapMessage:
@@ -244,7 +253,7 @@ class Telemetry:
 
     def describe(self) -> dict[str, Any]:
         """For `meshnode status`."""
-        cfg = self.agent.cfg
+        cfg = self.cfg
         return {"admin": f"127.0.0.1:{self.admin.port}" if self.admin else None,
                 "access_log": cfg.access_log_path or None,
                 "access_log_sample": cfg.access_log_sample, "taps": len(self._taps)}
@@ -260,8 +269,7 @@ class Telemetry:
 
     def open_tap(self, service: str, src: str | None, dst: str | None,
                  failed_only: bool) -> AsyncIterator[dict[str, Any]]:
-        a = self.agent
-        assert a.registry is not None
+        a = self._p()
         if service != "*" and service not in a.registry.services() \
                 and service not in self._sources.values():
             raise UsageError(f"no service named {service!r}", "see them: meshnode status")
@@ -269,8 +277,7 @@ class Telemetry:
         return self._stream(tap)
 
     async def _stream(self, tap: Tap) -> AsyncIterator[dict[str, Any]]:
-        workers = self.agent.workers
-        assert workers is not None
+        workers = self._p().workers
         try:
             # Workers first, then the tap counts as open: events from the first connection
             # after `status` shows the tap are not lost.

@@ -16,8 +16,8 @@ from meshnode.discovery.health import HealthMonitor
 from meshnode.errors import MeshnodeError
 from meshnode.policy.records import ServiceRecord
 
-if TYPE_CHECKING:  # api.py builds Parts and imports this module
-    from meshnode.agent.api import Parts
+if TYPE_CHECKING:
+    from meshnode.agent.parts import Parts
 
 
 def describe_service(rec: ServiceRecord, counters: dict[str, Any],

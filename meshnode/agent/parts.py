@@ -1,0 +1,47 @@
+"""The running agent's collaborators, as the control operations, the status and the
+telemetry see them: handed over once all of them run, so none of those modules reaches into
+the HostAgent (which is the only place that creates or replaces them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from meshnode.capture import CaptureBackend
+from meshnode.config import AgentConfig
+from meshnode.discovery.health import HealthMonitor
+from meshnode.discovery.registry import Registry
+from meshnode.policy.compiler import Compiler
+
+if TYPE_CHECKING:  # these modules take Parts themselves
+    from meshnode.agent.enrollment import EnrollmentManager
+    from meshnode.agent.names import MeshNames
+    from meshnode.agent.observe import Telemetry
+    from meshnode.agent.report import HostReport
+    from meshnode.agent.workers import WorkerPool
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The running agent's collaborators, as the operations see them."""
+
+    cfg: AgentConfig
+    node: str
+    registry: Registry
+    enrollments: EnrollmentManager
+    workers: WorkerPool
+    capture: CaptureBackend
+    capture_reason: str
+    names: MeshNames
+    telemetry: Telemetry
+    health: HealthMonitor
+    compiler: Compiler
+    report: HostReport
+    mount: Path
+    root_cgroup: Path
+    ready: Callable[[], bool]
+    ready_after: Callable[[], float]
+    settle: Callable[[], Awaitable[None]]  # apply a change now, before answering
