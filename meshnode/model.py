@@ -25,8 +25,8 @@ from meshnode.policy.resources import (
 # re-exported: the balancers and the registry name these policy values by their model names
 __all__ = ["LB_ALGORITHMS", "Add", "BalancerConfig", "CaptureRule", "CaptureState", "ClientAddr",
            "DoesNotExist", "Endpoint", "HealthConfig", "HostPort", "OrigDstAddr", "OutlierConfig",
-           "Remove", "Reset", "ServicePolicy", "ServiceSpec", "Update", "in_network",
-           "service_name"]
+           "PolicyView", "Remove", "Reset", "ServicePolicy", "ServiceSpec", "Update",
+           "in_network", "service_name"]
 
 
 def service_name(name: str) -> str:
@@ -97,8 +97,36 @@ class Endpoint:
     weight: int = 1
 
 
+class PolicyView:
+    """The policy fields most readers want, on a value that carries a service's policy."""
+
+    __slots__ = ()
+    policy: ServicePolicy
+
+    @property
+    def port(self) -> int | None:
+        """VIP:port reaches every endpoint; None: VIP:P reaches the endpoints on P."""
+        return self.policy.port
+
+    @property
+    def fail_closed(self) -> bool:
+        return self.policy.fail_closed
+
+    @property
+    def lb(self) -> BalancerConfig:
+        return self.policy.balancer
+
+    @property
+    def outlier(self) -> OutlierConfig:
+        return self.policy.outlier
+
+    @property
+    def health(self) -> HealthConfig:
+        return self.policy.health
+
+
 @dataclass(frozen=True, slots=True)
-class ServiceSpec:
+class ServiceSpec(PolicyView):
     """What a proxy worker needs to route a service: its id and VIP, and its policy (the
     Service resource's spec, meshnode.policy.resources.ServicePolicy) as one value, so a new
     per-service option reaches the workers without touching this class or the wire."""
@@ -117,22 +145,6 @@ class ServiceSpec:
             port=port, fail_mode="closed" if fail_closed else "open",
             balancer=lb or BalancerConfig(), outlier=outlier or OutlierConfig()))
 
-    @property
-    def port(self) -> int | None:
-        """VIP:port reaches every endpoint; None: VIP:P reaches the endpoints on P."""
-        return self.policy.port
-
-    @property
-    def fail_closed(self) -> bool:
-        return self.policy.fail_closed
-
-    @property
-    def lb(self) -> BalancerConfig:
-        return self.policy.balancer
-
-    @property
-    def outlier(self) -> OutlierConfig:
-        return self.policy.outlier
 
 
 # Discovery updates, as a balancer consumes them (after linkerd2-proxy's resolve stream).

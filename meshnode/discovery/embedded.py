@@ -36,6 +36,7 @@ from meshnode.discovery.registry import (
     Listener,
     ServiceRecord,
     VipRange,
+    service_record,
 )
 from meshnode.errors import ConflictError, MeshnodeError, NotFoundError, RegistryError
 from meshnode.host.statefile import write_atomic
@@ -245,12 +246,12 @@ class EmbeddedRegistry:
 
     def _rebuild(self, name: str) -> None:
         self.feed.add(name)
-        r, vip = self._resources.get(("Service", name)), self._vip.get(name)
-        if r is None or vip is None:
+        rec = service_record(name, self._resources.get(("Service", name)), self._vip.get(name),
+                             self._vips, self._endpoints.get(name, frozenset()))
+        if rec is None:
             self._services.pop(name, None)
-            return
-        self._services[name] = ServiceRecord(name, self._vips.id_of(vip), vip, r.spec,
-                                             r.version, self._endpoints.get(name, frozenset()))
+        else:
+            self._services[name] = rec
 
     # -- queries --------------------------------------------------------------------------
     def services(self) -> Mapping[str, ServiceRecord]:

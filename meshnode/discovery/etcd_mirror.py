@@ -28,7 +28,13 @@ from meshnode.discovery.etcd_keys import (
     VipKey,
     decode_endpoint,
 )
-from meshnode.discovery.registry import ChangeFeed, EndpointRecord, ServiceRecord, VipRange
+from meshnode.discovery.registry import (
+    ChangeFeed,
+    EndpointRecord,
+    ServiceRecord,
+    VipRange,
+    service_record,
+)
 from meshnode.errors import RegistryError
 from meshnode.host.statefile import write_json
 from meshnode.model import HostPort
@@ -220,14 +226,13 @@ class Mirror:
 
     def _rebuild(self, name: str) -> None:
         self.feed.add(name)
-        r, vip = self._resources.get(("Service", name)), self._vip.get(name)
-        if r is None or vip is None:
-            # endpoints of a service that does not exist (yet) are kept but not shown
+        # endpoints of a service that does not exist (yet) are kept but not shown
+        rec = service_record(name, self._resources.get(("Service", name)), self._vip.get(name),
+                             self.vips, (e for e, _ in self._eps.get(name, {}).values()))
+        if rec is None:
             self._view.pop(name, None)
-            return
-        eps = self._eps.get(name, {})
-        self._view[name] = ServiceRecord(name, self.vips.id_of(vip), vip, r.spec, r.version,
-                                         frozenset(e for e, _ in eps.values()))
+        else:
+            self._view[name] = rec
 
     # -- the cache file -------------------------------------------------------------------
     def save(self, path: Path) -> None:

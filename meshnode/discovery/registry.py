@@ -27,7 +27,7 @@ from meshnode.policy.store import Delete, HistoryEntry, Outcome
 
 __all__ = ["CAS_RETRIES", "ChangeFeed", "EndpointRecord", "Listener", "Registry",
            "ServiceRecord", "VipRange", "check_service_args", "patch_service",
-           "service_records"]
+           "service_record"]
 
 
 class VipRange:
@@ -254,18 +254,14 @@ def _merge(base: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def service_records(resources: Mapping[tuple[str, str], Resource],
-                    vips: Mapping[str, IPv4Address], vip_range: VipRange,
-                    endpoints: Mapping[str, frozenset[EndpointRecord]]) -> dict[str, ServiceRecord]:
-    """The Service resources as records: policy, VIP and id, endpoints."""
-    out: dict[str, ServiceRecord] = {}
-    for (kind, name), r in resources.items():
-        vip = vips.get(name)
-        if kind != "Service" or vip is None:
-            continue
-        out[name] = ServiceRecord(name, vip_range.id_of(vip), vip, r.spec, r.version,
-                                  endpoints.get(name, frozenset()))
-    return out
+def service_record(name: str, resource: Resource | None, vip: IPv4Address | None,
+                   vips: VipRange, endpoints: Iterable[EndpointRecord]) -> ServiceRecord | None:
+    """A Service resource as the agent uses it, with its VIP and id; None until both the
+    resource and its VIP are known (endpoints may arrive before their service)."""
+    if resource is None or vip is None:
+        return None
+    return ServiceRecord(name, vips.id_of(vip), vip, resource.spec, resource.version,
+                         frozenset(endpoints))
 
 
 def check_service_args(name: str, port: int | None) -> None:

@@ -14,15 +14,7 @@ from typing import Any
 
 import msgspec
 
-from meshnode.model import (
-    BalancerConfig,
-    Endpoint,
-    HealthConfig,
-    HostPort,
-    OutlierConfig,
-    ServicePolicy,
-    ServiceSpec,
-)
+from meshnode.model import Endpoint, HostPort, PolicyView, ServicePolicy, ServiceSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +48,7 @@ class EndpointRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class ServiceRecord:
+class ServiceRecord(PolicyView):
     """A service as the agent uses it: the Service resource's policy at `version`, the VIP the
     registry gave it (the id is the VIP's offset, the same on every host), and its endpoints."""
 
@@ -70,26 +62,6 @@ class ServiceRecord:
     @property
     def spec(self) -> ServiceSpec:
         return ServiceSpec(self.name, self.id, self.vip, self.policy)
-
-    @property
-    def port(self) -> int | None:
-        return self.policy.port
-
-    @property
-    def fail_closed(self) -> bool:
-        return self.policy.fail_closed
-
-    @property
-    def lb(self) -> BalancerConfig:
-        return self.policy.balancer
-
-    @property
-    def outlier(self) -> OutlierConfig:
-        return self.policy.outlier
-
-    @property
-    def health(self) -> HealthConfig:
-        return self.policy.health
 
     def endpoint_set(self) -> frozenset[Endpoint]:
         return frozenset(e.endpoint for e in self.endpoints)

@@ -83,11 +83,15 @@ def plan(stored: Mapping[Key, Resource], puts: Sequence[Resource],
     Versions of created and configured resources are left 0: the store assigns them."""
     out: list[Outcome] = []
     touched: set[Key] = set()
-    for r in puts:
-        if r.key in touched:
-            raise ConflictError(f"{r.kind} {r.name} is changed twice in one apply",
+
+    def once(kind: str, name: str) -> None:
+        if (kind, name) in touched:
+            raise ConflictError(f"{kind} {name} is changed twice in one apply",
                                 "keep one document per resource")
-        touched.add(r.key)
+        touched.add((kind, name))
+
+    for r in puts:
+        once(r.kind, r.name)
         old = stored.get(r.key)
         if r.version and (old is None or old.version != r.version):
             raise _conflict(r.kind, r.name, r.version, old.version if old else 0)
@@ -98,10 +102,7 @@ def plan(stored: Mapping[Key, Resource], puts: Sequence[Resource],
         else:
             out.append(Outcome(r.kind, r.name, "configured", 0))
     for d in deletes:
-        if d.key in touched:
-            raise ConflictError(f"{d.kind} {d.name} is changed twice in one apply",
-                                "keep one document per resource")
-        touched.add(d.key)
+        once(d.kind, d.name)
         old = stored.get(d.key)
         if old is None:
             raise NotFoundError(f"no {d.kind} named {d.name!r}",
