@@ -94,16 +94,19 @@ class Host:
                 ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
 
     # -- agent ------------------------------------------------------------------------------
+    def agent_argv(self) -> list[str]:
+        """How the agent is started (a subclass may run it otherwise, e.g. profiled)."""
+        return [sys.executable, "-m", "meshnode.cli", "agent", "--instance", self.tag,
+                "--netns", self.netns, "--capture", self.backend, "--workers", str(self.workers),
+                "--restart-backoff", str(self.restart_backoff), "--drain-grace", "2",
+                "--log-level", "debug", *self.agent_args]
+
     def start(self, timeout: float = 60.0) -> float:
         self.starts += 1
         log = open(self.tmp / f"agent-{self.starts}.log", "wb")  # noqa: SIM115
         t0 = time.monotonic()
-        self.agent = subprocess.Popen(
-            [sys.executable, "-m", "meshnode.cli", "agent", "--instance", self.tag,
-             "--netns", self.netns, "--capture", self.backend, "--workers", str(self.workers),
-             "--restart-backoff", str(self.restart_backoff), "--drain-grace", "2",
-             "--log-level", "debug", *self.agent_args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.agent = subprocess.Popen(self.agent_argv(), env=self.env, stdout=log,
+                                      stderr=subprocess.STDOUT)
         agent = self.agent
 
         def ready() -> bool:

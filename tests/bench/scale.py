@@ -26,17 +26,12 @@ Addresses: the agent's VIPs (127.240.0.0/16; the bench pins its new services' VI
 server bound to 0.0.0.0 in the namespace answers them all with the address it was reached on.
 Everything started is stopped, and the namespace removed, on success, failure or Ctrl-C.
 
-Measured (2 shared CPUs, Linux 6.18, main at 315ecd0 with the lead's uncommitted registry
-and compiler work in the tree; ms, p50 / p99; the machine was shared, so +-50 %):
-  services  add service   add endpoint  remove endpoint  capture sync  RSS agent/worker
-  1 000     6 / 16        5 / 13        6 / 17           0.3 / 1.0     40 / 33 MiB
-  10 000    62 / 92       52 / 126      60 / 103         2.4 / 10      107 / 82 MiB
-The kernel shows each change within 1-4 ms of the call's return, a probe reaches a new
-service's endpoints 1-2 ms after it. Run on the tree of a few hours earlier, before the
-registry and compiler rewrite, adding a service cost 414 / 903 ms with 1 000 services and
-2 550 / 3 600 ms with 10 000 (issue 12 measured 271 ms at 1 000 on 6e38661). The agent's
-profile at 10 000 (--profile): the host report (_report_state counting local endpoints, one
-gethostname per endpoint) 36 % of its CPU, the compiler 13 %, reconcile itself 6 %.
+Measured (2 shared CPUs, Linux 6.18; ms, p50 / p99; +-50 % on this shared machine):
+  at 0d9445f, 10 000 services: add service 6.4 / 9.5, add endpoint 6.3 / 14, remove endpoint
+  5.5 / 11; capture sync 0.4 / 0.8; RSS agent 111 MiB, worker 82 MiB, flat over the changes.
+  The kernel shows a change 1-2 ms before the call returns; a probe reaches a new service
+  1 ms after. Before the incremental registry, compiler and kernel sync (issue 12), adding a
+  service cost 2 550 / 3 600 ms at 10 000 services and 414 / 903 ms at 1 000.
 """
 
 from __future__ import annotations
@@ -119,27 +114,16 @@ class ScaleHost(Host):
         self.profile = profile
 
     def start(self, timeout: float = 600.0) -> float:
+        return super().start(timeout)
+
+    def agent_argv(self) -> list[str]:
         if self.profile is None:
-            return super().start(timeout)
-        self.starts += 1
-        log = open(self.tmp / f"agent-{self.starts}.log", "wb")  # noqa: SIM115
-        t0 = time.monotonic()
+            return super().agent_argv()
         # The agent's own entry point: `meshnode agent` would exec it, leaving cProfile behind.
         cfg = AgentConfig(instance=self.tag, capture="ebpf", workers=1, netns=self.netns,
                           drain_grace=2.0, access_log="off")
-        self.agent = subprocess.Popen(
-            [sys.executable, "-m", "cProfile", "-o", str(self.profile),
-             "-m", "meshnode.cli.agent_main", "--log-level=debug", *cfg.to_argv()],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        agent = self.agent
-
-        def ready() -> bool:
-            if agent.poll() is not None:
-                raise AssertionError(f"agent exited {agent.returncode}:\n{self.log_tail()}")
-            return bool(self.client.call("ping")["ready"])
-
-        wait_for("agent ready", ready, timeout)
-        return time.monotonic() - t0
+        return [sys.executable, "-m", "cProfile", "-o", str(self.profile),
+                "-m", "meshnode.cli.agent_main", "--log-level=debug", *cfg.to_argv()]
 
     @property
     def log_file(self) -> Path:
