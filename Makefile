@@ -5,12 +5,13 @@
 #                               the data path; its last line says whether each target holds
 #   make bench BENCH_ARGS="--out DIR"
 #   make bench-scale            what one change costs with 10 000 services of 4 endpoints
-#                               (tests/bench/scale.py; about 10 minutes on 2 CPUs);
+#                               (tests/bench/scale.py; a few minutes on 2 CPUs);
 #                               SCALE_ARGS="--services 1000" for a quick run
+#   make bench-scale-fabric     the same on three hosts sharing etcd (tests/bench/scale_fabric.py)
 BENCH_ARGS ?=
 SCALE_ARGS ?=
 
-.PHONY: bench bench-quick bench-scale
+.PHONY: bench bench-quick bench-scale bench-scale-fabric
 bench:
 	./setup.sh bench $(BENCH_ARGS)
 
@@ -19,6 +20,9 @@ bench-quick:
 
 bench-scale:
 	./setup.sh bench scale $(SCALE_ARGS)
+
+bench-scale-fabric:
+	./setup.sh bench scale-fabric $(SCALE_ARGS)
 
 # The Vagrant testbed (issue: multi-host on real VMs): three Debian 12 VMs under libvirt, a box
 # built from the Debian mirror, the scenarios of tests/e2e/test_multihost.py across them; the

@@ -131,6 +131,10 @@ def _run(plan: Plan, chosen: list[Variant], scaling: list[Variant]) -> report.Ra
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["scale-fabric"]:  # its three-host twin (tests/bench/scale_fabric.py)
+        from tests.bench import scale_fabric
+
+        return scale_fabric.main(argv[1:])
     if argv[:1] == ["scale"]:  # `make bench-scale`: its own run (tests/bench/scale.py)
         from tests.bench import scale
 
