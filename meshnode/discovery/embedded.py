@@ -69,6 +69,7 @@ class EmbeddedRegistry:
         self._owner: dict[HostPort, str] = {}  # which service each endpoint address serves
         self._services: dict[str, ServiceRecord] = {}
         self._view = MappingProxyType(self._services)
+        self._resources_view = MappingProxyType(self._resources)
         self.feed = ChangeFeed()
         self._host: dict[str, Any] = {}
         self._journal_bytes = 0
@@ -260,8 +261,8 @@ class EmbeddedRegistry:
     def changes(self, cursor: int) -> tuple[int, set[str] | None]:
         return self.feed.seq, self.feed.since(cursor)
 
-    def resources(self) -> dict[Key, Resource]:
-        return dict(self._resources)
+    def resources(self) -> Mapping[Key, Resource]:
+        return self._resources_view
 
     def revision(self) -> int:
         return self._revision

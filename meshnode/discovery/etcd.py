@@ -122,7 +122,7 @@ class EtcdRegistry:
     def changes(self, cursor: int) -> tuple[int, set[str] | None]:
         return self._mirror.feed.seq, self._mirror.feed.since(cursor)
 
-    def resources(self) -> dict[tuple[str, str], Resource]:
+    def resources(self) -> Mapping[tuple[str, str], Resource]:
         return self._mirror.resources()
 
     def revision(self) -> int:
@@ -271,7 +271,9 @@ class EtcdRegistry:
                              "split the documents over several applies")
         client = self._session.live()
         for _ in range(MAX_ATTEMPTS):
-            stored = self._mirror.resources()
+            # a copy: the watch may change the mirror while the transaction is built (awaits),
+            # and the compares must be the versions the plan was made from
+            stored = dict(self._mirror.resources())
             outcomes = store.plan(stored, puts, deletes)
             if all(o.action == "unchanged" for o in outcomes):
                 return outcomes

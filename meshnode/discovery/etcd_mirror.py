@@ -65,13 +65,15 @@ class Mirror:
         self._reserved: dict[IPv4Address, str] = {}  # VIP reservation keys: their service
         self._view: dict[str, ServiceRecord] = {}
         self._view_proxy = MappingProxyType(self._view)
+        self._resources_view = MappingProxyType(self._resources)
 
     # -- reads ----------------------------------------------------------------------------
     def services(self) -> Mapping[str, ServiceRecord]:
         return self._view_proxy
 
-    def resources(self) -> dict[tuple[str, str], Resource]:
-        return dict(self._resources)
+    def resources(self) -> Mapping[tuple[str, str], Resource]:
+        """A read-only view: read it, do not keep it across an await."""
+        return self._resources_view
 
     def vip_of(self, name: str) -> IPv4Address | None:
         return self._vip.get(name)

@@ -169,8 +169,9 @@ class Registry(Protocol):
         """(the feed's position now, the services changed since `cursor` or None: any)."""
         ...
 
-    def resources(self) -> dict[tuple[str, str], Resource]:
-        """Every stored resource, of every kind, with its version."""
+    def resources(self) -> Mapping[tuple[str, str], Resource]:
+        """Every stored resource, of every kind, with its version: a read-only view; read it,
+        do not keep it across an await."""
         ...
 
     def revision(self) -> int:
@@ -222,7 +223,7 @@ async def patch_service(reg: Registry, name: str, patch: Mapping[str, Any]) -> S
     first: concurrent operators never lose each other's fields."""
     service_name(name)
     for _ in range(CAS_RETRIES):
-        old = reg.resources().get(("Service", name))
+        old = reg.resources().get(("Service", name))  # a view: no copy of the mesh
         base = old.spec_builtins() if old else {}
         merged = _merge(base, patch)
         health = merged.get("health") or {}
@@ -234,8 +235,6 @@ async def patch_service(reg: Registry, name: str, patch: Mapping[str, Any]) -> S
                      "version": old.version if old else 0}, "service add")
         try:
             if old is None or new.spec != old.spec:
-                if old is None:
-                    new = Resource(new.kind, new.name, new.spec, 0)
                 await reg.apply([new])
         except ConflictError:
             continue
