@@ -357,6 +357,7 @@ class EtcdRegistry:
 
     def _applied(self, success: list[Any], rev: int) -> None:
         """Our transaction's puts and deletes, into the mirror at once (read your writes)."""
+        removed_service = False
         for op in success:
             if op.HasField("request_put"):
                 self._mirror.put(bytes(op.request_put.key), bytes(op.request_put.value), rev,
@@ -368,7 +369,9 @@ class EtcdRegistry:
                 for (svc, node, addr) in [k for k in self._mirror_endpoint_ids()
                                           if self._keys.endpoint(*k).startswith(start)]:
                     self._mirror.delete(self._keys.endpoint(svc, node, addr), rev, local=True)
-        self._forget_removed_services()
+                removed_service = True
+        if removed_service:  # (it walks this node's endpoints: only when a service went)
+            self._forget_removed_services()
         self._changed()
 
     def _mirror_endpoint_ids(self) -> list[tuple[str, str, HostPort]]:
@@ -421,9 +424,9 @@ class EtcdRegistry:
         recs = list({e.addr: replace(e, node=self.node) for e in endpoints}.values())
         client = self._session.live()
         async with self._session.lock:
-            held = self._mirror.endpoints_of_node(self.node)
+            lease = self._session.lease_id
             new = [r for r in recs
-                   if held.get((name, self.node, r.addr)) != (r, self._session.lease_id)]
+                   if self._mirror.endpoint(name, self.node, r.addr) != (r, lease)]
             if not new and name not in self._mirror.services():
                 raise NotFoundError(f"no service named {name!r}",
                                     f"create it: meshnode service add {name}")

@@ -89,6 +89,11 @@ class Mirror:
     def hosts(self) -> dict[str, dict[str, Any]]:
         return dict(self._hosts)
 
+    def endpoint(self, service: str, node: str, addr: HostPort
+                 ) -> tuple[EndpointRecord, int] | None:
+        """One endpoint key's record and lease, if held."""
+        return self._eps.get(service, {}).get((node, addr))
+
     def endpoints_of_node(self, node: str) -> dict[EndpointId, tuple[EndpointRecord, int]]:
         """Every endpoint key `node` holds (including those of unknown services), with the
         lease each is bound to."""

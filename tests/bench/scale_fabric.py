@@ -21,6 +21,8 @@ Measured (2 shared CPUs; ms, p50 / p99): see README, "Policy as resources".
 from __future__ import annotations
 
 import argparse
+import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -28,7 +30,15 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from meshnode import constants
-from tests.bench.scale import ENDPOINTS, PORT, MapWatch, loaded_endpoint, pct, service_doc
+from tests.bench.scale import (
+    ENDPOINTS,
+    PORT,
+    MapWatch,
+    _interrupt,
+    loaded_endpoint,
+    pct,
+    service_doc,
+)
 from tests.e2e.fabric import Fabric
 from tests.harness import Host, wait_for
 
@@ -105,8 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--services", type=int, default=10_000)
     p.add_argument("--changes", type=int, default=30)
     args = p.parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a kill still removes the fabric
+        signal.signal(sig, _interrupt)
     tmp = Path(tempfile.mkdtemp(prefix="meshnode-scale-fabric-"))
-    return run(args, tmp)
+    try:
+        return run(args, tmp)
+    except KeyboardInterrupt:
+        print("interrupted: the agents, etcd and the namespaces have been removed",
+              file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
