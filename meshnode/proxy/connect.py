@@ -58,8 +58,9 @@ class Connector:
 
     def connect(self, relay: Relay, attempts: Sequence[Endpoint], stats: PairStats,
                 balancer: Balancer | None = None, outlier: OutlierDetector | None = None,
-                first: int = 0, reason: str = "error") -> None:
-        """Try attempts[first:] in order; `reason` is the last failure's so far."""
+                first: int = 0, reason: str = "error", timeout: float | None = None) -> None:
+        """Try attempts[first:] in order; `reason` is the last failure's so far. `timeout`:
+        the service's connect timeout per attempt (None: the worker's)."""
         info = relay.info
         assert info is not None  # the worker records the connection before connecting
         clock = self.clock
@@ -77,7 +78,7 @@ class Connector:
                 err, sock = exc.errno or errno.EIO, None
             if err == errno.EINPROGRESS and sock is not None:
                 _Handshake(self, relay, sock, attempts, i, stats, balancer, outlier, token,
-                           started)
+                           started, timeout or self.timeout)
                 return
             if not err and sock is not None:
                 self.succeeded(relay, sock, ep, stats, balancer, outlier, token, started)
@@ -126,12 +127,12 @@ class _Handshake:
     it went) or the timeout passes, then carry on with the connector's attempt loop."""
 
     __slots__ = ("attempts", "balancer", "connector", "fd", "index", "outlier", "relay",
-                 "sock", "started", "stats", "timer", "token")
+                 "sock", "started", "stats", "timeout", "timer", "token")
 
     def __init__(self, connector: Connector, relay: Relay, sock: _socket.socket,
                  attempts: Sequence[Endpoint], index: int, stats: PairStats,
                  balancer: Balancer | None, outlier: OutlierDetector | None,
-                 token: EndpointLoad | None, started: float) -> None:
+                 token: EndpointLoad | None, started: float, timeout: float) -> None:
         self.connector = connector
         self.relay = relay
         self.sock = sock
@@ -143,8 +144,9 @@ class _Handshake:
         self.outlier = outlier
         self.token = token
         self.started = started
+        self.timeout = timeout
         connector.poller.register(self.fd, WRITE, self._ready)
-        self.timer = connector.loop.call_later(connector.timeout, self._expired)
+        self.timer = connector.loop.call_later(timeout, self._expired)
         relay.connecting = self.cancel
 
     def _stop(self) -> None:
@@ -171,7 +173,7 @@ class _Handshake:
 
     def _expired(self) -> None:
         self._stop()
-        self._next(TimeoutError(f"connect timed out after {self.connector.timeout}s"))
+        self._next(TimeoutError(f"connect timed out after {self.timeout}s"))
 
     def _next(self, exc: OSError | TimeoutError) -> None:
         self.sock.close()
@@ -179,4 +181,4 @@ class _Handshake:
         reason = c.failed(exc, self.attempts[self.index], self.stats, self.balancer,
                            self.outlier, self.token, self.started)
         c.connect(self.relay, self.attempts, self.stats, self.balancer, self.outlier,
-                  self.index + 1, reason)
+                  self.index + 1, reason, self.timeout)

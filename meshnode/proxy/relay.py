@@ -250,8 +250,8 @@ class Relay:
     an upstream (`connecting` holds that attempt's cancel hook meanwhile), then `start`s it."""
 
     __slots__ = ("balancer", "bytes_down", "bytes_up", "client", "connecting", "down",
-                 "finished", "idle_since", "info", "outcome", "poller", "pool", "registry",
-                 "seen", "started", "stats", "token", "up", "upstream")
+                 "finished", "idle_limit", "idle_since", "info", "outcome", "poller", "pool",
+                 "registry", "seen", "started", "stats", "token", "up", "upstream")
 
     def __init__(self, poller: Poller, pool: BufferPool, registry: RelayRegistry,
                  client: _socket.socket, stats: PairStats, info: ConnInfo | None = None) -> None:
@@ -271,6 +271,7 @@ class Relay:
         self.finished = False
         self.seen = 0
         self.idle_since = 0.0
+        self.idle_limit: float | None = None  # the service's idle timeout (None: the worker's)
         # The balancer told of this connection's upstream (its in-flight count) and the token
         # it handed out: told `on_done` once, when the relay finishes.
         self.balancer: Balancer | None = None
@@ -374,7 +375,8 @@ class RelayRegistry:
             self._empty.set_result(None)
 
     def sweep(self, idle_timeout: float) -> int:
-        """Close relays that moved no byte for `idle_timeout`; returns how many."""
+        """Close relays that moved no byte for their service's idle timeout, or
+        `idle_timeout`; returns how many."""
         now = self._clock()
         idle = []
         for r in self._relays:
@@ -384,7 +386,7 @@ class RelayRegistry:
             if total != r.seen:
                 r.seen = total
                 r.idle_since = now
-            elif now - r.idle_since >= idle_timeout:
+            elif now - r.idle_since >= (r.idle_limit or idle_timeout):
                 idle.append(r)
         for r in idle:
             r.outcome = "idle_timeout"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -42,7 +43,7 @@ from meshnode.errors import (
     UnavailableError,
     UsageError,
 )
-from meshnode.model import Endpoint, HostPort, OrigDstAddr
+from meshnode.model import Endpoint, HostPort, OrigDstAddr, ServicePolicy
 from meshnode.proxy.accesslog import AccessLog
 from meshnode.proxy.connect import Connector
 from meshnode.proxy.control import ControlChannel, open_control
@@ -160,6 +161,8 @@ class ProxyWorker:
         # rest, instead of accepting a client whose upstream socket could not be made.
         self._capacity = sys.maxsize
         self._full = False
+        self._min_idle = float("inf")  # the shortest per-service idle timeout seen
+        self._sweep_sooner = asyncio.Event()  # set when that shrinks
         self._limited: dict[str, int] = {}  # active relays of services with maxConnections
         self._counted: dict[int, str] = {}  # id(relay) -> its service, for those relays
         self._stop: asyncio.Event | None = None
@@ -177,6 +180,11 @@ class ProxyWorker:
                     self.table.apply(as_update(msg))
                 except (MeshnodeError, KeyError, TypeError, ValueError) as exc:
                     log.error("bad %s update ignored: %s", type(msg).__name__, exc)
+                idle = msg.service.policy.timeouts.idle if isinstance(msg, ServiceReset) else None
+                if idle and idle < self._min_idle:
+                    # the idle sweep runs often enough for the shortest idle timeout seen
+                    self._min_idle = idle
+                    self._sweep_sooner.set()
             case Sync(seq):
                 # Every message before this one has been applied: they are handled in order.
                 self._send(Synced(seq))
@@ -295,12 +303,16 @@ class ProxyWorker:
         stats.connections += 1
         relay = self._relay(client, info, stats)
         if isinstance(route, ToService):
-            if not self._admit(route.service, relay):
+            policy = self.table.policy(route.service)
+            if policy.max_connections and not self._admit(route.service, relay, policy):
                 stats.fail("max_connections")
                 relay.outcome = "max_connections"
                 relay.reset()
                 return
-            connector.connect(relay, route.attempts, stats, route.balancer, route.outlier)
+            timeouts = policy.timeouts
+            relay.idle_limit = timeouts.idle
+            connector.connect(relay, route.attempts, stats, route.balancer, route.outlier,
+                              timeout=timeouts.connect)
         else:
             stats.fail("no_endpoint")
             relay.outcome = "no_endpoint"
@@ -320,14 +332,11 @@ class ProxyWorker:
         if self.tap and info is not None and info.tapped(self.tap):
             self._send(_event(info.event("open", relay, self.config.worker_id, self.clock())))
 
-    def _admit(self, service: str, relay: Relay) -> bool:
-        """The service's maxConnections (per worker; 0: no limit): count this relay against
-        it, or refuse it. Counted relays are remembered, so a limit set or changed while
-        connections run never drives the count below what this worker admitted."""
-        spec = self.table.spec(service)
-        limit = spec.policy.max_connections if spec is not None else 0
-        if not limit:
-            return True
+    def _admit(self, service: str, relay: Relay, policy: ServicePolicy) -> bool:
+        """The service's maxConnections (per worker): count this relay against it, or refuse
+        it. Counted relays are remembered, so a limit set or changed while connections run
+        never drives the count below what this worker admitted."""
+        limit = policy.max_connections
         active = self._limited.get(service, 0)
         if active >= limit:
             return False
@@ -365,9 +374,12 @@ class ProxyWorker:
 
     async def _sweep_idle(self) -> None:
         idle = self.config.idle_timeout
-        interval = min(max(idle / 8, 0.05), 5.0)  # closes within idle + interval
         while True:
-            await asyncio.sleep(interval)
+            # closes within a relay's idle timeout + an eighth of the shortest one (<= 5 s)
+            interval = min(max(min(idle, self._min_idle) / 8, 0.05), 5.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sweep_sooner.wait(), interval)
+            self._sweep_sooner.clear()
             self.registry.sweep(idle)
 
     async def run(self) -> int:

@@ -46,6 +46,7 @@ from meshnode.model import (
     HostPort,
     Remove,
     Reset,
+    ServicePolicy,
     ServiceSpec,
     Update,
 )
@@ -260,6 +261,11 @@ class ServiceTable:
         svc = self._services.get(name)
         return svc.spec if svc is not None else None
 
+    def policy(self, name: str) -> ServicePolicy:
+        """A routed service's policy (per connection: one dict lookup)."""
+        svc = self._services.get(name)
+        return svc.spec.policy if svc is not None else _DEFAULT_POLICY
+
     def hold_ejections(self, name: str, ejected_for: Mapping[HostPort, float]) -> None:
         """Eject these endpoints of service `name` for the given seconds from now, as the
         workers report them: `meshnode explain` replays the workers' ejections into a table of
@@ -288,6 +294,9 @@ class ServiceTable:
                 "connect_errors": rec.failures, "ewma_ms": round(rec.ewma.peek(now) * 1000, 3),
                 "ejected_for": round(svc.outlier.ejected_for(ep.addr), 3)}
         return report
+
+
+_DEFAULT_POLICY = ServicePolicy()
 
 
 def _client_key(client: tuple[str, int] | None) -> int:

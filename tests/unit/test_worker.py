@@ -42,6 +42,7 @@ from meshnode.model import (
     ServicePolicy,
     ServiceSpec,
 )
+from meshnode.policy.resources import Timeouts
 from meshnode.telemetry.aggregate import Totals
 from meshnode.wire import (
     PROTOCOL,
@@ -53,6 +54,7 @@ from meshnode.wire import (
     update_message,
     worker_codec,
 )
+from tests.unit.relay_rig import stuck_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -580,3 +582,25 @@ def test_max_connections_refuses_past_the_limit_and_admits_again(
     wait_for(zero_active(w), what="connections to close")
     web = w.stats()["services"]["web"]
     assert web["failures"] == {"max_connections": 1} and web["connections"] == 4
+
+
+def test_a_services_own_timeouts_override_the_workers(start: Callable[..., Worker]) -> None:
+    """The worker's connect timeout is 2 s and its idle timeout 30 s; this service says
+    0.2 s and 0.3 s: a stuck endpoint is given up on (and the next one tried) after 0.2 s,
+    and a silent connection is closed after about 0.3 s."""
+    a = Backend("a")
+    w = start(f"{VIP}:80", idle_timeout=30.0)
+    with stuck_port() as stuck:
+        policy = ServicePolicy(port=80, balancer=BalancerConfig("round-robin"),
+                               timeouts=Timeouts(connect=0.2, idle=0.3))
+        eps = (Endpoint(HostPort.parse(f"127.0.0.1:{stuck}")), Endpoint(HostPort.parse(a.addr)))
+        w.send(update_message(Reset(ServiceSpec("web", 1, IPv4Address(VIP), policy), eps)))
+        w.sync()
+        t0 = time.monotonic()
+        assert ask_name(w) == b"a"  # the turn starts at the stuck endpoint
+        assert 0.15 < time.monotonic() - t0 < 1.5
+        with w.connect() as s:  # the next turn: straight to a; then say nothing
+            s.sendall(b"ECHO\n")
+            t0 = time.monotonic()
+            assert recv_all(s) == b""  # closed by the worker for being idle
+            assert 0.2 < time.monotonic() - t0 < 1.5  # 0.3 s + a sweep interval (0.3 / 8)
