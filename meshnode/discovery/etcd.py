@@ -48,7 +48,7 @@ from meshnode.discovery.etcd_keys import (
     parse_url,
     prefix_end,
 )
-from meshnode.discovery.etcd_mirror import Mirror
+from meshnode.discovery.etcd_mirror import CacheSnapshot, Mirror, write_cache
 from meshnode.discovery.etcd_session import EtcdSession
 from meshnode.discovery.registry import EndpointRecord, Listener, ServiceRecord, VipRange
 from meshnode.errors import (
@@ -72,7 +72,7 @@ TXN_DELETES = 100
 # an apply costs each resource a compare and two puts (document and history), a new VIP one
 # more of each
 TXN_RESOURCES = 40
-CACHE_DELAY = 0.5  # seconds: the cache file trails the mirror by at most this
+CACHE_DELAY = 2.0  # seconds: the cache file trails the mirror by at most this (and a write)
 # Optimistic transactions retry when another agent wrote in between; each failure returns
 # the current state, so only new concurrent writers can make one fail again.
 MAX_ATTEMPTS = 100
@@ -101,6 +101,7 @@ class EtcdRegistry:
         self._flush_pending = False
         self._cache_warned = False
         self._cache_timer: asyncio.TimerHandle | None = None
+        self._cache_task: asyncio.Future[None] | None = None
         # This node's endpoints as the agent last asked for them: put back after an outage
         # that cost the lease, trimmed of what others removed.
         self._own: dict[tuple[str, HostPort], EndpointRecord] = {}
@@ -165,7 +166,13 @@ class EtcdRegistry:
         if lease:
             self._mirror.drop_lease(self.node, lease)  # what etcd just deleted
         self._flush()
-        self._save_cache()
+        if self._cache_timer is not None:
+            self._cache_timer.cancel()
+            self._cache_timer = None
+        if self._cache_task is not None:
+            await self._cache_task
+        if self.cache_path is not None:  # the last state, for a restart while etcd is down
+            self._write_cache(self.cache_path, self._mirror.cache_snapshot())
 
     async def abandon(self) -> None:
         """Stop without revoking the lease, as a crashed agent would: this node's endpoints
@@ -523,13 +530,24 @@ class EtcdRegistry:
             listener()
 
     def _save_cache(self) -> None:
+        """Write the cache from a copy, in a thread: at 10 000 services it is megabytes of
+        JSON, which would stall the agent's loop (and every change behind it)."""
         if self._cache_timer is not None:
             self._cache_timer.cancel()
             self._cache_timer = None
         if self.cache_path is None:
             return
+        if self._cache_task is not None and not self._cache_task.done():
+            # one is being written: write again after it
+            self._cache_timer = asyncio.get_running_loop().call_later(CACHE_DELAY,
+                                                                      self._save_cache)
+            return
+        self._cache_task = asyncio.ensure_future(asyncio.to_thread(
+            self._write_cache, self.cache_path, self._mirror.cache_snapshot()))
+
+    def _write_cache(self, path: Path, snap: CacheSnapshot) -> None:
         try:
-            self._mirror.save(self.cache_path)
+            write_cache(path, snap)
             self._cache_warned = False
         except MeshnodeError as exc:
             if not self._cache_warned:  # once per failure streak, not per change

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from pathlib import Path
 from types import MappingProxyType
@@ -36,7 +36,7 @@ from meshnode.discovery.registry import (
     service_record,
 )
 from meshnode.errors import RegistryError
-from meshnode.host.statefile import write_json
+from meshnode.host.statefile import write_atomic
 from meshnode.model import HostPort
 from meshnode.policy import store
 from meshnode.policy.resources import Resource
@@ -244,15 +244,15 @@ class Mirror:
     # -- the cache file -------------------------------------------------------------------
     def save(self, path: Path) -> None:
         """Write the snapshot atomically (host/statefile.py); StateError when it cannot."""
-        data = {"format": CACHE_FORMAT, "prefix": self.layout.prefix,
-                "revision": self.revision, "data_revision": self.data_revision,
-                "resources": [{"doc": r.to_doc(with_version=False), "version": r.version,
-                               "vip": str(self._vip[n]) if k == "Service" else None}
-                              for (k, n), r in sorted(self._resources.items())
-                              if k != "Service" or n in self._vip],
-                "endpoints": {name: [e.to_json() for e, _ in eps.values()]
-                              for name, eps in sorted(self._eps.items())}}
-        write_json(path, data)
+        write_cache(path, self.cache_snapshot())
+
+    def cache_snapshot(self) -> CacheSnapshot:
+        """What the cache file holds, copied (cheaply: the records are immutable) so that it
+        can be written from another thread while the watch goes on changing the mirror."""
+        return CacheSnapshot(self.layout.prefix, self.revision, self.data_revision,
+                             dict(self._resources), dict(self._vip),
+                             {name: tuple(e for e, _ in eps.values())
+                              for name, eps in self._eps.items()})
 
     def load(self, path: Path) -> bool:
         """Serve the cache until etcd answers. False (and empty) without a usable cache."""
@@ -283,3 +283,27 @@ class Mirror:
         self.revision = int(data.get("revision", 0))
         self.data_revision = int(data.get("data_revision", self.revision))
         return True
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    prefix: str
+    revision: int
+    data_revision: int
+    resources: dict[tuple[str, str], Resource]
+    vips: dict[str, IPv4Address]
+    endpoints: dict[str, tuple[EndpointRecord, ...]]
+
+
+def write_cache(path: Path, snap: CacheSnapshot) -> None:
+    """The cache file (compact JSON: it can be megabytes), atomically; StateError when it
+    cannot be written. Safe to run off the agent's loop."""
+    data = {"format": CACHE_FORMAT, "prefix": snap.prefix, "revision": snap.revision,
+            "data_revision": snap.data_revision,
+            "resources": [{"doc": r.to_doc(with_version=False), "version": r.version,
+                           "vip": str(snap.vips[n]) if k == "Service" else None}
+                          for (k, n), r in sorted(snap.resources.items())
+                          if k != "Service" or n in snap.vips],
+            "endpoints": {name: [e.to_json() for e in eps]
+                          for name, eps in sorted(snap.endpoints.items())}}
+    write_atomic(path, json.dumps(data, separators=(",", ":")).encode())

@@ -128,7 +128,7 @@ async def test_a_service_and_its_endpoints_reach_the_other_agent(etcd: EtcdClust
         # the snapshot is also on disk, for an agent restarting while etcd is down
         cache = tmp_path / "b-cache.json"  # written at most every CACHE_DELAY
         await eventually(lambda: cache.exists() and "10.1.0.1:8080" in cache.read_text(),
-                         1, "b's cache file")
+                         5, "b's cache file")
 
         await b.remove_endpoints("web", [HostPort.parse("10.1.0.1:8080")])  # a's, by b
         await eventually(lambda: addrs(a, "web") == {"10.1.0.2:8080"}, 1, "removal at a")
@@ -311,7 +311,9 @@ async def test_an_agent_restarting_while_etcd_is_down_serves_its_cache(
     async with agents(etcd.endpoints, tmp_path, "a") as (a,):
         await patch_service(a, "web", {"port": 80})
         await a.add_endpoints("web", [ep("10.5.0.1:80")])
-        await eventually(lambda: (tmp_path / "a-cache.json").exists(), 1, "cache written")
+        cache = tmp_path / "a-cache.json"  # written CACHE_DELAY after the changes
+        await eventually(lambda: cache.exists() and "10.5.0.1:80" in cache.read_text(), 5,
+                         "cache written")
         last = a.services()
         await a.abandon()
     await asyncio.to_thread(etcd.stop_member, 0)
