@@ -30,8 +30,9 @@ SERVICE, CLIENT = "demo", "demo-client"
 PORT = 80  # the service port on its VIP; instances listen on ports of their own
 
 
-def _cli(instance: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "meshnode.cli", *args, "--instance", instance]
+def _cli(instance: str, command: str, *args: str) -> list[str]:
+    # the option right after the command: `run` takes everything after `--` as its command
+    return [sys.executable, "-m", "meshnode.cli", command, "--instance", instance, *args]
 
 
 def _wait(what: str, check: Any, timeout: float = 30.0) -> Any:
@@ -72,8 +73,8 @@ def run_demo(instance: str, calls: int) -> None:
         typer.echo(f"capture: {st['capture']['reason']}")
         # round robin, so the spread reads at a glance (the default, p2c-ewma, favours
         # whichever instance answered fastest lately)
-        svc = client.call("service.add", name=SERVICE, port=PORT,
-                          lb={"algorithm": "round-robin"})
+        svc = client.call("service.add", name=SERVICE,
+                          patch={"port": PORT, "balancer": {"algorithm": "round-robin"}})
         typer.echo(f"service {SERVICE}: VIP {svc['vip']}:{PORT}, balancer round-robin")
         ports = [_free_port() for _ in range(3)]
         for i, port in enumerate(ports, 1):
