@@ -30,7 +30,7 @@ import psutil
 
 from meshnode.balance.load import tier_of
 from meshnode.balance.locality import Locality
-from meshnode.discovery.dns import MeshZone
+from meshnode.discovery.dns_zone import MeshZone
 from meshnode.discovery.registry import EndpointRecord, ServiceRecord
 from meshnode.errors import CgroupError, NotFoundError, UsageError
 from meshnode.host import cgroup, process

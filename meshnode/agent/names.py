@@ -22,8 +22,9 @@ from meshnode import constants
 from meshnode.balance.load import tier_of
 from meshnode.capture import CaptureBackend
 from meshnode.config import AgentConfig
-from meshnode.discovery.dns import Instances, MeshDns, Resolve, SrvTarget, no_instances
+from meshnode.discovery.dns import MeshDns
 from meshnode.discovery.dns_upstream import RESOLV_CONF, Upstream, resolv_conf_upstreams
+from meshnode.discovery.dns_zone import Instances, Resolve, SrvTarget, no_instances
 from meshnode.discovery.registry import Registry
 from meshnode.errors import MeshnodeError
 from meshnode.model import HostPort

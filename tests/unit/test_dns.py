@@ -22,9 +22,10 @@ from meshnode.agent.names import MeshNames, registry_instances, upstreams_for
 from meshnode.bpf import maps
 from meshnode.bpf.compile import render_source
 from meshnode.capture.iptables import CHAIN_MAX, Chains, jump_rule, render_dns
-from meshnode.discovery.dns import (
+from meshnode.discovery.dns import MeshDns
+from meshnode.discovery.dns_upstream import Upstream, resolv_conf_upstreams
+from meshnode.discovery.dns_zone import (
     Forward,
-    MeshDns,
     MeshZone,
     Reply,
     SrvTarget,
@@ -32,7 +33,6 @@ from meshnode.discovery.dns import (
     node_label,
     truncate,
 )
-from meshnode.discovery.dns_upstream import Upstream, resolv_conf_upstreams
 from meshnode.discovery.registry import EndpointRecord, ServiceRecord
 from meshnode.errors import ConflictError, UsageError
 from meshnode.model import BalancerConfig, CaptureState, HostPort, ServicePolicy
