@@ -27,8 +27,9 @@ server bound to 0.0.0.0 in the namespace answers them all with the address it wa
 Everything started is stopped, and the namespace removed, on success, failure or Ctrl-C.
 
 Measured (2 shared CPUs, Linux 6.18; ms, p50 / p99; +-50 % on this shared machine):
-  at 0d9445f, 10 000 services: add service 6.4 / 9.5, add endpoint 6.3 / 14, remove endpoint
-  5.5 / 11; capture sync 0.4 / 0.8; RSS agent 111 MiB, worker 82 MiB, flat over the changes.
+  with the change feed and kernel delta (issue 12), 10 000 services: add service 6.4 / 9.5,
+  add endpoint 6.3 / 14, remove endpoint 5.5 / 11; capture sync 0.4 / 0.8; RSS agent
+  111 MiB, worker 82 MiB, flat over the changes.
   The kernel shows a change 1-2 ms before the call returns; a probe reaches a new service
   1 ms after. Before the incremental registry, compiler and kernel sync (issue 12), adding a
   service cost 2 550 / 3 600 ms at 10 000 services and 414 / 903 ms at 1 000.
