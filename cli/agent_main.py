@@ -1,5 +1,7 @@
 """The agent's own entry point: `meshnode agent` validates its options, then execs
 `python -m meshnode.cli.agent_main --log-level=L <AgentConfig argv>` (same PID).
+`meshnode uninstall` with no agent running execs it with `--remove` first: the agent starts
+(adopting what the last one left) only to remove it all.
 
 Why a second entry point: the agent runs for months, and the typer app (typer, click, rich)
 would stay loaded in it for nothing, about 7 MB of its resident memory. This module imports
@@ -20,14 +22,20 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: list[str]) -> None:
-    level = "info"
+    level, remove = "info", False
+    if argv and argv[0] == "--remove":
+        remove, argv = True, argv[1:]
     if argv and argv[0].startswith("--log-level="):
         level, argv = argv[0].partition("=")[2], argv[1:]
     try:
         logging.basicConfig(level=level.upper(), stream=sys.stderr, format=LOG_FORMAT)
-        from meshnode.agent.host_agent import run_agent
+        from meshnode.agent.host_agent import remove_host, run_agent
 
-        run_agent(AgentConfig.from_argv(argv))
+        cfg = AgentConfig.from_argv(argv)
+        if remove:
+            remove_host(cfg)
+        else:
+            run_agent(cfg)
     except MeshnodeError as err:
         fail(err)
     except ValueError as exc:  # an unknown log level

@@ -10,10 +10,13 @@ Examples:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import sys
+import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,7 +28,7 @@ from meshnode.cli.output import Output, emit_json, status_text
 from meshnode import __version__
 from meshnode import constants as C
 from meshnode.config import AgentConfig, instance_name
-from meshnode.errors import MeshnodeError, UsageError
+from meshnode.errors import MeshnodeError, UnavailableError, UsageError
 
 app = typer.Typer(help="meshnode: a per-host service mesh for Linux hosts and VMs.",
                   no_args_is_help=True, pretty_exceptions_enable=False,
@@ -97,6 +100,56 @@ def agent(
     sys.stdout.flush()
     os.execv(sys.executable, [sys.executable, "-m", "meshnode.cli.agent_main",
                               f"--log-level={log_level}", *cfg.to_argv()])
+
+
+@app.command()
+def uninstall(
+    instance: Instance = "default",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the removal")] = 120.0,
+) -> None:
+    """Remove meshnode from this host: capture off first (connections go straight to their
+    destinations), workers drained, enrolled processes handed back, every kernel object
+    removed. Stopping the agent (SIGTERM, systemctl stop/restart) keeps the data plane
+    serving; this does not."""
+    from meshnode.errors import AgentNotRunningError
+
+    client = _client(instance)
+    try:
+        pid = client.call("uninstall")["pid"]
+    except AgentNotRunningError:
+        # No agent: one is started only to remove what the last one left (its saved config
+        # names the registry, netns and capture it ran with).
+        saved = AgentConfig(instance=instance).state_path / "agent-config.json"
+        argv = json.loads(saved.read_text()) if saved.exists() else \
+            AgentConfig(instance=instance).to_argv()
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "meshnode.cli.agent_main", "--remove",
+                                  *argv])
+    deadline = time.monotonic() + timeout
+    lock = AgentConfig(instance=instance).state_path / "agent.lock"
+    while _locked(lock) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _locked(lock):
+        raise UnavailableError(f"the agent (pid {pid}) is still removing after {timeout:.0f} s",
+                               "see its log; run `meshnode uninstall` again once it exits")
+    typer.echo(f"meshnode instance {instance!r} removed from this host")
+
+
+def _locked(path: Path) -> bool:
+    """Whether an agent holds its instance lock (it is released when the process exits)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 @app.command()

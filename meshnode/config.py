@@ -54,7 +54,17 @@ class WorkerConfig:
     connect_timeout: float = C.CONNECT_TIMEOUT
     idle_timeout: float = C.IDLE_TIMEOUT
     drain_grace: float = C.DRAIN_GRACE
-    control_fd: int = -1  # -1: no agent channel (standalone explicit proxy, benchmarks)
+    control_fd: int = -1  # an inherited channel to the agent (tests); -1: none
+    # The agent's worker socket: connected at start and again whenever the channel closes, so
+    # a worker outlives its agent and a restarted one finds it. "": no agent (standalone
+    # explicit proxy, benchmarks), and a closed channel means drain and exit.
+    agent_socket: str = ""
+    # The listening socket, inherited from the agent (every worker accepts from the one
+    # socket, so a worker's exit loses nothing queued); -1: bind one (the first worker).
+    listen_fd: int = -1
+    # Descriptors held for the agent, so they outlive it: "name=fd,..." (its DNS sockets).
+    held_fds: tuple[str, ...] = ()
+    build: str = ""  # the starting agent's code build, reported back in Hello
     node: str = ""  # this host's node name and zone: locality-aware balancing prefers them
     zone: str = ""
     # Explicit (non-transparent) listener: "IPv4:PORT" taken as the original destination of
@@ -194,11 +204,19 @@ class AgentConfig:
     def from_argv(cls, argv: list[str]) -> AgentConfig:
         return cls(**_from_argv(cls, "meshnode-agent", argv))
 
-    def worker(self, worker_id: int, control_fd: int) -> WorkerConfig:
+    @property
+    def worker_socket(self) -> Path:
+        """Where workers reach the agent (root only, like the control socket)."""
+        return self.run_dir / "workers.sock"
+
+    def worker(self, worker_id: int, build: str, listen_fd: int = -1,
+               held: dict[str, int] | None = None) -> WorkerConfig:
         return WorkerConfig(worker_id=worker_id, listen_host=C.PROXY_ADDR,
                             listen_port=self.outbound_port, mark=self.proxy_mark,
                             connect_timeout=self.connect_timeout, idle_timeout=self.idle_timeout,
-                            drain_grace=self.drain_grace, control_fd=control_fd,
+                            drain_grace=self.drain_grace, agent_socket=str(self.worker_socket),
+                            listen_fd=listen_fd, build=build,
+                            held_fds=tuple(f"{k}={v}" for k, v in sorted((held or {}).items())),
                             node=self.node_name, zone=self.zone,
                             access_log=self.access_log_path,
                             access_log_sample=self.access_log_sample)

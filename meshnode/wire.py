@@ -1,7 +1,8 @@
 """Typed messages of meshnode's two channels, each with one encode and one decode path.
 
-1. Agent <-> proxy worker: newline-delimited JSON over the socketpair the agent hands a worker
-   (framing: proxy/control.py on the worker's side, agent/workers.py on the agent's). One
+1. Agent <-> proxy worker: newline-delimited JSON over the agent's worker socket, which every
+   worker connects to, and again after the agent restarts (framing: proxy/control.py on the
+   worker's side, agent/workers.py on the agent's). One
    msgspec Struct per kind, tagged by "t". The agent opens with `Hello` (its protocol
    version) and the worker answers with its own, so an agent can tell what a worker it did not
    start speaks (a restarted agent re-adopting workers, issue 13). A kind the receiver does not
@@ -9,7 +10,8 @@
    WireError, which the receiver logs and drops.
 
    agent -> worker   hello, reset / add / remove / gone (discovery updates), sync, stats,
-                     sources (cgroup id -> source service), tap (services to send events for)
+                     sources (cgroup id -> source service), tap (services to send events for),
+                     retain (the services still known, after an adoption)
    worker -> agent   hello, listening, error (start-up failed, then exit), synced, stats
                      (counters, named by meshnode.counters), event (a tapped connection)
 
@@ -56,6 +58,7 @@ __all__ = [
     "Reply",
     "Request",
     "Result",
+    "Retain",
     "ServiceGone",
     "ServiceReset",
     "StartError",
@@ -78,7 +81,9 @@ __all__ = [
 
 # The agent-worker protocol. Bump PROTOCOL when a message changes meaning; a peer speaking less
 # than MIN_PROTOCOL cannot be driven and is replaced instead.
-PROTOCOL = 1
+# 2: workers outlive the agent and reconnect to its worker socket; Hello names the worker;
+# Listening names the listener's descriptor; Retain.
+PROTOCOL = 2
 MIN_PROTOCOL = 1
 
 
@@ -89,10 +94,16 @@ class _Message(msgspec.Struct, frozen=True, tag_field="t"):
 
 # -- both directions -------------------------------------------------------------------------
 class Hello(_Message, frozen=True, tag="hello"):
-    """The agent's first message, and the worker's answer: the protocol each speaks."""
+    """The agent's first message, and the worker's answer: the protocol each speaks. A worker
+    names itself too (slot, pid, code build, the descriptors it holds for the agent), so an
+    agent that did not start it (a restarted one) can adopt it."""
 
     protocol: int
     software: str = ""  # meshnode's version, for logs
+    worker: int = -1
+    pid: int = 0
+    build: str = ""  # meshnode.build.code_build() of the agent that started the worker
+    held: dict[str, int] = {}  # name -> descriptor number held for the agent (its DNS sockets)
 
 
 # -- agent -> worker -------------------------------------------------------------------------
@@ -131,6 +142,13 @@ class CgroupSources(_Message, frozen=True, tag="sources"):
     cgroups: dict[str, str]
 
 
+class Retain(_Message, frozen=True, tag="retain"):
+    """Forget every service but these: a restarted agent tells a worker it adopts which of
+    the routes it kept are still in the registry (the Resets before it refreshed those)."""
+
+    services: tuple[str, ...]
+
+
 class Tap(_Message, frozen=True, tag="tap"):
     """Send events for connections from or to these services ("*": all; none: stop)."""
 
@@ -138,7 +156,7 @@ class Tap(_Message, frozen=True, tag="tap"):
 
 
 AgentMessage = (Hello | ServiceReset | EndpointsAdded | EndpointsRemoved | ServiceGone | Sync
-                | StatsRequest | CgroupSources | Tap)
+                | StatsRequest | CgroupSources | Tap | Retain)
 
 
 def update_message(u: Update) -> ServiceReset | EndpointsAdded | EndpointsRemoved | ServiceGone:
@@ -171,8 +189,12 @@ def as_update(msg: ServiceReset | EndpointsAdded | EndpointsRemoved | ServiceGon
 
 # -- worker -> agent -------------------------------------------------------------------------
 class Listening(_Message, frozen=True, tag="listening"):
+    """The worker accepts connections; `listener` is the descriptor number of its listening
+    socket, which the agent copies (pidfd_getfd) to hand to the workers it starts later."""
+
     worker: int
     pid: int
+    listener: int = -1
 
 
 class StartError(_Message, frozen=True, tag="error"):

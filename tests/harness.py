@@ -101,12 +101,14 @@ class Host:
                 "--restart-backoff", str(self.restart_backoff), "--drain-grace", "2",
                 "--log-level", "debug", *self.agent_args]
 
-    def start(self, timeout: float = 60.0) -> float:
+    def start(self, timeout: float = 60.0, env: dict[str, str] | None = None) -> float:
+        """Start the agent (again) and wait until it is ready. `env` adds to its environment,
+        e.g. MESHNODE_BUILD_ID to make it look like a new code version (an upgrade)."""
         self.starts += 1
         log = open(self.tmp / f"agent-{self.starts}.log", "wb")  # noqa: SIM115
         t0 = time.monotonic()
-        self.agent = subprocess.Popen(self.agent_argv(), env=self.env, stdout=log,
-                                      stderr=subprocess.STDOUT)
+        self.agent = subprocess.Popen(self.agent_argv(), env={**self.env, **(env or {})},
+                                      stdout=log, stderr=subprocess.STDOUT)
         agent = self.agent
 
         def ready() -> bool:
@@ -122,11 +124,21 @@ class Host:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
     def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM: a restart's stop. The data plane (workers, capture) keeps serving."""
         assert self.agent is not None
         self.agent.send_signal(signal.SIGTERM)
         code = self.agent.wait(timeout)
         self.agent = None
         return code
+
+    def uninstall(self, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """`meshnode uninstall`: fail open, stop the workers, remove every kernel object (through
+        the running agent, which then exits; or offline when none runs)."""
+        done = self.cli("uninstall", timeout=timeout)
+        if self.agent is not None:
+            self.agent.wait(timeout)
+            self.agent = None
+        return done
 
     def kill(self) -> None:
         assert self.agent is not None
@@ -155,11 +167,11 @@ class Host:
         self.procs.append(p)
         return p
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """`meshnode ARGS --instance TAG`, run inside this host as a user would."""
         return subprocess.run(["nsenter", f"--net=/run/netns/{self.netns}", sys.executable,
                                "-m", "meshnode.cli", *args, "--instance", self.tag],
-                              env=self.env, capture_output=True, text=True, timeout=30)
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def http_get(self, path: str, port: int = 15090) -> tuple[int, str]:
         """GET http://127.0.0.1:PORT/PATH inside this host: (status, body)."""
@@ -218,12 +230,13 @@ class Host:
         for p in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(5)
-        if self.agent is not None:
-            try:
-                self.stop(timeout=20)
-            except subprocess.TimeoutExpired:
+        # an explicit removal: a stopped agent leaves its data plane serving (a restart)
+        try:
+            self.uninstall(timeout=60)
+        except subprocess.TimeoutExpired:
+            if self.agent is not None:
                 self.kill()
-        # workers of a killed agent exit when their control socket closes; make sure of it
+        # whatever a failed removal left: the workers, then what the ledger lists
         for procs in self.cgroup_root().glob("**/cgroup.procs"):
             for pid in procs.read_text().split():
                 with contextlib.suppress(ProcessLookupError):

@@ -7,6 +7,7 @@ an operation can reach is written down there. Status assembly is status.py's.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -39,6 +40,7 @@ class ControlApi:
             "top": self.top,
             "tap": self.tap,
             "hosts": self.hosts,
+            "uninstall": self.uninstall,
             **ResourceApi(self.p.registry, self.p.settle).handlers(),
         }
 
@@ -49,6 +51,12 @@ class ControlApi:
 
     async def hosts(self, _: dict[str, Any]) -> Any:
         return self.hosts_view()
+
+    async def uninstall(self, _: dict[str, Any]) -> Any:
+        """`meshnode uninstall`: the agent answers, then fails open, drains its workers,
+        removes every kernel object it made and exits."""
+        asyncio.get_running_loop().call_soon(self.p.uninstall)
+        return {"pid": os.getpid(), "removing": True}
 
     async def ping(self, _: dict[str, Any]) -> Any:
         return {"version": __version__, "pid": os.getpid(), "ready": self.p.ready()}

@@ -3,10 +3,18 @@
 Owns the lifecycle and the reconcile: the kernel state (cgroups, capture, all recorded in a
 ledger), the registry, enrollment, the proxy workers, health sharing and the control socket,
 whose operations (api.py, resources_api.py, status.py) get the running collaborators, not
-this object. Start is all or nothing; stop removes capture first
-(connections fall back to their original destinations), then drains the workers, hands enrolled
-processes back to their old cgroups and removes everything the ledger lists. A new agent sweeps
-what a crashed one left before it creates anything.
+this object.
+
+Two ways to stop, on purpose (DESIGN.md, restart model):
+- a restart (SIGTERM, SIGINT, a crash, `systemctl restart`, SIGHUP's re-exec) leaves the data
+  plane serving: workers, capture, enrollments, this node's registry entries. The next agent
+  adopts them (the ledger, the workers in the proxy cgroup, the pinned maps, the etcd lease),
+  checks them against the registry and carries on; code of another build is replaced without
+  a gap (workers one at a time, BPF programs atomically);
+- a removal (`meshnode uninstall`) fails open first (capture off: connections go to their
+  original destinations), then drains the workers, hands enrolled processes back to their old
+  cgroups and removes everything the ledger lists.
+A first start that fails is unwound whole; a failed restart leaves what serves in place.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from meshnode import __version__
+from meshnode.agent import systemd
 from meshnode.agent.api import ControlApi
 from meshnode.agent.control import ControlServer
 from meshnode.agent.enrollment import EnrollmentManager
@@ -43,6 +52,7 @@ from meshnode.discovery.registry import EndpointRecord, Registry, ServiceRecord
 from meshnode.errors import AccessError, ConflictError, MeshnodeError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.host.ledger import Ledger, UndoFn
+from meshnode.host.statefile import write_json
 from meshnode.model import CaptureState
 from meshnode.policy import compiler
 
@@ -90,6 +100,7 @@ class HostAgent:
         self._feed = 0  # the registry change feed's position the compiler has read to
         self._synced: CaptureState | None = None  # the state the kernel last took
         self._reconcile_lock = asyncio.Lock()
+        self._reconcile_started_at = 0.0
         self._dirty = asyncio.Event()
         self.health = HealthMonitor(on_change=self._health_changed, node=cfg.node_name)
         self._background: set[asyncio.Task[None]] = set()
@@ -99,6 +110,9 @@ class HostAgent:
         self.telemetry = Telemetry(cfg)
         self._stop = asyncio.Event()
         self._stopping = False
+        self.remove_on_stop = False  # set by `meshnode uninstall`: a removal, not a restart
+        self.reload = False  # SIGHUP: re-exec in place once detached
+        self.adopting = False  # an earlier agent's state was found at start
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
         self.report: HostReport | None = None
@@ -120,15 +134,6 @@ class HostAgent:
     def _undo(self) -> dict[str, UndoFn]:
         return {**undo_functions(), **cgroup.UNDO}
 
-    def sweep(self) -> None:
-        """Remove whatever an earlier agent of this instance left in the kernel."""
-        leftovers = self.ledger.entries()
-        if not leftovers:
-            return
-        log.warning("sweeping %d kernel objects left by an earlier agent", len(leftovers))
-        for failure in self.ledger.undo_all(self._undo()):
-            log.error("sweep: %s", failure)
-
     async def start(self) -> None:
         self.started_at = time.monotonic()
         if not process.is_root():
@@ -136,11 +141,17 @@ class HostAgent:
         if self.cfg.netns:
             enter_netns(self.cfg.netns)
         self._take_lock()
-        self.sweep()
+        # what `meshnode uninstall` starts with when no agent runs (same registry, netns...)
+        write_json(self.state / "agent-config.json", self.cfg.to_argv())
+        self.adopting = bool(self.ledger.entries())
+        if self.adopting:
+            log.info("found an earlier agent's state (%d kernel objects): adopting it",
+                     len(self.ledger.entries()))
         try:
             await self._start()
         except BaseException:
-            await self.stop()
+            # a first start is unwound whole; a restart leaves what serves in place
+            await self.stop(remove=not self.adopting)
             raise
         self.ready_after = time.monotonic() - self.started_at
 
@@ -161,7 +172,7 @@ class HostAgent:
         self.report = HostReport(self.registry, self._report_state)
         ctx = CaptureContext(self.cfg.instance, self.mount, apps, proxy, self.cfg.pin_path,
                              self.cfg.outbound_port, self.cfg.proxy_mark, self.ledger)
-        choice = await asyncio.to_thread(auto.install, ctx, self.cfg.capture)
+        choice = await asyncio.to_thread(auto.adopt_or_install, ctx, self.cfg.capture)
         self.capture, self.capture_reason = choice.backend, choice.reason
         log.info("capture: %s", self.capture_reason)
         # names: the DNS server first, then the redirect of enrolled processes' port 53 to it
@@ -198,7 +209,16 @@ class HostAgent:
         self.report.start()
         self._tasks = [asyncio.ensure_future(self._reconcile_loop()),
                        asyncio.ensure_future(self._scan_loop()),
-                       asyncio.ensure_future(self.telemetry.run())]
+                       asyncio.ensure_future(self.telemetry.run()),
+                       asyncio.ensure_future(self._upgrade_workers())]
+
+    async def _upgrade_workers(self) -> None:
+        """Workers adopted from another build are replaced one at a time, once this agent
+        serves (the new ones take the same listening socket; the old ones drain)."""
+        assert self.workers
+        replaced = await self.workers.upgrade()
+        if replaced:
+            await self._workers_changed()
 
     def _protected_pids(self) -> set[int]:
         pids = {os.getpid()}
@@ -217,6 +237,7 @@ class HostAgent:
         kernel which services to redirect: a service is only captured once the proxy knows it."""
         assert self.registry and self.workers and self.capture
         async with self._reconcile_lock:
+            self._reconcile_started_at = time.monotonic()
             if self._stopping:  # capture is being removed: never re-install rules
                 return
             revision = self.registry.revision()  # what this pass applies, at least
@@ -293,8 +314,12 @@ class HostAgent:
                 log.exception("enrollment scan failed")
 
     # -- stop -----------------------------------------------------------------------------
-    async def stop(self) -> None:
-        """Fail open first, then drain, then remove every recorded kernel object."""
+    async def stop(self, remove: bool) -> None:
+        """A removal (`remove`): fail open, drain, remove every recorded kernel object. A
+        restart: leave the data plane serving for the next agent."""
+        if not remove:
+            await self._detach()
+            return
         self._stopping = True
         for t in self._tasks:
             t.cancel()
@@ -335,20 +360,85 @@ class HostAgent:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    async def _detach(self) -> None:
+        """Stop this process, not the mesh: workers keep serving (and reconnect to the next
+        agent), capture and enrollments stay, this node's registry entries stay (etcd: the
+        lease is left to the next agent), the ledger keeps listing every kernel object."""
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # DNS: the redirect goes off with the server (queries go to the resolvers they asked
+        # until the next agent answers)
+        if self.names is not None:
+            await self.names.stop()
+        if self.control is not None:
+            await self.control.stop()
+        await self.telemetry.stop_admin()
+        await self.health.close()
+        if self.workers is not None:
+            self.workers.detach()
+        if self.report is not None:
+            await self.report.stop()
+        if self.registry is not None:
+            try:
+                await self.registry.detach()
+            except MeshnodeError as exc:
+                log.error("detaching from the registry: %s", exc)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def remove_leftovers(self) -> None:
+        """The last resort of a removal: stop whatever serves in the proxy cgroup, undo every
+        ledger entry (newest first: capture before the cgroups)."""
+        proxy = cgroup.cgroup2_mount() / self.cfg.cgroup_name / "proxy"
+        with contextlib.suppress(OSError):
+            for pid in (proxy / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        for failure in self.ledger.undo_all(self._undo()):
+            log.error("removal: %s", failure)
+
+    def uninstall(self) -> None:
+        """`meshnode uninstall`: stop with a removal."""
+        self.remove_on_stop = True
+        self._stop.set()
+
+    def _reload(self) -> None:
+        self.reload = True
+        self._stop.set()
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
         await self.start()
         assert self.workers is not None
-        log.info("meshnode agent ready in %.2fs (instance %s, capture %s, %d workers)",
+        log.info("meshnode agent ready in %.2fs (instance %s, capture %s, %d workers%s)",
                  self.ready_after, self.cfg.instance, self.capture.name if self.capture else "-",
-                 len(self.workers.workers))
+                 len(self.workers.workers),
+                 f", {self.workers.adopted} adopted" if self.workers.adopted else "")
+        systemd.notify("READY=1", f"STATUS=serving ({self.capture_reason})")
+        watchdog = asyncio.ensure_future(systemd.watchdog(self._healthy))
         try:
             await self._stop.wait()
         finally:
-            log.info("stopping")
-            await self.stop()
+            watchdog.cancel()
+            remove = self.remove_on_stop
+            systemd.notify("RELOADING=1" if self.reload else "STOPPING=1",
+                           "STATUS=" + ("removing meshnode from this host" if remove else
+                                        "restarting: the data plane keeps serving"))
+            log.info("%s", "removing: failing open, draining, removing kernel state" if remove
+                     else "stopping; workers and capture keep serving for the next agent")
+            await self.stop(remove=remove)
+
+    def _healthy(self) -> bool:
+        """The watchdog's heartbeat: the loop runs (this is called on it) and a reconcile
+        is not wedged (one that holds the lock for a whole watchdog period is)."""
+        return not self._reconcile_lock.locked() or self._reconcile_started_at > (
+            time.monotonic() - systemd.WEDGED_AFTER)
 
     # -- what the control socket and the report read ------------------------------------
     def _report_state(self) -> dict[str, Any]:
@@ -370,7 +460,7 @@ class HostAgent:
                      telemetry=self.telemetry, health=self.health, compiler=self.compiler,
                      report=self.report, mount=self.mount, root_cgroup=self.root_cgroup,
                      ready=lambda: self.ready, ready_after=lambda: self.ready_after,
-                     settle=self._settled)
+                     settle=self._settled, uninstall=self.uninstall)
 
     async def _settled(self) -> None:
         """Apply a change now, so the caller's next connection already sees it."""
@@ -378,11 +468,41 @@ class HostAgent:
         await self._reconcile()
 
 
-async def _main(cfg: AgentConfig) -> None:
-    await HostAgent(cfg).run()
+async def _main(cfg: AgentConfig) -> bool:
+    agent = HostAgent(cfg)
+    await agent.run()
+    return agent.reload
 
 
 def run_agent(cfg: AgentConfig) -> None:
-    """Entry point for `meshnode agent`: stdlib asyncio (netlink work needs it, not uvloop)."""
+    """Entry point for `meshnode agent`: stdlib asyncio (netlink work needs it, not uvloop).
+    After SIGHUP the process re-executes itself (same PID, for systemd): the new code and the
+    configuration as the command line names it now, adopting the data plane as a restart."""
+    reload = False
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main(cfg))
+        reload = asyncio.run(_main(cfg))
+    if reload:
+        systemd.reexec()
+
+
+def remove_host(cfg: AgentConfig) -> None:
+    """`meshnode uninstall` with no agent running: start one (it adopts what the last agent
+    left) and stop it with a removal. When even that cannot start, the kernel objects the
+    ledger lists and the workers in the proxy cgroup are removed directly."""
+    async def remove() -> None:
+        agent = HostAgent(cfg)
+        if not agent.ledger.entries():
+            log.info("nothing of meshnode instance %r is installed here", cfg.instance)
+            return
+        try:
+            await agent.start()
+        except MeshnodeError as exc:
+            if isinstance(exc, ConflictError):
+                raise  # an agent runs after all: it must be asked, not overrun
+            log.error("cannot start to remove cleanly (%s): removing what the ledger lists",
+                      exc)
+            agent.remove_leftovers()
+            return
+        await agent.stop(remove=True)
+
+    asyncio.run(remove())

@@ -45,3 +45,4 @@ class Parts:
     ready: Callable[[], bool]
     ready_after: Callable[[], float]
     settle: Callable[[], Awaitable[None]]  # apply a change now, before answering
+    uninstall: Callable[[], None]  # stop with a removal, once the answer is out

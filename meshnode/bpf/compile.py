@@ -9,6 +9,7 @@ source text is never edited.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ from typing import Any
 
 from meshnode import constants
 from meshnode.bpf import syscall
-from meshnode.bpf.program import DNS_MAP_PINS, MAP_PINS, ProgramSpec, all_programs
+from meshnode.bpf.program import DNS_MAP_PINS, MAP_PINS, EntrySpec, ProgramSpec, all_programs
+from meshnode.build import ENV as BUILD_ENV
 from meshnode.errors import BpfError, UsageError
 
 _SAFE_PIN_DIR = re.compile(r"^/[A-Za-z0-9._/-]+$")
@@ -43,6 +45,13 @@ class BuildConfig:
     pin_dir: Path = Path(constants.PIN_ROOT) / constants.DEFAULT_INSTANCE
     outbound_port: int = constants.OUTBOUND_PORT
     proxy_mark: int = constants.PROXY_MARK
+    # Programs are pinned as prog_<function>-<tag> (bpffs refuses dots): a new build loads
+    # next to the running one (maps are shared by their pins) and the agent swaps the
+    # attachments atomically.
+    tag: str = ""
+
+    def pin_name(self, entry: EntrySpec) -> str:
+        return f"{entry.pin_name}-{self.tag}" if self.tag else entry.pin_name
 
     def defines(self) -> dict[str, int]:
         return {**constants.bpf_defines(), "MN_OUTBOUND_PORT": self.outbound_port,
@@ -78,6 +87,14 @@ def render_source(config: BuildConfig | None = None) -> str:
             out.append(f"/* clang {' '.join(flags)} */\n")
             out.append((root / prog.source).read_text())
     return "".join(out)
+
+
+def program_build(config: BuildConfig) -> str:
+    """A digest of what the kernel runs: every C file as compiled and its flags (and
+    MESHNODE_BUILD_ID, with which a test stages an upgrade). Reads files only: no bcc."""
+    digest = hashlib.sha256(render_source(config).encode())
+    digest.update(os.environ.get(BUILD_ENV, "").encode())
+    return digest.hexdigest()[:12]
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +138,7 @@ def load_and_pin(config: BuildConfig) -> Loaded:
                     raise BpfError(f"the kernel rejected {entry.function}: {exc}",
                                    "run `meshnode bpf source` and check the verifier log "
                                    "(rerun the loader with MESHNODE_BPF_DEBUG=1)") from exc
-                path = str(pin_dir / entry.pin_name)
+                path = str(pin_dir / config.pin_name(entry))
                 syscall.obj_pin(fn.fd, path)
                 loaded.append(LoadedEntry(entry.function, path,
                                           syscall.prog_info(fn.fd).id))

@@ -1,8 +1,9 @@
 """The short-lived loader: `python -m meshnode.bpf.loader --pin-dir DIR [--outbound-port P]
-[--proxy-mark M]`.
+[--proxy-mark M] [--tag BUILD]`.
 
-Compiles every capture program with bcc, pins maps and programs under DIR, prints one JSON
-object on stdout and exits. The agent runs it as a subprocess so LLVM's ~130 MB never stays in
+Compiles every capture program with bcc, pins maps and programs under DIR (maps already pinned
+there are reused, so a new build shares them with the running one), prints one JSON object on
+stdout and exits. The agent runs it as a subprocess so LLVM's ~130 MB never stays in
 a long-running process; it attaches the pinned programs itself afterwards with raw syscalls.
 Attaching is deliberately not done here: an attachment outlives its process, and only the agent
 records it in its ledger first.
@@ -36,12 +37,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="the proxy's outbound listener port on 127.0.0.1")
     parser.add_argument("--proxy-mark", type=lambda v: int(v, 0), default=constants.PROXY_MARK,
                         help="SO_MARK of the proxy's upstream sockets (never captured)")
+    parser.add_argument("--tag", default="",
+                        help="pin programs as prog_<function>-<tag> (next to a running build)")
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
         from meshnode.bpf.compile import BuildConfig, load_and_pin
 
-        loaded = load_and_pin(BuildConfig(args.pin_dir, args.outbound_port, args.proxy_mark))
+        loaded = load_and_pin(BuildConfig(args.pin_dir, args.outbound_port, args.proxy_mark,
+                                              args.tag))
     except MeshnodeError as exc:
         print(json.dumps({"ok": False, "error": exc.message.splitlines()[0] if exc.message
                           else type(exc).__name__, "hint": exc.hint}))

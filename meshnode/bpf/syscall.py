@@ -34,6 +34,7 @@ PROG_QUERY = 16
 
 BPF_ANY = 0  # map update: create or replace
 BPF_F_ALLOW_MULTI = 2  # attach flag: coexist with other programs on the cgroup and its parents
+BPF_F_REPLACE = 4  # attach flag: atomically replace the program named by replace_bpf_fd
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 _ATTR_SIZE = 128  # larger than every command's attr here; the kernel wants the tail zeroed
@@ -140,8 +141,13 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
 # --- cgroup attachment -----------------------------------------------------------------------
 
 def prog_attach(cgroup_fd: int, prog_fd: int, attach_type: int,
-                flags: int = BPF_F_ALLOW_MULTI) -> None:
-    _bpf(PROG_ATTACH, _attr("=IIIII", cgroup_fd, prog_fd, attach_type, flags, 0), "attach")
+                flags: int = BPF_F_ALLOW_MULTI, replace_fd: int | None = None) -> None:
+    """Attach; with `replace_fd`, swap that attached program for this one in one step (the
+    cgroup's program list never lacks either: no connect runs without a capture hook)."""
+    if replace_fd is not None:
+        flags |= BPF_F_REPLACE
+    _bpf(PROG_ATTACH, _attr("=IIIII", cgroup_fd, prog_fd, attach_type, flags,
+                            replace_fd or 0), "attach")
 
 
 def prog_detach(cgroup_fd: int, prog_fd: int, attach_type: int) -> bool:

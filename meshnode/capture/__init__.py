@@ -53,6 +53,11 @@ class CaptureBackend(Protocol):
         """Create the capture machinery, redirecting nothing yet. All or nothing: on failure,
         whatever was created is removed before the error propagates."""
 
+    def adopt(self) -> None:
+        """Take over what an earlier agent of this instance installed (as its ledger lists),
+        without a moment of capture off: kernel state stays, code of another build is swapped
+        in place. Raises a KernelError when there is nothing whole to adopt."""
+
     def sync(self, state: CaptureState) -> None:
         """Make the kernel redirect exactly `state.redirected()` and refuse `state.refused()`.
         Applies only the difference against the last sync (nothing when nothing the kernel

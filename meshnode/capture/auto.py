@@ -11,7 +11,7 @@ import logging
 from typing import Literal
 
 from meshnode.bpf.probe import ProbeResult, probe
-from meshnode.capture import CaptureChoice, CaptureContext
+from meshnode.capture import CaptureBackend, CaptureChoice, CaptureContext
 from meshnode.capture.ebpf import BpfCapture
 from meshnode.capture.iptables import IptablesCapture
 from meshnode.errors import KernelError, UnavailableError, UsageError
@@ -56,3 +56,38 @@ def install(ctx: CaptureContext, mode: str, iptables_binary: str | None = None,
                                f"iptables: eBPF install failed ({exc.message})")
         choice.backend.install()
     return choice
+
+
+def found(ctx: CaptureContext) -> str | None:
+    """The backend an earlier agent of this instance left installed, per its ledger."""
+    from meshnode.capture import ebpf, iptables
+
+    kinds = {e["kind"] for e in ctx.ledger.entries()}
+    if ebpf.KIND_ATTACH in kinds:
+        return "ebpf"
+    if kinds & {iptables.KIND_CHAIN, iptables.KIND_JUMP}:
+        return "iptables"
+    return None
+
+
+def adopt_or_install(ctx: CaptureContext, mode: str, iptables_binary: str | None = None,
+                     probe_result: ProbeResult | None = None) -> CaptureChoice:
+    """A restarted agent keeps the capture it finds (`CaptureBackend.adopt`): no moment of
+    capture off. It installs anew when there is none, when the mode asks for the other
+    backend (the old one is removed first: connections pass uncaptured meanwhile), or when
+    what it found is not whole."""
+    there = found(ctx)
+    if there is not None:
+        old: CaptureBackend = (BpfCapture(ctx) if there == "ebpf"
+                               else IptablesCapture(ctx, iptables_binary))
+        if mode in (there, "auto"):
+            try:
+                old.adopt()
+                return CaptureChoice(old, f"{there}: kept from the previous agent")
+            except KernelError as exc:
+                log.warning("cannot adopt the %s capture (%s): installing it anew", there, exc)
+        else:
+            log.warning("capture mode changed from %s to %s: replacing the capture "
+                        "(connections pass uncaptured meanwhile)", there, mode)
+        old.remove()
+    return install(ctx, mode, iptables_binary, probe_result)

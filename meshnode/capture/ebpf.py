@@ -4,12 +4,18 @@ apps cgroup, off until `set_dns`.
 
 Owns the pin dir and the cgroup attachments, their ledger kinds (`UNDO`) and the map sync.
 Compiling runs in a subprocess (meshnode.bpf.loader) so this process never imports bcc; the
-attachments are made here with raw bpf(2), each recorded in the ledger before it exists, so a
-sweep from a fresh process after a SIGKILL removes them (attachments outlive processes).
+attachments are made here with raw bpf(2), each recorded in the ledger before it exists, so an
+explicit removal from a fresh process finds them all (attachments outlive processes).
+
+A restarted agent adopts what the ledger lists (`adopt`): the pinned maps keep their contents,
+and attachments of the same program build stay as they are. A new build is loaded next to the
+running one (its programs pinned under the build's tag, the maps shared through their pins)
+and each attachment is swapped in one BPF_F_REPLACE attach: no connect runs uncaptured.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -21,6 +27,7 @@ from pathlib import Path
 
 from meshnode import constants
 from meshnode.bpf import syscall
+from meshnode.bpf.compile import BuildConfig, program_build
 from meshnode.bpf.maps import CaptureMaps
 from meshnode.bpf.program import EntrySpec, all_entries
 from meshnode.capture import (
@@ -53,6 +60,8 @@ class BpfCapture:
         self._python = python  # interpreter that runs the loader (must see bcc)
         self._maps: CaptureMaps | None = None
         self.timings: dict[str, float] = {}  # seconds: "loader", "install"
+        self.build = program_build(BuildConfig(ctx.pin_dir, ctx.outbound_port, ctx.proxy_mark))
+        self.adopted = ""  # after adopt(): "kept" or "replaced"
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -67,11 +76,49 @@ class BpfCapture:
         with self.ctx.ledger.transaction(UNDO) as tx:
             ensure_bpffs()
             self._make_pin_dir(tx)
-            loaded = self._run_loader()
+            loaded = self._run_loader(self.build)
             for entry in all_entries():
                 self._attach(entry, loaded[entry.function], tx)
             self._maps = CaptureMaps.open(self.ctx.pin_dir)
         self.timings["install"] = time.monotonic() - started
+
+    def adopt(self) -> None:
+        """Take over the capture an earlier agent of this instance installed (the ledger's
+        entries): maps as they are; programs of another build replaced atomically. Raises
+        CaptureError when there is nothing whole to adopt (the caller reinstalls)."""
+        started = time.monotonic()
+        held = {str(e.get("function")): e for e in self._own_entries(KIND_ATTACH)}
+        if not held or not self.ctx.pin_dir.is_dir():
+            raise CaptureError("no eBPF capture of this instance to adopt",
+                               "it is installed anew", errno=errno.ENOENT)
+        self._maps = CaptureMaps.open(self.ctx.pin_dir)  # refuses maps of another layout
+        stale = [e for e in all_entries()
+                 if e.function not in held or held[e.function].get("build") != self.build
+                 or not _attached(held[e.function])]
+        if not stale:
+            self.adopted = "kept"
+            return
+        # The maps are pinned already: the new programs share them. A tag of its own when this
+        # build's pins exist (a program of it was detached behind our back).
+        tag = self.build
+        if any((self.ctx.pin_dir / f"prog_{e.function}-{tag}").exists() for e in stale):
+            tag = f"{self.build}-{int(time.time())}"
+        loaded = self._run_loader(tag)
+        with self.ctx.ledger.transaction(UNDO) as tx:
+            for entry in stale:
+                old = held.get(entry.function)
+                self._attach(entry, loaded[entry.function], tx,
+                             old if old is not None and _attached(old) else None)
+        for entry in stale:  # the replaced programs: not attached any more, unpinned
+            old = held.get(entry.function)
+            if old is not None and old.get("pin") != str(loaded[entry.function]["pin"]):
+                self.ctx.ledger.forget(old)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(str(old["pin"]))
+        self.adopted = "replaced"
+        self.timings["adopt"] = time.monotonic() - started
+        log.info("eBPF programs replaced in place (build %s): %s", self.build,
+                 ", ".join(e.function for e in stale))
 
     def sync(self, state: CaptureState) -> None:
         maps = self._require_maps()
@@ -142,10 +189,10 @@ class BpfCapture:
                 raise BpfError(f"cannot create {pin_dir}: {exc.strerror}",
                                "is bpffs mounted at /sys/fs/bpf?", errno=exc.errno) from exc
 
-    def _run_loader(self) -> dict[str, dict[str, object]]:
+    def _run_loader(self, tag: str) -> dict[str, dict[str, object]]:
         cmd = [self._python, "-m", "meshnode.bpf.loader", "--pin-dir", str(self.ctx.pin_dir),
                "--outbound-port", str(self.ctx.outbound_port),
-               "--proxy-mark", hex(self.ctx.proxy_mark)]
+               "--proxy-mark", hex(self.ctx.proxy_mark), "--tag", tag]
         started = time.monotonic()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LOADER_TIMEOUT,
@@ -171,20 +218,29 @@ class BpfCapture:
                                    str(result.get("hint") or "use --capture iptables"))
         return {str(e["function"]): e for e in result["entries"]}
 
-    def _attach(self, entry: EntrySpec, loaded: dict[str, object], tx: Transaction) -> None:
+    def _attach(self, entry: EntrySpec, loaded: dict[str, object], tx: Transaction,
+                replaces: Entry | None = None) -> None:
+        """Attach one program (in place of the one `replaces` records, atomically)."""
         cgroup = self.ctx.apps_cgroup if entry.cgroup == "apps" else self.ctx.proxy_cgroup
         tx.record(KIND_ATTACH, cgroup=str(cgroup), attach_type=int(entry.attach_type),
                   function=entry.function, pin=str(loaded["pin"]),
-                  prog_id=int(str(loaded["prog_id"])), pin_dir=str(self.ctx.pin_dir))
+                  prog_id=int(str(loaded["prog_id"])), pin_dir=str(self.ctx.pin_dir),
+                  build=self.build)
         prog_fd = syscall.obj_get(str(loaded["pin"]))
+        old_fd = None
         try:
             cg_fd = _open_cgroup(cgroup)
             try:
-                syscall.prog_attach(cg_fd, prog_fd, int(entry.attach_type))
+                if replaces is not None:
+                    old_fd = _find_prog(replaces, cg_fd, int(entry.attach_type))
+                syscall.prog_attach(cg_fd, prog_fd, int(entry.attach_type),
+                                    replace_fd=old_fd)
             finally:
                 os.close(cg_fd)
         finally:
             os.close(prog_fd)
+            if old_fd is not None:
+                os.close(old_fd)
 
     def _require_maps(self) -> CaptureMaps:
         if self._maps is None:
@@ -232,6 +288,20 @@ def _undo_attach(entry: Entry) -> None:
             syscall.prog_detach(cg_fd, prog_fd, attach_type)  # False: not attached, done
         finally:
             os.close(prog_fd)
+    finally:
+        os.close(cg_fd)
+
+
+def _attached(entry: Entry) -> bool:
+    """Whether the program the entry records is still attached to its cgroup."""
+    try:
+        cg_fd = os.open(entry["cgroup"], os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        return int(entry["prog_id"]) in syscall.prog_query(cg_fd, int(entry["attach_type"]))
+    except BpfError:
+        return False
     finally:
         os.close(cg_fd)
 

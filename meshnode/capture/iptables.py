@@ -202,6 +202,31 @@ class IptablesCapture:
                                  *rule]), f"adding the {table} OUTPUT jump")
         self._installed = True
 
+    def adopt(self) -> None:
+        """Take over the chains and jumps an earlier agent of this instance installed (the
+        ledger's entries). Nothing is rewritten here: the first sync replaces the chains'
+        rules in one iptables-restore, so capture never pauses. IptablesError when they are
+        not all there (the caller reinstalls)."""
+        mine = self._own_entries()
+        if not mine:
+            raise IptablesError("no iptables capture of this instance to adopt",
+                                "it is installed anew")
+        binary = self.binary = str(mine[0]["binary"])
+        for e in mine:
+            there = (_rule_exists(binary, e["table"], e["parent"], [str(x) for x in e["rule"]])
+                     if e["kind"] == KIND_JUMP else
+                     _run([binary, "-w", WAIT_SECONDS, "-t", e["table"], "-S",
+                           e["chain"]]).returncode == 0)
+            if not there:
+                raise IptablesError(f"{e['table']} {e['kind']} {e['chain']} is gone",
+                                    "the capture is installed anew")
+        self._installed = True
+        self._state = self._rendered = None  # unknown: the first sync writes
+
+    def _own_entries(self) -> list[Entry]:
+        return [e for e in self.ctx.ledger.entries()
+                if e["kind"] in (KIND_JUMP, KIND_CHAIN) and e.get("chain") in self.chains.all()]
+
     def sync(self, state: CaptureState) -> None:
         if not self._installed:
             raise IptablesError("iptables capture is not installed", "call install() first")
@@ -243,9 +268,7 @@ class IptablesCapture:
 
     def remove(self) -> None:
         # Jumps first: capture stops at once (fail open), then the chains go.
-        mine = [e for e in self.ctx.ledger.entries()
-                if e["kind"] in (KIND_JUMP, KIND_CHAIN)
-                and e.get("chain") in self.chains.all()]
+        mine = self._own_entries()
         failures = self.ctx.ledger.undo(
             mine, UNDO, key=lambda e: (e["kind"] != KIND_JUMP, e["table"] != "nat"))
         self._installed = False

@@ -52,6 +52,11 @@ COMPACT_MIN = 1 << 20  # bytes of journal before it may be folded into the snaps
 
 Key = tuple[str, str]
 Op = dict[str, Any]
+# What reading a snapshot or journal written with garbage raises: valid JSON of the wrong shape
+# (a list where an object belongs: AttributeError), Infinity where a revision belongs
+# (OverflowError), deep nesting (RecursionError), a bad address (UsageError).
+_GARBAGE = (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError,
+            MeshnodeError)
 
 
 class EmbeddedRegistry:
@@ -94,7 +99,7 @@ class EmbeddedRegistry:
                 self._set_endpoints(name, [EndpointRecord.from_json(e) for e in eps])
         except FileNotFoundError:
             pass
-        except (OSError, ValueError, KeyError, TypeError, RegistryError) as exc:
+        except (OSError, *_GARBAGE) as exc:
             raise RegistryError(f"registry file {self.path} is unreadable: {exc}",
                                 "fix or move the file away; the agent starts empty without it"
                                 ) from exc
@@ -121,7 +126,7 @@ class EmbeddedRegistry:
                     continue  # already in the snapshot (a crash between snapshot and reset)
                 self._apply_ops(entry["ops"])
                 self._revision = int(entry["revision"])
-            except (ValueError, KeyError, TypeError, RegistryError) as exc:
+            except _GARBAGE as exc:
                 if i == len(lines) - 1 or all(not rest for rest in lines[i + 1:]):
                     log.warning("dropping a torn last journal line of %s (a crash while "
                                 "writing it; that write never returned)", self.journal)
@@ -286,6 +291,9 @@ class EmbeddedRegistry:
         pass
 
     async def close(self) -> None:
+        pass
+
+    async def detach(self) -> None:
         pass
 
     def describe(self) -> dict[str, Any]:

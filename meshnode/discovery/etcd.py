@@ -59,6 +59,7 @@ from meshnode.errors import (
     NotFoundError,
     TemporaryError,
 )
+from meshnode.host.statefile import write_atomic
 from meshnode.model import HostPort
 from meshnode.policy.resources import Resource
 from meshnode.policy.store import Delete, HistoryEntry, Outcome
@@ -97,6 +98,10 @@ class EtcdRegistry:
         self._cache_warned = False
         self._cache_timer: asyncio.TimerHandle | None = None
         self._cache_task: asyncio.Future[None] | None = None
+        # The lease a restarted agent takes over from its predecessor (which stopped without
+        # revoking it): this node's keys stay in etcd throughout the restart.
+        self._lease_path = cache_path.with_suffix(".lease") if cache_path else None
+        self._adopting = self._load_lease()
         # This node's endpoints as the agent last asked for them: put back after an outage
         # that cost the lease, trimmed of what others removed.
         self._own: dict[tuple[str, HostPort], EndpointRecord] = {}
@@ -160,6 +165,8 @@ class EtcdRegistry:
         lease = await self._session.close()
         if lease:
             self._mirror.drop_lease(self.node, lease)  # what etcd just deleted
+        if self._lease_path is not None:
+            self._lease_path.unlink(missing_ok=True)
         self._flush()
         if self._cache_timer is not None:
             self._cache_timer.cancel()
@@ -169,9 +176,14 @@ class EtcdRegistry:
         if self.cache_path is not None:  # the last state, for a restart while etcd is down
             self._write_cache(self.cache_path, self._mirror.cache_snapshot())
 
+    async def detach(self) -> None:
+        await self.abandon()
+
     async def abandon(self) -> None:
         """Stop without revoking the lease, as a crashed agent would: this node's endpoints
-        stay until the TTL runs out. For tests of that path, and for a handover."""
+        stay until the TTL runs out, or until the next agent takes the lease over (a
+        restart: the lease id stays in the state directory)."""
+        self._save_lease()
         await self._session.abandon()
         if self._cache_timer is not None:
             self._cache_timer.cancel()
@@ -196,7 +208,33 @@ class EtcdRegistry:
             self._changed()
 
     async def reconcile(self, client: Any, *, lease_alive: bool) -> None:
+        if self._adopting and lease_alive:
+            # our predecessor's lease lives on: its keys are ours now, as they are
+            held, ours = self._mirror.endpoints_of_node(self.node), self._session.lease_id
+            for (svc, _, addr), (rec, lease) in held.items():
+                if lease == ours:
+                    self._own.setdefault((svc, addr), rec)
+        self._adopting = False
         await self._reconcile(client, lease_alive=lease_alive)
+        self._save_lease()
+
+    def _load_lease(self) -> bool:
+        if self._lease_path is None:
+            return False
+        try:
+            self._session.lease_id = int(self._lease_path.read_text().strip() or "0")
+        except (OSError, ValueError):
+            return False
+        return bool(self._session.lease_id)
+
+    def _save_lease(self) -> None:
+        lease = self._session.lease_id
+        if self._lease_path is None or not lease:
+            return
+        try:
+            write_atomic(self._lease_path, str(lease).encode())
+        except MeshnodeError as exc:
+            log.warning("lease id not saved (a restart re-registers instead): %s", exc)
 
     def _deleted(self, key: bytes) -> None:
         parsed = self._keys.parse(key)

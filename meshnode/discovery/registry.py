@@ -161,6 +161,11 @@ class Registry(Protocol):
         """Stop watching; a distributed store also revokes this node's lease."""
         ...
 
+    async def detach(self) -> None:
+        """Stop watching but leave this node's entries (an agent restart: the next agent
+        takes them over)."""
+        ...
+
     def services(self) -> Mapping[str, ServiceRecord]:
         """A read-only view (not a copy: the mesh may be large); read it, do not keep it."""
         ...

@@ -131,9 +131,26 @@ def pidfd(pid: int) -> int:
         raise _no_such(pid) from None
 
 
+_SYS_PIDFD_GETFD = 438  # the same on every architecture (syscalls numbered after 5.1 are)
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """A copy of descriptor `target_fd` of the process behind `pidfd` (close-on-exec), the way
+    a restarted agent takes the proxy's listening socket back from a worker it adopts."""
+    import ctypes  # only here: the rest of the module has no use for it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = int(libc.syscall(_SYS_PIDFD_GETFD, pidfd, target_fd, 0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise UnavailableError(f"cannot copy descriptor {target_fd} of a worker: "
+                               f"{os.strerror(err)}", "pidfd_getfd(2) needs Linux 5.6 and root")
+    return fd
+
+
 def is_root() -> bool:
     return os.geteuid() == 0
 
 
-__all__ = ["IPv4Address", "ProcessId", "identify", "is_root", "listening", "pidfd", "same_netns",
-           "tree"]
+__all__ = ["IPv4Address", "ProcessId", "identify", "is_root", "listening", "pidfd", "pidfd_getfd",
+           "same_netns", "tree"]

@@ -1,5 +1,5 @@
-"""The worker's end of the agent channel: newline-delimited JSON over an inherited AF_UNIX
-SOCK_STREAM socket.
+"""The worker's end of the agent channel: newline-delimited JSON over AF_UNIX SOCK_STREAM, the
+agent's worker socket (or an inherited socket, in tests).
 
 Owns framing: splitting lines, decoding them into typed messages (meshnode.wire, the one codec
 of the channel), encoding replies, noticing the agent's end of stream. A line that is not a
@@ -20,7 +20,7 @@ from typing import Protocol, cast
 from meshnode.errors import WireError
 from meshnode.wire import AgentMessage, WorkerMessage, agent_codec, encode
 
-__all__ = ["MAX_LINE", "ControlChannel", "ControlHandler", "open_control"]
+__all__ = ["MAX_LINE", "ControlChannel", "ControlHandler", "connect_control", "open_control"]
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,14 @@ MAX_LINE = 16 * 1024 * 1024  # a Reset of a large service is one line; anything 
 
 
 class ControlHandler(Protocol):
+    def on_control_open(self, channel: ControlChannel) -> None:
+        """The channel is up: messages may arrive before its opener's await returns."""
+        ...
+
     def on_message(self, msg: AgentMessage) -> None: ...
 
     def on_control_closed(self) -> None:
-        """The agent closed its end (or the channel failed): time to drain and exit."""
+        """The agent closed its end (or the channel failed)."""
         ...
 
 
@@ -46,6 +50,7 @@ class ControlChannel(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
+        self._handler.on_control_open(self)
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
@@ -110,6 +115,13 @@ class ControlChannel(asyncio.Protocol):
         except TimeoutError:
             if self._transport is not None:
                 self._transport.abort()
+
+
+async def connect_control(path: str, handler: ControlHandler) -> ControlChannel:
+    """Connect to the agent's worker socket (OSError when nobody listens there)."""
+    loop = asyncio.get_running_loop()
+    _, channel = await loop.create_unix_connection(lambda: ControlChannel(handler), path)
+    return channel
 
 
 async def open_control(fd: int, handler: ControlHandler) -> ControlChannel:

@@ -1,9 +1,13 @@
 """One proxy worker process: `python -m meshnode.proxy.worker <WorkerConfig argv>`.
 
-Owns the worker's life: listen (SO_REUSEPORT, several workers share the port), talk to the agent
-over the inherited control socket, route each accepted connection by its original destination,
-connect upstream (SO_MARK before connect, so capture skips the proxy's own sockets), hand the
-pair to the relay, sweep idle relays, and drain on SIGTERM/SIGINT or when the agent goes away.
+Owns the worker's life: accept on the listening socket (the first worker binds it; the agent
+copies it and hands it to every later worker, so all accept from one queue and a worker's exit
+loses nothing queued), talk to the agent over its worker socket, route each accepted
+connection by its original destination, connect upstream (SO_MARK before connect, so capture
+skips the proxy's own sockets), hand the pair to the relay, sweep idle relays, and drain on
+SIGTERM/SIGINT. The worker outlives its agent: when the channel closes it keeps serving with
+the routes it has and reconnects until a new agent answers (which adopts it). Without an agent
+socket (standalone explicit proxy) a closed channel means drain and exit.
 
 Control channel: the typed messages of meshnode.wire (framing in control.py). The agent opens
 with Hello and the worker answers with its own protocol version; then discovery updates, sync
@@ -43,10 +47,10 @@ from meshnode.errors import (
     UnavailableError,
     UsageError,
 )
-from meshnode.model import Endpoint, HostPort, OrigDstAddr, ServicePolicy
+from meshnode.model import DoesNotExist, Endpoint, HostPort, OrigDstAddr, ServicePolicy
 from meshnode.proxy.accesslog import AccessLog
 from meshnode.proxy.connect import Connector
-from meshnode.proxy.control import ControlChannel, open_control
+from meshnode.proxy.control import ControlChannel, connect_control, open_control
 from meshnode.proxy.dial import SO_MARK, Dialers
 from meshnode.proxy.origdst import OrigDstError, OrigDstSource, SockoptOrigDst, StaticOrigDst
 from meshnode.proxy.poller import READ, Poller
@@ -64,6 +68,7 @@ from meshnode.wire import (
     EndpointsRemoved,
     Hello,
     Listening,
+    Retain,
     ServiceGone,
     ServiceReset,
     StartError,
@@ -81,6 +86,8 @@ log = logging.getLogger("meshnode.proxy")
 
 
 BACKLOG = 4096  # clamped by net.core.somaxconn
+ROUTES_WAIT = 5.0  # seconds a started worker waits for the agent's routes before accepting
+RECONNECT_MAX = 0.5  # seconds between tries to reach a new agent, at most
 ACCEPT_BATCH = 64  # connections taken per listener wake-up (libuv's accept loop takes all)
 ACCEPT_PAUSE = 0.1  # seconds without accepting after accept() failed (out of descriptors)
 
@@ -115,6 +122,22 @@ def bind_listener(host: str, port: int) -> socket.socket:
         }
         raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}",
                           hints.get(exc.errno or 0, "check the listen address and port")) from exc
+    return sock
+
+
+def inherited_listener(fd: int) -> socket.socket:
+    """The listening socket the agent handed down (descriptor `fd`)."""
+    try:
+        sock = socket.socket(fileno=fd)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as exc:
+        raise ListenError(f"inherited listener fd {fd} is unusable: {exc.strerror}",
+                          "the agent hands it down; restart the agent") from exc
+    if not listening:
+        sock.detach()
+        raise ListenError(f"inherited fd {fd} is not a listening socket",
+                          "the agent hands it down; restart the agent")
+    sock.setblocking(False)
     return sock
 
 
@@ -167,6 +190,14 @@ class ProxyWorker:
         self._counted: dict[int, str] = {}  # id(relay) -> its service, for those relays
         self._stop: asyncio.Event | None = None
         self._force = False
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._greeted = False  # the agent's Hello arrived on the current channel
+        self._early: list[WorkerMessage] = []
+        # Set by the agent's first Sync: its routes are in. Accepting waits for it, because
+        # the listening socket is shared: what waits in its queue must find its service.
+        self._routed = asyncio.Event()
+        # name -> descriptor held for the agent: never touched here, only reported back
+        self._held = {k: int(v) for k, _, v in (i.partition("=") for i in config.held_fds)}
         # Destinations that are this proxy's own listener (connecting there would loop).
         self._own_port = config.listen_port
         self._own_ips = _own_addresses(config.listen_host)
@@ -187,6 +218,7 @@ class ProxyWorker:
                     self._sweep_sooner.set()
             case Sync(seq):
                 # Every message before this one has been applied: they are handled in order.
+                self._routed.set()
                 self._send(Synced(seq))
             case StatsRequest(seq):
                 control = self._control
@@ -197,19 +229,62 @@ class ProxyWorker:
                 self.sources.replace(cgroups)
             case Tap(services):
                 self.tap = frozenset(services)
+            case Retain(services):
+                for name in set(self.table.services()) - set(services):
+                    self.table.apply(DoesNotExist(name))
             case Hello(protocol):
                 if protocol < MIN_PROTOCOL:
                     log.error("the agent speaks protocol %d, this worker needs %d or later",
                               protocol, MIN_PROTOCOL)
                 self.agent_protocol = protocol
-                self._send(Hello(PROTOCOL, __version__))
+                self._greeted = True
+                self._send(Hello(PROTOCOL, __version__, self.config.worker_id, os.getpid(),
+                                 self.config.build, self._held))
+                early, self._early = self._early, []
+                for queued in early:  # a start-up error said before the agent asked
+                    self._send(queued)
+                if self.config.agent_socket:  # a new agent (or the first): say we accept
+                    self._announce()
+
+    def _announce(self) -> None:
+        """Tell the agent this worker accepts (again, to an agent that adopts it)."""
+        if self._lsock is not None:
+            self._send(Listening(self.config.worker_id, os.getpid(), self._lsock.fileno()))
+
+    def on_control_open(self, channel: ControlChannel) -> None:
+        self._control = channel
 
     def on_control_closed(self) -> None:
-        if self._stop is not None and not self._stop.is_set():
+        self._control = None
+        self._greeted = False
+        stopping = self._stop is None or self._stop.is_set()
+        if self.config.agent_socket and not stopping:
+            # The agent stopped or crashed: serve on with the routes we have, and find the next
+            # one (a restart or an upgrade adopts this worker; an uninstall sends SIGTERM).
+            log.warning("agent channel closed: serving with the last routes, reconnecting")
+            assert self._loop is not None
+            self._reconnecting = self._loop.create_task(self._reconnect())
+            return
+        if not stopping:
             log.info("agent channel closed: draining")
         self.request_stop()
 
+    async def _reconnect(self) -> None:
+        delay = 0.05
+        while self._stop is not None and not self._stop.is_set():
+            try:
+                self._control = await connect_control(self.config.agent_socket, self)
+                return
+            except OSError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX)
+
     def _send(self, msg: WorkerMessage) -> None:
+        if self.config.agent_socket and not self._greeted:
+            # the agent speaks first (its Hello), and knows us by our answer: hold the rest
+            if not isinstance(msg, Listening):  # announced anyway once greeted
+                self._early.append(msg)
+            return
         if self._control is not None:
             self._control.send(msg)
 
@@ -387,9 +462,15 @@ class ProxyWorker:
         self._stop = asyncio.Event()
         if self.config.control_fd >= 0:
             self._control = await open_control(self.config.control_fd, self)
+        elif self.config.agent_socket:
+            try:
+                self._control = await connect_control(self.config.agent_socket, self)
+            except OSError:  # the agent that started us is gone already: find the next one
+                self._reconnecting = loop.create_task(self._reconnect())
         try:
             check_mark(self.config.mark)
-            lsock = bind_listener(self.config.listen_host, self.config.listen_port)
+            lsock = (inherited_listener(self.config.listen_fd) if self.config.listen_fd >= 0
+                     else bind_listener(self.config.listen_host, self.config.listen_port))
         except MeshnodeError as err:
             log.error("%s", err)
             self._send(StartError(err.message, err.hint, err.exit_code))
@@ -401,10 +482,13 @@ class ProxyWorker:
                                     self.config.connect_timeout, self.clock, self._started)
         self._lsock = lsock
         self._capacity = relay_capacity()
+        if self.config.agent_socket:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._routed.wait(), ROUTES_WAIT)
         poller.register(lsock.fileno(), READ, self._on_accept)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        self._send(Listening(self.config.worker_id, os.getpid()))
+        self._announce()
         sweeper = loop.create_task(self._sweep_idle())
         await self._stop.wait()
         await self._shutdown(sweeper)
@@ -417,8 +501,13 @@ class ProxyWorker:
         #    Those already in its queue have completed their handshake, and closing would
         #    reset them: they are accepted and relayed first (at most a full queue's worth,
         #    so a flood cannot hold the drain).
+        #    With an agent the listening socket is shared: the other workers (and the agent's
+        #    copy) keep it open, and what is queued stays for them.
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
         if self._lsock is not None and self._poller is not None:
-            self._accept(BACKLOG)
+            if not self.config.agent_socket:
+                self._accept(BACKLOG)
             lsock, self._lsock = self._lsock, None
             self._poller.unregister(lsock.fileno())
             lsock.close()

@@ -74,7 +74,19 @@ def run(cmd):
         u.sendto(bytes.fromhex(cmd["query"]), (cmd["host"], cmd["port"]))
         data, src = u.recvfrom(4096)
         return {"ok": True, "reply": data.hex(), "from": list(src)}
+    if cmd["op"] == "ping":  # one line over a held stream, its echo back
+        s = held[cmd["id"]]
+        s.sendall(cmd["data"].encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            d = s.recv(4096)
+            if not d: raise ConnectionResetError(104, "stream closed by the peer")
+            data += d
+        return {"ok": data.decode().strip() == cmd["data"], "reply": data.decode().strip()}
     s = connect(cmd)
+    if cmd["op"] == "open":  # a long-lived stream, kept under an id for ping
+        held.append(s)
+        return {"ok": True, "id": len(held) - 1}
     if cmd["op"] == "connect":
         data = b""
         while not data.endswith(b"\n"):
@@ -107,6 +119,7 @@ def run(cmd):
     for chunk in pattern(down): want.update(chunk)
     return {"ok": True, "server_hash_ok": line.decode() == sent.hexdigest(),
             "down_bytes": n, "down_hash_ok": got.hexdigest() == want.hexdigest()}
+held = []
 print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     cmd = json.loads(line)
@@ -119,4 +132,19 @@ for line in sys.stdin:
         out = {"ok": False, "errno": e.errno, "error": str(e)}
     out["seconds"] = round(time.monotonic() - t0, 4)
     print(json.dumps(out), flush=True)
+"""
+
+# An echo server: each connection gets back every byte it sends (long-lived streams).
+ECHO_SERVER = r"""
+import socket, sys, threading
+def serve(c):
+    with c:
+        while d := c.recv(65536):
+            c.sendall(d)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(128)
+print("listening", flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
 """

@@ -110,21 +110,22 @@ def test_unenroll_stops_capture_for_new_connections(make_host, backend: str) -> 
     assert client.pid not in [e["pid"] for e in h.status()["enrolled"]]
 
 
-def test_stopped_agent_leaves_nothing_behind(make_host, backend: str) -> None:
+def test_uninstall_leaves_nothing_behind(make_host, backend: str) -> None:
     h = make_host(backend)
     h.start()
     vip, ports = three_instances(h)
     client = h.probe(service="client")
     assert client.connect(vip, 80)["ok"]
     assert kernel_leftovers(h), "the agent should have created kernel objects"
-    assert h.stop() == 0
+    done = h.uninstall()
+    assert done.returncode == 0 and "removed" in done.stdout, done
     assert kernel_leftovers(h) == []
     # the apps run on, uncaptured: a direct connection still works, a VIP is refused
     assert client.connect("127.0.0.1", ports[1])["reply"] == "instance-1"
     assert client.connect(vip, 80)["errno"] == errno.ECONNREFUSED
 
 
-def test_sigkilled_agent_restarts_cleanly_and_serves_again(make_host, backend: str) -> None:
+def test_sigkilled_agent_restarts_and_serves_again(make_host, backend: str) -> None:
     h = make_host(backend)
     h.start()
     vip, _ = three_instances(h)
@@ -132,12 +133,13 @@ def test_sigkilled_agent_restarts_cleanly_and_serves_again(make_host, backend: s
     assert client.connect(vip, 80)["ok"]
     h.kill()
     assert kernel_leftovers(h), "a SIGKILLed agent leaves its kernel objects"
-    h.start()  # sweeps, then serves with the persisted registry and enrollments
+    h.start()  # adopts them, then serves with the persisted registry and enrollments
     assert h.service("web")["vip"] == vip
     assert len(h.service("web")["endpoints"]) == 3
     names = {client.connect(vip, 80)["reply"] for _ in range(6)}
     assert names == {"instance-0", "instance-1", "instance-2"}
-    assert h.stop() == 0
+    h.kill()
+    assert h.uninstall().returncode == 0  # no agent runs: one starts only to remove it all
     assert kernel_leftovers(h) == []
 
 
