@@ -124,14 +124,53 @@ case "$mode" in
     cd "$here"
     log "benchmarks: direct, meshnode (eBPF, iptables, explicit), HAProxy, nginx"
     exec "$venv/bin/python" -m tests.bench "$@";;
+  drill)
+    cd "$here"
+    log "fault drill: load through the mesh while each fault happens in turn, both backends"
+    exec "$venv/bin/python" -m tests.drill "$@";;
+  soak)
+    cd "$here"
+    log "soak: a fixed load for up to 10 minutes; RSS and descriptors of agent and workers"
+    exec "$venv/bin/python" -m tests.drill soak "$@";;
   service)
-    # After etcd when it runs here; the agent itself waits for etcd (serving its cache).
-    # KillMode=mixed: SIGTERM to the agent alone, which stops capture and drains its workers.
+    # The unit people expect (and the one the Vagrant VMs run):
+    # - Type=notify: started once capture and workers serve (the agent sends READY=1);
+    # - stop/restart/crash keep the data plane: the workers live in meshnode.slice, outside
+    #   the unit's cgroup, so KillMode=mixed (SIGTERM to the agent, SIGKILL to leftovers of
+    #   the unit's own cgroup, e.g. a BPF loader) never reaches them; the next agent adopts
+    #   them. `meshnode uninstall` is what removes meshnode from the host;
+    # - reload: SIGHUP, the agent re-executes in place (new code, /etc/meshnode/agent.yaml
+    #   read again) and adopts the data plane; WatchdogSec: its heartbeat (a wedged
+    #   reconcile or loop stops it, and systemd restarts it, losing nothing).
+    # Flags given here win over the config file. After etcd when it runs here.
     unit=/etc/systemd/system/meshnode-agent.service
-    new=$(printf '%s\n' "[Unit]" "Description=meshnode host agent" \
-      "After=network-online.target etcd.service" "Wants=network-online.target" "" \
-      "[Service]" "ExecStart=/usr/local/bin/meshnode agent $*" "Restart=on-failure" \
-      "RestartSec=1" "KillMode=mixed" "" "[Install]" "WantedBy=multi-user.target")
+    mkdir -p /etc/meshnode
+    [ -e /etc/meshnode/agent.yaml ] || printf '%s\n' \
+      "# meshnode agent options (meshnode agent --help), one per line, e.g. workers: 2" \
+      "# flags in $unit win; apply changes with: systemctl reload meshnode-agent" \
+      "{}" >/etc/meshnode/agent.yaml
+    new=$(cat <<UNIT
+[Unit]
+Description=meshnode host agent
+Documentation=https://github.com/meshnode/meshnode
+After=network-online.target etcd.service
+Wants=network-online.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart=/usr/local/bin/meshnode agent --config /etc/meshnode/agent.yaml $*
+ExecReload=/bin/kill -HUP \$MAINPID
+Restart=on-failure
+RestartSec=1
+WatchdogSec=120
+TimeoutStartSec=900
+KillMode=mixed
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+)
     if [ "$(cat "$unit" 2>/dev/null)" != "$new" ]; then
       log "writing $unit: meshnode agent $*"
       echo "$new" >"$unit"
@@ -145,5 +184,5 @@ case "$mode" in
   vagrant)
     cd "$here"
     exec "$venv/bin/python" -m tests.vagrant "$@";;
-  *) log "unknown mode '$mode' (install, demo, test, bench, service or vagrant)"; exit 64;;
+  *) log "unknown mode '$mode' (install, demo, test, bench, drill, soak, service or vagrant)"; exit 64;;
 esac

@@ -27,6 +27,7 @@ from meshnode.cli.output import Output, emit_json, status_text
 
 from meshnode import __version__
 from meshnode import constants as C
+from meshnode.agent.systemd import RELOAD_ARGV
 from meshnode.config import AgentConfig, instance_name
 from meshnode.errors import MeshnodeError, UnavailableError, UsageError
 
@@ -52,6 +53,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 @app.command()
 def agent(
+    ctx: typer.Context,
     instance: Instance = "default",
     capture: Annotated[str, typer.Option(help="ebpf, iptables or auto")] = "auto",
     workers: Annotated[int, typer.Option(help="proxy worker processes")] = os.cpu_count() or 1,
@@ -85,21 +87,55 @@ def agent(
     access_log_sample: Annotated[float, typer.Option(
         help="share of connections logged, 0-1")] = 1.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    config: Annotated[Path | None, typer.Option(
+        help="YAML file of these options (e.g. `workers: 2`); flags win over it. Read again "
+             "on SIGHUP (systemctl reload), which restarts the agent in place")] = None,
 ) -> None:
-    """Run the host agent (root): capture, proxy workers, registry, control socket."""
-    if log_level.upper() not in logging.getLevelNamesMapping():
-        raise UsageError(f"unknown log level {log_level!r}", "use debug, info or warning")
-    cfg = AgentConfig(instance=instance, capture=capture, workers=workers, netns=netns,
-                          host_address=host_address, outbound_port=outbound_port,
-                          restart_backoff=restart_backoff, drain_grace=drain_grace,
-                          registry=registry, registry_ttl=registry_ttl, node=node, zone=zone,
-                          dns_port=dns_port, dns_suffix=dns_suffix,
-                          dns_upstreams=tuple(dns_upstream or ()), admin_port=admin_port,
-                          access_log=access_log, access_log_sample=access_log_sample)
-    # the agent itself runs without the typer app loaded (cli/agent_main.py says why)
+    """Run the host agent (root): capture, proxy workers, registry, control socket.
+
+    Stopping it (SIGTERM, Ctrl-C, systemctl stop/restart) or a crash leaves the data plane
+    serving: the next agent adopts it. `meshnode uninstall` removes meshnode from the host."""
+    given = {k: v for k, v in locals().items() if k != "ctx"}
+    if config is not None:
+        given = _with_config_file(ctx, config, given)
+    if str(given["log_level"]).upper() not in logging.getLevelNamesMapping():
+        raise UsageError(f"unknown log level {given['log_level']!r}",
+                         "use debug, info or warning")
+    given["dns_upstreams"] = tuple(given.pop("dns_upstream") or ())
+    level = given.pop("log_level")
+    del given["config"]
+    cfg = AgentConfig(**given)
+    # the agent itself runs without the typer app loaded (cli/agent_main.py says why); a
+    # reload (SIGHUP) runs this command line again, so the config file is read anew
     sys.stdout.flush()
+    os.environ[RELOAD_ARGV] = json.dumps(sys.argv[1:])
     os.execv(sys.executable, [sys.executable, "-m", "meshnode.cli.agent_main",
-                              f"--log-level={log_level}", *cfg.to_argv()])
+                              f"--log-level={level}", *cfg.to_argv()])
+
+
+def _with_config_file(ctx: typer.Context, path: Path,
+                      given: dict[str, object]) -> dict[str, object]:
+    """The options with the file's values where no flag was given."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"cannot read agent config {path}: {exc}".splitlines()[0],
+                         "fix the file (YAML: option: value per line)") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"agent config {path} is not a mapping of options",
+                         "write one `option: value` per line, e.g. `workers: 2`")
+    out = dict(given)
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in given or name == "config":
+            raise UsageError(f"agent config {path}: unknown option {key!r}",
+                             "see `meshnode agent --help` for the options")
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name == "DEFAULT":
+            out[name] = value
+    return out
 
 
 @app.command()

@@ -7,6 +7,7 @@ Outside systemd (no NOTIFY_SOCKET) every call is a no-op.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -16,6 +17,9 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 WEDGED_AFTER = 20.0  # seconds a reconcile may hold its lock before the heartbeat stops
+# The `meshnode agent` command line (JSON), kept for a reload: run again, it reads its config
+# file anew. Without it (the agent started otherwise) a reload re-executes the same process.
+RELOAD_ARGV = "MESHNODE_AGENT_CLI_ARGV"
 
 
 def notify(*fields: str) -> bool:
@@ -59,8 +63,12 @@ async def watchdog(healthy: Callable[[], bool]) -> None:
 
 
 def reexec() -> None:
-    """Replace this process with a fresh start of the same command line (same PID, so
-    systemd's MAINPID holds; the new agent adopts the data plane as after a restart)."""
+    """Replace this process with a fresh start of its command line (same PID, so systemd's
+    MAINPID holds; the new agent adopts the data plane as after a restart, with the code and
+    the configuration as they are now)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    cli = os.environ.get(RELOAD_ARGV)
+    if cli:
+        os.execv(sys.executable, [sys.executable, "-m", "meshnode.cli", *json.loads(cli)])
     os.execv(sys.executable, sys.orig_argv)

@@ -127,17 +127,22 @@ def test_single_worker_replacement_refuses_nothing(make_host, backend: str) -> N
     wait_for("a new worker", lambda: _pids(h) and pid not in _pids(h).values())
 
 
-def test_sighup_reexecs_in_place(make_host) -> None:
-    h = make_host("ebpf")
+def test_reload_reexecs_in_place_with_the_new_config(make_host, tmp_path) -> None:
+    """SIGHUP (systemctl reload): the same process re-executes, reads its config file again
+    and adopts its own data plane."""
+    config = tmp_path / "agent.yaml"
+    config.write_text("dns_suffix: mesh\n")
+    h = make_host("ebpf", agent_args=("--config", str(config)))
     h.start()
     web, _ = _serve(h)
     client = h.probe(service="client")
     agent_pid, workers = h.call("ping")["pid"], _pids(h)
+    assert h.status()["dns"]["suffix"] == "mesh"
+    config.write_text("dns_suffix: internal\n")
     assert h.agent is not None
     h.agent.send_signal(signal.SIGHUP)
-    # the same process (systemd's MAINPID) comes back ready, with the same workers
-    wait_for("re-executed", lambda: h.client.call("ping")["ready"]
-             and h.status()["workers"][0].get("adopted"), timeout=60)
-    assert h.call("ping")["pid"] == agent_pid
-    assert _pids(h) == workers
+    wait_for("re-executed with the new config", lambda: h.client.call("ping")["ready"]
+             and h.status()["dns"]["suffix"] == "internal", timeout=60)
+    assert h.call("ping")["pid"] == agent_pid  # systemd's MAINPID holds
+    assert _pids(h) == workers and all(w["adopted"] for w in h.status()["workers"])
     assert {client.connect(web, 80)["reply"] for _ in range(6)} == {"web-0", "web-1"}
