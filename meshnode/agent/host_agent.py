@@ -55,6 +55,7 @@ from meshnode.host.ledger import Ledger, UndoFn
 from meshnode.host.statefile import write_json
 from meshnode.model import CaptureState
 from meshnode.policy import compiler
+from meshnode.wire import Retain
 
 log = logging.getLogger(__name__)
 
@@ -175,22 +176,27 @@ class HostAgent:
         choice = await asyncio.to_thread(auto.adopt_or_install, ctx, self.cfg.capture)
         self.capture, self.capture_reason = choice.backend, choice.reason
         log.info("capture: %s", self.capture_reason)
-        # names: the DNS server first, then the redirect of enrolled processes' port 53 to it
-        self.names = MeshNames.for_agent(self.cfg, self.capture, self.registry,
-                                         self.health.healthy)
-        await self.names.start()
-
         log_file = self.cfg.access_log_path
         if log_file not in ("", "-"):
             Path(log_file).parent.mkdir(parents=True, exist_ok=True, mode=0o750)
         self.workers = WorkerPool(
             self.cfg, proxy,
+            # an adopted worker also drops the services deleted while no agent ran (Retain)
             lambda: [*compiler.resets(self.compiler.pushed),
-                     *self.telemetry.initial_messages()],
+                     Retain(tuple(self.compiler.pushed)), *self.telemetry.initial_messages()],
             self._workers_changed, self.telemetry.on_event)
         self._feed, _ = self.registry.changes(0)
         self.compiler.run(self.registry.services(), self.health.healthy,
                           on_changed=self.health.update)
+        await self.workers.adopt()  # the workers an earlier agent left serving, if any
+        # names: the DNS server first (on the sockets the adopted workers kept, or new ones),
+        # then the redirect of enrolled processes' port 53 to it; every worker holds the
+        # sockets too, so queries wait in them through the next restart
+        self.names = MeshNames.for_agent(self.cfg, self.capture, self.registry,
+                                         self.health.healthy)
+        await self.names.start(self.workers.held)
+        if not self.workers.held:
+            self.workers.held = self.names.server.held()
         await self.workers.start()
         self.enrollments = EnrollmentManager(
             self.registry, apps, self.mount, self.state / "enrollments.json",
@@ -368,10 +374,9 @@ class HostAgent:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        # DNS: the redirect goes off with the server (queries go to the resolvers they asked
-        # until the next agent answers)
+        # DNS: the redirect stays; the workers hold the sockets, queries wait in them
         if self.names is not None:
-            await self.names.stop()
+            await self.names.detach()
         if self.control is not None:
             await self.control.stop()
         await self.telemetry.stop_admin()

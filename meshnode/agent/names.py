@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -95,9 +95,10 @@ class MeshNames:
                    suffix=cfg.dns_suffix, upstreams=cfg.dns_upstreams,
                    instances=registry_instances(registry, healthy, cfg.node_name, cfg.zone))
 
-    async def start(self) -> None:
-        """Serve, then redirect. All or nothing: a failed switch stops the server again."""
-        await self.server.start()
+    async def start(self, held: Mapping[str, int] | None = None) -> None:
+        """Serve (on the sockets the last agent left with the workers, if any), then redirect.
+        All or nothing: a failed switch stops the server again."""
+        await self.server.start(held)
         try:
             await asyncio.to_thread(self.capture.set_dns, self.server.port)
         except BaseException:
@@ -114,6 +115,11 @@ class MeshNames:
             except MeshnodeError as exc:
                 log.error("turning the DNS redirect off: %s", exc)
             self.redirecting = False
+        await self.server.stop()
+
+    async def detach(self) -> None:
+        """An agent restart: stop serving, but leave the redirect on. The workers hold the
+        sockets, so queries wait in them until the next agent answers."""
         await self.server.stop()
 
     def describe(self) -> dict[str, Any]:

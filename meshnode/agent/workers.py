@@ -143,11 +143,17 @@ class WorkerPool:
         self._bridging_since: float | None = None  # no worker alive, a replacement starting
 
     # -- lifecycle ------------------------------------------------------------------------
+    async def adopt(self) -> None:
+        """Open the worker socket and adopt the workers an earlier agent left serving (their
+        listening socket and held descriptors become this pool's)."""
+        if self._server is None:
+            await self._serve()
+            await self._adopt()
+
     async def start(self, timeout: float = 20.0) -> None:
-        """Adopt the workers an earlier agent left, start the missing ones and wait until all
-        listen; UnavailableError if one cannot."""
-        await self._serve()
-        await self._adopt()
+        """Adopt (unless done), start the missing workers and wait until all listen;
+        UnavailableError if one cannot."""
+        await self.adopt()
         try:
             async with asyncio.timeout(timeout):
                 if self.listener is None:

@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
+import socket
 import struct
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import NoReturn, cast
 
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 MAX_INFLIGHT = 512  # forwards at once; beyond that, SERVFAIL at once instead of queueing
 MAX_TCP_CONNECTIONS = 128
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may stay silent between queries
+# Names of the DNS sockets the proxy workers hold for the agent (wire.Hello.held).
+HELD_UDP, HELD_TCP = "dns_udp", "dns_tcp"
 _PORT_ATTEMPTS = 20  # port 0: tries to find a port free for both UDP and TCP
 _LENGTH = struct.Struct("!H")
 
@@ -132,10 +136,25 @@ class MeshDns:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, held: Mapping[str, int] | None = None) -> None:
         """Bind UDP, then TCP on the same port. All or nothing. Port 0 (tests): the kernel
-        picks a UDP port whose TCP twin may be taken; then another is tried."""
+        picks a UDP port whose TCP twin may be taken; then another is tried. `held`: the
+        sockets an earlier agent served on (HELD_UDP/HELD_TCP descriptors, kept open by the
+        proxy workers meanwhile, so queries waited in them instead of failing): served on
+        copies of them, the descriptors stay the caller's."""
         loop = asyncio.get_running_loop()
+        if held and {HELD_UDP, HELD_TCP} <= set(held):
+            udp = socket.socket(fileno=os.dup(held[HELD_UDP]))
+            tcp = socket.socket(fileno=os.dup(held[HELD_TCP]))
+            udp.setblocking(False)
+            tcp.setblocking(False)
+            _, proto = await loop.create_datagram_endpoint(lambda: _UdpServer(self), sock=udp)
+            self._udp = proto
+            self.port = int(udp.getsockname()[1])
+            self._tcp = await asyncio.start_server(self._serve_tcp, sock=tcp)
+            log.info("DNS on %s:%d for .%s (sockets taken over from the last agent)",
+                     self.host, self.port, self.zone.suffix)
+            return
         any_port = self.port == 0
         for attempt in range(_PORT_ATTEMPTS if any_port else 1):
             try:
@@ -163,6 +182,14 @@ class MeshDns:
                                 "stop what listens there, or choose --dns-port") from exc
         raise KernelError(f"cannot serve DNS on {where}: {exc.strerror}",
                           "check the address and --dns-port", errno=exc.errno) from exc
+
+    def held(self) -> dict[str, int]:
+        """Copies of the listening sockets, for the proxy workers to hold across a restart
+        of the agent (the caller owns and closes them)."""
+        if self._udp is None or self._udp.transport is None or self._tcp is None:
+            return {}
+        udp = self._udp.transport.get_extra_info("socket")
+        return {HELD_UDP: os.dup(udp.fileno()), HELD_TCP: os.dup(self._tcp.sockets[0].fileno())}
 
     async def stop(self) -> None:
         """Stop listening, end TCP clients and in-flight forwards."""

@@ -11,8 +11,10 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import dnslib
 import pytest
 
 from meshnode.bpf import syscall
@@ -61,7 +63,7 @@ def test_agent_restart_keeps_calls_and_streams(make_host, backend: str, how: str
     h = make_host(backend, agent_args=("--drain-grace", "60"))
     h.start()
     web, echo = _serve(h)
-    client = h.probe(service="client")
+    client, dns_client = h.probe(service="client"), h.probe(service="client")
     streams = [client.ask(op="open", host=echo, port=7)["id"] for _ in range(3)]
     for s in streams:
         assert client.ask(op="ping", id=s, data=f"before-{s}")["ok"]
@@ -79,7 +81,17 @@ def test_agent_restart_keeps_calls_and_streams(make_host, backend: str, how: str
                                      (h.cgroup_root() / "proxy" / "cgroup.procs").read_text()
                                      .split()}
 
-    h.start(env={"MESHNODE_BUILD_ID": "test-upgrade"} if how == "upgrade" else None)
+    # a name asked while no agent runs waits in the DNS socket the workers hold, and is
+    # answered by the next agent (the redirect stayed on)
+    query = dnslib.DNSRecord.question("web.mesh", "A").pack().hex()
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(dns_client.ask, op="dns", host="127.0.0.53", port=53, query=query)
+        time.sleep(0.2)
+        h.start(env={"MESHNODE_BUILD_ID": "test-upgrade"} if how == "upgrade" else None)
+        answer = asked.result(timeout=10)
+    assert answer["ok"], answer
+    assert [str(rr.rdata) for rr in dnslib.DNSRecord.parse(bytes.fromhex(answer["reply"])).rr
+            ] == [web]
     assert h.status()["ready"]
     for s in streams:  # established streams live on (an upgrade's old workers drain them)
         assert client.ask(op="ping", id=s, data=f"after-{s}")["ok"]
