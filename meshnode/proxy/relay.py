@@ -400,6 +400,23 @@ class RelayRegistry:
             self._empty = asyncio.get_running_loop().create_future()
         await asyncio.shield(self._empty)
 
+    def close_all(self) -> int:
+        """The end of a drain: relays with nothing held in flight close cleanly (FIN both
+        ways, after what the kernel still holds: the peers see an orderly end); the rest, a
+        connect in flight or bytes not yet taken by a peer, are reset so that no client
+        mistakes a cut for an end. Returns how many closed cleanly."""
+        clean = 0
+        for r in list(self._relays):
+            if r.outcome == "ok":
+                r.outcome = "drain"
+            if r.started and r.up is not None and r.down is not None \
+                    and r.up.pending is None and r.down.pending is None:
+                r.close()
+                clean += 1
+            else:
+                r.reset()
+        return clean
+
     def reset_all(self) -> int:
         relays = list(self._relays)
         for r in relays:

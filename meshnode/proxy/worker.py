@@ -520,10 +520,13 @@ class ProxyWorker:
                 async with asyncio.timeout(self.config.drain_grace):
                     await self.registry.wait_empty()
             except TimeoutError:
-                log.warning("drain: %d connections still open after %.1fs; resetting them",
-                            len(self.registry), self.config.drain_grace)
-        # 4. Reset the rest, so no client mistakes a cut-off stream for a clean end (a relay
-        #    closes its sockets at once: nothing is left to wait for).
+                open_ = len(self.registry)
+                clean = self.registry.close_all()
+                log.warning("drain: %d connections still open after %.1fs: %d closed cleanly "
+                            "(nothing in flight), %d reset", open_, self.config.drain_grace,
+                            clean, open_ - clean)
+        # 4. Reset whatever is left (a second signal skips the grace), so no client mistakes
+        #    a cut-off stream for a clean end.
         self.registry.reset_all()
         if self._poller is not None:
             self._poller.close()
