@@ -36,6 +36,8 @@ def status_text(s: dict[str, Any]) -> str:
         f"capture   {cap['reason']}",
         f"workers   {alive}/{len(s['workers'])} alive"
         + "".join(f", #{w['id']} pid {w['pid']}" + ("" if w["alive"] else " DOWN")
+                  + (" adopted" if w.get("adopted") else "")
+                  + (" draining (replaced)" if w.get("retiring") else "")
                   for w in s["workers"]),
         f"cgroup    {s['cgroup']}",
         f"registry  {reg.get('backend', '?')}, revision {reg.get('revision', '?')}, "

@@ -66,6 +66,8 @@ def run_scenarios(tb: Testbed, ttl: int) -> list[Result]:
          lambda: scenarios.reachable(tb, vip)),
         ("c. etcd members restarted",
          lambda: [scenarios.etcd_restarts(tb, vip, members)]),
+        ("e. agent restarted and reloaded by systemd",
+         lambda: [scenarios.agent_restarted(tb, vip)]),
         # last: it kills an agent
         ("b. agent SIGKILLed -> endpoints gone",
          lambda: [scenarios.agent_killed(tb, vip, ttl)]),

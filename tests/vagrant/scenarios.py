@@ -148,12 +148,8 @@ def etcd_restarts(tb: Testbed, vip: str, members: list[str]) -> Result:
     """c. Restart the etcd members one at a time while vm1 calls continuously: no call fails."""
     t0 = time.monotonic()
     client = tb.vms[0]
-    tb.sh(client, "sudo rm -f /tmp/stop /tmp/stop.started /tmp/loop.json")
-    tb.sh(client, f"sudo setsid nohup meshnode run --service client -- python3 {GUEST_PY} "
-                  f"loop http://{vip}/ /tmp/stop >/tmp/loop.json 2>/tmp/loop.err </dev/null &")
     # the first restart only once calls are flowing (the loop marks its first answer)
-    tb.sh(client, "for _ in $(seq 150); do [ -e /tmp/stop.started ] && exit 0; sleep 0.2; "
-                  "done; echo 'the calling loop got no answer in 30 s' >&2; exit 1")
+    _start_loop(tb, client, vip)
     restart_s = []
     for vm in members:
         r0 = time.monotonic()
@@ -173,6 +169,56 @@ def etcd_restarts(tb: Testbed, vip: str, members: list[str]) -> Result:
     if r["errors"]:
         numbers += f"; errors {r['errors'][:2]}"
     return Result("c. etcd members restarted", ok, numbers, time.monotonic() - t0)
+
+
+def agent_restarted(tb: Testbed, vip: str) -> Result:
+    """e. The unit as installed (Type=notify, KillMode=mixed, ExecReload): `systemctl restart`
+    then `systemctl reload` of the agent on vm1 (eBPF) and the last VM (iptables), each VM
+    calling web continuously meanwhile: no call fails and the workers are the same processes
+    before and after (the new agent adopted them)."""
+    t0 = time.monotonic()
+
+    def workers(vm: str) -> list[int]:
+        status = json.loads(tb.meshnode(vm, "status -o json"))
+        return sorted(int(w["pid"]) for w in status["workers"] if not w.get("retiring"))
+
+    def one(vm: str) -> dict[str, Any]:
+        _start_loop(tb, vm, vip)
+        before = workers(vm)
+        r0 = time.monotonic()
+        tb.sh(vm, f"sudo systemctl restart {UNIT}", timeout=600)  # back once READY=1
+        restart_s = time.monotonic() - r0
+        tb.sh(vm, f"sudo systemctl reload {UNIT}", timeout=600)
+        tb.guest(vm, "wait-ready 300", timeout=330)
+        time.sleep(2)  # calls after the reload too
+        tb.sh(vm, "sudo touch /tmp/stop")
+        loop = _wait_loop(tb, vm)
+        unit = tb.sh(vm, f"systemctl show -p Type -p KillMode -p NRestarts {UNIT}").split()
+        return {"loop": loop, "same_workers": before == workers(vm), "restart_s": restart_s,
+                "unit": " ".join(unit)}
+
+    vms = list(dict.fromkeys([tb.vms[0], tb.vms[-1]]))  # one of each capture backend
+    with ThreadPoolExecutor(len(vms)) as pool:
+        got = dict(zip(vms, pool.map(one, vms), strict=True))
+    ok = all(r["loop"]["failed"] == 0 and r["loop"]["ok"] > 10 and r["same_workers"]
+             for r in got.values())
+    numbers = "; ".join(
+        f"{vm}: {r['loop']['ok'] + r['loop']['failed']} calls, {r['loop']['failed']} failed, "
+        f"restart {r['restart_s']:.1f}s, same workers {r['same_workers']} ({r['unit']})"
+        + (f", errors {r['loop']['errors'][:2]}" if r["loop"]["errors"] else "")
+        for vm, r in got.items())
+    return Result("e. agent restarted and reloaded by systemd", ok, numbers,
+                  time.monotonic() - t0)
+
+
+def _start_loop(tb: Testbed, vm: str, vip: str) -> None:
+    """Calls to web from an enrolled client on `vm` until /tmp/stop exists; their tally lands
+    in /tmp/loop.json. Returns once the first call was answered."""
+    tb.sh(vm, "sudo rm -f /tmp/stop /tmp/stop.started /tmp/loop.json")
+    tb.sh(vm, f"sudo setsid nohup meshnode run --service client -- python3 {GUEST_PY} "
+              f"loop http://{vip}/ /tmp/stop >/tmp/loop.json 2>/tmp/loop.err </dev/null &")
+    tb.sh(vm, "for _ in $(seq 150); do [ -e /tmp/stop.started ] && exit 0; sleep 0.2; "
+              "done; echo 'the calling loop got no answer in 30 s' >&2; exit 1")
 
 
 def _wait_loop(tb: Testbed, vm: str, timeout: float = 30) -> dict[str, Any]:
