@@ -115,9 +115,15 @@ def run_demo(instance: str, calls: int) -> None:
             client.call("service.remove", name=SERVICE)
             client.call("service.remove", name=CLIENT)
         if agent is not None:
-            agent.terminate()
-            agent.wait(30)
-            typer.echo("agent stopped; everything it loaded into the kernel is removed")
+            # the demo's own agent: removed, not just stopped (a stop keeps the data plane)
+            subprocess.run(_cli(instance, "uninstall"), stdout=subprocess.DEVNULL, timeout=120,
+                           check=False)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                agent.wait(30)
+            if agent.poll() is None:
+                agent.kill()
+            typer.echo("meshnode uninstall: everything the demo's agent loaded into the kernel "
+                       "is removed")
 
 
 class _Hello(http.server.BaseHTTPRequestHandler):
