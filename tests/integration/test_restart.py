@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -158,3 +159,34 @@ def test_reload_reexecs_in_place_with_the_new_config(make_host, tmp_path) -> Non
     assert h.call("ping")["pid"] == agent_pid  # systemd's MAINPID holds
     assert _pids(h) == workers and all(w["adopted"] for w in h.status()["workers"])
     assert {client.connect(web, 80)["reply"] for _ in range(6)} == {"web-0", "web-1"}
+
+
+def test_systemd_notifications(make_host, tmp_path) -> None:
+    """What systemd hears (Type=notify, WatchdogSec): READY=1 once serving, WATCHDOG=1 at
+    half the interval, RELOADING=1 and READY=1 again around a reload, STOPPING=1."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(30)
+
+    def heard(want: str) -> list[str]:
+        seen: list[str] = []
+        while not any(line.startswith(want) for line in seen):
+            seen += sock.recv(4096).decode().splitlines()
+        return seen
+
+    h = make_host("ebpf")
+    h.start(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
+    assert h.status()["ready"]
+    assert "READY=1" in heard("READY=1")
+    t0 = time.monotonic()
+    heard("WATCHDOG=1")
+    heard("WATCHDOG=1")
+    assert time.monotonic() - t0 < 2.0  # every 0.5 s
+    assert h.agent is not None
+    h.agent.send_signal(signal.SIGHUP)
+    heard("RELOADING=1")
+    heard("READY=1")  # the re-executed agent, serving again
+    h.agent.send_signal(signal.SIGTERM)
+    heard("STOPPING=1")
+    sock.close()
