@@ -404,3 +404,36 @@ async def test_three_members_restarted_one_at_a_time(etcd3: EtcdCluster,
               f"stretches, longest {worst:.2f} s; b caught up within "
               f"{', '.join(f'{t:.2f}' for t in catch_up)} s")
         assert worst < 5.0
+
+
+@pytest.mark.timeout(60)
+@run
+async def test_a_restarted_agent_takes_over_its_predecessors_lease(etcd: EtcdCluster,
+                                                                   tmp_path: Path) -> None:
+    """An agent restart (detach, then a new registry on the same state directory) keeps this
+    node's endpoints in etcd throughout: the new agent keeps the old lease alive instead of
+    re-registering under a new one, so no other host sees them vanish."""
+    async with agents(etcd.endpoints, tmp_path, "b") as (b,):
+        first = EtcdRegistry(etcd.endpoints, node="a", cache_path=tmp_path / "a-cache.json",
+                             ttl=TTL, request_timeout=1.0, backoff_min=0.05, backoff_max=0.5)
+        await first.start()
+        await patch_service(first, "web", {})
+        await first.add_endpoints("web", [ep("10.7.0.1:80")])
+        lease = first.describe()["lease_id"]
+        await eventually(lambda: addrs(b, "web") == {"10.7.0.1:80"}, 2, "a's endpoint at b")
+        vanished: list[int] = []
+        b.subscribe(lambda: vanished.extend([1] if not addrs(b, "web") else []))
+        await first.detach()  # an agent restart's stop
+        await asyncio.sleep(TTL / 2)
+        second = EtcdRegistry(etcd.endpoints, node="a", cache_path=tmp_path / "a-cache.json",
+                              ttl=TTL, request_timeout=1.0, backoff_min=0.05, backoff_max=0.5)
+        try:
+            await second.start()
+            assert second.describe()["lease_id"] == lease
+            assert second.describe()["own_endpoints"] == 1  # adopted, not forgotten
+            await asyncio.sleep(TTL + 1)  # past the old lease's TTL had nobody kept it alive
+            assert addrs(b, "web") == {"10.7.0.1:80"} and not vanished
+            await second.close()  # a removal: the lease is revoked, the endpoint goes
+            await eventually(lambda: not addrs(b, "web"), 2, "a's endpoint gone at b")
+        finally:
+            await second.abandon()
