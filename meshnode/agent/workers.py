@@ -132,6 +132,7 @@ class WorkerPool:
         self._on_event = on_event
         self.workers = [Worker(i) for i in range(cfg.workers)]
         self.retiring: list[Worker] = []  # draining: replaced by an upgrade, or surplus
+        self._starting: list[Worker] = []  # an upgrade's replacements, not yet serving
         self.listener: int | None = None  # the agent's copy of the listening socket
         self.held: dict[str, int] = {}  # descriptors workers hold for the agent (DNS)
         self.adopted = 0  # workers found serving at start
@@ -428,9 +429,11 @@ class WorkerPool:
             old = self.workers[slot]
             if self._stopping or not old.alive or old.build == self.build:
                 continue
+            # The new one joins the slot only once it serves: until then the old one counts
+            # for barriers (capture stays), and the new one gets broadcasts as `starting`.
             new = Worker(slot)
+            self._starting.append(new)
             try:
-                self.workers[slot] = new
                 self._spawn(new)
                 async with asyncio.timeout(10):
                     await self._wait_listening(new)
@@ -439,8 +442,10 @@ class WorkerPool:
                 log.error("upgrade: new worker %d did not start (%s); keeping the old one",
                           slot, exc)
                 new.signal(signal.SIGKILL)
-                self.workers[slot] = old
                 continue
+            finally:
+                self._starting.remove(new)
+            self.workers[slot] = new
             old.retiring = True
             self.retiring.append(old)
             old.signal(signal.SIGTERM)
@@ -456,7 +461,7 @@ class WorkerPool:
             t.cancel()
         if self._server is not None:
             self._server.close()
-        for w in [*self.workers, *self.retiring]:
+        for w in [*self.workers, *self.retiring, *self._starting]:
             if w.writer is not None:
                 w.writer.close()
             if w.pidfd is not None:
@@ -471,7 +476,7 @@ class WorkerPool:
         """Drain (a removal): SIGTERM every worker, wait out the grace period, then kill what
         is left."""
         self._stopping = True
-        live = [w for w in [*self.workers, *self.retiring]
+        live = [w for w in [*self.workers, *self.retiring, *self._starting]
                 if w.pid is not None and not w.exited.is_set()]
         for w in live:
             w.signal(signal.SIGTERM)
@@ -489,7 +494,7 @@ class WorkerPool:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             self._server.close()
-        for w in [*self.workers, *self.retiring]:
+        for w in [*self.workers, *self.retiring, *self._starting]:
             if w.writer is not None:
                 w.writer.close()
         with contextlib.suppress(FileNotFoundError):
@@ -516,12 +521,12 @@ class WorkerPool:
     def broadcast(self, updates: list[Update]) -> None:
         # encoded once, not once per worker: a Reset of a large service is a long line
         lines = b"".join(encode(update_message(u)) for u in updates)
-        for w in self.workers:
+        for w in [*self.workers, *self._starting]:
             if lines and w.writer is not None and not w.writer.is_closing():
                 w.writer.write(lines)
 
     def send_all(self, msg: AgentMessage) -> None:
-        for w in self.workers:
+        for w in [*self.workers, *self._starting]:
             w.send(msg)
 
     async def _ask(self, w: Worker, ask: Callable[[int], Sync | StatsRequest],

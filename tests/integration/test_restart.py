@@ -75,7 +75,7 @@ def test_agent_restart_keeps_calls_and_streams(make_host, backend: str, how: str
     else:
         assert h.stop() == 0
     # no agent: the workers serve with their last routes, capture stays as it was
-    assert {client.connect(web, 80)["reply"] for _ in range(6)} == {"web-0", "web-1"}
+    assert {client.connect(web, 80)["reply"] for _ in range(20)} == {"web-0", "web-1"}
     for s in streams:
         assert client.ask(op="ping", id=s, data=f"between-{s}")["ok"]
     assert set(workers.values()) <= {int(p) for p in
@@ -96,7 +96,7 @@ def test_agent_restart_keeps_calls_and_streams(make_host, backend: str, how: str
     assert h.status()["ready"]
     for s in streams:  # established streams live on (an upgrade's old workers drain them)
         assert client.ask(op="ping", id=s, data=f"after-{s}")["ok"]
-    assert {client.connect(web, 80)["reply"] for _ in range(6)} == {"web-0", "web-1"}
+    assert {client.connect(web, 80)["reply"] for _ in range(20)} == {"web-0", "web-1"}
     if how == "upgrade":
         # workers replaced one at a time, programs swapped in place: new ids attached, the
         # old ones not any more
@@ -158,7 +158,7 @@ def test_reload_reexecs_in_place_with_the_new_config(make_host, tmp_path) -> Non
              and h.status()["dns"]["suffix"] == "internal", timeout=60)
     assert h.call("ping")["pid"] == agent_pid  # systemd's MAINPID holds
     assert _pids(h) == workers and all(w["adopted"] for w in h.status()["workers"])
-    assert {client.connect(web, 80)["reply"] for _ in range(6)} == {"web-0", "web-1"}
+    assert {client.connect(web, 80)["reply"] for _ in range(20)} == {"web-0", "web-1"}
 
 
 def test_systemd_notifications(make_host, tmp_path) -> None:
