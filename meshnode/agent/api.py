@@ -78,7 +78,7 @@ class ControlApi:
         the stored version (compare-and-swap), then the static endpoints."""
         reg = self.p.registry
         name = str(args.get("name", ""))
-        eps = [HostPort.parse(str(e)) for e in args.get("endpoints", [])]
+        eps = [HostPort.parse(e) for e in _strings(args, "endpoints")]
         patch = args.get("patch") or {}
         if not isinstance(patch, dict):
             raise UsageError("service.add: patch must be an object", "upgrade the CLI")
@@ -94,7 +94,7 @@ class ControlApi:
     async def service_remove(self, args: dict[str, Any]) -> Any:
         reg = self.p.registry
         name = str(args.get("name", ""))
-        eps = [HostPort.parse(str(e)) for e in args.get("endpoints", [])]
+        eps = [HostPort.parse(e) for e in _strings(args, "endpoints")]
         if eps:
             rec = reg.services().get(name)
             known = {e.addr for e in rec.endpoints} if rec else set()
@@ -151,6 +151,13 @@ def _int(args: dict[str, Any], key: str) -> int:
         return int(args[key])
     except (KeyError, TypeError, ValueError):
         raise UsageError(f"{key} must be a number", f"pass a valid {key}") from None
+
+
+def _strings(args: dict[str, Any], key: str) -> list[str]:
+    value = args.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{key} must be a list of strings", f"pass {key} as [\"...\", ...]")
+    return value
 
 
 def _window(args: dict[str, Any]) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from meshnode.discovery.registry import EndpointRecord, Registry, patch_service
-from meshnode.errors import ConflictError, NotFoundError, UsageError
+from meshnode.errors import ConflictError, MeshnodeError, NotFoundError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.host.statefile import write_json
 from meshnode.model import HostPort, service_name
@@ -78,7 +78,10 @@ class EnrollmentManager:
             return [Enrollment.from_json(d) for d in json.loads(self.state_file.read_text())]
         except FileNotFoundError:
             return []
-        except (OSError, ValueError, KeyError) as exc:
+        # garbage of any shape (a number, a wrong type, endless nesting, a bad address) must
+        # not keep the agent from starting: the file is ignored, loudly
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError,
+                RecursionError, MeshnodeError) as exc:
             log.warning("enrollment file %s unreadable (%s); ignoring it", self.state_file, exc)
             return []
 

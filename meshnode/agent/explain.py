@@ -151,7 +151,7 @@ def parse_dest(dest: str, zone: MeshZone) -> tuple[HostPort, str | None]:
     """DEST as an address, and the mesh name it was given as (None for an IPv4 address)."""
     hint = _DEST_FORMS.format(zone.suffix)
     host, sep, port = dest.strip().rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise UsageError(f"invalid destination {dest!r}", hint)
     try:
         return HostPort(IPv4Address(host), int(port)), None

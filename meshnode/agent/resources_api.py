@@ -33,6 +33,8 @@ class ResourceApi:
         if not isinstance(docs, list) or not docs:
             raise UsageError("apply needs at least one document", "meshnode apply -f FILE")
         sources = args.get("sources") or []
+        if not isinstance(sources, list):
+            raise UsageError("sources must be a list of document names", "meshnode apply -f FILE")
         where = [str(sources[i]) if i < len(sources) else f"document {i + 1}"
                  for i in range(len(docs))]
         puts = parse_all(zip(where, docs, strict=True))
@@ -60,8 +62,12 @@ class ResourceApi:
 
     async def delete(self, args: dict[str, Any]) -> Any:
         kind, name = _kind(args), str(args.get("name") or "")
-        outcomes = await self.registry.apply([], [Delete(kind, name, int(args.get("version")
-                                                                          or 0))])
+        try:
+            version = int(args.get("version") or 0)
+        except (TypeError, ValueError):
+            raise UsageError(f"invalid version {args.get('version')!r}",
+                             "use a version `meshnode get` shows, or none") from None
+        outcomes = await self.registry.apply([], [Delete(kind, name, version)])
         await self.settle()
         return {"results": [o.to_json() for o in outcomes]}
 

@@ -40,6 +40,7 @@ from dnslib import (
     DNSBuffer,
     DNSError,
     DNSHeader,
+    DNSLabel,
     DNSRecord,
 )
 
@@ -176,7 +177,7 @@ class MeshZone:
             return error_reply(header, RCODE.FORMERR)
         if header.opcode != OPCODE.QUERY:
             return error_reply(header, RCODE.NOTIMP)
-        if len(query.questions) != 1:
+        if len(query.questions) != 1 or not _packable(query.q.qname):
             return error_reply(header, RCODE.FORMERR)
         service = self.service_of(str(query.q.qname))
         if service is None:
@@ -186,6 +187,9 @@ class MeshZone:
     def _answer(self, query: DNSRecord, name: str) -> Reply:
         q = query.q
         reply = query.reply()  # id, rd, question; qr, aa, ra set
+        # reply() copies the query's flag bits whole: a query with RCODE or TC set would get
+        # an answer saying NOTAUTH, or truncated, with the full answer in it
+        reply.header.rcode, reply.header.tc = RCODE.NOERROR, 0
         if q.qclass not in (CLASS.IN, _CLASS_ANY):
             reply.header.rcode = RCODE.REFUSED
             return Reply(_with_edns(reply, query).pack(), RCODE.REFUSED)
@@ -241,6 +245,13 @@ class MeshZone:
         zone = self.suffix + "."
         return RR(zone, QTYPE.SOA, CLASS.IN, self.ttl,
                   SOA("ns." + zone, "hostmaster." + zone, (1, 60, 60, 60, self.ttl)))
+
+
+def _packable(name: DNSLabel) -> bool:
+    """Whether `name` fits DNS's limits. dnslib parses a label of 64-191 bytes (a length byte
+    with the reserved 01/10 top bits) and names over 253 bytes, then refuses to pack them in
+    the answer: a query the answer could not repeat is malformed."""
+    return len(name) <= 253 and all(len(label) <= 63 for label in name.label)
 
 
 def _with_edns(reply: DNSRecord, query: DNSRecord) -> DNSRecord:

@@ -225,8 +225,9 @@ class Mirror:
                                                                                          lease)
                 self._revs[key] = rev
                 return parsed.service
-        except (RegistryError, ValueError) as exc:
+        except (RegistryError, ValueError, TypeError, RecursionError) as exc:
             # someone wrote garbage (by hand, or a newer format): skip that key, keep the rest
+            # (TypeError: a host report that is JSON but no object)
             log.warning("ignoring etcd key %r: %s", key, exc)
             return self.delete(key, rev)
         return None  # VIP reservations, claims and history do not shape the snapshot
@@ -263,8 +264,15 @@ class Mirror:
             items = [(item, *store.decode(json.dumps(item["doc"]).encode(),
                                           int(item["version"])))
                      for item in data.get("resources", [])]
+            # every VIP read (and checked against the range) before anything is replaced
+            vips = {r.name: IPv4Address(item["vip"]) for item, r, _ in items
+                    if r.kind == "Service"}
+            for vip in vips.values():
+                self.vips.id_of(vip)
             eps = {name: [EndpointRecord.from_json(e) for e in recs]
                    for name, recs in data.get("endpoints", {}).items()}
+            revision = int(data.get("revision", 0))
+            data_revision = int(data.get("data_revision", revision))
         except FileNotFoundError:
             return False
         except Exception as exc:
@@ -272,16 +280,14 @@ class Mirror:
             log.warning("ignoring the etcd cache %s: %s", path, exc)
             return False
         self.reset([], 0)  # revision 0: the first Reset from etcd replaces every key
-        for item, r, _ in items:
+        for _, r, _ in items:
             self._resources[r.key] = r
-            if r.kind == "Service":
-                self._vip[r.name] = IPv4Address(item["vip"])
+        self._vip.update(vips)
         for name, recs in eps.items():
             self._eps[name] = {(e.node, e.addr): (e, 0) for e in recs}
         for name in {n for k, n in self._resources if k == "Service"}:
             self._rebuild(name)
-        self.revision = int(data.get("revision", 0))
-        self.data_revision = int(data.get("data_revision", self.revision))
+        self.revision, self.data_revision = revision, data_revision
         return True
 
 

@@ -54,10 +54,14 @@ class Ledger:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return []
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             log.warning("ledger %s unreadable (%s); starting empty", self.path, exc)
             return []
-        return [e for e in data if isinstance(e, dict) and "kind" in e]
+        if not isinstance(data, list):  # valid JSON of another shape: 5, null, {...}
+            log.warning("ledger %s is not a list of entries; starting empty", self.path)
+            return []
+        # a kind that is no string (a list, say) would break the undo dispatch by kind
+        return [e for e in data if isinstance(e, dict) and isinstance(e.get("kind"), str)]
 
     def _write(self) -> None:
         # durable before the object is created: that is the ledger's whole promise

@@ -9,7 +9,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import psutil
 
-from meshnode.errors import NotFoundError, UnavailableError, UsageError
+from meshnode.errors import AccessError, NotFoundError, UnavailableError, UsageError
 from meshnode.model import HostPort
 from meshnode.sockdiag import Address, SockDiag
 
@@ -58,6 +58,9 @@ def same_netns(pid: int) -> bool:
         return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
     except FileNotFoundError:
         raise _no_such(pid) from None
+    except PermissionError:  # ptrace access refused, even to root: another user namespace
+        raise AccessError(f"cannot read the network namespace of PID {pid}",
+                          "give the PID of a process in the agent's own namespace") from None
 
 
 def tree(pid: int) -> list[psutil.Process]:

@@ -28,11 +28,14 @@ def load_text(text: str, source: str) -> list[tuple[str, Any]]:
 
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
+    except Exception as exc:
+        # Not only YAMLError: PyYAML's scalar constructors raise ValueError, KeyError or
+        # AttributeError (`!!int x`, a date like 2001-02-30) and deep nesting RecursionError.
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UsageError(f"{source}{where}: not valid YAML or JSON: {problem}",
+        problem = (getattr(exc, "problem", None)
+                   or (str(exc).splitlines() or [type(exc).__name__])[0])
+        raise UsageError(f"{source}{where}: not valid YAML or JSON: {_one_line(problem)}",
                          "fix the syntax (check indentation and quotes)") from None
     out: list[tuple[str, Any]] = []
     for doc in docs:
@@ -59,11 +62,11 @@ def parse(doc: Any, where: str = "document") -> Resource:
     name = doc.get("name")
     if not isinstance(name, str):
         raise UsageError(f"{where} ({kind}): missing name", "add name: NAME")
-    label = f"{where} ({kind} {name})"
     try:
         check_name(name, kind)
-    except UsageError as exc:
-        raise UsageError(f"{label}: {exc.message}", exc.hint) from None
+    except UsageError as exc:  # the message shows the name quoted: the label must not
+        raise UsageError(f"{where} ({kind}): {exc.message}", exc.hint) from None
+    label = f"{where} ({kind} {name})"
     version = doc.get("version", 0)
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise UsageError(f"{label}: version must be a whole number",
@@ -85,7 +88,13 @@ def _explain(exc: msgspec.ValidationError) -> str:
     path = "spec" + (m.group("path") if m else "")
     msg = text[: m.start()] if m else text
     msg = msg.replace("`", "")
-    return f"{path}: {msg[:1].lower()}{msg[1:]}"
+    return _one_line(f"{path}: {msg[:1].lower()}{msg[1:]}")
+
+
+def _one_line(text: str) -> str:
+    """`text` with control characters escaped: an unknown field named "a\\nb" (or a
+    syntax error quoting one) must not break the error's one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def parse_all(docs: Iterable[tuple[str, Any]]) -> list[Resource]:

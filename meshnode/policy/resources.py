@@ -27,7 +27,7 @@ NAME_RULE = "1-63 lowercase letters, digits and '-', starting and ending alphanu
 
 def check_name(name: str, what: str = "service") -> str:
     """A resource name is a DNS label, so `<name>.mesh` is always a valid name."""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):  # match's $ would let a trailing newline through
         raise UsageError(f"invalid {what} name {name!r}", f"use {NAME_RULE}")
     return name
 

@@ -52,6 +52,7 @@ _STATIC_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 _TIMEOUT = 5.0
 _MAX_WINDOW = 600.0
 MAX_BLOCKING = 256  # blocking catalog queries waiting at once (one thread each)
+CLIENT_TIMEOUT = 10.0  # seconds a connection may stay idle mid-request or mid-answer
 CATALOG = "/v1/catalog/"
 INDEX_HEADER = "X-Meshnode-Index"
 
@@ -78,6 +79,16 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # Seconds a client may leave the socket idle (mid-request, or not reading the answer):
+    # without it a slowloris client holds a server thread for good.
+    timeout = CLIENT_TIMEOUT
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except TimeoutError:  # else socketserver prints a traceback for each such client
+            log.debug("admin: a client stayed idle for %g s: connection closed", self.timeout)
+
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("admin: " + format, *args)
 
@@ -129,7 +140,7 @@ class AdminServer:
             return _reply(start, "405 Method Not Allowed", b"GET only\n", "text/plain")
         try:
             if path == "/metrics":
-                encoder, ctype = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+                encoder, ctype = _encoder(environ.get("HTTP_ACCEPT", ""))
                 return _reply(start, "200 OK", encoder(self._registry), ctype)
             if path == "/ready":
                 ready = self._provider.ready
@@ -206,6 +217,15 @@ def _json(start: StartResponse, status: str, body: Any,
           headers: list[tuple[str, str]] | None = None) -> list[bytes]:
     return _reply(start, status, json.dumps(body).encode() + b"\n", "application/json",
                   headers=headers)
+
+
+def _encoder(accept: str) -> tuple[Callable[[CollectorRegistry], bytes], str]:
+    """The exposition format the scraper asks for; the plain text one when its Accept header
+    does not parse (prometheus-client raises TypeError on "...; version=abc")."""
+    try:
+        return choose_encoder(accept)
+    except (TypeError, ValueError):
+        return choose_encoder("")
 
 
 def _window(query: str) -> float:
