@@ -29,7 +29,7 @@ def main(argv: list[str]) -> None:
         level, argv = argv[0].partition("=")[2], argv[1:]
     try:
         logging.basicConfig(level=level.upper(), stream=sys.stderr, format=LOG_FORMAT)
-        from meshnode.agent.host_agent import remove_host, run_agent
+        from meshnode.agent.main import remove_host, run_agent
 
         cfg = AgentConfig.from_argv(argv)
         if remove:

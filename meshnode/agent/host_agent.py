@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -49,35 +48,16 @@ from meshnode.discovery import catalog
 from meshnode.discovery.factory import open_registry
 from meshnode.discovery.health import HealthMonitor
 from meshnode.discovery.registry import EndpointRecord, Registry, ServiceRecord
-from meshnode.errors import AccessError, ConflictError, MeshnodeError, UsageError
+from meshnode.errors import AccessError, ConflictError, MeshnodeError
 from meshnode.host import cgroup, process
 from meshnode.host.ledger import Ledger, UndoFn
+from meshnode.host.netns import enter_netns
 from meshnode.host.statefile import write_json
 from meshnode.model import CaptureState
 from meshnode.policy import compiler
 from meshnode.wire import Retain
 
 log = logging.getLogger(__name__)
-
-_CLONE_NEWNET = 0x40000000
-
-
-def enter_netns(name: str) -> None:
-    """Join /run/netns/NAME (network namespace only: the mount namespace, and so the cgroup2
-    mount, stays the host's). libc's setns(2) directly: pyroute2 would stay loaded in the
-    agent for this one call (about 10 MB)."""
-    path = Path(f"/run/netns/{name}")
-    if not path.exists():
-        raise UsageError(f"no network namespace named {name!r}", "create it: ip netns add NAME")
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if ctypes.CDLL(None, use_errno=True).setns(fd, _CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise AccessError(f"cannot enter network namespace {name!r}: "
-                                   f"{os.strerror(err)}", "the agent must run as root")
-    finally:
-        os.close(fd)
-
 
 class HostAgent:
     def __init__(self, cfg: AgentConfig) -> None:
@@ -471,43 +451,3 @@ class HostAgent:
         """Apply a change now, so the caller's next connection already sees it."""
         self._dirty.clear()
         await self._reconcile()
-
-
-async def _main(cfg: AgentConfig) -> bool:
-    agent = HostAgent(cfg)
-    await agent.run()
-    return agent.reload
-
-
-def run_agent(cfg: AgentConfig) -> None:
-    """Entry point for `meshnode agent`: stdlib asyncio (netlink work needs it, not uvloop).
-    After SIGHUP the process re-executes itself (same PID, for systemd): the new code and the
-    configuration as the command line names it now, adopting the data plane as a restart."""
-    reload = False
-    with contextlib.suppress(KeyboardInterrupt):
-        reload = asyncio.run(_main(cfg))
-    if reload:
-        systemd.reexec()
-
-
-def remove_host(cfg: AgentConfig) -> None:
-    """`meshnode uninstall` with no agent running: start one (it adopts what the last agent
-    left) and stop it with a removal. When even that cannot start, the kernel objects the
-    ledger lists and the workers in the proxy cgroup are removed directly."""
-    async def remove() -> None:
-        agent = HostAgent(cfg)
-        if not agent.ledger.entries():
-            log.info("nothing of meshnode instance %r is installed here", cfg.instance)
-            return
-        try:
-            await agent.start()
-        except MeshnodeError as exc:
-            if isinstance(exc, ConflictError):
-                raise  # an agent runs after all: it must be asked, not overrun
-            log.error("cannot start to remove cleanly (%s): removing what the ledger lists",
-                      exc)
-            agent.remove_leftovers()
-            return
-        await agent.stop(remove=True)
-
-    asyncio.run(remove())

@@ -27,14 +27,13 @@ import itertools
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from meshnode import __version__
+from meshnode.agent.worker_handle import Worker
 from meshnode.build import code_build
 from meshnode.config import AgentConfig
 from meshnode.errors import MeshnodeError, UnavailableError, WireError
@@ -43,14 +42,10 @@ from meshnode.model import Add, DoesNotExist, Remove, Reset, Update
 from meshnode.wire import (
     PROTOCOL,
     AgentMessage,
-    ConnEvent,
     Hello,
-    Listening,
-    StartError,
     StatsReply,
     StatsRequest,
     Sync,
-    Synced,
     encode,
     update_message,
     worker_codec,
@@ -61,9 +56,6 @@ Initial = Update | AgentMessage
 
 log = logging.getLogger(__name__)
 
-# Joins the cgroup before exec, so the worker's listening socket (and every socket accepted on
-# it) belongs to the proxy cgroup from the first instant: capture hooks key on socket cgroups.
-_IN_CGROUP = 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"'
 _MAX_BACKOFF = 5.0
 MAX_LINE = 16 * 1024 * 1024  # as the worker's side (proxy/control.py)
 ADOPT_WAIT = 5.0  # seconds a restarted agent waits for the workers it finds to say hello
@@ -71,49 +63,6 @@ ADOPT_WAIT = 5.0  # seconds a restarted agent waits for the workers it finds to 
 # (the agent's copy) queues connections for the replacement instead of refusing them.
 BRIDGE = 5.0
 BRIDGE_BACKOFF = 1.0  # ...when the replacement starts within this
-
-
-class Worker:
-    """One worker process: started by this agent (`popen`) or adopted from an earlier one."""
-
-    def __init__(self, worker_id: int) -> None:
-        self.id = worker_id
-        self.pid: int | None = None
-        self.popen: subprocess.Popen[bytes] | None = None  # None: adopted, not our child
-        self.pidfd: int | None = None
-        self.exited = asyncio.Event()
-        self.writer: asyncio.StreamWriter | None = None
-        self.listening = asyncio.Event()
-        self.listener_fd = -1  # its descriptor number of the listening socket
-        self.error: str | None = None
-        self.pending: dict[int, asyncio.Future[Synced | StatsReply]] = {}
-        self.channel_open = False  # False from the moment the worker's end closes
-        self.started_at = time.monotonic()
-        self.restarts = 0
-        self.protocol: int | None = None  # from its Hello; None until it answers
-        self.build = ""
-        self.held: dict[str, int] = {}
-        self.adopted = False
-        self.retiring = False  # told to drain (replaced by an upgrade): its exit is expected
-        self.codec = worker_codec()
-
-    @property
-    def alive(self) -> bool:
-        return (self.pid is not None and not self.exited.is_set() and self.channel_open
-                and self.listening.is_set())
-
-    @property
-    def returncode(self) -> int | None:
-        return self.popen.returncode if self.popen is not None else None
-
-    def send(self, msg: AgentMessage) -> None:
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(encode(msg))
-
-    def signal(self, sig: int) -> None:
-        if self.pid is not None and not self.exited.is_set():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
 
 
 class WorkerPool:
@@ -244,39 +193,12 @@ class WorkerPool:
                 f"is port {self.cfg.outbound_port} taken by another program? (ss -ltnp)")
 
     def _spawn(self, w: Worker) -> None:
-        listen_fd = self.listener if self.listener is not None else -1
-        argv = self.cfg.worker(w.id, self.build, listen_fd, self.held).to_argv()
-        fds = [fd for fd in (listen_fd, *self.held.values()) if fd >= 0]
-        # Its own session: a Ctrl-C in the agent's terminal (or a signal to its process group)
-        # is the agent's business; a worker stops on its own SIGTERM only.
-        w.popen = subprocess.Popen(
-            ["/bin/sh", "-c", _IN_CGROUP, "sh", str(self.proxy_cgroup),
-             sys.executable, "-m", "meshnode.proxy.worker", *argv],
-            pass_fds=fds, stdin=subprocess.DEVNULL, start_new_session=True)
-        w.pid = w.popen.pid
-        w.build = self.build
-        w.started_at = time.monotonic()
-        self._by_pid[w.pid] = w
-        self._watch_exit(w)
-
-    def _watch_exit(self, w: Worker) -> None:
+        w.spawn(self.cfg, self.proxy_cgroup, self.build, self.listener, self.held)
         assert w.pid is not None
-        try:
-            w.pidfd = os.pidfd_open(w.pid)
-        except ProcessLookupError:
-            self._exited(w)
-            return
-        asyncio.get_running_loop().add_reader(w.pidfd, self._exited, w)
+        self._by_pid[w.pid] = w
+        w.watch_exit(self._exited)
 
     def _exited(self, w: Worker) -> None:
-        if w.pidfd is not None:
-            asyncio.get_running_loop().remove_reader(w.pidfd)
-            os.close(w.pidfd)
-            w.pidfd = None
-        if w.popen is not None:
-            w.popen.poll()  # reap our child
-        w.listening.clear()
-        w.exited.set()
         if w.pid is not None:
             self._by_pid.pop(w.pid, None)
         if w in self.retiring:
@@ -336,14 +258,14 @@ class WorkerPool:
             self.retiring.append(w)
             w.signal(signal.SIGTERM)
         self._by_pid[hello.pid] = w
-        self._watch_exit(w)
+        w.watch_exit(self._exited)
         return w
 
     async def _read(self, w: Worker, reader: asyncio.StreamReader) -> None:
         # a killed worker with unread input resets the socket: that is EOF too
         with contextlib.suppress(ConnectionError, ValueError):
             while line := await reader.readline():
-                self._dispatch(w, line)
+                w.dispatch(line, self._on_event)
         w.channel_open = False
         w.listening.clear()
         # (no reconcile here: the exit watcher's supervisor decides whether capture must
@@ -352,30 +274,6 @@ class WorkerPool:
             if not fut.done():
                 fut.cancel()
         w.pending.clear()
-
-    def _dispatch(self, w: Worker, line: bytes) -> None:
-        try:
-            msg = w.codec.decode(line)
-        except WireError as err:
-            log.warning("worker %d: %s; ignored: %.100r", w.id, err.message, line)
-            return
-        match msg:
-            case None:
-                if w.codec.unknown.total() == 1:
-                    log.info("worker %d sent a message kind this agent does not know "
-                             "(a newer worker?): %s", w.id, dict(w.codec.unknown))
-            case ConnEvent(record):
-                self._on_event(record)
-            case Listening(_, _, listener):
-                w.listener_fd = listener
-                w.listening.set()
-            case StartError(message, hint):
-                w.error = f"{message} ({hint})"
-                log.error("worker %d: %s", w.id, w.error)
-            case Synced(seq) | StatsReply(seq):
-                fut = w.pending.pop(seq, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(msg)
 
     # -- supervision ----------------------------------------------------------------------
     async def _supervise(self, slot: int) -> None:
@@ -437,7 +335,7 @@ class WorkerPool:
                 self._spawn(new)
                 async with asyncio.timeout(10):
                     await self._wait_listening(new)
-                await self._ask(new, Sync, 5.0)
+                await new.ask(Sync, next(self._seq), 5.0)
             except (TimeoutError, UnavailableError, OSError) as exc:
                 log.error("upgrade: new worker %d did not start (%s); keeping the old one",
                           slot, exc)
@@ -464,10 +362,7 @@ class WorkerPool:
         for w in [*self.workers, *self.retiring, *self._starting]:
             if w.writer is not None:
                 w.writer.close()
-            if w.pidfd is not None:
-                asyncio.get_running_loop().remove_reader(w.pidfd)
-                os.close(w.pidfd)
-                w.pidfd = None
+            w.unwatch()
         with contextlib.suppress(FileNotFoundError):
             self.cfg.worker_socket.unlink()
         self._close_fds()
@@ -529,34 +424,20 @@ class WorkerPool:
         for w in [*self.workers, *self._starting]:
             w.send(msg)
 
-    async def _ask(self, w: Worker, ask: Callable[[int], Sync | StatsRequest],
-                   timeout: float) -> Synced | StatsReply | None:
-        if not w.channel_open:
-            return None
-        seq = next(self._seq)
-        fut: asyncio.Future[Synced | StatsReply] = asyncio.get_running_loop().create_future()
-        w.pending[seq] = fut
-        w.send(ask(seq))
-        try:
-            async with asyncio.timeout(timeout):
-                return await fut
-        except (TimeoutError, asyncio.CancelledError):
-            w.pending.pop(seq, None)
-            return None
-
     async def barrier(self, timeout: float = 2.0) -> bool:
         """True when every live worker has applied everything sent so far (and one is live,
         or the last one's replacement is starting: the listening socket queues for it)."""
         live = self.alive
         if not live:
             return self._bridging()
-        answers = await asyncio.gather(*(self._ask(w, Sync, timeout) for w in live))
+        answers = await asyncio.gather(*(w.ask(Sync, next(self._seq), timeout) for w in live))
         return all(a is not None for a in answers) and all(w.alive for w in live)
 
     async def stats(self, timeout: float = 1.0) -> list[StatsReply]:
         """The live workers' counters (each names its pid: a new pid, counters restarted)."""
         live = self.alive
-        answers = await asyncio.gather(*(self._ask(w, StatsRequest, timeout) for w in live))
+        answers = await asyncio.gather(*(w.ask(StatsRequest, next(self._seq), timeout)
+                                         for w in live))
         return [a for a in answers if isinstance(a, StatsReply)]
 
     def describe(self) -> list[dict[str, Any]]:

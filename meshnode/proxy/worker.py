@@ -24,34 +24,36 @@ from __future__ import annotations
 import _socket
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import random
-import resource
 import signal
 import socket
 import sys
 import time
 from collections.abc import Callable
-from ipaddress import IPv4Address
 
 import uvloop
 
 from meshnode import __version__
 from meshnode.config import WorkerConfig
 from meshnode.errors import (
-    EX_UNAVAILABLE,
-    AccessError,
     MeshnodeError,
-    UnavailableError,
     UsageError,
 )
 from meshnode.model import DoesNotExist, Endpoint, HostPort, OrigDstAddr, ServicePolicy
 from meshnode.proxy.accesslog import AccessLog
 from meshnode.proxy.connect import Connector
 from meshnode.proxy.control import ControlChannel, connect_control, open_control
-from meshnode.proxy.dial import SO_MARK, Dialers
+from meshnode.proxy.dial import Dialers
+from meshnode.proxy.listener import (
+    BACKLOG,
+    bind_listener,
+    check_mark,
+    inherited_listener,
+    own_addresses,
+    relay_capacity,
+)
 from meshnode.proxy.origdst import OrigDstError, OrigDstSource, SockoptOrigDst, StaticOrigDst
 from meshnode.proxy.poller import READ, Poller
 from meshnode.proxy.relay import BufferPool, Relay, RelayRegistry
@@ -80,76 +82,15 @@ from meshnode.wire import (
     as_update,
 )
 
-__all__ = ["ListenError", "MarkError", "ProxyWorker", "bind_listener", "main"]
+__all__ = ["ProxyWorker", "main"]
 
 log = logging.getLogger("meshnode.proxy")
 
 
-BACKLOG = 4096  # clamped by net.core.somaxconn
 ROUTES_WAIT = 5.0  # seconds a started worker waits for the agent's routes before accepting
 RECONNECT_MAX = 0.5  # seconds between tries to reach a new agent, at most
 ACCEPT_BATCH = 64  # connections taken per listener wake-up (libuv's accept loop takes all)
 ACCEPT_PAUSE = 0.1  # seconds without accepting after accept() failed (out of descriptors)
-
-
-class ListenError(UnavailableError):
-    """The worker's listener could not be bound."""
-
-    exit_code = EX_UNAVAILABLE
-
-
-class MarkError(AccessError):
-    default_hint = "SO_MARK needs CAP_NET_ADMIN: run the agent as root, or use mark 0 in tests"
-
-
-def bind_listener(host: str, port: int) -> socket.socket:
-    """A non-blocking listening socket shared with the other workers through SO_REUSEPORT.
-    TCP_NODELAY on it is inherited by every accepted socket (one setsockopt fewer each)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        hints = {
-            errno.EADDRINUSE: f"another program holds the port: ss -ltnp 'sport = :{port}'",
-            errno.EACCES: "ports below 1024 need root (CAP_NET_BIND_SERVICE)",
-            errno.EADDRNOTAVAIL: f"{host} is not an address of this host (or namespace)",
-        }
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}",
-                          hints.get(exc.errno or 0, "check the listen address and port")) from exc
-    return sock
-
-
-def inherited_listener(fd: int) -> socket.socket:
-    """The listening socket the agent handed down (descriptor `fd`)."""
-    try:
-        sock = socket.socket(fileno=fd)
-        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
-    except OSError as exc:
-        raise ListenError(f"inherited listener fd {fd} is unusable: {exc.strerror}",
-                          "the agent hands it down; restart the agent") from exc
-    if not listening:
-        sock.detach()
-        raise ListenError(f"inherited fd {fd} is not a listening socket",
-                          "the agent hands it down; restart the agent")
-    sock.setblocking(False)
-    return sock
-
-
-def check_mark(mark: int) -> None:
-    """Fail at startup, not on every connect, when the mark cannot be set."""
-    if not mark:
-        return
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-        except OSError as exc:
-            raise MarkError(f"cannot set SO_MARK {mark:#x}: {exc.strerror}") from exc
 
 
 class ProxyWorker:
@@ -200,7 +141,7 @@ class ProxyWorker:
         self._held = {k: int(v) for k, _, v in (i.partition("=") for i in config.held_fds)}
         # Destinations that are this proxy's own listener (connecting there would loop).
         self._own_port = config.listen_port
-        self._own_ips = _own_addresses(config.listen_host)
+        self._own_ips = own_addresses(config.listen_host)
 
     # -- control channel ---------------------------------------------------------------------
 
@@ -544,37 +485,6 @@ def _event(record: dict[str, object]) -> ConnEvent:
     """A tap event: the record without the old inline tag (wire.ConnEvent carries its own)."""
     record.pop("t", None)
     return ConnEvent(record)
-
-
-FD_RESERVE = 16  # descriptors kept for what opens later: access log, netlink, control
-
-
-def relay_capacity() -> int:
-    """How many relays fit RLIMIT_NOFILE, past the descriptors open now. The soft limit is
-    raised to the hard one first, as nginx and HAProxy do: systemd's soft 1024 is for
-    programs that still use select(), and would cap a worker at about 500 connections."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):  # an infinite hard limit above fs.nr_open
-            pass
-    if soft == resource.RLIM_INFINITY:
-        return sys.maxsize
-    return max(1, (soft - len(os.listdir("/proc/self/fd")) - FD_RESERVE) // 2)
-
-
-def _own_addresses(host: str) -> frozenset[int]:
-    """The addresses of a listener on `host`: a wildcard listener is every local loopback
-    address we can name cheaply."""
-    try:
-        ip = IPv4Address(host)
-    except ValueError:
-        return frozenset()
-    if ip.is_unspecified:
-        return frozenset({int(ip), int(IPv4Address("127.0.0.1"))})
-    return frozenset({int(ip)})
 
 
 def origdst_source(config: WorkerConfig) -> OrigDstSource:
