@@ -86,6 +86,9 @@ def agent(
         help="access log file, - for stdout, off (default: /var/log/meshnode/access.log)")] = "",
     access_log_sample: Annotated[float, typer.Option(
         help="share of connections logged, 0-1")] = 1.0,
+    history_seconds: Annotated[float, typer.Option(
+        help="seconds of per-second counters kept for stat/top windows (a few KiB each)")] =
+        600.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     config: Annotated[Path | None, typer.Option(
         help="YAML file of these options (e.g. `workers: 2`); flags win over it. Read again "

@@ -139,6 +139,9 @@ class AgentConfig:
     admin_port: int = C.ADMIN_PORT  # /metrics, the dashboard and its API (127.0.0.1); 0: off
     access_log: str = ""  # a file, "-" for stdout, "off"; "": access.log in the log folder
     access_log_sample: float = 1.0  # share of connections logged
+    # Seconds of once-a-second counter samples kept for stat/top/dashboard windows: the
+    # agent's memory grows by a few KiB per sample until the history is full.
+    history_seconds: float = 600.0
 
     def __post_init__(self) -> None:
         instance_name(self.instance)
@@ -152,6 +155,9 @@ class AgentConfig:
         if not 0 <= self.admin_port < 65536:
             raise ConfigError(f"invalid admin port {self.admin_port}",
                               "use 1..65535, or 0 for none")
+        if not 10.0 <= self.history_seconds <= 3600.0:
+            raise ConfigError(f"history of {self.history_seconds:g} s is out of range",
+                              "use --history-seconds between 10 and 3600")
         if not 0.0 <= self.access_log_sample <= 1.0:
             raise ConfigError(f"access log sample {self.access_log_sample} is not a share",
                               "use --access-log-sample between 0 and 1 (0.1: one in ten)")

@@ -69,7 +69,7 @@ class Telemetry:
         self.cfg = cfg
         self.parts: Parts | None = None
         self.acc = Accumulator()
-        self.history = History(time.time())
+        self.history = History(time.time(), keep=cfg.history_seconds)
         self._sampled_at = 0.0
         self._sample_lock = asyncio.Lock()
         self._sources: dict[str, str] = {}
