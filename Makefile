@@ -33,3 +33,20 @@ VAGRANT_ARGS ?=
 .PHONY: vagrant-test
 vagrant-test:
 	./setup.sh vagrant $(VAGRANT_ARGS)
+
+# The fault drill and the soak (issue 13; tests/drill/): continuous load through the mesh (short
+# calls on new connections, long-lived streams) on both capture backends while each fault
+# happens in turn (agent restart, SIGKILL, upgrade, worker and backend kills, etcd faults); a
+# table per phase with its target, written to artifacts/drill/. Exits 1 when a target is missed.
+#   make drill DRILL_ARGS="--quick"                        short phases (what CI runs)
+#   make drill DRILL_ARGS="--backend ebpf --only restart,upgrade"
+#   make soak SOAK_ARGS="--minutes 2"                      at most 10 minutes (the default)
+DRILL_ARGS ?=
+SOAK_ARGS ?=
+
+.PHONY: drill soak
+drill:
+	./setup.sh drill $(DRILL_ARGS)
+
+soak:
+	./setup.sh soak $(SOAK_ARGS)

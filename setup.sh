@@ -27,7 +27,7 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 # 1. Debian packages: only what is missing, so a second run touches nothing.
 pkgs=(python3-bpfcc python3-venv python3-dev iptables bpftool linux-headers-amd64 iproute2 util-linux procps gcc)
 # the tests start real etcd clusters (multi-host discovery)
-[ "$mode" = test ] && pkgs+=(etcd-server etcd-client)
+case "$mode" in test|drill) pkgs+=(etcd-server etcd-client);; esac  # also the drill's etcd faults
 # ... and render the dashboard in headless Chromium (fonts for readable screenshots)
 [ "$mode" = test ] && pkgs+=(chromium fonts-dejavu-core)
 # the benchmarks compare against HAProxy and nginx (stream is a module in Debian 12), load HTTP
