@@ -54,6 +54,13 @@ def _kernel_attached(h: Host) -> set[int]:
         os.close(fd)
 
 
+def _dns_queued(h: Host) -> bool:
+    """Whether a datagram waits in the receive queue of the agent's DNS socket (ss Recv-Q)."""
+    out = subprocess.run(["nsenter", f"--net=/run/netns/{h.netns}", "ss", "-Hunl",
+                          "sport = :15053"], capture_output=True, text=True, check=True).stdout
+    return any(int(line.split()[1]) > 0 for line in out.splitlines())
+
+
 def _pids(h: Host) -> dict[int, Any]:
     return {w["id"]: w["pid"] for w in h.status()["workers"] if not w["retiring"]}
 
@@ -87,7 +94,8 @@ def test_agent_restart_keeps_calls_and_streams(make_host, backend: str, how: str
     query = dnslib.DNSRecord.question("web.mesh", "A").pack().hex()
     with ThreadPoolExecutor(1) as pool:
         asked = pool.submit(dns_client.ask, op="dns", host="127.0.0.53", port=53, query=query)
-        time.sleep(0.2)
+        # the query must be waiting in the held socket before an agent exists to answer it
+        wait_for("the query queued in the DNS socket", lambda: _dns_queued(h), timeout=5)
         h.start(env={"MESHNODE_BUILD_ID": "test-upgrade"} if how == "upgrade" else None)
         answer = asked.result(timeout=10)
     assert answer["ok"], answer
