@@ -33,11 +33,20 @@ def etcd_available() -> bool:
     return os.access(ETCD, os.X_OK) and os.access(ETCDCTL, os.X_OK)
 
 
+_handed_out: set[tuple[str, int]] = set()
+
+
 def free_port(host: str) -> int:
-    """A port nothing listens on right now (the kernel's choice, so it is random)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on right now (the kernel's choice, so it is random), and never
+    one handed out before in this process: the kernel may choose a just-released port again,
+    and two members given the same one fail to start ("address already in use")."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if (host, port) not in _handed_out:
+            _handed_out.add((host, port))
+            return port
 
 
 class Member:
