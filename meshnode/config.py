@@ -72,6 +72,10 @@ class WorkerConfig:
     explicit_target: str | None = None
     access_log: str = ""  # a path, "-" for stdout, "" for none
     access_log_sample: float = 1.0
+    # The inbound mTLS listener (host address:15008), inherited from the agent like the
+    # outbound one; -1: none (this host serves no mTLS).
+    inbound_fd: int = -1
+    handshake_timeout: float = C.HANDSHAKE_TIMEOUT  # a TLS peer that stalls longer is cut
 
     def to_argv(self) -> list[str]:
         return _to_argv(self)
@@ -142,6 +146,14 @@ class AgentConfig:
     # Seconds of once-a-second counter samples kept for stat/top/dashboard windows: the
     # agent's memory grows by a few KiB per sample until the history is full.
     history_seconds: float = 600.0
+    # mTLS between hosts: the inbound listener's port on host_address (0: none), and how
+    # this host gets its node identity when it has none yet: a join token from
+    # `meshnode ca token create` (or a file holding one), or a pre-provisioned certificate
+    # and key signed by the mesh CA.
+    inbound_port: int = C.TUNNEL_PORT
+    join_token: str = ""
+    node_cert: Path | None = None
+    node_key: Path | None = None
 
     def __post_init__(self) -> None:
         instance_name(self.instance)

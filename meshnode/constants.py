@@ -69,6 +69,7 @@ PIN_ROOT: Final = "/sys/fs/bpf/meshnode"
 CONNECT_TIMEOUT: Final = 2.0
 IDLE_TIMEOUT: Final = 300.0
 DRAIN_GRACE: Final = 5.0
+HANDSHAKE_TIMEOUT: Final = 5.0  # a TLS peer (or the tunnel preamble) that stalls is cut
 WORKER_RESTART_BACKOFF: Final = 0.2
 
 

@@ -11,7 +11,9 @@
 
    agent -> worker   hello, reset / add / remove / gone (discovery updates), sync, stats,
                      sources (cgroup id -> source service), tap (services to send events for),
-                     retain (the services still known, after an adoption)
+                     retain (the services still known, after an adoption), identities
+                     (TLS material), peers (hosts serving mTLS), security (mTLS default,
+                     authorization)
    worker -> agent   hello, listening, error (start-up failed, then exit), synced, stats
                      (counters, named by meshnode.counters), event (a tapped connection)
 
@@ -39,6 +41,7 @@ import msgspec
 
 from meshnode.errors import MeshnodeError, WireError, from_wire
 from meshnode.model import Add, DoesNotExist, Endpoint, Remove, Reset, ServiceSpec, Update
+from meshnode.policy.authz import AuthzTable
 
 __all__ = [
     "MIN_PROTOCOL",
@@ -53,12 +56,15 @@ __all__ = [
     "Failure",
     "Hello",
     "HistogramCounts",
+    "Identities",
     "Listening",
     "PairCounters",
+    "Peers",
     "Reply",
     "Request",
     "Result",
     "Retain",
+    "Security",
     "ServiceGone",
     "ServiceReset",
     "StartError",
@@ -83,7 +89,8 @@ __all__ = [
 # than MIN_PROTOCOL cannot be driven and is replaced instead.
 # 2: workers outlive the agent and reconnect to its worker socket; Hello names the worker;
 # Listening names the listener's descriptor; Retain.
-PROTOCOL = 2
+# 3: Identities, Peers, Security (mTLS between hosts, authorization).
+PROTOCOL = 3
 MIN_PROTOCOL = 1
 
 
@@ -107,6 +114,35 @@ class Hello(_Message, frozen=True, tag="hello"):
 
 
 # -- agent -> worker -------------------------------------------------------------------------
+class Identities(_Message, frozen=True, tag="identities"):
+    """The TLS material for connections between hosts. Paths, not PEM: the ssl module loads
+    keys only from files. Each file is written once and never changed (0600, under the
+    agent's run directory on tmpfs), so a worker may build contexts from it at any time;
+    a rotated certificate arrives as a new file in a new message. Empty `node`: this host
+    has no valid identity (no mTLS: inbound refuses, outbound to STRICT services fails)."""
+
+    trust_domain: str = ""
+    bundle: str = ""  # PEM trust anchors
+    node: str = ""  # this host's certificate chain + key: the inbound listener presents it
+    services: dict[str, str] = {}  # source service -> its certificate chain + key
+    revoked_nodes: tuple[str, ...] = ()  # peers whose certificates are refused
+    generation: int = 0  # grows with every change
+
+
+class Peers(_Message, frozen=True, tag="peers"):
+    """Hosts that accept the mesh's mTLS: node -> "ip:port" of its inbound listener."""
+
+    nodes: dict[str, str] = {}
+
+
+class Security(_Message, frozen=True, tag="security"):
+    """Mesh-wide security settings: the default mTLS mode (a service's own overrides it)
+    and the compiled authorization."""
+
+    mtls_default: str = "PERMISSIVE"
+    authz: AuthzTable = AuthzTable()
+
+
 class ServiceReset(_Message, frozen=True, tag="reset"):
     service: ServiceSpec
     endpoints: tuple[Endpoint, ...] = ()
@@ -156,7 +192,7 @@ class Tap(_Message, frozen=True, tag="tap"):
 
 
 AgentMessage = (Hello | ServiceReset | EndpointsAdded | EndpointsRemoved | ServiceGone | Sync
-                | StatsRequest | CgroupSources | Tap | Retain)
+                | StatsRequest | CgroupSources | Tap | Retain | Identities | Peers | Security)
 
 
 def update_message(u: Update) -> ServiceReset | EndpointsAdded | EndpointsRemoved | ServiceGone:

@@ -40,6 +40,11 @@ class _Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="cam
 LB_ALGORITHMS = ("p2c-ewma", "round-robin", "random", "ring-hash")
 Algorithm = Literal["p2c-ewma", "round-robin", "random", "ring-hash"]
 Protocol = Literal["tcp"]  # the L7 issue adds http, http2, grpc and auto
+# How a service's endpoints accept connections from other hosts: STRICT only over the mesh's
+# mutual TLS (plaintext from another host is refused in the kernel), PERMISSIVE both (the
+# plaintext ones counted), DISABLE plaintext only (the service opts out of mTLS).
+MtlsMode = Literal["STRICT", "PERMISSIVE", "DISABLE"]
+MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 
 
 class BalancerConfig(_Spec, frozen=True):
@@ -117,6 +122,34 @@ def _check_port(port: int) -> None:
         raise ValueError(f"port {port} is out of range 1-65535")
 
 
+class WorkloadSelector(_Spec, frozen=True):
+    """Who may be enrolled as this service, checked against what the kernel says about the
+    process at enrollment (each list: any one entry matches; an empty list: anything).
+    `uids`: the process's real uid; `executables`: the absolute path of /proc/PID/exe;
+    `sha256`: the hex digest of that executable; `nodes`: glob patterns of the hosts that may
+    run the service (the CA issues its identity to no other host)."""
+
+    uids: tuple[int, ...] = ()
+    executables: tuple[str, ...] = ()
+    sha256: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for uid in self.uids:
+            if not 0 <= uid < 2**32:
+                raise ValueError(f"uid {uid} is out of range")
+        for path in self.executables:
+            if not path.startswith("/"):
+                raise ValueError(f"executable {path!r} must be an absolute path")
+        for digest in self.sha256:
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"sha256 {digest!r} is not 64 lowercase hex digits")
+
+    @property
+    def empty(self) -> bool:
+        return not (self.uids or self.executables or self.sha256 or self.nodes)
+
+
 class ServicePolicy(_Spec, frozen=True):
     """Everything that describes a service (the `Service` kind's spec).
 
@@ -125,7 +158,10 @@ class ServicePolicy(_Spec, frozen=True):
     the default). `vip` pins the VIP (else the registry allocates one). `fail_mode`: what a
     captured connection gets while the proxy cannot serve the service (open: its original
     destination; closed: refused). `max_connections`: active connections the proxy carries
-    to this service at once, per worker (0: no limit); more are refused."""
+    to this service at once, per worker (0: no limit); more are refused. `mtls`: how its
+    endpoints accept connections from other hosts (None: the Mesh resource's default).
+    `identity`: which processes may be enrolled as it (its SPIFFE identity is
+    spiffe://<trust domain>/svc/<name>)."""
 
     port: int | None = None
     protocol: Protocol = "tcp"
@@ -137,6 +173,8 @@ class ServicePolicy(_Spec, frozen=True):
     outlier: OutlierConfig = OutlierConfig()
     timeouts: Timeouts = Timeouts()
     max_connections: int = 0
+    mtls: MtlsMode | None = None
+    identity: WorkloadSelector = WorkloadSelector()
 
     def __post_init__(self) -> None:
         if self.port is not None:
@@ -183,9 +221,34 @@ class KindInfo:
         return self.references is not _no_references
 
 
+class MeshMtls(_Spec, frozen=True):
+    """The mesh-wide default of `Service.mtls`."""
+
+    mode: MtlsMode = "PERMISSIVE"
+
+
+class MeshSpec(_Spec, frozen=True):
+    """Mesh-wide settings (the `Mesh` kind; one resource, named `mesh`)."""
+
+    mtls: MeshMtls = MeshMtls()
+
+
+MESH_NAME = "mesh"  # the one Mesh resource's name
+
+
+def mtls_mode(service: ServicePolicy, mesh: MeshSpec | None) -> MtlsMode:
+    """A service's effective mTLS mode: its own, else the mesh's default."""
+    if service.mtls is not None:
+        return service.mtls
+    return (mesh or MeshSpec()).mtls.mode
+
+
 KINDS: dict[str, KindInfo] = {
     "Service": KindInfo(ServicePolicy, "a service: ports and protocols, VIP, fail mode, "
-                                      "balancing, health, outlier ejection, timeouts, limits"),
+                                      "balancing, health, outlier ejection, timeouts, limits, "
+                                      "mTLS mode, workload selectors"),
+    "Mesh": KindInfo(MeshSpec, "mesh-wide settings (one, named mesh): default mTLS mode, "
+                               "default authorization"),
 }
 
 
@@ -230,3 +293,16 @@ def spec_schema(kind: str) -> dict[str, Any]:
     """The JSON schema of a kind's spec (`meshnode schema KIND`)."""
     out: dict[str, Any] = msgspec.json.schema(kind_info(kind).spec)
     return out
+
+
+# The CA's kinds live with the identity rules; registered here so every reader of KINDS
+# (documents, the store, the CLI) knows them. Imported last: identity.py builds on _Spec.
+from meshnode.policy import identity as _identity  # noqa: E402
+
+KINDS.update({
+    "TrustBundle": KindInfo(_identity.TrustBundleSpec,
+                            "the mesh's trust anchors and revoked hosts, signed by the CA"),
+    "CertificateRequest": KindInfo(_identity.CertificateRequestSpec,
+                                   "a host's request for a node or workload certificate"),
+    "Certificate": KindInfo(_identity.CertificateSpec, "what the CA issued for a request"),
+})
