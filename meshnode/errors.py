@@ -111,6 +111,12 @@ class ConflictError(MeshnodeError):
     exit_code = EX_DATAERR
 
 
+class TrustError(MeshnodeError):
+    """A certificate, join token or trust bundle failed verification (the message says why)."""
+
+    exit_code = EX_NOPERM
+
+
 class TemporaryError(MeshnodeError):
     exit_code = EX_TEMPFAIL
 
@@ -139,6 +145,7 @@ ERROR_TYPES: dict[str, type[MeshnodeError]] = {
         MeshnodeError, UsageError, ConfigError, NotFoundError, AccessError,
         UnavailableError, AgentNotRunningError, KernelError, BpfError, CaptureError,
         CgroupError, IptablesError, RegistryError, ConflictError, TemporaryError, StateError,
+        TrustError,
         WireError,
     )
 }

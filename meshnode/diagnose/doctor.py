@@ -76,6 +76,7 @@ def run_checks(instance: str) -> list[Check]:
     checks.append(ebpf_verdict(checks))
     checks.append(check_iptables(root))
     checks += check_ports(instance)
+    checks += check_certificates(instance)
     return checks
 
 
@@ -432,3 +433,130 @@ def check_ports(instance: str) -> list[Check]:
         fix += f", or start the agent with {need.option} PORT" if need.option else ""
         checks.append(Check(name, "warn", f"{where} in use by {who} ({need.role})", fix))
     return checks
+
+
+# --- certificates ----------------------------------------------------------------------------
+# The classic mesh outage is an expired root or issuer (linkerd2#3452, #15109): warn a month
+# ahead. A leaf past 3/4 of its life means renewal (due at half-life) has been failing.
+CA_WARN_DAYS = 30
+
+
+@dataclass(frozen=True, slots=True)
+class HeldCert:
+    label: str  # identity or CA name, and where it was found
+    kind: str  # root, issuer, node, workload
+    not_before: float
+    not_after: float
+
+
+def certificate_checks(held: Iterable[HeldCert], now: float) -> list[Check]:
+    """Warnings about the certificates found (none found: no checks)."""
+    held = list(held)
+    out: list[Check] = []
+    anchors = [c for c in held if c.kind in ("root", "issuer")]
+    if anchors:
+        expired = [c for c in anchors if c.not_after <= now]
+        soon = [c for c in anchors if now < c.not_after < now + CA_WARN_DAYS * 86_400]
+        first = min(anchors, key=lambda c: c.not_after)
+        if expired:
+            out.append(Check("certificates: CA", "fail",
+                             "expired: " + "; ".join(f"{c.kind} {c.label}" for c in expired),
+                             "rotate now: meshnode ca root add, ca root activate FP, then ca "
+                             "root remove OLDFP (on the CA host)"))
+        elif soon:
+            out.append(Check("certificates: CA", "warn", "expiring within 30 days: " + "; ".join(
+                f"{c.kind} {c.label} in {(c.not_after - now) / 86_400:.0f}d" for c in soon),
+                "rotate before then: meshnode ca root add; ca root activate FP; ca root remove "
+                "OLDFP (on the CA host)"))
+        else:
+            out.append(Check("certificates: CA", "ok",
+                             f"{len(anchors)} root/issuer certificate(s), the first expiring in "
+                             f"{(first.not_after - now) / 86_400:.0f}d ({first.label})"))
+    leaves = [c for c in held if c.kind in ("node", "workload")]
+    if leaves:
+        expired = [c for c in leaves if c.not_after <= now]
+        stale = [c for c in leaves if c.not_after > now and
+                 now - c.not_before > 0.75 * (c.not_after - c.not_before)]
+        if expired or stale:
+            what = [f"{c.label} expired" for c in expired]
+            what += [f"{c.label} past 3/4 of its life ({(c.not_after - now) / 3600:.1f}h left)"
+                     for c in stale]
+            out.append(Check("certificates: leaves", "warn", "; ".join(what),
+                             "the agent renews at half-life: check that it runs and that the "
+                             "CA host answers (meshnode ca status; the agent log)"))
+        else:
+            out.append(Check("certificates: leaves", "ok",
+                             f"{len(leaves)} leaf certificate(s), none past 3/4 of its life"))
+    return out
+
+
+def check_certificates(instance: str) -> list[Check]:
+    """The CA's roots, issuers and issued leaves (on the CA host), and the bundle and
+    certificates this host's agent holds; read from disk (doctor runs as root)."""
+    from meshnode.config import AgentConfig
+
+    cfg = AgentConfig(instance=instance)
+    try:
+        held = list(_held_certificates(cfg.state_path, cfg.run_dir))
+    except (OSError, ValueError, MeshnodeError) as exc:
+        return [Check("certificates", "warn", f"cannot read them: {exc}",
+                      "run as root: sudo meshnode doctor")]
+    from meshnode.security import clock
+
+    return certificate_checks(held, clock.now())
+
+
+def _held_certificates(state: Path, run: Path) -> Iterable[HeldCert]:
+    import json
+
+    from meshnode.security import certs
+    from meshnode.security.ca import CertificateAuthority
+
+    seen: set[str] = set()  # fingerprints (CA certificates) and serials (leaves) shown
+    out: list[HeldCert] = []
+
+    def add(pem: str, kind: str, where: str) -> HeldCert | None:
+        c = certs.load_cert(pem)
+        ids = {certs.fingerprint(c), format(c.serial_number, "x")}
+        if ids & seen:
+            return None
+        seen.update(ids)
+        held = HeldCert(f"{certs.subject_of(c)} ({where})", kind, certs.not_before(c),
+                        certs.not_after(c))
+        out.append(held)
+        return held
+
+    ca_dir = state / "ca"
+    ca = CertificateAuthority.open(ca_dir) if CertificateAuthority.exists(ca_dir) else None
+    if ca is not None:
+        for a in ca.authorities.values():
+            add(certs.cert_pem(a.root), "root", f"CA root {a.fp}")
+            if a.issuer is not None:
+                add(certs.cert_pem(a.issuer), "issuer", f"CA issuer {a.fp}")
+    identity = state / "identity"
+    bundle_file = identity / "bundle.json"
+    if bundle_file.exists():
+        b = json.loads(bundle_file.read_text())
+        for pem in b.get("roots", []):
+            add(pem, "root", "trust bundle")
+        for pem in (b.get("issuerChain") or [])[:1]:
+            add(pem, "issuer", "trust bundle")
+    node = identity / "node.pem"
+    if node.exists():
+        add(certs.split_pem(node.read_text())[0], "node", str(node))
+    # workload files: write-once names (<name>-<digest>.pem); the newest of each name counts
+    newest: dict[str, str] = {}
+    for path in sorted((run / "identity").glob("*.pem"), key=lambda p: p.stat().st_mtime):
+        name = path.stem.rpartition("-")[0]
+        if name and not name.startswith("bundle"):
+            newest[name] = str(path)
+    for path_name in newest.values():
+        pems = certs.split_pem(Path(path_name).read_text())
+        if pems:
+            add(pems[0], "workload", path_name)
+    if ca is not None:  # what the CA issued to every host (this host's own is shown above)
+        for r in ca.issued():
+            if r["node"] not in ca.revoked and r["serial"] not in seen:
+                out.append(HeldCert(f"{r['identity']} (issued to {r['node']})", r["kind"],
+                                    float(r["not_before"]), float(r["not_after"])))
+    return out
