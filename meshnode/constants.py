@@ -38,6 +38,7 @@ MAP_SVC_ENTRIES: Final = MESH_MAX_SERVICES  # services: ready / fail-closed flag
 MAP_COOKIE_ENTRIES: Final = 65536  # captured sockets between connect and established (LRU)
 MAP_ORIGDST_ENTRIES: Final = 65536  # established captured sockets awaiting the proxy (LRU)
 MAP_DNS_ENTRIES: Final = 16384  # sockets whose DNS queries were redirected: their resolver (LRU)
+MAP_INBOUND_ENTRIES: Final = 65536  # local ports with an mTLS mode (one per TCP port at most)
 
 # Per-service flags in the mn_svc map.
 SVC_READY: Final = 1
@@ -51,6 +52,11 @@ STAT_ORIGDST_HIT: Final = 3  # SO_ORIGINAL_DST answered from the map
 STAT_ORIGDST_MISS: Final = 4
 STAT_DNS_REDIRECTED: Final = 5  # DNS queries (sendmsg or connect) sent to the agent instead
 STAT_SLOTS: Final = 8
+
+# Inbound enforcement (bpf/mn_inbound.c, the mn_inbound map's values): what a plaintext TCP
+# connection from another host to a local endpoint port gets. A port not listed: DISABLE.
+INBOUND_PERMISSIVE: Final = 1  # accepted, counted
+INBOUND_STRICT: Final = 2  # refused at once with a reset
 
 # The one slot of the mn_dns_cfg array, and its flag: redirect DNS while the agent's server is
 # up. The port travels in the same map value, so it needs no recompiling.
@@ -82,7 +88,7 @@ def bpf_defines() -> dict[str, int]:
         "STAT_CAPTURED", "STAT_PASSTHROUGH", "STAT_REFUSED", "STAT_ORIGDST_HIT",
         "STAT_ORIGDST_MISS", "STAT_SLOTS",
         "DNS_SERVICE_PORT", "MAP_DNS_ENTRIES", "STAT_DNS_REDIRECTED", "DNS_CFG_SLOT",
-        "DNS_ENABLED",
+        "DNS_ENABLED", "MAP_INBOUND_ENTRIES", "INBOUND_PERMISSIVE", "INBOUND_STRICT",
     )
     g = globals()
     return {f"MN_{n}": int(g[n]) for n in names}

@@ -24,7 +24,8 @@ from meshnode.policy.resources import (
 
 # re-exported: the balancers and the registry name these policy values by their model names
 __all__ = ["LB_ALGORITHMS", "Add", "BalancerConfig", "CaptureRule", "CaptureState", "ClientAddr",
-           "DoesNotExist", "Endpoint", "HealthConfig", "HostPort", "OrigDstAddr", "OutlierConfig",
+           "DoesNotExist", "Endpoint", "HealthConfig", "HostPort", "InboundRule", "OrigDstAddr",
+           "OutlierConfig",
            "PolicyView", "Remove", "Reset", "ServicePolicy", "ServiceSpec", "Update",
            "in_network", "service_name"]
 
@@ -184,11 +185,27 @@ class CaptureRule:
     service_id: int
 
 
+@dataclass(frozen=True, order=True, slots=True)
+class InboundRule:
+    """Plaintext TCP connections from other hosts to local port `port` (an endpoint of
+    `service` on this host) are refused at once (`strict`: the service's mTLS mode is STRICT)
+    or let through and counted (PERMISSIVE). Ports of DISABLE services have no rule; local
+    sources always pass."""
+
+    port: int
+    service_id: int
+    strict: bool
+    service: str = ""  # the service's name, for the per-service counters
+
+
 @dataclass(frozen=True, slots=True, weakref_slot=True)
 class CaptureState:
     rules: frozenset[CaptureRule] = field(default_factory=frozenset)
     ready: frozenset[int] = field(default_factory=frozenset)  # proxy can serve these now
     fail_closed: frozenset[int] = field(default_factory=frozenset)
+    # Inbound enforcement of this host's endpoint ports (independent of `ready`: refusing
+    # plaintext from other hosts needs no proxy).
+    inbound: frozenset[InboundRule] = field(default_factory=frozenset)
     # A hint, not part of the value: the rules removed and added since `base` (a weak
     # reference: states must not keep their ancestors' rule sets alive), the state the
     # compiler made before this one, so a backend that synced `base` applies the change
@@ -214,6 +231,14 @@ class CaptureState:
         """Rules of fail-closed services that are not ready: the kernel refuses them."""
         return sorted(r for r in self.rules
                       if r.service_id in self.fail_closed and r.service_id not in self.ready)
+
+    def inbound_modes(self) -> dict[int, bool]:
+        """Local port -> strict, as the kernel enforces it: a port two services share is
+        strict if either is (a STRICT service's port never takes plaintext from elsewhere)."""
+        modes: dict[int, bool] = {}
+        for r in self.inbound:
+            modes[r.port] = modes.get(r.port, False) or r.strict
+        return modes
 
 
 def in_network(ip: IPv4Address, cidr: str) -> bool:

@@ -56,6 +56,13 @@ struct mn_dns_cfg {
     __u32 port;
 };
 
+/* Plaintext connections from other hosts to one local port (mn_inbound.c's per-CPU
+ * mn_inbound_stats value): let through (PERMISSIVE) and refused with a reset (STRICT). */
+struct mn_inbound_count {
+    __u64 accepted;
+    __u64 refused;
+};
+
 /* struct sockaddr_in as mn_getsockopt.c answers SO_ORIGINAL_DST, spelled out (the uapi header
  * drags in more than bcc can parse). sin_zero's 8 bytes, which no caller reads, carry the
  * connection's source: the dialer's cgroup id (low 32 bits) and pid, host byte order. */

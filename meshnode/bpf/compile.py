@@ -1,5 +1,6 @@
-"""Compile, load and pin the capture programs with bcc; and show the exact C and flags the
-compiler gets (`meshnode bpf source`).
+"""Compile, load and pin the capture programs (and the inbound enforcement program,
+bpf/mn_inbound.c, whose failure to load costs only itself) with bcc; and show the exact C and
+flags the compiler gets (`meshnode bpf source`).
 
 bcc is imported inside `load_and_pin` only: this module runs in the short-lived loader process
 (meshnode.bpf.loader), never in the agent, whose memory must not carry LLVM (~130 MB).
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from meshnode import constants
-from meshnode.bpf import syscall
+from meshnode.bpf import inbound, syscall
 from meshnode.bpf.program import DNS_MAP_PINS, MAP_PINS, EntrySpec, ProgramSpec, all_programs
 from meshnode.build import ENV as BUILD_ENV
 from meshnode.errors import BpfError, UsageError
@@ -82,7 +83,7 @@ def render_source(config: BuildConfig | None = None) -> str:
         flags = cflags(config or BuildConfig(), root / "include")
         out.append("/* ==== include/mn_maps.h ==== */\n")
         out.append((root / "include" / "mn_maps.h").read_text())
-        for prog in all_programs():
+        for prog in (*all_programs(), inbound.PROGRAM):
             out.append(f"\n/* ==== {prog.source} ==== */\n")
             out.append(f"/* clang {' '.join(flags)} */\n")
             out.append((root / prog.source).read_text())
@@ -110,6 +111,9 @@ class Loaded:
     # Map name -> (key size, value size) as clang laid out the C types (bcc's Key and Leaf):
     # what the layout test compares with the Python struct formats.
     layouts: dict[str, tuple[int, int]]
+    # The sk_lookup program (inbound enforcement), or why the kernel would not take it.
+    inbound: LoadedEntry | None = None
+    inbound_error: str = ""
 
 
 def load_and_pin(config: BuildConfig) -> Loaded:
@@ -146,7 +150,32 @@ def load_and_pin(config: BuildConfig) -> Loaded:
     if missing:
         raise BpfError(f"maps not pinned: {', '.join(missing)}",
                        "check that bpffs is mounted at /sys/fs/bpf")
-    return Loaded(loaded, layouts)
+    try:
+        linked, inbound_layouts = _load_inbound(BPF, config)
+    except BpfError as exc:  # the capture stands; inbound enforcement falls back to iptables
+        return Loaded(loaded, layouts, None, exc.message.splitlines()[0])
+    return Loaded(loaded, {**layouts, **inbound_layouts}, linked)
+
+
+def _load_inbound(bpf_cls: Any, config: BuildConfig) -> tuple[LoadedEntry,
+                                                                 dict[str, tuple[int, int]]]:
+    """Compile and load mn_inbound.c (sk_lookup), pin its maps and program."""
+    entry = inbound.ENTRY
+    with _sources() as root, ExitStack() as modules:
+        bpf = _compile(bpf_cls, root / inbound.PROGRAM.source,
+                       cflags(config, root / "include"), inbound.PROGRAM)
+        modules.callback(bpf.cleanup)
+        layouts = _layouts(bpf, inbound.MAP_PINS)
+        try:
+            # bcc 0.26 has no BPF.SK_LOOKUP: the type and expected attach type by number
+            fn = bpf.load_func(entry.function, int(entry.prog_type),
+                               attach_type=int(entry.attach_type))
+        except Exception as exc:  # bcc raises bare Exception
+            raise BpfError(f"the kernel rejected {entry.function} (sk_lookup): "
+                           f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
+        path = str(config.pin_dir / config.pin_name(entry))
+        syscall.obj_pin(fn.fd, path)
+        return LoadedEntry(entry.function, path, syscall.prog_info(fn.fd).id), layouts
 
 
 def _layouts(bpf: Any, names: tuple[str, ...]) -> dict[str, tuple[int, int]]:

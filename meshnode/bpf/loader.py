@@ -9,7 +9,9 @@ Attaching is deliberately not done here: an attachment outlives its process, and
 records it in its ledger first.
 
 Output, exit 0: {"ok": true, "entries": [{"function", "pin", "prog_id"}...],
-                 "maps": {"<name>": [key size, value size]...}, "elapsed_ms"}
+                 "maps": {"<name>": [key size, value size]...}, "elapsed_ms",
+                 "inbound": {"function", "pin", "prog_id"} or {"error": "<one line>"}}
+(the sk_lookup program for inbound enforcement is optional: without it the capture stands)
 Output, exit 1: {"ok": false, "error": "<one line>", "hint": "<what to do>"}
 """
 
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         "entries": [{"function": e.function, "pin": e.pin, "prog_id": e.prog_id}
                     for e in loaded.entries],
         "maps": loaded.layouts,
+        "inbound": ({"function": loaded.inbound.function, "pin": loaded.inbound.pin,
+                     "prog_id": loaded.inbound.prog_id} if loaded.inbound is not None
+                    else {"error": loaded.inbound_error}),
         "elapsed_ms": round((time.monotonic() - started) * 1000),
     }
     print(json.dumps(result))

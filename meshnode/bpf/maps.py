@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from meshnode import constants
-from meshnode.bpf import syscall
+from meshnode.bpf import inbound, syscall
 from meshnode.errors import BpfError
 from meshnode.model import CaptureState
 
@@ -45,6 +45,7 @@ MAP_LAYOUTS: dict[str, tuple[int, int]] = {
     "mn_stats": (_U32.size, _U64.size),  # per CPU: the kernel pads each CPU's value to 8
     "mn_dns_cfg": (_U32.size, _DNS_CFG.size),
     "mn_dns_orig": (_U64.size, ADDR4_SIZE),
+    **inbound.MAP_LAYOUTS,  # mn_inbound.c's, packed by meshnode.bpf.inbound
 }
 
 T = TypeVar("T")

@@ -217,6 +217,29 @@ def _load_and_attach_each(cg_fd: int) -> ProbeResult:
                              "sendmsg4/recvmsg4/getpeername4 load and attach")
 
 
+def probe_sk_lookup() -> str | None:
+    """Whether inbound enforcement can use eBPF here: None if a sk_lookup program loads and
+    links to this process's network namespace, else why not (one line). The throwaway
+    program passes everything and its link goes with its fd. Never raises."""
+    try:
+        fd = syscall.prog_load(ProgType.SK_LOOKUP, _PROCEED, AttachType.SK_LOOKUP, "mn_probe")
+    except MeshnodeError as exc:
+        return f"kernel cannot load a sk_lookup program: {exc.message}"
+    try:
+        ns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY)  # setns is per thread
+        try:
+            os.close(syscall.link_create(fd, ns_fd, AttachType.SK_LOOKUP))
+        finally:
+            os.close(ns_fd)
+    except MeshnodeError as exc:
+        return f"kernel cannot link a sk_lookup program to the netns: {exc.message}"
+    except OSError as exc:
+        return f"cannot open this network namespace: {exc.strerror}"
+    finally:
+        os.close(fd)
+    return None
+
+
 def _probe_hook(cg_fd: int, ptype: ProgType, atype: AttachType) -> FeatureResult:
     name = HOOK_NAMES[atype]
     try:

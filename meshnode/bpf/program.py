@@ -1,5 +1,5 @@
 """What a capture program is, as data: its C source, entry points, kernel program and attach
-types, and the cgroup it attaches to.
+types, and what it attaches to (a cgroup, or the agent's network namespace).
 
 Owns the kernel enum numbers meshnode uses (uapi/linux/bpf.h), so the agent can attach pinned
 programs with raw syscalls without importing bcc. Imports nothing but the standard library.
@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Literal
 
-CgroupRole = Literal["apps", "proxy"]
+# "netns": the agent's network namespace, through a pinned bpf_link (meshnode.bpf.inbound)
+CgroupRole = Literal["apps", "proxy", "netns"]
 
 
 class ProgType(IntEnum):
@@ -20,6 +21,7 @@ class ProgType(IntEnum):
     SOCK_OPS = 13
     CGROUP_SOCK_ADDR = 18
     CGROUP_SOCKOPT = 25  # bcc 0.26 has no BPF.CGROUP_SOCKOPT; BPFProgType has it
+    SK_LOOKUP = 30  # bcc 0.26: BPFProgType.SK_LOOKUP; no BPF.SK_LOOKUP shorthand
 
 
 class AttachType(IntEnum):
@@ -32,6 +34,7 @@ class AttachType(IntEnum):
     CGROUP_UDP4_RECVMSG = 19
     CGROUP_GETSOCKOPT = 21
     CGROUP_INET4_GETPEERNAME = 29
+    SK_LOOKUP = 36  # a netns link (BPF_LINK_CREATE), not a cgroup attachment
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +65,9 @@ class ProgramSpec:
 
 
 def all_programs() -> tuple[ProgramSpec, ...]:
-    """Every capture program, in load order (the first one creates the pinned maps)."""
+    """Every capture program attached to a cgroup, in load order (the first one creates the
+    pinned maps). The netns program (inbound.PROGRAM) is loaded after them, on its own: a
+    kernel without sk_lookup must not cost the capture."""
     from meshnode.bpf import connect, dns, getsockopt, sockops
 
     return (connect.PROGRAM, sockops.PROGRAM, getsockopt.PROGRAM, dns.PROGRAM)

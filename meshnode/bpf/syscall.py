@@ -1,6 +1,6 @@
 """Raw bpf(2) through ctypes: the few commands the long-running agent needs to work with
-pinned objects (open and pin, map access, cgroup attach/detach/query, object info) and a tiny
-program load for the feature probe.
+pinned objects (open and pin, map access, cgroup attach/detach/query, bpf_link create, update
+and detach, object info) and a tiny program load for the feature probe.
 
 It exists so the agent never imports bcc (whose LLVM costs ~130 MB RSS). Every failure is a
 BpfError that keeps the errno; callers test `err.errno` (ENOENT: "not found" is often fine).
@@ -31,6 +31,9 @@ PROG_DETACH = 9
 PROG_GET_FD_BY_ID = 13
 OBJ_GET_INFO_BY_FD = 15
 PROG_QUERY = 16
+LINK_CREATE = 28
+LINK_UPDATE = 29
+LINK_DETACH = 34
 
 BPF_ANY = 0  # map update: create or replace
 BPF_F_ALLOW_MULTI = 2  # attach flag: coexist with other programs on the cgroup and its parents
@@ -170,6 +173,50 @@ def prog_query(cgroup_fd: int, attach_type: int, max_progs: int = 64) -> list[in
     _bpf(PROG_QUERY, buf, "query")
     (count,) = struct.unpack_from("=I", buf, 24)
     return [int(ids[i]) for i in range(min(count, max_progs))]
+
+
+# --- links (a program attached to a network namespace: sk_lookup) ---------------------------
+
+def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
+    """Attach through a bpf_link; returns the link's fd. The attachment lives as long as the
+    link does: pin it (obj_pin) to outlive this process, else it goes with the last fd."""
+    return _bpf(LINK_CREATE, _attr("=IIII", prog_fd, target_fd, attach_type, 0), "link create")
+
+
+def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int | None = None) -> None:
+    """Swap the link's program in one step; with `old_prog_fd`, only if that one is still the
+    link's program (BPF_F_REPLACE), so two agents cannot both think they replaced it."""
+    flags = BPF_F_REPLACE if old_prog_fd is not None else 0
+    _bpf(LINK_UPDATE, _attr("=IIII", link_fd, new_prog_fd, flags, old_prog_fd or 0),
+         "link update")
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach the link's program now, whoever else holds the link (its pin stays valid, as a
+    defunct link, until unpinned)."""
+    _bpf(LINK_DETACH, _attr("=I", link_fd), "link detach")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    """What meshnode reads of bpf_link_info: its id, the program it runs, and for a netns
+    link the namespace's inode (0 once detached) and the attach type."""
+
+    id: int
+    type: int
+    prog_id: int
+    netns_ino: int
+    attach_type: int
+
+
+def link_info(fd: int) -> LinkInfo:
+    info = ctypes.create_string_buffer(64)
+    _bpf(OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, len(info), _addr(info)), "link info")
+    # struct bpf_link_info { __u32 type, id, prog_id; union { ... netns { __u32 netns_ino,
+    # attach_type } } } (the union is 8-byte aligned: it starts at offset 16)
+    ltype, lid, prog_id = struct.unpack_from("=III", info, 0)
+    netns_ino, attach_type = struct.unpack_from("=II", info, 16)
+    return LinkInfo(lid, ltype, prog_id, netns_ino, attach_type)
 
 
 def prog_fd_by_id(prog_id: int) -> int:

@@ -72,8 +72,17 @@ class CaptureBackend(Protocol):
     def stats(self) -> dict[str, int]:
         """Kernel-side counters (captured, passthrough, ...); empty without CAP_STATS."""
 
+    # Inbound enforcement (sync's `state.inbound`; meshnode.capture.inbound): which mechanism
+    # enforces the mTLS modes of this host's endpoint ports, and why (`meshnode status`).
+    inbound_reason: str
+
+    def inbound_counts(self) -> dict[str, dict[str, int]]:
+        """Service name -> {"accepted": n, "refused": n}: plaintext connections from other
+        hosts to its local endpoints, PERMISSIVE ports let through, STRICT ones refused."""
+
     def remove(self) -> None:
-        """Remove everything `install` created; fail-open: redirect stops first."""
+        """Remove everything `install` created; fail-open: redirect and inbound refusal stop
+        first."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,7 @@ def undo_functions() -> dict[str, UndoFn]:
     """Ledger kinds the capture backends create, and how to remove each."""
     # imported here: both backends import this module for CaptureContext
     import meshnode.capture.ebpf as ebpf_backend
+    import meshnode.capture.inbound as inbound_enforcement
     import meshnode.capture.iptables as iptables_backend
 
-    return {**ebpf_backend.UNDO, **iptables_backend.UNDO}
+    return {**ebpf_backend.UNDO, **iptables_backend.UNDO, **inbound_enforcement.UNDO}

@@ -1,6 +1,7 @@
 """The eBPF capture backend: cgroup connect4/connect6 + sock_ops on the apps cgroup, getsockopt
 on the proxy cgroup, steered by pinned maps; and the DNS redirect hooks (bpf/mn_dns.c) on the
-apps cgroup, off until `set_dns`.
+apps cgroup, off until `set_dns`; and inbound enforcement (meshnode.capture.inbound): the
+sk_lookup program on the agent's netns, or, on a kernel without sk_lookup, the iptables chain.
 
 Owns the pin dir and the cgroup attachments, their ledger kinds (`UNDO`) and the map sync.
 Compiling runs in a subprocess (meshnode.bpf.loader) so this process never imports bcc; the
@@ -29,6 +30,7 @@ from meshnode import constants
 from meshnode.bpf import syscall
 from meshnode.bpf.compile import BuildConfig, program_build
 from meshnode.bpf.maps import CaptureMaps
+from meshnode.bpf.probe import probe_sk_lookup
 from meshnode.bpf.program import EntrySpec, all_entries
 from meshnode.capture import (
     CAP_CGROUP_SOURCE,
@@ -36,9 +38,10 @@ from meshnode.capture import (
     CAP_STATS,
     CaptureContext,
 )
+from meshnode.capture.inbound import BpfInbound, InboundEnforcer, IptablesInbound, per_service
 from meshnode.errors import BpfError, CaptureError, MeshnodeError, UnavailableError
 from meshnode.host.ledger import Entry, Transaction, UndoFn
-from meshnode.model import CaptureState
+from meshnode.model import CaptureState, InboundRule
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,11 @@ class BpfCapture:
         self.timings: dict[str, float] = {}  # seconds: "loader", "install"
         self.build = program_build(BuildConfig(ctx.pin_dir, ctx.outbound_port, ctx.proxy_mark))
         self.adopted = ""  # after adopt(): "kept" or "replaced"
+        self._inbound: InboundEnforcer | None = None
+        self._inbound_rules: frozenset[InboundRule] | None = None  # what it enforces now
+        self._loaded_inbound: dict[str, object] | None = None  # the loader's sk_lookup program
+        self._inbound_error = ""  # or why the loader could not load it
+        self.inbound_reason = ""  # which mechanism enforces inbound mTLS modes, and why
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -73,14 +81,84 @@ class BpfCapture:
                                    "create the agent's cgroups before installing capture",
                                    errno=errno.ENOENT)
         # All or nothing: a failure takes back what this install recorded, newest first.
-        with self.ctx.ledger.transaction(UNDO) as tx:
+        with self.ctx.ledger.transaction(_tx_undo()) as tx:
             ensure_bpffs()
             self._make_pin_dir(tx)
             loaded = self._run_loader(self.build)
             for entry in all_entries():
                 self._attach(entry, loaded[entry.function], tx)
             self._maps = CaptureMaps.open(self.ctx.pin_dir)
+            self._install_inbound(tx)
         self.timings["install"] = time.monotonic() - started
+
+    def _install_inbound(self, tx: Transaction) -> None:
+        """Link the sk_lookup program the loader made; without one (a kernel without
+        sk_lookup), enforce with the iptables chain instead, saying why in one line."""
+        reason = (self._inbound_error or "not loaded" if self._loaded_inbound is None
+                  else probe_sk_lookup())
+        enforcer: InboundEnforcer
+        if reason is None and self._loaded_inbound is not None:
+            link = BpfInbound(self.ctx, self.build)
+            link.install(self._loaded_inbound, tx)
+            enforcer = link
+            self.inbound_reason = "ebpf: sk_lookup on the agent's network namespace"
+        else:
+            log.warning("inbound mTLS enforcement: eBPF sk_lookup unavailable (%s); "
+                        "using iptables", reason)
+            fallback = IptablesInbound(self.ctx)
+            fallback.install(tx)
+            enforcer = fallback
+            self.inbound_reason = f"iptables: eBPF sk_lookup unavailable ({reason})"
+        self._inbound, self._inbound_rules = enforcer, frozenset()  # made empty
+
+    def _adopt_inbound(self, ran_loader: bool) -> None:
+        """Keep the inbound enforcement an earlier agent left (the link, its program swapped
+        when the build changed; or the iptables chain it fell back to); make it anew when
+        there is none whole (an agent from before inbound enforcement, say)."""
+        self._inbound_rules = None
+        link = BpfInbound(self.ctx, self.build)
+        held = link.linked()
+        if held is not None:
+            if held.get("build") != self.build and not ran_loader:
+                self._run_loader_for_inbound()
+            try:
+                how = link.adopt(self._loaded_inbound)
+                if (how == "kept" and self._loaded_inbound is not None
+                        and self._loaded_inbound["pin"] != held.get("prog_pin")):
+                    # the loader ran for the capture programs only: its copy is not needed
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(str(self._loaded_inbound["pin"]))
+                self._inbound = link
+                self.inbound_reason = "ebpf: sk_lookup on the agent's network namespace"
+                log.info("inbound enforcement (sk_lookup link): %s", how)
+                return
+            except MeshnodeError as exc:
+                log.warning("cannot adopt the inbound sk_lookup link (%s): linking anew", exc)
+        chain = IptablesInbound(self.ctx)
+        if chain.own_entries():
+            try:
+                chain.adopt()
+                self._inbound = chain
+                self.inbound_reason = ("iptables: kept from the previous agent (eBPF "
+                                       "sk_lookup was unavailable)")
+                return
+            except MeshnodeError as exc:
+                log.warning("cannot adopt the inbound chain (%s): making it anew", exc)
+        for failure in [*link.remove(), *chain.remove()]:
+            log.warning("removing the old inbound enforcement: %s", failure)
+        if self._loaded_inbound is None and not self._inbound_error:
+            self._run_loader_for_inbound()
+        with self.ctx.ledger.transaction(_tx_undo()) as tx:
+            self._install_inbound(tx)
+
+    def _run_loader_for_inbound(self) -> None:
+        """A loader run for the sk_lookup program alone (the capture programs are kept): the
+        programs it also pins under its own tag are unpinned again."""
+        tag = f"{self.build}-{int(time.time())}"
+        loaded = self._run_loader(tag)
+        for entry in loaded.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(entry["pin"]))
 
     def adopt(self) -> None:
         """Take over the capture an earlier agent of this instance installed (the ledger's
@@ -97,6 +175,7 @@ class BpfCapture:
                  or not _attached(held[e.function])]
         if not stale:
             self.adopted = "kept"
+            self._adopt_inbound(ran_loader=False)
             return
         # The maps are pinned already: the new programs share them. A tag of its own when this
         # build's pins exist (a program of it was detached behind our back).
@@ -104,7 +183,7 @@ class BpfCapture:
         if any((self.ctx.pin_dir / f"prog_{e.function}-{tag}").exists() for e in stale):
             tag = f"{self.build}-{int(time.time())}"
         loaded = self._run_loader(tag)
-        with self.ctx.ledger.transaction(UNDO) as tx:
+        with self.ctx.ledger.transaction(_tx_undo()) as tx:
             for entry in stale:
                 old = held.get(entry.function)
                 self._attach(entry, loaded[entry.function], tx,
@@ -116,6 +195,7 @@ class BpfCapture:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(str(old["pin"]))
         self.adopted = "replaced"
+        self._adopt_inbound(ran_loader=True)
         self.timings["adopt"] = time.monotonic() - started
         log.info("eBPF programs replaced in place (build %s): %s", self.build,
                  ", ".join(e.function for e in stale))
@@ -124,6 +204,7 @@ class BpfCapture:
         maps = self._require_maps()
         started = time.perf_counter()
         maps.sync(state)
+        self._sync_inbound(state)
         # The kernel's share of a change, apart from the agent's reconcile (bench-scale
         # reads these lines from the agent's log).
         log.debug("capture sync: %d map writes in %.1f ms", maps.last_writes,
@@ -135,7 +216,25 @@ class BpfCapture:
     def stats(self) -> dict[str, int]:
         return self._require_maps().stats()
 
+    def _sync_inbound(self, state: CaptureState) -> None:
+        if self._inbound is None or state.inbound == self._inbound_rules:
+            return
+        self._inbound_rules = None  # unknown until it succeeded: the next sync writes again
+        self._inbound.sync(state.inbound_modes())
+        self._inbound_rules = state.inbound
+
+    def inbound_counts(self) -> dict[str, dict[str, int]]:
+        if self._inbound is None or self._inbound_rules is None:
+            return {}
+        return per_service(self._inbound_rules, self._inbound.counts())
+
     def remove(self) -> None:
+        # Inbound enforcement first (fail open: plaintext is let through again), whichever
+        # mechanism the ledger lists, adopted by this object or not.
+        failures = [*(self._inbound.remove() if self._inbound is not None else []),
+                    *BpfInbound(self.ctx, self.build).remove(),
+                    *IptablesInbound(self.ctx).remove()]
+        self._inbound = self._inbound_rules = None
         # Fail open first: with no service flagged and DNS off, every connect and query passes
         # untouched even while the programs are still attached.
         if self._maps is not None:
@@ -151,7 +250,7 @@ class BpfCapture:
             self._maps = None
         # Then detach, connect hooks first (see EntrySpec.detach_order), then unpin.
         order = {e.function: e.detach_order for e in all_entries()}
-        failures = self.ctx.ledger.undo(
+        failures += self.ctx.ledger.undo(
             [*self._own_entries(KIND_ATTACH), *self._own_entries(KIND_PIN_DIR)], UNDO,
             key=lambda e: (e["kind"] == KIND_PIN_DIR, order.get(str(e.get("function")), 99)))
         if failures:
@@ -216,6 +315,9 @@ class BpfCapture:
         if not result.get("ok"):
             raise UnavailableError(f"eBPF capture unavailable: {result.get('error')}",
                                    str(result.get("hint") or "use --capture iptables"))
+        inbound = result.get("inbound") or {"error": "the loader did not say"}
+        self._loaded_inbound = inbound if "pin" in inbound else None
+        self._inbound_error = str(inbound.get("error", ""))
         return {str(e["function"]): e for e in result["entries"]}
 
     def _attach(self, entry: EntrySpec, loaded: dict[str, object], tx: Transaction,
@@ -353,3 +455,10 @@ def _undo_pin_dir(entry: Entry) -> None:
 
 
 UNDO: dict[str, UndoFn] = {KIND_ATTACH: _undo_attach, KIND_PIN_DIR: _undo_pin_dir}
+
+
+def _tx_undo() -> dict[str, UndoFn]:
+    """What an install may record: ours, the inbound link, the iptables inbound fallback."""
+    from meshnode.capture import inbound, iptables
+
+    return {**UNDO, **inbound.UNDO, **iptables.UNDO}

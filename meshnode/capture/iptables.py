@@ -10,7 +10,8 @@ show (same state, or a change to services neither ready nor fail-closed) runs no
 rewrite stays whole on purpose: iptables has no cheaper atomic edit of a chain, and rule-by-rule
 `-I`/`-D` would let a connect see half a change; its cost grows with the mesh (one
 iptables-restore of every rule per change: `make bench-scale` measures it). The proxy reads
-SO_ORIGINAL_DST from conntrack in this mode.
+SO_ORIGINAL_DST from conntrack in this mode. Inbound enforcement (CaptureState.inbound) is a
+fourth chain, in filter INPUT (meshnode.capture.inbound.IptablesInbound).
 Works with iptables-nft and iptables-legacy (whichever `detect_binary` finds usable, or the
 one the caller names).
 """
@@ -29,9 +30,10 @@ from string import Template
 
 from meshnode import constants
 from meshnode.capture import CaptureContext
-from meshnode.errors import IptablesError, UnavailableError
+from meshnode.capture.inbound import BpfInbound, IptablesInbound, per_service
+from meshnode.errors import IptablesError, MeshnodeError, UnavailableError
 from meshnode.host.ledger import Entry, UndoFn
-from meshnode.model import CaptureRule, CaptureState
+from meshnode.model import CaptureRule, CaptureState, InboundRule
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,10 @@ class IptablesCapture:
         self._state: CaptureState | None = None
         self._rendered: str | None = None
         self.restores = 0  # iptables-restore runs for the capture chains (tests, timing logs)
+        self._inbound = IptablesInbound(ctx, binary)
+        # What the inbound chain enforces now (None: unknown, the next sync writes it).
+        self._inbound_rules: frozenset[InboundRule] | None = frozenset()
+        self.inbound_reason = "iptables: filter INPUT chain"
 
     def _bin(self) -> str:
         if self.binary is None:
@@ -200,6 +206,9 @@ class IptablesCapture:
                     # rules appended by others.
                     _check(_run([binary, "-w", WAIT_SECONDS, "-t", table, "-I", "OUTPUT", "1",
                                  *rule]), f"adding the {table} OUTPUT jump")
+            self._inbound = IptablesInbound(self.ctx, binary)
+            self._inbound.install(tx)
+        self._inbound_rules = frozenset()  # made empty
         self._installed = True
 
     def adopt(self) -> None:
@@ -220,6 +229,16 @@ class IptablesCapture:
             if not there:
                 raise IptablesError(f"{e['table']} {e['kind']} {e['chain']} is gone",
                                     "the capture is installed anew")
+        self._inbound = IptablesInbound(self.ctx, binary)
+        try:
+            self._inbound.adopt()
+        except IptablesError as exc:  # e.g. an agent from before inbound enforcement
+            log.warning("cannot adopt the inbound chain (%s): making it anew", exc)
+            for failure in self._inbound.remove():
+                log.warning("removing the old inbound chain: %s", failure)
+            with self.ctx.ledger.transaction(UNDO) as tx:
+                self._inbound.install(tx)
+        self._inbound_rules = None
         self._installed = True
         self._state = self._rendered = None  # unknown: the first sync writes
 
@@ -235,6 +254,14 @@ class IptablesCapture:
             return
         restores = self.restores
         self._restore(state)
+        if state.inbound != self._inbound_rules:
+            self._inbound_rules = None
+            try:
+                self._inbound.sync(state.inbound_modes())
+            except MeshnodeError:
+                self._state = None  # the next sync (a retry of this one) must write again
+                raise
+            self._inbound_rules = state.inbound
         log.debug("capture sync: %s in %.1f ms",
                   "iptables-restore" if self.restores > restores else "chains unchanged",
                   (time.perf_counter() - started) * 1000)
@@ -266,10 +293,18 @@ class IptablesCapture:
     def stats(self) -> dict[str, int]:
         return {}  # packet counters of REDIRECT rules count packets, not connections
 
+    def inbound_counts(self) -> dict[str, dict[str, int]]:
+        if self._inbound_rules is None:
+            return {}
+        return per_service(self._inbound_rules, self._inbound.counts())
+
     def remove(self) -> None:
-        # Jumps first: capture stops at once (fail open), then the chains go.
+        # Inbound refusal first (fail open), also a sk_lookup link an eBPF agent left; then
+        # the capture jumps: capture stops at once, then the chains go.
+        failures = [*self._inbound.remove(), *BpfInbound(self.ctx, "").remove()]
+        self._inbound_rules = None
         mine = self._own_entries()
-        failures = self.ctx.ledger.undo(
+        failures += self.ctx.ledger.undo(
             mine, UNDO, key=lambda e: (e["kind"] != KIND_JUMP, e["table"] != "nat"))
         self._installed = False
         self._state = self._rendered = None

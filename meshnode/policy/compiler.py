@@ -3,7 +3,8 @@
 - the proxy workers: the four discovery updates (Reset/Add/Remove/DoesNotExist) that bring
   their route tables from what they were given to what the registry now says;
 - the kernel: the capture state (which destinations belong to which service, which services
-  the proxy can serve, which fail closed);
+  the proxy can serve, which fail closed, and which local endpoint ports refuse or count
+  plaintext connections from other hosts: `inbound`);
 - the health checker: which services' endpoints to probe changed.
 
 Each rule is written once, per service (`entry`, `rules`); `snapshot`/`diff`/`capture_state`
@@ -27,12 +28,14 @@ from meshnode.model import (
     DoesNotExist,
     Endpoint,
     HostPort,
+    InboundRule,
     Remove,
     Reset,
     ServiceSpec,
     Update,
 )
 from meshnode.policy.records import ServiceRecord
+from meshnode.policy.resources import MESH_NAME, MeshSpec, Resource, mtls_mode
 
 Entry = tuple[ServiceSpec, frozenset[Endpoint]]
 Snapshot = Mapping[str, Entry]
@@ -50,6 +53,23 @@ def rules(rec: ServiceRecord) -> frozenset[CaptureRule]:
     """VIPs capture every port; endpoints their own address."""
     return frozenset({CaptureRule(rec.vip, 0, rec.id),
                       *(CaptureRule(e.addr.ip, e.addr.port, rec.id) for e in rec.endpoints)})
+
+
+def inbound(rec: ServiceRecord, node: str, mesh: MeshSpec | None) -> frozenset[InboundRule]:
+    """The ports of `rec`'s endpoints on `node`, by its effective mTLS mode: STRICT refuses
+    plaintext from other hosts, PERMISSIVE counts it, DISABLE leaves the ports alone."""
+    mode = mtls_mode(rec.policy, mesh)
+    if mode == "DISABLE":
+        return frozenset()
+    strict = mode == "STRICT"
+    return frozenset(InboundRule(e.addr.port, rec.id, strict, rec.name)
+                     for e in rec.endpoints if e.node == node)
+
+
+def mesh_spec(resources: Mapping[tuple[str, str], Resource]) -> MeshSpec | None:
+    """The Mesh resource's spec (the mesh-wide defaults), if there is one."""
+    mesh = resources.get(("Mesh", MESH_NAME))
+    return mesh.spec if mesh is not None and isinstance(mesh.spec, MeshSpec) else None
 
 
 def change(name: str, old: Entry | None, new: Entry | None) -> list[Update]:
@@ -86,13 +106,22 @@ def diff(old: Snapshot, new: Snapshot) -> list[Update]:
     return out
 
 
-def capture_state(services: Mapping[str, ServiceRecord], ready: bool) -> CaptureState:
-    """`ready`: the proxy can serve all of these services now (workers alive and synced)."""
+def capture_state(services: Mapping[str, ServiceRecord], ready: bool,
+                  inbound: frozenset[InboundRule] = frozenset()) -> CaptureState:
+    """`ready`: the proxy can serve all of these services now (workers alive and synced);
+    `inbound`: this host's inbound rules (`inbound_rules`)."""
     ids = frozenset(rec.id for rec in services.values())
     return CaptureState(
         rules=frozenset().union(*(rules(rec) for rec in services.values())),
         ready=ids if ready else frozenset(),
-        fail_closed=frozenset(rec.id for rec in services.values() if rec.fail_closed))
+        fail_closed=frozenset(rec.id for rec in services.values() if rec.fail_closed),
+        inbound=inbound)
+
+
+def inbound_rules(services: Mapping[str, ServiceRecord], node: str,
+                  mesh: MeshSpec | None) -> frozenset[InboundRule]:
+    """What this host (`node`) enforces on its endpoint ports (CaptureState.inbound)."""
+    return frozenset().union(*(inbound(rec, node, mesh) for rec in services.values()))
 
 
 # -- incremental ------------------------------------------------------------------------------
@@ -118,6 +147,12 @@ class Compiler:
     _last: CaptureState | None = None  # the state made last; the delta below is since it
     _added: set[CaptureRule] = field(default_factory=set)
     _removed: set[CaptureRule] = field(default_factory=set)
+    # `inbound`: the (node, mesh spec) it was computed for, each local service's rules, the
+    # services changed since, and the union (the same object while nothing changed).
+    _inbound_for: tuple[str, MeshSpec | None] | None = None
+    _inbound_of: dict[str, frozenset[InboundRule]] = field(default_factory=dict)
+    _inbound_dirty: set[str] = field(default_factory=set)
+    _inbound: frozenset[InboundRule] = field(default_factory=frozenset)
 
     def run(self, services: Mapping[str, ServiceRecord], healthy: Healthy,
             health_dirty: Collection[str] = (),
@@ -160,6 +195,7 @@ class Compiler:
 
     def _record(self, name: str, rec: ServiceRecord | None) -> None:
         self._capture.clear()
+        self._inbound_dirty.add(name)
         old = self._records.get(name)
         for r, step in ((old, -1), (rec, 1)):
             for e in r.endpoints if r is not None else ():
@@ -189,16 +225,40 @@ class Compiler:
         if rec.fail_closed:
             self._fail_closed.add(rec.id)
 
-    def capture_state(self, ready: bool) -> CaptureState:
+    def inbound(self, node: str, mesh: MeshSpec | None) -> frozenset[InboundRule]:
+        """`inbound_rules` of the services run so far; the same object while nothing it
+        depends on changed. Costs the services changed since the last call (every service
+        when `node` or the mesh defaults changed)."""
+        if self._inbound_for != (node, mesh):
+            self._inbound_for = (node, mesh)
+            self._inbound_of.clear()
+            self._inbound_dirty = set(self._records)
+        if self._inbound_dirty:
+            for name in self._inbound_dirty:
+                rec = self._records.get(name)
+                local = inbound(rec, node, mesh) if rec is not None else frozenset()
+                if local:
+                    self._inbound_of[name] = local
+                else:
+                    self._inbound_of.pop(name, None)
+            self._inbound_dirty.clear()
+            now = frozenset().union(*self._inbound_of.values())
+            if now != self._inbound:
+                self._inbound = now
+        return self._inbound
+
+    def capture_state(self, ready: bool,
+                      inbound: frozenset[InboundRule] = frozenset()) -> CaptureState:
         """The kernel's state; the same object while nothing it holds changed, so a caller
-        can tell there is nothing to sync without comparing the mesh."""
+        can tell there is nothing to sync without comparing the mesh. `inbound`: this host's
+        inbound rules (`Compiler.inbound`)."""
         cached = self._capture.get(ready)
-        if cached is not None:
+        if cached is not None and (cached.inbound is inbound or cached.inbound == inbound):
             return cached
         ids = frozenset(self._ids.values())
         state = CaptureState(rules=frozenset(self._all_rules),
                              ready=ids if ready else frozenset(),
-                             fail_closed=frozenset(self._fail_closed),
+                             fail_closed=frozenset(self._fail_closed), inbound=inbound,
                              base=None if self._last is None else weakref.ref(self._last),
                              removed=frozenset(self._removed), added=frozenset(self._added))
         self._capture[ready] = state
