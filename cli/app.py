@@ -89,6 +89,17 @@ def agent(
     history_seconds: Annotated[float, typer.Option(
         help="seconds of per-second counters kept for stat/top windows (a few KiB each)")] =
         600.0,
+    inbound_port: Annotated[int, typer.Option(
+        help="port of this host's mTLS listener on --host-address (0: none)")] =
+        C.TUNNEL_PORT,
+    join_token: Annotated[str, typer.Option(
+        envvar="MESHNODE_JOIN_TOKEN",
+        help="join the mesh CA with this single-use token (`meshnode ca token create`), or "
+             "@FILE holding it; kept out of the agent's command line")] = "",
+    node_cert: Annotated[Path | None, typer.Option(
+        help="a node certificate chain signed by the mesh CA (instead of a join token)")] =
+        None,
+    node_key: Annotated[Path | None, typer.Option(help="the key of --node-cert")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     config: Annotated[Path | None, typer.Option(
         help="YAML file of these options (e.g. `workers: 2`); flags win over it. Read again "
@@ -108,12 +119,28 @@ def agent(
     level = given.pop("log_level")
     del given["config"]
     cfg = AgentConfig(**given)
+    cfg = _token_out_of_argv(cfg)
     # the agent itself runs without the typer app loaded (cli/agent_main.py says why); a
     # reload (SIGHUP) runs this command line again, so the config file is read anew
     sys.stdout.flush()
     os.environ[RELOAD_ARGV] = json.dumps(sys.argv[1:])
     os.execv(sys.executable, [sys.executable, "-m", "meshnode.cli.agent_main",
                               f"--log-level={level}", *cfg.to_argv()])
+
+
+def _token_out_of_argv(cfg: AgentConfig) -> AgentConfig:
+    """A join token given literally goes to a root-only file the agent reads: argv is
+    readable by every user (ps), and the agent's command line outlives this one."""
+    if not cfg.join_token or cfg.join_token.startswith("@"):
+        return cfg
+    from dataclasses import replace
+
+    from meshnode.host.statefile import write_atomic
+
+    path = cfg.state_path / "join-token"
+    cfg.state_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    write_atomic(path, cfg.join_token.encode(), mode=0o600)
+    return replace(cfg, join_token=f"@{path}")
 
 
 def _with_config_file(ctx: typer.Context, path: Path,
@@ -348,10 +375,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
+from meshnode.cli import authz as _authz  # noqa: E402
+from meshnode.cli import ca as _ca  # noqa: E402
 from meshnode.cli import doctor as _doctor  # noqa: E402
 from meshnode.cli import explain as _explain  # noqa: E402
 from meshnode.cli import observe as _observe  # noqa: E402
 from meshnode.cli import resources as _resources  # noqa: E402
 
-for _commands in (_observe, _explain, _doctor, _resources):
+for _commands in (_observe, _explain, _doctor, _resources, _authz, _ca):
     _commands.register(app)

@@ -13,6 +13,7 @@ from typing import Any
 
 from meshnode import __version__
 from meshnode.agent import cluster, status
+from meshnode.agent.ca_api import CaApi
 from meshnode.agent.control import Handler
 from meshnode.agent.parts import Parts
 from meshnode.agent.resources_api import ResourceApi
@@ -36,12 +37,15 @@ class ControlApi:
             "service.add": self.service_add,
             "service.remove": self.service_remove,
             "explain": self.explain,
+            "authz.suggest": self.authz_suggest,
             "stat": self.stat,
             "top": self.top,
             "tap": self.tap,
             "hosts": self.hosts,
             "uninstall": self.uninstall,
             **ResourceApi(self.p.registry, self.p.settle).handlers(),
+            **CaApi(self.p.registry, self.p.cfg.state_path / "ca", self.p.node, self.p.ca,
+                    self.p.ca_started).handlers(),
         }
 
     def hosts_view(self) -> dict[str, Any]:
@@ -124,10 +128,12 @@ class ControlApi:
                                          opt("dst"), bool(args.get("failed_only")))
 
     async def explain(self, args: dict[str, Any]) -> Any:
-        from meshnode.agent.explain import ExplainInputs, ejections, explain
+        from meshnode.agent.explain import ExplainInputs, ejections, explain, trust_domain
+        from meshnode.policy.authz import compile_authz
 
         p = self.p
         services = p.registry.services()
+        resources = p.registry.resources()
         ready = p.ready()
         dns = p.names.server.port if p.names.redirecting else None
         # ejections: from the same monotonic sums as status, stat and /metrics
@@ -139,8 +145,30 @@ class ControlApi:
             dns_port=dns, dns_suffix=p.cfg.dns_suffix, node=p.node,
             zone=p.cfg.zone, cgroup_mount=p.mount, root_cgroup=p.root_cgroup,
             enrollments=p.enrollments.describe(), health=p.health,
-            ejected_for=ejections(totals))
+            ejected_for=ejections(totals), authz=compile_authz(resources),
+            trust_domain=trust_domain(resources))
         return explain(inputs, _int(args, "pid"), str(args.get("dest", "")))
+
+    async def authz_suggest(self, args: dict[str, Any]) -> Any:
+        """`meshnode authz suggest`: ALLOW policies listing the callers this host's proxy saw
+        over the window (policy/suggest.py)."""
+        from meshnode.policy.suggest import Edge, suggest
+
+        window = _window(args)
+        service = args.get("service")
+        stored = self.p.registry.resources()
+        services = {name for kind, name in stored if kind == "Service"}
+        if service is not None and str(service) not in services:
+            raise UsageError(f"no service named {service!r}", "see them: meshnode get Service")
+        span, pairs = await self.p.telemetry.edges(window)
+        edges = [Edge(src, dst, f.connections or f.active) for src, dst, f in pairs]
+        s = suggest(edges, services, only=None if service is None else str(service),
+                    dry_run=bool(args.get("dry_run")), stored=stored)
+        return {"node": self.p.node, "window": window, "span": span,
+                "edges": [{"src": e.src, "dst": e.dst, "connections": e.connections,
+                           "port": e.port} for e in edges
+                          if service is None or e.dst == service],
+                "policies": s.docs(), "notes": s.notes}
 
     async def status(self, _: dict[str, Any]) -> Any:
         return await status.status(self.p)

@@ -9,7 +9,10 @@ address right now, decided by the same code that decides it for real:
      were given (the registry's endpoints less those failing health checks), with the workers'
      outlier ejections replayed into it, and on one filled with every registered endpoint, to
      list the candidates the health checks took out;
-  3. the balancer (balance/factory.py) that orders the candidates, read off that table.
+  3. the balancer (balance/factory.py) that orders the candidates, read off that table;
+  4. authorization: the caller's identity (spiffe://<trust domain>/svc/<its enrolled service>)
+     and what `AuthzTable.decide` (policy/authz.py, the function the workers call where the
+     destination is) says for each endpoint port the connection may land on.
 
 Reads only an `ExplainInputs` snapshot the agent builds per request, never the agent itself.
 Read-only: nothing here changes any state. Runs in the agent: imports the pure route and
@@ -36,6 +39,9 @@ from meshnode.errors import CgroupError, NotFoundError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.model import CaptureState, Endpoint, HostPort
 from meshnode.policy import compiler
+from meshnode.policy.authz import AuthzTable, Decision
+from meshnode.policy.identity import BUNDLE_NAME, service_id
+from meshnode.policy.resources import Resource
 from meshnode.route import (
     KernelAction,
     KernelVerdict,
@@ -48,8 +54,10 @@ from meshnode.route import (
     classify,
 )
 
-__all__ = ["BALANCER_RULES", "ExplainInputs", "HealthView", "ejections", "explain",
-           "parse_dest"]
+__all__ = ["BALANCER_RULES", "DEFAULT_TRUST_DOMAIN", "ExplainInputs", "HealthView", "ejections",
+           "explain", "parse_dest", "trust_domain"]
+
+DEFAULT_TRUST_DOMAIN = "local"  # the trust domain identities are named in before a CA exists
 
 # One line per algorithm of model.LB_ALGORITHMS: how it picks (see balance/*.py).
 BALANCER_RULES: dict[str, str] = {
@@ -94,6 +102,14 @@ class ExplainInputs:
     # per service, per endpoint: seconds until the workers let it back in (the longest any
     # worker reports; only endpoints ejected now)
     ejected_for: Mapping[str, Mapping[HostPort, float]] = field(default_factory=dict)
+    authz: AuthzTable = field(default_factory=AuthzTable)  # policy/authz.compile_authz's
+    trust_domain: str = DEFAULT_TRUST_DOMAIN  # `trust_domain(resources)`
+
+
+def trust_domain(resources: Mapping[tuple[str, str], Resource]) -> str:
+    """The mesh's trust domain: the TrustBundle's, else DEFAULT_TRUST_DOMAIN."""
+    bundle = resources.get(("TrustBundle", BUNDLE_NAME))
+    return str(bundle.spec.trust_domain) if bundle is not None else DEFAULT_TRUST_DOMAIN
 
 
 def ejections(totals: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[HostPort, float]]:
@@ -115,13 +131,15 @@ class _Proc:
     cgroup: str | None  # relative to the cgroup2 mount, "/..."; None: no v2 membership
     enrolled: bool
     service: str | None  # the service cgroup below apps it is in
+    identity: str | None  # its service's SPIFFE ID (None: not enrolled in a service)
     proxy: bool  # one of this agent's proxy workers
     same_netns: bool
     enrollment: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"pid": self.pid, "comm": self.comm, "cgroup": self.cgroup,
-                "enrolled": self.enrolled, "service": self.service, "proxy_worker": self.proxy,
+                "enrolled": self.enrolled, "service": self.service, "identity": self.identity,
+                "proxy_worker": self.proxy,
                 "same_netns": self.same_netns, "enrollment": self.enrollment}
 
 
@@ -134,6 +152,7 @@ class _Result:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     balancer: dict[str, Any] | None = None
     steps: list[str] = field(default_factory=list)
+    authorization: dict[str, Any] | None = None
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -190,6 +209,7 @@ def _inspect(inp: ExplainInputs, pid: int) -> _Proc:
     if path is not None and enrolled and path != apps:
         service = path.relative_to(apps).parts[0]
     return _Proc(pid, comm, None if path is None else _rel(path, mount), enrolled, service,
+                 None if service is None else service_id(inp.trust_domain, service),
                  path is not None and path.is_relative_to(proxy), same_netns,
                  _enrollment(inp, pid) if enrolled else None)
 
@@ -238,6 +258,10 @@ def explain(inp: ExplainInputs, pid: int, dest: str) -> dict[str, Any]:
         if proc.enrollment and proc.enrollment.get("via_parent"):
             via = f", as a child of enrolled PID {proc.enrollment['pid']}"
         r.steps.append(f"enrolled: yes, service {proc.service or '?'} (below {apps_rel}){via}")
+        if proc.identity:
+            source = "" if inp.trust_domain != DEFAULT_TRUST_DOMAIN else \
+                f" (no TrustBundle: trust domain {DEFAULT_TRUST_DOMAIN})"
+            r.steps.append(f"identity: {proc.identity}{source}")
     else:
         why = ": it is a meshnode proxy worker" if proc.proxy else ""
         r.steps.append(f"enrolled: no, not below {apps_rel}{why}; capture never applies to it")
@@ -269,6 +293,7 @@ def explain(inp: ExplainInputs, pid: int, dest: str) -> dict[str, Any]:
         _kernel(inp, r, k, rec, addr, vip_note)
         if k.action is KernelAction.REDIRECT and rec is not None:
             _route(inp, r, rec, addr)
+            _authorize(inp, r, proc, rec, addr)
     if rec is not None and proc.enrolled and inp.ready:  # not ready: said above already
         r.steps.append("if the proxy is not ready: " + (
             "refused (fail-closed)" if rec.fail_closed else
@@ -295,6 +320,7 @@ def explain(inp: ExplainInputs, pid: int, dest: str) -> dict[str, Any]:
             **rec.settings_json(),
             "fail_mode": "fail-closed" if rec.fail_closed else "fail-open"},
         "rule": r.rule,
+        "authorization": r.authorization,
         "balancer": r.balancer,
         "candidates": r.candidates,
         "steps": r.steps,
@@ -424,6 +450,56 @@ def _route(inp: ExplainInputs, r: _Result, rec: ServiceRecord, addr: HostPort) -
     extra = f", {len(left_out)} ejected" if left_out else ""
     r.verdict = (f"captured by {inp.backend} → {target}, {rec.lb.algorithm} over "
                  f"{len(rotation)} healthy endpoint{'s' if len(rotation) != 1 else ''}{extra}")
+
+
+def _authorize(inp: ExplainInputs, r: _Result, proc: _Proc, rec: ServiceRecord,
+               addr: HostPort) -> None:
+    """Step 4, for a captured connection: what `AuthzTable.decide` says where the destination
+    is, for the caller's identity and each endpoint port the connection may land on (rule b:
+    the endpoint's; rule a: those of the candidates in rotation)."""
+    caller = proc.identity or ""
+    info: dict[str, Any] = {"identity": proc.identity, "trust_domain": inp.trust_domain,
+                            "applies": False, "verdict": None, "decisions": []}
+    r.authorization = info
+    if r.outcome == "passthrough":
+        r.steps.append("authorization: none: a passthrough connection has no destination "
+                       "service")
+        return
+    if r.outcome != "proxied":
+        return  # no endpoint: the proxy resets it, nothing is authorized
+    ports = [addr.port] if r.rule == "b" else sorted(
+        {HostPort.parse(c["addr"]).port for c in r.candidates if c["in_rotation"]})
+    if not ports:
+        return
+    decisions = {port: inp.authz.decide(caller, rec.name, port) for port in ports}
+    verdicts = {d.verdict for d in decisions.values()}
+    info.update(applies=True, verdict=verdicts.pop() if len(verdicts) == 1 else "mixed",
+                decisions=[{"port": port, "verdict": d.verdict, "allowed": d.allowed,
+                            "would_deny": d.would_deny, "policy": d.policy or None,
+                            "reason": d.reason} for port, d in decisions.items()])
+    first = decisions[ports[0]]
+    if len({(d.verdict, d.policy) for d in decisions.values()}) == 1:
+        same = f" (alike on port{'s' if len(ports) > 2 else ''} " \
+               f"{', '.join(map(str, ports[1:]))})" if len(ports) > 1 else ""
+        r.steps.append(f"authorization (decided where the destination is): {first.reason}"
+                       f"{same}")
+    else:
+        r.steps += [f"authorization, endpoint port {port}: {d.reason}"
+                    for port, d in decisions.items()]
+    denied = [port for port, d in decisions.items() if not d.allowed]
+    if len(denied) == len(ports):
+        r.outcome = "denied"
+        r.verdict = (f"captured by {inp.backend} → service {rec.name}, then {first.reason}: "
+                     "the connection is reset")
+    elif denied:
+        r.verdict += (f"; authorization denies it on endpoint port{'s' if len(denied) > 1 else ''}"
+                      f" {', '.join(map(str, denied))}")
+    elif dry := [d for d in decisions.values() if d.would_deny]:
+        r.verdict += f"; authorization would deny it once the dry run ends ({_by(dry[0])})"
+
+
+def _by(d: Decision) -> str:
+    return f"AuthorizationPolicy {d.policy}" if d.policy else "the mesh default DENY"
 
 
 def _attempts(route: Route) -> Sequence[Endpoint]:

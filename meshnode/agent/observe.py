@@ -22,7 +22,7 @@ from meshnode.config import AgentConfig
 from meshnode.errors import MeshnodeError, UsageError
 from meshnode.telemetry.admin import AdminServer, HostsSource
 from meshnode.telemetry.aggregate import Accumulator, Totals
-from meshnode.telemetry.history import History, figures
+from meshnode.telemetry.history import History, WindowFigures, figures
 from meshnode.telemetry.metrics import Snapshot
 from meshnode.wire import CgroupSources
 from meshnode.wire import Tap as TapMessage
@@ -131,8 +131,9 @@ class Telemetry:
         totals = await self.sample()
         try:
             kernel = await asyncio.to_thread(a.capture.stats)
+            inbound = await asyncio.to_thread(a.capture.inbound_counts)
         except MeshnodeError:
-            kernel = {}
+            kernel, inbound = {}, {}
         enrolled: dict[str, int] = {}
         for e in a.enrollments.describe():
             enrolled[e["service"]] = enrolled.get(e["service"], 0) + 1
@@ -148,7 +149,7 @@ class Telemetry:
             registry={**a.registry.describe(),
                       "applied_revision": a.report.applied_revision},
             services=services, enrolled=enrolled,
-            workers=a.workers.describe())
+            workers=a.workers.describe(), inbound=inbound, certs=a.identity.expiries())
 
     # -- stat, top, overview ---------------------------------------------------------------
     async def stat(self, window: float, service: str | None) -> dict[str, Any]:
@@ -181,6 +182,13 @@ class Telemetry:
                  if f.connections or f.active]
         pairs.sort(key=lambda p: (-p["rate"], -p["active"], p["src"], p["dst"]))
         return {"window": window, "span": self._span(window), "pairs": pairs[:limit]}
+
+    async def edges(self, window: float) -> tuple[float, list[tuple[str, str, WindowFigures]]]:
+        """(the seconds the window really covers, every (source, destination service) pair
+        with connections opened in it or open now): who called whom (`authz suggest`)."""
+        await self.sample()
+        return self._span(window), [(src, dst, f) for src, dst, f in
+                                    self.history.by_pair(window) if f.connections or f.active]
 
     async def overview(self, window: float) -> dict[str, Any]:
         """The dashboard's one poll: services, edges, hosts and per-service series."""

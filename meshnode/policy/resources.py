@@ -227,10 +227,102 @@ class MeshMtls(_Spec, frozen=True):
     mode: MtlsMode = "PERMISSIVE"
 
 
+AuthzAction = Literal["ALLOW", "DENY"]
+AUTHZ_TARGET_ALL = "*"  # an AuthorizationPolicy target: every service
+# A SPIFFE ID pattern: spiffe://TRUST-DOMAIN/PATH, PATH segments of letters, digits, '.', '_'
+# and '-'; the last segment may be '*' (every ID under that path). '*' alone: any
+# authenticated caller.
+_SPIFFE_PATTERN_RE = re.compile(
+    r"^spiffe://[a-z0-9]([a-z0-9._-]{0,253}[a-z0-9])?(/[A-Za-z0-9._-]+)*(/\*|/[A-Za-z0-9._-]+)$")
+
+
+def check_identity_pattern(pattern: str) -> str:
+    if pattern != "*" and not _SPIFFE_PATTERN_RE.fullmatch(pattern):
+        raise ValueError(f"identity {pattern!r} is not a SPIFFE ID pattern: use "
+                         "spiffe://TRUST-DOMAIN/PATH, '*' only as the whole last segment "
+                         "(spiffe://td/svc/*), or '*' alone for any authenticated caller")
+    if "/../" in pattern + "/" or "/./" in pattern + "/":
+        raise ValueError(f"identity {pattern!r} has a '.' or '..' path segment")
+    return pattern
+
+
+class AuthzSource(_Spec, frozen=True):
+    """Who a rule is about (`from`): any listed service (its identity spiffe://*/svc/NAME, in
+    the trust domain TLS already checked), any identity matching a pattern, or, with
+    `unauthenticated`, callers with no identity (plaintext from another host). All empty:
+    any caller."""
+
+    services: tuple[str, ...] = ()
+    identities: tuple[str, ...] = ()
+    unauthenticated: bool = False
+
+    def __post_init__(self) -> None:
+        for name in self.services:
+            if not NAME_RE.fullmatch(name):
+                raise ValueError(f"service name {name!r} is invalid: use {NAME_RULE}")
+        for pattern in self.identities:
+            check_identity_pattern(pattern)
+
+    @property
+    def any(self) -> bool:
+        return not (self.services or self.identities or self.unauthenticated)
+
+
+class AuthzDestination(_Spec, frozen=True):
+    """What a rule is about on the destination (`to`): the endpoint ports (empty: any)."""
+
+    ports: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for port in self.ports:
+            _check_port(port)
+
+
+class AuthzRule(_Spec, frozen=True):
+    """A rule matches a connection when both its `from` and its `to` do."""
+
+    from_: AuthzSource = msgspec.field(default=AuthzSource(), name="from")
+    to: AuthzDestination = AuthzDestination()
+
+
+class AuthorizationPolicySpec(_Spec, frozen=True):
+    """Who may call a service (the `AuthorizationPolicy` kind; semantics in
+    meshnode/policy/authz.py). `target`: a service name, or "*" for every service. `action`:
+    DENY wins over ALLOW; once any ALLOW policy targets a service, callers no ALLOW policy
+    matches are denied. `rules`: any one matching is a match (none: every caller matches).
+    `dryRun`: evaluated and counted as "would deny", never enforced."""
+
+    target: str
+    action: AuthzAction = "ALLOW"
+    dry_run: bool = False
+    rules: tuple[AuthzRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.target != AUTHZ_TARGET_ALL and not NAME_RE.fullmatch(self.target):
+            raise ValueError(f"target {self.target!r} is neither a service name ({NAME_RULE}) "
+                             "nor '*' (every service)")
+
+
+def _authz_references(spec: AuthorizationPolicySpec) -> Iterable[Reference]:
+    if spec.target != AUTHZ_TARGET_ALL:
+        yield Reference("Service", spec.target)
+
+
+class MeshAuthorization(_Spec, frozen=True):
+    """What authorization does for a service no AuthorizationPolicy decides: `default`
+    ALLOW (the mesh is open, as before authorization existed) or DENY (every service takes
+    only the callers an ALLOW policy names). `dryRun`: a DENY default is only counted as
+    "would deny" (the safe way to turn it on)."""
+
+    default: AuthzAction = "ALLOW"
+    dry_run: bool = False
+
+
 class MeshSpec(_Spec, frozen=True):
     """Mesh-wide settings (the `Mesh` kind; one resource, named `mesh`)."""
 
     mtls: MeshMtls = MeshMtls()
+    authorization: MeshAuthorization = MeshAuthorization()
 
 
 MESH_NAME = "mesh"  # the one Mesh resource's name
@@ -249,6 +341,10 @@ KINDS: dict[str, KindInfo] = {
                                       "mTLS mode, workload selectors"),
     "Mesh": KindInfo(MeshSpec, "mesh-wide settings (one, named mesh): default mTLS mode, "
                                "default authorization"),
+    "AuthorizationPolicy": KindInfo(AuthorizationPolicySpec,
+                                    "who may call a service: ALLOW or DENY by caller service "
+                                    "or identity and port, or dry run",
+                                    _authz_references),
 }
 
 

@@ -17,6 +17,8 @@ from meshnode.errors import UsageError
 from meshnode.host import cgroup
 from meshnode.model import BalancerConfig, HostPort, OutlierConfig
 from meshnode.policy import compiler
+from meshnode.policy.authz import AuthzTable, compile_authz
+from meshnode.policy.document import parse_all
 from meshnode.policy.resources import ServicePolicy
 
 pytestmark = pytest.mark.timeout(10)
@@ -52,7 +54,8 @@ def service(name: str, sid: int, *eps: str, port: int | None = 80, fail_closed: 
 
 def inputs(*recs: ServiceRecord, ready: bool = True, health: Health | None = None,
            dns_port: int | None = None, node: str = "",
-           ejected: dict[str, dict[str, float]] | None = None) -> ExplainInputs:
+           ejected: dict[str, dict[str, float]] | None = None,
+           authz: AuthzTable | None = None, trust_domain: str = "local") -> ExplainInputs:
     services = {r.name: r for r in recs}
     health = health or Health()
     totals = {name: {"endpoints": {a: {"ejected_for": s} for a, s in eps.items()}}
@@ -62,7 +65,8 @@ def inputs(*recs: ServiceRecord, ready: bool = True, health: Health | None = Non
         capture=compiler.capture_state(services, ready), backend="ebpf", capture_reason="test",
         outbound_port=15001, dns_port=dns_port, dns_suffix="mesh", node=node, zone="",
         cgroup_mount=MOUNT, root_cgroup=ROOT, enrollments=[{"pid": PID, "service": "client"}],
-        health=health, ejected_for=ejections(totals))
+        health=health, ejected_for=ejections(totals), authz=authz or AuthzTable(),
+        trust_domain=trust_domain)
 
 
 @pytest.fixture(autouse=True)
@@ -171,3 +175,87 @@ def test_bad_destinations_are_usage_errors() -> None:
     for dest in ("nonsense", "example.com:80"):
         with pytest.raises(UsageError):
             explain(inp, PID, dest)
+
+
+def authz(*docs: dict[str, Any]) -> AuthzTable:
+    rs = parse_all((f"doc{i}", d) for i, d in enumerate(docs))
+    return compile_authz({r.key: r for r in rs})
+
+
+def allow(*callers: str, dry: bool = False, ports: tuple[int, ...] = ()) -> dict[str, Any]:
+    rule: dict[str, Any] = {"from": {"services": list(callers)}}
+    if ports:
+        rule["to"] = {"ports": list(ports)}
+    return {"kind": "AuthorizationPolicy", "name": "web-allow",
+            "spec": {"target": "web", "dryRun": dry, "rules": [rule]}}
+
+
+def test_the_callers_identity_and_what_authorization_decides() -> None:
+    e = explain(inputs(service("web", 1, *WEB)), PID, "web.mesh:80")
+    assert e["process"]["identity"] == "spiffe://local/svc/client"
+    assert "identity: spiffe://local/svc/client (no TrustBundle: trust domain local)" \
+        in e["steps"]
+    assert ("authorization (decided where the destination is): allowed by the mesh default "
+            "ALLOW: no AuthorizationPolicy decides spiffe://local/svc/client to web:8001 (alike "
+            "on ports 8002, 8003)") in e["steps"]
+    assert e["steps"][-1].startswith("if the proxy is not ready")  # still the last word
+    assert e["authorization"]["verdict"] == "allowed" and e["outcome"] == "proxied"
+    assert [d["port"] for d in e["authorization"]["decisions"]] == [8001, 8002, 8003]
+    assert e["verdict"].endswith("round-robin over 3 healthy endpoints")
+
+    # a TrustBundle's trust domain names the identity; an allow-list without it denies
+    d = explain(inputs(service("web", 1, *WEB), authz=authz(allow("frontend")),
+                       trust_domain="prod.example"), PID, "127.240.0.1:80")
+    assert "identity: spiffe://prod.example/svc/client" in d["steps"]
+    assert d["outcome"] == "denied" and d["authorization"]["verdict"] == "denied"
+    assert d["verdict"] == ("captured by ebpf → service web, then denied by AuthorizationPolicy "
+                            "web-allow (no rule allows spiffe://prod.example/svc/client to "
+                            "web:8001): the connection is reset")
+    assert d["authorization"]["decisions"][0]["policy"] == "web-allow"
+    ok = explain(inputs(service("web", 1, *WEB), authz=authz(allow("client"))), PID,
+                 "127.240.0.1:80")
+    assert ok["outcome"] == "proxied" and ok["authorization"]["verdict"] == "allowed"
+    assert any("allowed by AuthorizationPolicy web-allow (rule 1 matches "
+               "spiffe://local/svc/client to web:8001)" in step for step in ok["steps"])
+
+
+def test_dry_run_and_per_port_decisions() -> None:
+    w = explain(inputs(service("web", 1, *WEB), authz=authz(allow("frontend", dry=True))),
+                PID, "127.240.0.1:80")
+    assert w["outcome"] == "proxied" and w["authorization"]["verdict"] == "would deny"
+    assert w["verdict"].endswith("; authorization would deny it once the dry run ends "
+                                 "(AuthorizationPolicy web-allow)"), w["verdict"]
+    mixed = explain(inputs(service("web", 1, *WEB), authz=authz(allow("client", ports=(8001,)))),
+                    PID, "127.240.0.1:80")
+    assert mixed["authorization"]["verdict"] == "mixed" and mixed["outcome"] == "proxied"
+    assert mixed["verdict"].endswith("; authorization denies it on endpoint ports 8002, 8003")
+    assert [s for s in mixed["steps"] if s.startswith("authorization, endpoint port")] == [
+        "authorization, endpoint port 8001: allowed by AuthorizationPolicy web-allow (rule 1 "
+        "matches spiffe://local/svc/client to web:8001)",
+        "authorization, endpoint port 8002: denied by AuthorizationPolicy web-allow (no rule "
+        "allows spiffe://local/svc/client to web:8002)",
+        "authorization, endpoint port 8003: denied by AuthorizationPolicy web-allow (no rule "
+        "allows spiffe://local/svc/client to web:8003)"]
+    # rule (b): the endpoint's own port decides
+    b = explain(inputs(service("web", 1, *WEB), authz=authz(allow("client", ports=(8001,)))),
+                PID, WEB[1])
+    assert b["outcome"] == "denied" and b["authorization"]["decisions"][0]["port"] == 8002
+    default_deny = authz({"kind": "Mesh", "name": "mesh",
+                          "spec": {"authorization": {"default": "DENY"}}})
+    n = explain(inputs(service("web", 1, *WEB), authz=default_deny), PID, WEB[0])
+    assert n["outcome"] == "denied" and "denied by the mesh default DENY" in n["verdict"]
+
+
+def test_no_authorization_where_the_proxy_does_not_decide(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    deny = authz(allow("frontend"))
+    c = explain(inputs(service("web", 1, *WEB), health=Health(WEB[2]), authz=deny), PID, WEB[2])
+    assert c["outcome"] == "passthrough" and not c["authorization"]["applies"]
+    assert "authorization: none: a passthrough connection has no destination service" \
+        in c["steps"]
+    n = explain(inputs(service("api", 2, port=None), authz=deny), PID, "127.240.0.2:7000")
+    assert n["outcome"] == "no-endpoint" and not n["authorization"]["applies"]
+    monkeypatch.setattr(cgroup, "process_cgroup", lambda pid, mount: MOUNT / "user.slice")
+    o = explain(inputs(service("web", 1, *WEB), authz=deny), PID, "127.240.0.1:80")
+    assert o["process"]["identity"] is None and o["authorization"] is None
+    assert not any(s.startswith(("identity", "authorization")) for s in o["steps"])
