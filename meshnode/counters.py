@@ -25,8 +25,8 @@ from typing import Literal
 
 from meshnode.histogram import CONNECT_BUCKETS, DURATION_BUCKETS
 
-__all__ = ["ENDPOINT_FIELDS", "FAILURES", "PAIR_FIELDS", "PAIR_HISTOGRAMS", "SELECTIONS",
-           "WORKER_FIELDS", "Field", "HistogramField", "Kind"]
+__all__ = ["ENDPOINT_FIELDS", "FAILURES", "PAIR_FIELDS", "PAIR_HISTOGRAMS", "SECURITY_FIELDS",
+           "SELECTIONS", "WORKER_FIELDS", "Field", "HistogramField", "Kind", "LabelledField"]
 
 Kind = Literal["counter", "gauge", "max"]
 
@@ -52,6 +52,19 @@ class HistogramField:
     bounds: tuple[float, ...]
     family: str
     help: str
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledField:
+    """A figure kept per combination of `labels` values (wire.StatsReply.labelled: rows of
+    label values and a number); `const` labels tell apart fields sharing a family."""
+
+    name: str
+    kind: Kind
+    family: str
+    help: str
+    labels: tuple[str, ...]
+    const: tuple[tuple[str, str], ...] = ()
 
 
 _BYTES_HELP = "Bytes relayed; direction up is client to endpoint, down is endpoint to client."
@@ -112,4 +125,40 @@ WORKER_FIELDS: tuple[Field, ...] = (
     Field("active", "gauge", "", "Client connections open in the workers now."),
     Field("unknown_messages", "counter", "meshnode_worker_unknown_messages",
           "Agent messages of a kind the workers do not know (a newer agent's), ignored."),
+)
+
+# mTLS between hosts and authorization (proxy/tunnel.py, proxy/inbound.py). Label values are
+# bounded: sides, causes and reasons are fixed words; peers are hosts; identities and policies
+# are the mesh's own (services, hosts, AuthorizationPolicy names).
+_IDS = ("src_identity", "dst_identity")
+_INBOUND_BYTES = ("Bytes relayed for tunnels this host accepted; up is the remote client to "
+                  "the local endpoint.")
+SECURITY_FIELDS: tuple[LabelledField, ...] = (
+    LabelledField("tls_handshakes", "counter", "meshnode_tls_handshakes",
+                  "TLS handshakes of tunnels by side (client: dialed, server: accepted) and "
+                  "result: full, resumed, or why it failed (timeout, eof, protocol, "
+                  "no_client_cert, untrusted, trust_domain, revoked, expired, not_yet_valid, "
+                  "wrong_peer, bad_identity).", ("side", "result")),
+    LabelledField("tunnels", "counter", "meshnode_tunnel_connections",
+                  "Tunnel connections established, by direction (out: dialed, in: accepted) "
+                  "and peer host.", ("direction", "peer")),
+    LabelledField("tunnel_refusals", "counter", "meshnode_tunnel_refusals",
+                  "Connections between hosts refused by this host, by side and reason (client: "
+                  "no_peer, no_identity, or the peer's answer peer_<reason>; server: "
+                  "the preamble answer's reason, no_identity, overload).",
+                  ("side", "reason")),
+    LabelledField("authz_denied", "counter", "meshnode_authz_denied",
+                  "Connections authorization refused, by source identity, destination service "
+                  "and deciding policy (\"\": the mesh default).", ("src", "dst", "policy")),
+    LabelledField("authz_would_deny", "counter", "meshnode_authz_would_deny",
+                  "Connections a dry-run policy would have refused (they were allowed).",
+                  ("src", "dst", "policy")),
+    LabelledField("inbound_connections", "counter", "meshnode_inbound_connections",
+                  "Tunnel connections accepted and authorized, by both identities.", _IDS),
+    LabelledField("inbound_active", "gauge", "meshnode_inbound_connections_active",
+                  "Accepted tunnel connections open now.", _IDS),
+    LabelledField("inbound_bytes_up", "counter", "meshnode_inbound_bytes", _INBOUND_BYTES, _IDS,
+                  (("direction", "up"),)),
+    LabelledField("inbound_bytes_down", "counter", "meshnode_inbound_bytes", _INBOUND_BYTES,
+                  _IDS, (("direction", "down"),)),
 )

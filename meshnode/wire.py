@@ -57,6 +57,7 @@ __all__ = [
     "Hello",
     "HistogramCounts",
     "Identities",
+    "LabelledValue",
     "Listening",
     "PairCounters",
     "Peers",
@@ -263,10 +264,18 @@ class PairCounters(msgspec.Struct, frozen=True):
     histograms: dict[str, HistogramCounts] = {}
 
 
+class LabelledValue(msgspec.Struct, frozen=True, array_like=True):
+    """One row of a counters.LabelledField: its label values, in the field's order."""
+
+    labels: tuple[str, ...]
+    value: int
+
+
 class StatsReply(_Message, frozen=True, tag="stats"):
     """A worker's counters since it started. `pid` tells the agent when a worker id is a new
     process (its counters restarted from zero). `endpoints`: service -> endpoint -> ENDPOINT
-    field -> value; `selections`: service -> endpoint -> attempts; `values`: WORKER_FIELDS."""
+    field -> value; `selections`: service -> endpoint -> attempts; `values`: WORKER_FIELDS;
+    `labelled`: SECURITY_FIELDS rows (a worker before protocol 3 sends none)."""
 
     seq: int
     worker: int
@@ -275,6 +284,7 @@ class StatsReply(_Message, frozen=True, tag="stats"):
     endpoints: dict[str, dict[str, dict[str, int | float]]] = {}
     selections: dict[str, dict[str, int]] = {}
     values: dict[str, int] = {}
+    labelled: dict[str, tuple[LabelledValue, ...]] = {}  # counters.SECURITY_FIELDS by name
 
 
 class ConnEvent(_Message, frozen=True, tag="event"):

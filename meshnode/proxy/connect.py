@@ -4,7 +4,9 @@ Owns the attempt loop and its feedback: every attempt is counted, reported to th
 (in-flight, connect latency) and to the outlier detector (consecutive failures); the first
 endpoint that answers becomes the relay's upstream and the relay starts; when all fail, the
 client is refused with the last failure's reason. Passthrough connections have no balancer or
-detector and one attempt.
+detector and one attempt. With mTLS configured, each attempt first asks MeshSecurity.plan
+(proxy/tunnel.py): an endpoint on another host may go through a TunnelAttempt (TCP, TLS,
+preamble, answer) that reports back here like a connect; a local one is authorized first.
 
 No Task or Future per connection: the dialer's connect usually completes inside connect()
 (loopback, nearby hosts), and then everything happens in the accept callback. Only a handshake
@@ -31,10 +33,11 @@ from meshnode.proxy.dial import Dialers
 from meshnode.proxy.poller import WRITE, Poller
 from meshnode.proxy.stats import PairStats, WorkerStats
 from meshnode.proxy.telemetry import failure_reason
+from meshnode.proxy.tunnel import DENIED, MeshSecurity, TunnelAttempt
 
 if TYPE_CHECKING:
     from meshnode.balance import EndpointLoad
-    from meshnode.proxy.relay import Relay
+    from meshnode.proxy.relay import Pipe, Relay
 
 __all__ = ["Connector"]
 
@@ -47,7 +50,8 @@ class Connector:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, poller: Poller, dialers: Dialers,
                  stats: WorkerStats, timeout: float, clock: Callable[[], float],
-                 on_started: Callable[[Relay], None]) -> None:
+                 on_started: Callable[[Relay], None],
+                 security: MeshSecurity | None = None) -> None:
         self.loop = loop
         self.poller = poller
         self.dialers = dialers
@@ -55,6 +59,8 @@ class Connector:
         self.timeout = timeout
         self.clock = clock
         self.on_started = on_started
+        # mTLS between hosts and authorization (None or inactive: every endpoint direct)
+        self.security = security
 
     def connect(self, relay: Relay, attempts: Sequence[Endpoint], stats: PairStats,
                 balancer: Balancer | None = None, outlier: OutlierDetector | None = None,
@@ -64,8 +70,28 @@ class Connector:
         info = relay.info
         assert info is not None  # the worker records the connection before connecting
         clock = self.clock
+        security = self.security
         for i in range(first, len(attempts)):
             ep = attempts[i]
+            if security is not None and security.active:
+                plan = security.plan(ep, info)
+                if plan is not None:
+                    if isinstance(plan, str):
+                        if plan == DENIED:
+                            stats.fail(DENIED)
+                            relay.outcome = DENIED
+                            relay.reset()
+                            return
+                        reason = plan  # this endpoint cannot be reached as its mode says
+                        continue
+                    token = None
+                    if balancer is not None:
+                        token = balancer.on_start(ep)
+                        self.stats.selected(stats.dst, ep.addr)
+                    info.attempts += 1
+                    TunnelAttempt(self, security, relay, plan, attempts, i, stats, balancer,
+                                  outlier, token, clock(), timeout or self.timeout)
+                    return
             token = None
             if balancer is not None:
                 token = balancer.on_start(ep)
@@ -94,7 +120,8 @@ class Connector:
 
     def succeeded(self, relay: Relay, sock: _socket.socket, ep: Endpoint, stats: PairStats,
                   balancer: Balancer | None, outlier: OutlierDetector | None,
-                  token: EndpointLoad | None, started: float) -> None:
+                  token: EndpointLoad | None, started: float,
+                  pipes: tuple[type[Pipe], type[Pipe]] | None = None) -> None:
         elapsed = self.clock() - started
         info = relay.info
         assert info is not None
@@ -106,12 +133,13 @@ class Connector:
             relay.hold(balancer, token)
         if outlier is not None:
             outlier.success(ep.addr)
-        relay.start(sock)
+        relay.start(sock, pipes)
         self.on_started(relay)
 
     def failed(self, exc: OSError | TimeoutError, ep: Endpoint, stats: PairStats,
                balancer: Balancer | None, outlier: OutlierDetector | None,
-               token: EndpointLoad | None, started: float) -> str:
+               token: EndpointLoad | None, started: float, reason: str | None = None) -> str:
+        """Count a failed attempt; returns its reason (`reason`, else the error's)."""
         stats.connect_errors += 1
         if balancer is not None and token is not None:
             balancer.on_failed(token, self.clock() - started)
@@ -119,7 +147,7 @@ class Connector:
         if outlier is not None and outlier.failure(ep.addr):
             log.warning("%s ejected after %d consecutive connect failures",
                         ep.addr, outlier.config.consecutive_failures)
-        return failure_reason(exc)
+        return reason or failure_reason(exc)
 
 
 class _Handshake:

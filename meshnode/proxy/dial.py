@@ -1,10 +1,10 @@
 """Dialing an endpoint: how the proxy reaches the address the balancer chose.
 
 `DirectDialer` opens plain TCP (with the proxy's SO_MARK, so capture never loops it back).
-`Dialers.for_endpoint` is the one place that decides per endpoint: today every endpoint is
-dialed directly; endpoints on another node will go through the mutual-TLS tunnel to that
-node's agent (DESIGN flow 4) by returning a tunnel dialer here, leaving the balancing and
-failover code (connect.py) untouched. Must not import bcc, pyroute2 or the agent.
+Whether an endpoint is dialed directly or through the mTLS tunnel to its host's inbound
+listener is decided per connect attempt by proxy/tunnel.py (MeshSecurity.plan, asked by the
+connector); the tunnel dials that listener with the same DirectDialer. Must not import bcc,
+pyroute2 or the agent.
 """
 
 from __future__ import annotations
@@ -83,5 +83,4 @@ class Dialers:
         self.direct = DirectDialer(mark)
 
     def for_endpoint(self, ep: Endpoint) -> Dialer:
-        # Remote endpoints (ep.node not ours) are plain TCP until the mTLS tunnel lands.
-        return self.direct
+        return self.direct  # the tunnel, when wanted, was chosen before (connect.py)

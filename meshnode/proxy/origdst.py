@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Protocol
 
 from meshnode import constants as C
 from meshnode.errors import KernelError
-from meshnode.model import OrigDstAddr
+from meshnode.model import HostPort, OrigDstAddr
 
 __all__ = [
     "OrigDstError",
@@ -32,6 +32,7 @@ __all__ = [
     "SocketLike",
     "SockoptOrigDst",
     "StaticOrigDst",
+    "origdst_source",
     "parse_sockaddr_in",
 ]
 
@@ -129,3 +130,12 @@ class StaticOrigDst:
 
     def lookup(self, sock: SocketLike) -> Origin:
         return Origin(self.dst)
+
+
+def origdst_source(explicit_target: str | None) -> OrigDstSource:
+    """The kernel's answer (SO_ORIGINAL_DST), or, for an explicit listener, its one target
+    ("IPv4:PORT"; UsageError when it is not one)."""
+    if explicit_target is None:
+        return SockoptOrigDst()
+    target = HostPort.parse(explicit_target)
+    return StaticOrigDst(OrigDstAddr(target.ip, target.port))

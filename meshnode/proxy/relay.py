@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from meshnode.balance import Balancer, EndpointLoad
     from meshnode.proxy.telemetry import ConnInfo
 
-__all__ = ["BUFFER_SIZE", "BufferPool", "Relay", "RelayRegistry", "reset_socket"]
+__all__ = ["BUFFER_SIZE", "BufferPool", "Pipe", "Relay", "RelayRegistry", "reset_socket"]
 
 BUFFER_SIZE = 256 * 1024
 # A send remainder up to this size is copied out; a larger one keeps its buffer (lent).
@@ -198,6 +198,10 @@ class Pipe:
         if sent < len(pending):
             self.pending = pending[sent:]
             return
+        self._drained()
+
+    def _drained(self) -> None:
+        """dst took everything pending: read src again."""
         self.pending = None
         if self.lent is not None:
             self.pool.give_back(self.lent)
@@ -215,9 +219,12 @@ class Pipe:
             return
         self._sync()
         try:
-            self.dst.shutdown(_SHUT_WR)  # half-close: the other direction keeps flowing
+            self._shut()  # half-close: the other direction keeps flowing
         except OSError:
             relay.reset()
+
+    def _shut(self) -> None:
+        self.dst.shutdown(_SHUT_WR)
 
 
 class _Up(Pipe):
@@ -295,12 +302,15 @@ class Relay:
             self.balancer = self.token = None
             balancer.on_done(token)
 
-    def start(self, upstream: _socket.socket) -> None:
-        """The upstream answered: relay both ways."""
+    def start(self, upstream: _socket.socket,
+              pipes: tuple[type[Pipe], type[Pipe]] | None = None) -> None:
+        """The upstream answered: relay both ways. `pipes`: the (up, down) pipe classes, when
+        a side is not a plain socket (proxy/tlspipe.py)."""
         self.connecting = None
         self.upstream = upstream
-        self.up = up = _Up(self, self.client, upstream)
-        self.down = down = _Down(self, upstream, self.client)
+        up_cls, down_cls = pipes or (_Up, _Down)
+        self.up = up = up_cls(self, self.client, upstream)
+        self.down = down = down_cls(self, upstream, self.client)
         up.other, down.other = down, up
         self.started = True
         self.registry.started(self)

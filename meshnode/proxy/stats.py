@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from meshnode.counters import PAIR_FIELDS, PAIR_HISTOGRAMS
+from meshnode.counters import PAIR_FIELDS, PAIR_HISTOGRAMS, SECURITY_FIELDS
 from meshnode.histogram import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
 from meshnode.model import HostPort
-from meshnode.wire import HistogramCounts, PairCounters, StatsReply
+from meshnode.wire import HistogramCounts, LabelledValue, PairCounters, StatsReply
 
 __all__ = ["UNKNOWN_SOURCE", "PairStats", "WorkerStats"]
 
@@ -73,7 +73,8 @@ class WorkerStats:
     """All counters of one worker. Pairs keep their counters after a service goes away, so the
     agent's sums never run backwards."""
 
-    __slots__ = ("origdst_errors", "pairs", "passthrough", "selections", "unrouted")
+    __slots__ = ("inbound", "labelled", "origdst_errors", "pairs", "passthrough", "selections",
+                 "unrouted")
 
     def __init__(self) -> None:
         self.pairs: dict[tuple[str, str], PairStats] = {}
@@ -83,6 +84,35 @@ class WorkerStats:
         # Unrouted connections' bytes land here: the relay always has a sink to count into,
         # and the wire form reports only the connection count.
         self.passthrough = PairStats(UNKNOWN_SOURCE, "")
+        # counters.SECURITY_FIELDS: name -> label values -> count. Inbound tunnels' relays
+        # count into their own pairs, keyed by (source identity, destination identity), sent
+        # as the inbound_* fields (the pairs above stay per service, as `status` shows them).
+        self.labelled: dict[str, dict[tuple[str, ...], int]] = {
+            f.name: {} for f in SECURITY_FIELDS}
+        self.inbound: dict[tuple[str, str], PairStats] = {}
+
+    def count(self, name: str, *labels: str) -> None:
+        """One more of SECURITY_FIELDS `name` for these label values."""
+        rows = self.labelled[name]
+        rows[labels] = rows.get(labels, 0) + 1
+
+    def inbound_pair(self, src_identity: str, dst_identity: str) -> PairStats:
+        key = (src_identity, dst_identity)
+        p = self.inbound.get(key)
+        if p is None:
+            p = self.inbound[key] = PairStats(src_identity, dst_identity)
+        return p
+
+    def _labelled_wire(self) -> dict[str, tuple[LabelledValue, ...]]:
+        rows = {name: tuple(LabelledValue(k, v) for k, v in values.items())
+                for name, values in self.labelled.items() if values}
+        if self.inbound:
+            for name, attr in (("inbound_connections", "connections"),
+                               ("inbound_active", "active"), ("inbound_bytes_up", "bytes_up"),
+                               ("inbound_bytes_down", "bytes_down")):
+                rows[name] = tuple(LabelledValue(k, getattr(p, attr))
+                                   for k, p in self.inbound.items())
+        return rows
 
     def pair(self, src: str, dst: str) -> PairStats:
         p = self.pairs.get((src, dst))
@@ -107,4 +137,5 @@ class WorkerStats:
         return StatsReply(
             seq, worker, pid, tuple(p.to_wire() for p in self.pairs.values()), reports,
             selections, {"unrouted": self.unrouted, "origdst_errors": self.origdst_errors,
-                         "active": active, "unknown_messages": unknown_messages})
+                         "active": active, "unknown_messages": unknown_messages},
+            self._labelled_wire())

@@ -13,8 +13,11 @@ A connection's record (one access log line; the tap stream adds "t":"event" and 
                   connections have no service; refused ones no endpoint)
   connect_ms      the successful upstream connect's latency; attempts: connects tried
   bytes_up/down   client → upstream and back
+  src_identity,   the SPIFFE IDs the connection was authorized with (mTLS between hosts: the
+  dst_identity    peer's certificate and the destination service's; local: the attested source
+                  service's), null when no authorization was made
   outcome         ok, reset, idle_timeout, drain, no_endpoint, refused, timeout, unreachable,
-                  error, origdst_error
+                  error, origdst_error, denied, or a tunnel refusal (tls_*, tunnel_*)
 
 Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/bpf/host.
 """
@@ -32,6 +35,7 @@ from meshnode.model import HostPort, OrigDstAddr
 from meshnode.proxy.origdst import Origin
 from meshnode.proxy.stats import UNKNOWN_SOURCE
 from meshnode.sockdiag import SockDiag
+from meshnode.wire import ConnEvent
 
 if TYPE_CHECKING:
     from meshnode.proxy.relay import Relay
@@ -109,8 +113,8 @@ def _num(value: float | None) -> str:
 class ConnInfo:
     """What the worker knows of one connection; `t0` is the worker clock at accept."""
 
-    __slots__ = ("attempts", "connect_s", "endpoint", "orig_dst", "peer", "pid", "service",
-                 "src", "t0", "wall0")
+    __slots__ = ("attempts", "connect_s", "dst_identity", "endpoint", "orig_dst", "peer", "pid",
+                 "service", "src", "src_identity", "t0", "wall0")
 
     def __init__(self, t0: float, peer: Any) -> None:
         self.t0 = t0
@@ -123,6 +127,9 @@ class ConnInfo:
         self.endpoint: HostPort | None = None
         self.connect_s: float | None = None
         self.attempts = 0
+        # Set once authorized (the inbound side: after the peer's certificate was checked).
+        self.src_identity: str | None = None
+        self.dst_identity: str | None = None
 
     def tapped(self, services: frozenset[str]) -> bool:
         return "*" in services or self.src in services or self.service in services
@@ -139,10 +146,19 @@ class ConnInfo:
                 f'"client":{_str(f"{peer[0]}:{peer[1]}" if peer else None)},'
                 f'"orig_dst":{_str(str(self.orig_dst) if self.orig_dst else None)},'
                 f'"dst":{_str(self.service)},'
+                f'"src_identity":{_str(self.src_identity)},'
+                f'"dst_identity":{_str(self.dst_identity)},'
                 f'"endpoint":{_str(str(self.endpoint) if self.endpoint else None)},'
                 f'"connect_ms":{_num(self.connect_s)},"attempts":{self.attempts},'
                 f'"bytes_up":{relay.bytes_up},"bytes_down":{relay.bytes_down},'
                 f'"outcome":"{relay.outcome}"}}')
+
+    def tap_event(self, kind: str, relay: Relay, worker: int, now: float) -> ConnEvent:
+        """The tap stream's message: the record without the inline tag (ConnEvent has its
+        own)."""
+        record = self.event(kind, relay, worker, now)
+        record.pop("t", None)
+        return ConnEvent(record)
 
     def event(self, kind: str, relay: Relay, worker: int, now: float) -> dict[str, Any]:
         """The tap event (and, without "t" and "event", the access log record)."""
@@ -161,6 +177,8 @@ class ConnInfo:
             "client": f"{peer[0]}:{peer[1]}" if peer else None,
             "orig_dst": str(self.orig_dst) if self.orig_dst else None,
             "dst": self.service,
+            "src_identity": self.src_identity,
+            "dst_identity": self.dst_identity,
             "endpoint": str(self.endpoint) if self.endpoint else None,
             "connect_ms": None if self.connect_s is None else round(self.connect_s * 1000, 3),
             "attempts": self.attempts,

@@ -11,7 +11,8 @@ socket (standalone explicit proxy) a closed channel means drain and exit.
 
 Control channel: the typed messages of meshnode.wire (framing in control.py). The agent opens
 with Hello and the worker answers with its own protocol version; then discovery updates, sync
-barriers, stats requests, the cgroup -> source service map and the tap filter come in, and
+barriers, stats requests, the cgroup -> source service map, the tap filter and the mTLS
+state (Identities, Peers, Security: proxy/tunnel.py; inbound_fd: proxy/inbound.py) come in, and
 listening, start-up errors, synced, stats replies and tap events go out.
 Exit codes: 0 after a drain, 69 when the listener cannot be bound, 77 when SO_MARK is refused
 (needs CAP_NET_ADMIN; mark 0 skips it), 64 for a bad explicit target.
@@ -37,15 +38,13 @@ import uvloop
 
 from meshnode import __version__
 from meshnode.config import WorkerConfig
-from meshnode.errors import (
-    MeshnodeError,
-    UsageError,
-)
-from meshnode.model import DoesNotExist, Endpoint, HostPort, OrigDstAddr, ServicePolicy
+from meshnode.errors import MeshnodeError, UsageError
+from meshnode.model import DoesNotExist, Endpoint, OrigDstAddr, ServicePolicy
 from meshnode.proxy.accesslog import AccessLog
 from meshnode.proxy.connect import Connector
 from meshnode.proxy.control import ControlChannel, connect_control, open_control
 from meshnode.proxy.dial import Dialers
+from meshnode.proxy.inbound import Inbound, open_inbound
 from meshnode.proxy.listener import (
     BACKLOG,
     bind_listener,
@@ -54,18 +53,18 @@ from meshnode.proxy.listener import (
     own_addresses,
     relay_capacity,
 )
-from meshnode.proxy.origdst import OrigDstError, OrigDstSource, SockoptOrigDst, StaticOrigDst
+from meshnode.proxy.origdst import OrigDstError, OrigDstSource, origdst_source
 from meshnode.proxy.poller import READ, Poller
 from meshnode.proxy.relay import BufferPool, Relay, RelayRegistry
 from meshnode.proxy.stats import PairStats, WorkerStats
 from meshnode.proxy.telemetry import ConnInfo, Sources
+from meshnode.proxy.tunnel import MeshSecurity
 from meshnode.route.table import Passthrough, ServiceTable, ToService
 from meshnode.wire import (
     MIN_PROTOCOL,
     PROTOCOL,
     AgentMessage,
     CgroupSources,
-    ConnEvent,
     EndpointsAdded,
     EndpointsRemoved,
     Hello,
@@ -105,6 +104,9 @@ class ProxyWorker:
         # Seeded from the OS per process, so workers sharing a port do not draw in lockstep.
         self.table = ServiceTable(config.node, config.zone, clock, random.Random())
         self.stats = WorkerStats()
+        self.security = MeshSecurity(config.node, self.stats, self.table.policy,
+                                     config.handshake_timeout)
+        self._inbound: Inbound | None = None  # mTLS from other hosts (config.inbound_fd)
         self.pool = BufferPool()
         self.registry = RelayRegistry(clock, self._finished)
         # conntrack (iptables) does not name the client: ask sock_diag for its cgroup
@@ -186,6 +188,8 @@ class ProxyWorker:
                     self._send(queued)
                 if self.config.agent_socket:  # a new agent (or the first): say we accept
                     self._announce()
+            case _:  # Identities, Peers, Security: mTLS and authorization
+                self.security.apply(msg)
 
     def _announce(self) -> None:
         """Tell the agent this worker accepts (again, to an agent that adopts it)."""
@@ -346,7 +350,7 @@ class ProxyWorker:
         """A relay's upstream answered: its tap event."""
         info = relay.info
         if self.tap and info is not None and info.tapped(self.tap):
-            self._send(_event(info.event("open", relay, self.config.worker_id, self.clock())))
+            self._send(info.tap_event("open", relay, self.config.worker_id, self.clock()))
 
     def _admit(self, service: str, relay: Relay, policy: ServicePolicy) -> bool:
         """The service's maxConnections (per worker): count this relay against it, or refuse
@@ -374,7 +378,7 @@ class ProxyWorker:
         now = self.clock()
         relay.stats.duration.observe(now - info.t0)
         if self.tap and info.tapped(self.tap):
-            self._send(_event(info.event("close", relay, self.config.worker_id, now)))
+            self._send(info.tap_event("close", relay, self.config.worker_id, now))
         if self.access is not None and self.access.wants():
             self.access.write(info.log_line(relay, self.config.worker_id, now))
 
@@ -412,15 +416,21 @@ class ProxyWorker:
             check_mark(self.config.mark)
             lsock = (inherited_listener(self.config.listen_fd) if self.config.listen_fd >= 0
                      else bind_listener(self.config.listen_host, self.config.listen_port))
+            poller = self._poller = Poller(loop)
+            self._connector = Connector(loop, poller, self.dialers, self.stats,
+                                        self.config.connect_timeout, self.clock, self._started,
+                                        self.security)
+            if self.config.inbound_fd >= 0:
+                self._inbound = open_inbound(self.config.inbound_fd, loop, poller, self.security,
+                                             self.table, self._connector, self.pool,
+                                             self.registry, self.clock, self.access,
+                                             self.config.worker_id)
         except MeshnodeError as err:
             log.error("%s", err)
             self._send(StartError(err.message, err.hint, err.exit_code))
             if self._control is not None:
                 await self._control.close(timeout=2.0)
             return err.exit_code
-        poller = self._poller = Poller(loop)
-        self._connector = Connector(loop, poller, self.dialers, self.stats,
-                                    self.config.connect_timeout, self.clock, self._started)
         self._lsock = lsock
         self._capacity = relay_capacity()
         if self.config.agent_socket:
@@ -446,6 +456,8 @@ class ProxyWorker:
         #    copy) keep it open, and what is queued stays for them.
         if self._reconnecting is not None:
             self._reconnecting.cancel()
+        if self._inbound is not None:
+            self._inbound.close()
         if self._lsock is not None and self._poller is not None:
             if not self.config.agent_socket:
                 self._accept(BACKLOG)
@@ -481,26 +493,13 @@ class ProxyWorker:
             await self._control.close(timeout=2.0)
 
 
-def _event(record: dict[str, object]) -> ConnEvent:
-    """A tap event: the record without the old inline tag (wire.ConnEvent carries its own)."""
-    record.pop("t", None)
-    return ConnEvent(record)
-
-
-def origdst_source(config: WorkerConfig) -> OrigDstSource:
-    if config.explicit_target is None:
-        return SockoptOrigDst()
-    target = HostPort.parse(config.explicit_target)
-    return StaticOrigDst(OrigDstAddr(target.ip, target.port))
-
-
 def main(argv: list[str] | None = None) -> int:
     config = WorkerConfig.from_argv(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=os.environ.get("MESHNODE_PROXY_LOG", "WARNING").upper(),
         format=f"meshnode-proxy[{config.worker_id}] %(levelname)s %(name)s: %(message)s")
     try:
-        source = origdst_source(config)
+        source = origdst_source(config.explicit_target)
     except UsageError as err:
         log.error("%s", err)
         return err.exit_code

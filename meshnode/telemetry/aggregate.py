@@ -18,10 +18,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from meshnode.counters import ENDPOINT_FIELDS, PAIR_FIELDS, PAIR_HISTOGRAMS, WORKER_FIELDS, Field
+from meshnode.counters import (
+    ENDPOINT_FIELDS,
+    PAIR_FIELDS,
+    PAIR_HISTOGRAMS,
+    SECURITY_FIELDS,
+    WORKER_FIELDS,
+    Field,
+)
 from meshnode.wire import HistogramCounts, PairCounters, StatsReply
 
 __all__ = ["Accumulator", "HistogramTotals", "PairTotals", "Totals"]
+
+_LABELLED = {f.name: f for f in SECURITY_FIELDS}
+
+
+def _combine_rows(into: dict[str, dict[tuple[str, ...], int]], name: str,
+                  rows: Any, gauges: bool) -> None:
+    """Fold one SECURITY_FIELDS field's rows ((labels, value) pairs) in, by its kind."""
+    f = _LABELLED.get(name)
+    if f is None or (f.kind != "counter" and not gauges):
+        return  # undeclared (a newer worker's), or a gauge of a past process
+    out = into.setdefault(name, {})
+    for labels, value in rows:
+        if len(labels) == len(f.labels) and isinstance(value, int):
+            key = tuple(labels)
+            out[key] = max(out.get(key, 0), value) if f.kind == "max" else \
+                out.get(key, 0) + value
 
 
 def _combine(into: dict[str, Any], fields: tuple[Field, ...], values: dict[str, Any],
@@ -103,6 +126,8 @@ class Totals:
     endpoints: dict[tuple[str, str], dict[str, int | float]] = field(default_factory=dict)
     selections: dict[tuple[str, str], int] = field(default_factory=dict)  # (dst, endpoint)
     values: dict[str, int] = field(default_factory=dict)  # WORKER_FIELDS by name
+    # SECURITY_FIELDS by name: label values -> value
+    labelled: dict[str, dict[tuple[str, ...], int]] = field(default_factory=dict)
 
     def pair(self, src: str, dst: str) -> PairTotals:
         p = self.pairs.get((src, dst))
@@ -121,6 +146,8 @@ class Totals:
             for addr, n in picks.items():
                 self.selections[(dst, addr)] = self.selections.get((dst, addr), 0) + n
         _combine(self.values, WORKER_FIELDS, answer.values, gauges=True)
+        for name, rows in answer.labelled.items():
+            _combine_rows(self.labelled, name, ((r.labels, r.value) for r in rows), True)
 
     def add(self, o: Totals, gauges: bool = True) -> None:
         """Add `o`'s counters (and its gauges, unless `o` is the past: retired workers)."""
@@ -131,6 +158,8 @@ class Totals:
         for k, n in o.selections.items():
             self.selections[k] = self.selections.get(k, 0) + n
         _combine(self.values, WORKER_FIELDS, o.values, gauges)
+        for name, values in o.labelled.items():
+            _combine_rows(self.labelled, name, values.items(), gauges)
 
     def by_service(self) -> dict[str, dict[str, Any]]:
         """What `meshnode status` shows per destination service: the PAIR_FIELDS summed over

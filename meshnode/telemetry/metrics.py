@@ -18,8 +18,8 @@ their meaning when HTTP arrives.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.core import (
@@ -36,13 +36,15 @@ from meshnode.counters import (
     FAILURES,
     PAIR_FIELDS,
     PAIR_HISTOGRAMS,
+    SECURITY_FIELDS,
     SELECTIONS,
     WORKER_FIELDS,
     Field,
+    LabelledField,
 )
 from meshnode.telemetry.aggregate import Totals
 
-__all__ = ["MeshCollector", "Snapshot"]
+__all__ = ["MeshCollector", "Snapshot", "cert_expiry"]
 
 _PAIR = ["src", "dst"]
 
@@ -60,9 +62,15 @@ class Snapshot:
     services: list[dict[str, Any]]  # name, endpoints: [{addr, healthy, checks, failed}]
     enrolled: dict[str, int]  # service → enrolled processes
     workers: list[dict[str, Any]]  # id, alive, restarts
+    # service -> {"accepted": n, "refused": n}: plaintext connections from other hosts to its
+    # endpoints here (CaptureBackend.inbound_counts)
+    inbound: dict[str, dict[str, int]] = field(default_factory=dict)
+    # (identity, kind, seconds left) of every certificate this agent holds: kind is root,
+    # issuer, node or workload (IdentityClient.expiries()); negative once expired
+    certs: list[tuple[str, str, float]] = field(default_factory=list)
 
 
-def _family(families: dict[str, Metric], f: Field,
+def _family(families: dict[str, Metric], f: Field | LabelledField,
             labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
     """The family a schema field belongs to, made on first use (fields may share one)."""
     fam = families.get(f.family)
@@ -81,6 +89,19 @@ def _buckets(bounds: tuple[float, ...], counts: list[int]) -> list[tuple[str, fl
     return out
 
 
+def cert_expiry(held: Iterable[tuple[str, str, float]]) -> GaugeMetricFamily:
+    """`meshnode_cert_expiry_seconds{identity,kind}`: seconds until each certificate the agent
+    holds expires (negative: expired). The classic mesh outage is an expired root or issuer:
+    alert well before 0 (doctor warns at 30 days for roots and issuers)."""
+    fam = GaugeMetricFamily("meshnode_cert_expiry_seconds",
+                            "Seconds until a certificate this agent holds expires (negative: "
+                            "expired), by identity and kind (root, issuer, node, workload).",
+                            labels=["identity", "kind"])
+    for identity, kind, left in sorted(held):
+        fam.add_metric([identity, kind], float(left))
+    return fam
+
+
 class MeshCollector(Collector):
     def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
         self._snapshot = snapshot
@@ -91,6 +112,7 @@ class MeshCollector(Collector):
         yield from self._traffic(s.totals)
         yield from self._kernel(s)
         yield from self._discovery(s)
+        yield cert_expiry(s.certs)
 
     @staticmethod
     def _agent(s: Snapshot) -> Iterator[Metric]:
@@ -141,6 +163,10 @@ class MeshCollector(Collector):
         for f in WORKER_FIELDS:
             if f.family:
                 _family(families, f, []).add_metric([], t.values.get(f.name, 0) * f.scale)
+        for lf in SECURITY_FIELDS:
+            fam = _family(families, lf, [*lf.labels, *(k for k, _ in lf.const)])
+            for labels, n in sorted(t.labelled.get(lf.name, {}).items()):
+                fam.add_metric([*labels, *(v for _, v in lf.const)], float(n))
         yield from families.values()
 
     @staticmethod
@@ -154,6 +180,15 @@ class MeshCollector(Collector):
         for event, n in sorted(s.kernel.items()):
             kernel.add_metric([backend, event], float(n))
         yield kernel
+        inbound = CounterMetricFamily(
+            "meshnode_inbound_plaintext",
+            "Plaintext TCP connections from other hosts to this host's endpoints, by the "
+            "service's mTLS mode: accepted (PERMISSIVE) or refused with a reset (STRICT).",
+            labels=["service", "verdict"])
+        for service, counts in sorted(s.inbound.items()):
+            for verdict in ("accepted", "refused"):
+                inbound.add_metric([service, verdict], float(counts.get(verdict, 0)))
+        yield inbound
         dns = CounterMetricFamily("meshnode_dns", "The agent's DNS server, by result.",
                                   labels=["result"])
         for result, n in sorted(s.dns.items()):
