@@ -164,6 +164,12 @@ class AgentConfig:
             raise ConfigError(f"workers must be 1..64, not {self.workers}", "use --workers N")
         if not 0 < self.outbound_port < 65536:
             raise ConfigError(f"invalid outbound port {self.outbound_port}", "use 1..65535")
+        if not 0 <= self.inbound_port < 65536:
+            raise ConfigError(f"invalid inbound port {self.inbound_port}",
+                              "use --inbound-port 1..65535, or 0 for no mTLS listener")
+        if (self.node_cert is None) != (self.node_key is None):
+            raise ConfigError("--node-cert and --node-key go together",
+                              "give both, or neither (then --join-token)")
         if not 0 <= self.admin_port < 65536:
             raise ConfigError(f"invalid admin port {self.admin_port}",
                               "use 1..65535, or 0 for none")
@@ -227,6 +233,17 @@ class AgentConfig:
         """Where workers reach the agent (root only, like the control socket)."""
         return self.run_dir / "workers.sock"
 
+    def join_token_value(self) -> str:
+        """The join token: given as is, or read from @FILE."""
+        if not self.join_token.startswith("@"):
+            return self.join_token
+        path = Path(self.join_token[1:])
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the join token file {path}: {exc.strerror}",
+                              "pass --join-token TOKEN or @FILE with the token") from exc
+
     def worker(self, worker_id: int, build: str, listen_fd: int = -1,
                held: dict[str, int] | None = None) -> WorkerConfig:
         return WorkerConfig(worker_id=worker_id, listen_host=C.PROXY_ADDR,
@@ -237,4 +254,5 @@ class AgentConfig:
                             held_fds=tuple(f"{k}={v}" for k, v in sorted((held or {}).items())),
                             node=self.node_name, zone=self.zone,
                             access_log=self.access_log_path,
-                            access_log_sample=self.access_log_sample)
+                            access_log_sample=self.access_log_sample,
+                            inbound_fd=(held or {}).get("inbound", -1))

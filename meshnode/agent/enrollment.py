@@ -19,8 +19,9 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from meshnode.agent import attest
 from meshnode.discovery.registry import EndpointRecord, Registry, patch_service
-from meshnode.errors import ConflictError, MeshnodeError, NotFoundError, UsageError
+from meshnode.errors import AccessError, ConflictError, MeshnodeError, NotFoundError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.host.statefile import write_json
 from meshnode.model import HostPort, service_name
@@ -85,6 +86,10 @@ class EnrollmentManager:
             log.warning("enrollment file %s unreadable (%s); ignoring it", self.state_file, exc)
             return []
 
+    def services(self) -> set[str]:
+        """The services with a process enrolled on this host now."""
+        return {e.service for e in self.by_pid.values()}
+
     def service_cgroup(self, service: str) -> Path:
         return self.apps_cgroup / service
 
@@ -119,8 +124,16 @@ class EnrollmentManager:
                 raise ConflictError(f"PID {pid} is already enrolled in service {current.service!r}",
                                     f"unenroll it first: meshnode unenroll {pid}")
             await self._forget(current)  # the old process is gone and its PID was reused
-        if service not in self.registry.services():
+        rec = self.registry.services().get(service)
+        if rec is None:
             await patch_service(self.registry, service, {})
+        else:
+            selector = rec.spec.policy.identity
+            if not attest.node_allowed(selector, self.node):
+                raise AccessError(f"service {service} may not run on host {self.node}",
+                                  f"its spec.identity.nodes admits only "
+                                  f"{', '.join(selector.nodes)}")
+            await asyncio.to_thread(attest.attest, pid, service, selector)
         origin = cgroup.process_cgroup(pid, self.mount)
         if origin.is_relative_to(self.apps_cgroup):
             origin = self.mount

@@ -36,6 +36,8 @@ from meshnode.agent import systemd
 from meshnode.agent.api import ControlApi
 from meshnode.agent.control import ControlServer
 from meshnode.agent.enrollment import EnrollmentManager
+from meshnode.agent.identity import IdentityClient
+from meshnode.agent.mesh_security import HELD_INBOUND, MeshSecurity, bind_inbound
 from meshnode.agent.names import MeshNames
 from meshnode.agent.observe import Telemetry
 from meshnode.agent.parts import Parts
@@ -97,6 +99,9 @@ class HostAgent:
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
         self.report: HostReport | None = None
+        self.identity: IdentityClient | None = None
+        self.security: MeshSecurity | None = None
+        self.ca: Any = None  # the CA service, on the host that holds the mesh CA
 
     # -- start ----------------------------------------------------------------------------
     def _take_lock(self) -> None:
@@ -151,6 +156,7 @@ class HostAgent:
                                       self.cfg.registry_ttl)
         await self.registry.start()
         self.report = HostReport(self.registry, self._report_state)
+        await self._start_identity()
         ctx = CaptureContext(self.cfg.instance, self.mount, apps, proxy, self.cfg.pin_path,
                              self.cfg.outbound_port, self.cfg.proxy_mark, self.ledger)
         choice = await asyncio.to_thread(auto.adopt_or_install, ctx, self.cfg.capture)
@@ -163,7 +169,8 @@ class HostAgent:
             self.cfg, proxy,
             # an adopted worker also drops the services deleted while no agent ran (Retain)
             lambda: [*compiler.resets(self.compiler.pushed),
-                     Retain(tuple(self.compiler.pushed)), *self.telemetry.initial_messages()],
+                     Retain(tuple(self.compiler.pushed)), *self.telemetry.initial_messages(),
+                     *(self.security.all() if self.security else ())],
             self._workers_changed, self.telemetry.on_event)
         self._feed, _ = self.registry.changes(0)
         self.compiler.run(self.registry.services(), self.health.healthy,
@@ -177,6 +184,9 @@ class HostAgent:
         await self.names.start(self.workers.held)
         if not self.workers.held:
             self.workers.held = self.names.server.held()
+        if self.cfg.inbound_port and HELD_INBOUND not in self.workers.held:
+            self.workers.held[HELD_INBOUND] = bind_inbound(self.cfg.host_address,
+                                                           self.cfg.inbound_port)
         await self.workers.start()
         self.enrollments = EnrollmentManager(
             self.registry, apps, self.mount, self.state / "enrollments.json",
@@ -184,6 +194,9 @@ class HostAgent:
         await self.enrollments.restore()
         self.registry.subscribe(self._dirty.set)
         self.registry.subscribe(self.catalog.changed)
+        assert self.identity is not None
+        self.registry.subscribe(self.identity.changed)
+        self.identity.start()
 
         parts = self._parts()
         self.telemetry.attach(parts)
@@ -197,6 +210,35 @@ class HostAgent:
                        asyncio.ensure_future(self._scan_loop()),
                        asyncio.ensure_future(self.telemetry.run()),
                        asyncio.ensure_future(self._upgrade_workers())]
+
+    async def _start_identity(self) -> None:
+        """The CA service (on the host holding the CA) and this host's identity client; the
+        workers' security messages follow both."""
+        assert self.registry is not None
+        from meshnode.agent.ca_service import CaService  # the CA code loads only here
+
+        ca_dir = self.state / "ca"
+        if (ca_dir / "ca.json").exists():
+            self.ca = CaService(self.registry, ca_dir, self.node)
+            await self.ca.start()
+        self.identity = IdentityClient(
+            self.cfg, self.node, self.registry,
+            lambda: self.enrollments.services() if self.enrollments else (),
+            self._identity_changed, self.ca)
+        self.security = MeshSecurity(self.registry, self.identity.message)
+
+    async def ca_started(self, ca: Any) -> None:
+        """`meshnode ca init` made this host the CA's: its identity comes from it now."""
+        self.ca = ca
+        if self.identity is not None:
+            self.identity.local_ca = ca
+            self.identity.changed()
+
+    def _identity_changed(self) -> None:
+        """New certificates, a new bundle or none left: workers and the host report follow."""
+        self._dirty.set()
+        if self.report is not None:
+            self.report.changed()
 
     async def _upgrade_workers(self) -> None:
         """Workers adopted from another build are replaced one at a time, once this agent
@@ -237,8 +279,12 @@ class HostAgent:
             self._share_health(services, {*compiled.changed, *dirty})
             if compiled.updates:
                 self.workers.broadcast(compiled.updates)
+            if self.security is not None:
+                for msg in self.security.changes():
+                    self.workers.send_all(msg)
             ready = await self.workers.barrier()
-            state = self.compiler.capture_state(ready)
+            state = self.compiler.capture_state(ready, self.compiler.inbound(
+                self.node, compiler.mesh_spec(self.registry.resources())))
             if state is not self._synced:  # the same object: nothing the kernel holds changed
                 await asyncio.to_thread(self.capture.sync, state)
                 self._synced = state
@@ -319,9 +365,10 @@ class HostAgent:
                 await asyncio.to_thread(self.capture.remove)
             except MeshnodeError as exc:
                 log.error("removing capture: %s", exc)
-        # 2. no new control requests, no more scrapes
+        # 2. no new control requests, no more scrapes, no more certificates
         if self.control is not None:
             await self.control.stop()
+        await self._stop_identity()
         await self.telemetry.stop_admin()
         await self.health.close()
         # 3. drain the proxy: established connections finish within the grace period
@@ -359,6 +406,7 @@ class HostAgent:
             await self.names.detach()
         if self.control is not None:
             await self.control.stop()
+        await self._stop_identity()
         await self.telemetry.stop_admin()
         await self.health.close()
         if self.workers is not None:
@@ -373,6 +421,12 @@ class HostAgent:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    async def _stop_identity(self) -> None:
+        if self.identity is not None:
+            await self.identity.stop()
+        if self.ca is not None:
+            await self.ca.stop()
 
     def remove_leftovers(self) -> None:
         """The last resort of a removal: stop whatever serves in the proxy cgroup, undo every
@@ -433,19 +487,27 @@ class HostAgent:
                 "capture": self.capture.name if self.capture else None,
                 "services": self.compiler.services,
                 "local_endpoints": self.compiler.endpoints_by_node.get(self.node, 0),
-                "workers": len(self.workers.workers) if self.workers else 0}
+                "workers": len(self.workers.workers) if self.workers else 0,
+                # the CA issues workload identities only for services enrolled here
+                "enrolled": sorted(self.enrollments.services()) if self.enrollments else [],
+                # peers dial this host's mTLS listener only while it has an identity
+                "inbound": (f"{self.cfg.host_address}:{self.cfg.inbound_port}"
+                            if self.identity and self.identity.ready and self.cfg.inbound_port
+                            else ""),
+                "identity": self.identity.node_identity() if self.identity else ""}
 
     def _parts(self) -> Parts:
         """The collaborators the control operations may use, once all of them run."""
         assert self.registry and self.enrollments and self.workers and self.capture
-        assert self.names and self.report
+        assert self.names and self.report and self.identity
         return Parts(cfg=self.cfg, node=self.node, registry=self.registry,
                      enrollments=self.enrollments, workers=self.workers, capture=self.capture,
                      capture_reason=self.capture_reason, names=self.names,
                      telemetry=self.telemetry, health=self.health, compiler=self.compiler,
                      report=self.report, mount=self.mount, root_cgroup=self.root_cgroup,
                      ready=lambda: self.ready, ready_after=lambda: self.ready_after,
-                     settle=self._settled, uninstall=self.uninstall)
+                     settle=self._settled, uninstall=self.uninstall, identity=self.identity,
+                     ca=lambda: self.ca, ca_started=self.ca_started)
 
     async def _settled(self) -> None:
         """Apply a change now, so the caller's next connection already sees it."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshnode.capture import CaptureBackend
 from meshnode.config import AgentConfig
@@ -18,6 +18,7 @@ from meshnode.policy.compiler import Compiler
 
 if TYPE_CHECKING:  # these modules take Parts themselves
     from meshnode.agent.enrollment import EnrollmentManager
+    from meshnode.agent.identity import IdentityClient
     from meshnode.agent.names import MeshNames
     from meshnode.agent.observe import Telemetry
     from meshnode.agent.report import HostReport
@@ -46,3 +47,8 @@ class Parts:
     ready_after: Callable[[], float]
     settle: Callable[[], Awaitable[None]]  # apply a change now, before answering
     uninstall: Callable[[], None]  # stop with a removal, once the answer is out
+    identity: IdentityClient
+    # the CA service of this host (None: another host holds the CA), and what to call when
+    # `meshnode ca init` creates one in the running agent
+    ca: Callable[[], Any]
+    ca_started: Callable[[Any], Awaitable[None]]

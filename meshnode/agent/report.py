@@ -40,6 +40,10 @@ class HostReport:
             self.applied_revision, self.applied_at = revision, time.time()
             self._dirty.set()
 
+    def changed(self) -> None:
+        """Something the report says changed (an identity): publish it again."""
+        self._dirty.set()
+
     def current(self) -> dict[str, Any]:
         return {**self.state(), "applied_revision": self.applied_revision,
                 "applied_at": round(self.applied_at, 3)}

@@ -58,4 +58,5 @@ async def status(p: Parts) -> dict[str, Any]:
         "services": [describe_service(rec, per_service.get(name, {}), p.health)
                      for name, rec in sorted(p.registry.services().items())],
         "enrolled": p.enrollments.describe(),
+        "identity": p.identity.describe(),
     }

@@ -23,7 +23,7 @@ import hashlib
 import re
 
 from meshnode.errors import UsageError
-from meshnode.policy.resources import _Spec
+from meshnode.policy.spec import _Spec
 
 __all__ = [
     "BUNDLE_NAME",

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import msgspec
 
 from meshnode.errors import UsageError
+from meshnode.policy.spec import _Spec
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 NAME_RULE = "1-63 lowercase letters, digits and '-', starting and ending alphanumeric"
@@ -30,11 +31,6 @@ def check_name(name: str, what: str = "service") -> str:
     if not NAME_RE.fullmatch(name):  # match's $ would let a trailing newline through
         raise UsageError(f"invalid {what} name {name!r}", f"use {NAME_RULE}")
     return name
-
-
-class _Spec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="camel",
-            omit_defaults=True):
-    """Base of every spec struct: strict, immutable, camelCase on the wire."""
 
 
 LB_ALGORITHMS = ("p2c-ewma", "round-robin", "random", "ring-hash")

@@ -18,7 +18,7 @@ from pyroute2 import NetNS, netns
 from pyroute2.netns import popns, pushns
 
 from tests.etcd_cluster import EtcdCluster
-from tests.harness import Host
+from tests.harness import Host, wait_for
 
 
 @contextlib.contextmanager
@@ -91,6 +91,22 @@ class Fabric:
 
     def start(self) -> list[float]:
         return [h.start() for h in self.hosts]
+
+    def start_with_ca(self, trust_domain: str = "e2e.test", *ca_args: str) -> None:
+        """Host 0 holds the mesh CA (`meshnode ca init`); the others join it with a token
+        each, as an operator would; returns once every host holds its node identity."""
+        h0 = self.hosts[0]
+        h0.start()
+        done = h0.cli("ca", "init", "--trust-domain", trust_domain, *ca_args)
+        assert done.returncode == 0, done.stderr
+        for h in self.hosts[1:]:
+            token = h0.cli("ca", "token", "create", "--ttl", "10m")
+            assert token.returncode == 0, token.stderr
+            h.agent_args = (*h.agent_args, "--join-token", token.stdout.strip())
+            h.start()
+        for h in self.hosts:
+            wait_for(f"{h.node}'s node identity", lambda h=h: h.status()["identity"]["ready"],
+                     timeout=30)
 
     def restart_etcd_member(self, i: int) -> None:
         assert self.etcd is not None

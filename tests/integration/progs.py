@@ -142,7 +142,7 @@ def serve(c):
         while d := c.recv(65536):
             c.sendall(d)
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(128)
+s.bind((sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1", int(sys.argv[1]))); s.listen(128)
 print("listening", flush=True)
 while True:
     c, _ = s.accept()

@@ -1,0 +1,82 @@
+"""What the workers need to secure traffic between hosts, kept in step with the registry:
+which hosts serve the mesh's mTLS (wire.Peers, from the hosts' reports), the mesh-wide mTLS
+default and the compiled authorization (wire.Security, from the Mesh and AuthorizationPolicy
+resources), and this host's identities (wire.Identities, from agent/identity.py).
+
+`changes()` returns only the messages whose content moved since they were last sent, so a
+reconcile pass costs nothing when security did not change. Takes the registry and the
+identity client, not the agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+
+import msgspec
+
+from meshnode.discovery.registry import Registry
+from meshnode.errors import UnavailableError
+from meshnode.policy.authz import compile_authz
+from meshnode.policy.resources import MESH_NAME, MeshSpec
+from meshnode.wire import AgentMessage, Identities, Peers, Security
+
+__all__ = ["HELD_INBOUND", "MeshSecurity", "bind_inbound"]
+
+HELD_INBOUND = "inbound"  # the inbound listener, as workers hold it (wire.Hello.held)
+BACKLOG = 4096
+
+
+class MeshSecurity:
+    def __init__(self, registry: Registry, identities: Callable[[], Identities]) -> None:
+        self.registry = registry
+        self.identities = identities
+        self._sent: dict[str, bytes] = {}
+
+    def mesh(self) -> MeshSpec:
+        res = self.registry.resources().get(("Mesh", MESH_NAME))
+        return res.spec if res is not None else MeshSpec()
+
+    def peers(self) -> Peers:
+        return Peers({node: str(r["inbound"]) for node, r in self.registry.hosts().items()
+                      if r.get("inbound")})
+
+    def security(self) -> Security:
+        return Security(self.mesh().mtls.mode, compile_authz(self.registry.resources()))
+
+    def all(self) -> list[AgentMessage]:
+        """Everything, for a worker that starts from nothing."""
+        return [self.identities(), self.peers(), self.security()]
+
+    def changes(self) -> list[AgentMessage]:
+        out: list[AgentMessage] = []
+        for msg in self.all():
+            kind = type(msg).__name__
+            data = msgspec.json.encode(msg)
+            if self._sent.get(kind) != data:
+                self._sent[kind] = data
+                out.append(msg)
+        return out
+
+
+def bind_inbound(host: str, port: int) -> int:
+    """The inbound mTLS listener (host address:port), as a descriptor every worker accepts
+    from; the workers hold it across agent restarts like the outbound one."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise UnavailableError(f"cannot listen for mTLS on {host}:{port}: {exc.strerror}",
+                               "free the port, or choose another with --inbound-port "
+                               "(0: no mTLS listener)") from exc
+    fd = sock.detach()
+    with contextlib.suppress(OSError):
+        os.set_inheritable(fd, False)
+    return fd
