@@ -59,8 +59,13 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def run_scenarios(tb: Testbed, ttl: int) -> list[Result]:
     members = tb.vms[:3] if len(tb.vms) >= 3 else tb.vms[:1]
+    secured = scenarios.secure_mesh(tb)  # every scenario below runs over mTLS STRICT
+    print(f"   {'PASS' if secured.ok else 'FAIL'} {secured.name} ({secured.seconds:.0f}s): "
+          f"{secured.numbers}", flush=True)
     vip = scenarios.start_web(tb)
     steps: list[tuple[str, Callable[[], list[Result]]]] = [
+        ("f'. STRICT: plaintext from another VM refused",
+         lambda: [scenarios.plaintext_refused(tb)]),
         # d shares a's calls: the clients on vm1 (eBPF) and the others (iptables) are captured
         ("a. web on every VM, by VIP and name; d. capture: eBPF and iptables",
          lambda: scenarios.reachable(tb, vip)),
@@ -83,7 +88,7 @@ def run_scenarios(tb: Testbed, ttl: int) -> list[Result]:
             print(f"   {'PASS' if r.ok else 'FAIL'} {r.name} ({r.seconds:.0f}s): {r.numbers}",
                   flush=True)
         results += rs
-    return sorted(results, key=lambda r: r.name)
+    return sorted([secured, *results], key=lambda r: r.name)
 
 
 COLLECT = (("agent.log", "sudo journalctl -b -u meshnode-agent --no-pager"),

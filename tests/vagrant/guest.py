@@ -162,6 +162,12 @@ def main(argv: list[str]) -> None:
         out = wait_ready(float(args[0]))
     elif cmd == "wait-registry":
         out = wait_registry(float(args[0]))
+    elif cmd == "wait-identity":
+        out = _wait_status("identity", lambda s: bool(s["identity"]["ready"]), float(args[0]))
+    elif cmd == "get":  # one plain GET (not enrolled: not captured, straight to the address)
+        t0 = time.monotonic()
+        ok, text = get(args[0], 5.0)
+        out = {"ok": ok, "text": text[:200], "after_s": round(time.monotonic() - t0, 3)}
     elif cmd == "status":
         out = control("status")
     else:
