@@ -25,7 +25,7 @@ export DEBIAN_FRONTEND=noninteractive
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 
 # 1. Debian packages: only what is missing, so a second run touches nothing.
-pkgs=(python3-bpfcc python3-venv python3-dev iptables bpftool linux-headers-amd64 iproute2 util-linux procps gcc)
+pkgs=(python3-bpfcc python3-cryptography python3-venv python3-dev iptables bpftool linux-headers-amd64 iproute2 util-linux procps gcc)
 # the tests start real etcd clusters (multi-host discovery)
 case "$mode" in test|drill) pkgs+=(etcd-server etcd-client);; esac  # also the drill's etcd faults
 # ... and render the dashboard in headless Chromium (fonts for readable screenshots)
