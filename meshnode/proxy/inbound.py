@@ -38,7 +38,7 @@ from meshnode.proxy.listener import inherited_listener
 from meshnode.proxy.poller import READ, WRITE, Poller
 from meshnode.proxy.relay import BufferPool, Pipe, Relay, RelayRegistry, reset_socket
 from meshnode.proxy.telemetry import ConnInfo
-from meshnode.proxy.tls import Peer, PeerError, handshake_cause
+from meshnode.proxy.tls import Peer, PeerError, handshake_cause, skip_ticket
 from meshnode.proxy.tlspipe import INBOUND
 from meshnode.proxy.tunnel import MeshSecurity
 from meshnode.route.table import ServiceTable, ToEndpoint
@@ -217,7 +217,8 @@ class Inbound:
 class _Handshake:
     """Steps 1-3 for one accepted connection."""
 
-    __slots__ = ("buf", "fd", "inbound", "info", "peer", "ssock", "step", "timer", "wants")
+    __slots__ = ("buf", "fd", "inbound", "info", "peer", "quiet", "ssock", "step", "timer",
+                 "wants")
 
     def __init__(self, inbound: Inbound, sock: socket.socket, addr: tuple[str, int],
                  server: ssl.SSLContext) -> None:
@@ -225,6 +226,7 @@ class _Handshake:
         self.info = ConnInfo(inbound.clock(), addr)
         self.peer: Peer | None = None
         self.buf = bytearray()
+        self.quiet = False  # whether a resumed handshake was told to send no ticket
         try:
             self.ssock = server.wrap_socket(sock, server_side=True,
                                             do_handshake_on_connect=False,
@@ -265,6 +267,10 @@ class _Handshake:
         try:
             ssock.do_handshake()
         except ssl.SSLWantReadError:
+            if not self.quiet and ssock.session_reused:
+                # resumed: its client keeps the ticket it offered, a new one is waste
+                self.quiet = True
+                skip_ticket(ssock)
             self._watch(READ)
             return
         except ssl.SSLWantWriteError:

@@ -14,7 +14,9 @@ derived again when the node certificate rotates, so tickets issued before a rota
 identity refreshes (a rotated certificate is loaded into it; a changed bundle builds anew). A
 client context belongs to one certificate file; its sessions (per peer node) go with it, so a
 rotated workload certificate starts with full handshakes and a resumed session never carries
-an old certificate past the rotation.
+an old certificate past the rotation. A client keeps the ticket it resumed with, so a resumed
+handshake gets no new one (`skip_ticket`: ~300 µs of server CPU each); a ticket past a quarter
+of its lifetime is not offered, and that full handshake brings the next.
 
 Checks OpenSSL cannot make: OpenSSL verifies the chain to the bundle (and validity at the
 real time) on a full handshake only; a resumed session carries the peer certificate of its
@@ -27,6 +29,8 @@ Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/b
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import ssl
 import time
@@ -38,7 +42,8 @@ from meshnode.proxy.tickets import share_ticket_keys
 from meshnode.security import clock
 from meshnode.wire import Identities
 
-__all__ = ["ClientIdentity", "Peer", "PeerError", "TlsMaterial", "Trust", "handshake_cause"]
+__all__ = ["ClientIdentity", "Peer", "PeerError", "TlsMaterial", "Trust", "handshake_cause",
+           "skip_ticket"]
 
 log = logging.getLogger("meshnode.proxy")
 
@@ -162,17 +167,61 @@ class ClientIdentity:
     sessions: dict[str, tuple[ssl.SSLSession, float]]
 
     def session(self, node: str) -> ssl.SSLSession | None:
+        """The session to resume with `node`: None when none is held or it is stale (a full
+        handshake then brings a fresh ticket: a resumed one brings none, see skip_ticket)."""
         held = self.sessions.get(node)
-        return held[0] if held is not None else None
+        return held[0] if held is not None and not self.stale(node) else None
 
     def save(self, node: str, session: ssl.SSLSession) -> None:
         self.sessions[node] = (session, time.monotonic())
 
     def stale(self, node: str) -> bool:
         """Whether the ticket held for `node` is past a quarter of its lifetime (then the
-        next connection takes the new one its server sent)."""
+        next connection makes a full handshake, and takes the ticket it brings)."""
         held = self.sessions.get(node)
         return held is None or time.monotonic() - held[1] > held[0].timeout / 4
+
+
+@functools.cache
+def _libssl() -> ctypes.CDLL:
+    lib = ctypes.CDLL(ssl._ssl.__file__)  # type: ignore[attr-defined]  # resolves libssl's symbols
+    lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
+    lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
+    lib.SSL_get_num_tickets.restype = ctypes.c_size_t
+    lib.SSL_get_num_tickets.argtypes = [ctypes.c_void_p]
+    lib.SSL_set_num_tickets.restype = ctypes.c_int
+    lib.SSL_set_num_tickets.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return lib
+
+
+def skip_ticket(ssock: ssl.SSLSocket | ssl.SSLObject) -> bool:
+    """No NewSessionTicket on this server-side connection (SSL_set_num_tickets(ssl, 0)).
+
+    For a resumed handshake: its client keeps the ticket it resumed with (ClientIdentity), and
+    a new one costs the server ~300 µs of the ~800 µs of a resumed handshake (OpenSSL 3.0
+    encodes and encrypts the session again, the client's certificate with it). Call it once the
+    handshake knows it resumed and before it reads the client's Finished (OpenSSL decides then
+    whether to send tickets). The ssl module has no API for it: the SSL pointer is the second
+    field after the object header of its _SSLSocket, the third its context (as tickets.py reads
+    an SSL_CTX); checked (that context must be ours, its SSL_CTX the SSL's, its ticket count
+    the SSL's) before anything is written. False, nothing written, when this Python/OpenSSL
+    does not let us: the ticket is then sent, as before."""
+    try:
+        lib = _libssl()
+        obj = ssock._sslobj  # type: ignore[union-attr]
+        ctx = ssock.context
+        word = ctypes.sizeof(ctypes.c_void_p)
+        base = id(obj) + object.__basicsize__
+        ssl_ptr = ctypes.c_void_p.from_address(base + word).value
+        ctx_obj = ctypes.c_void_p.from_address(base + 2 * word).value
+        ctx_ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+        if not ssl_ptr or ctx_obj != id(ctx) or not ctx_ptr \
+                or lib.SSL_get_SSL_CTX(ssl_ptr) != ctx_ptr \
+                or lib.SSL_get_num_tickets(ssl_ptr) != ctx.num_tickets:
+            return False
+        return bool(lib.SSL_set_num_tickets(ssl_ptr, 0) == 1)
+    except (OSError, AttributeError, ValueError, TypeError):
+        return False
 
 
 def _context(server: bool, bundle: str, chain: str) -> ssl.SSLContext:

@@ -394,10 +394,11 @@ class TunnelAttempt:
         # Counted here, not when do_handshake returned: in TLS 1.3 the server checks our
         # certificate after that, and a refusal arrives as an alert instead of the answer.
         sec.stats.count("tls_handshakes", "client", "resumed" if ssock.session_reused else "full")
-        if not ssock.session_reused or plan.client.stale(plan.node):
+        if not ssock.session_reused:
             # Reading .session costs ~250 µs (the ssl module copies it through DER), so a
-            # resumed connection keeps the session it resumed: tickets are reusable until
-            # they expire, and a fresh one is taken well before that.
+            # resumed connection keeps the session it resumed (and its server sends no new
+            # ticket: tls.skip_ticket): tickets are reusable until they expire, and a stale
+            # one is not offered (ClientIdentity.session), so a fresh one comes well before.
             session = ssock.session
             if session is not None and session.has_ticket:
                 plan.client.save(plan.node, session)

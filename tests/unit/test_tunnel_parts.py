@@ -4,6 +4,7 @@ the worker's stats reply to /metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -17,7 +18,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from meshnode.counters import SECURITY_FIELDS
 from meshnode.proxy.stats import WorkerStats
 from meshnode.proxy.tickets import derive_keys, share_ticket_keys
-from meshnode.proxy.tls import PeerError, TlsMaterial, Trust, _context
+from meshnode.proxy.tls import (
+    ClientIdentity,
+    PeerError,
+    TlsMaterial,
+    Trust,
+    _context,
+    skip_ticket,
+)
 from meshnode.security.clock import OFFSET_ENV
 from meshnode.telemetry.aggregate import Accumulator
 from meshnode.telemetry.metrics import MeshCollector
@@ -165,6 +173,56 @@ def test_contexts_are_tls13_only_and_require_client_certs(pki: Pki) -> None:
     assert ctx.verify_mode == ssl.CERT_REQUIRED
     assert ctx.options & ssl.OP_IGNORE_UNEXPECTED_EOF
     assert time.time() > 0
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_resumed_handshake_told_to_skip_its_ticket_gets_none(pki: Pki, skip: bool) -> None:
+    """skip_ticket once the server knows it resumed, before the client's Finished (as
+    inbound.py calls it): the client keeps the session it offered, no NewSessionTicket comes;
+    without it, a new ticket comes. Memory BIOs: each flight is handed over in turn."""
+    server = _context(True, str(pki.bundle), str(pki.node("b")))
+    client = _context(False, str(pki.bundle), str(pki.service("web", "a")))
+
+    def handshake(session: ssl.SSLSession | None
+                  ) -> tuple[ssl.SSLSession | None, bool, list[bool]]:
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        c = client.wrap_bio(c_in, c_out, session=session)
+        s = server.wrap_bio(s_in, s_out, server_side=True)
+        told: list[bool] = []
+        for _ in range(4):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                c.do_handshake()
+            s_in.write(c_out.read())
+            try:
+                s.do_handshake()
+            except ssl.SSLWantReadError:
+                if skip and s.session_reused and not told:
+                    told.append(skip_ticket(s))
+            c_in.write(s_out.read())
+        s.write(b"x")
+        c_in.write(s_out.read())
+        assert c.read(1) == b"x"  # after any NewSessionTicket
+        return c.session, c.session_reused, told
+
+    first, reused, _ = handshake(None)
+    assert first is not None and first.has_ticket and not reused
+    again, reused, told = handshake(first)
+    assert reused and told == ([True] if skip else [])
+    assert again is not None and (again.id == first.id) == skip
+    assert handshake(again)[1]  # and what it kept still resumes
+
+
+def test_a_stale_ticket_is_not_offered() -> None:
+    """Past a quarter of its lifetime a ticket is not offered: the full handshake brings a
+    fresh one (a resumed handshake brings none, skip_ticket)."""
+    class Session:
+        timeout = 7200
+
+    ident = ClientIdentity(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), "id", {})
+    ident.save("b", Session())  # type: ignore[arg-type]
+    assert ident.session("b") is not None and not ident.stale("b")
+    ident.sessions["b"] = (ident.sessions["b"][0], time.monotonic() - 7200 / 4 - 1)
+    assert ident.stale("b") and ident.session("b") is None
 
 
 def test_two_contexts_with_shared_ticket_keys_resume_each_others_sessions(pki: Pki) -> None:
