@@ -2,7 +2,9 @@
 # missing (HAProxy, nginx, wrk, matplotlib; sudo when not root), then runs `python -m tests.bench`.
 #   make bench                  full run, bounded (about 10 minutes on 2 CPUs)
 #   make bench-quick            the regression guard (under 2 minutes): run it before changing
-#                               the data path; its last line says whether each target holds
+#                               the data path; its "targets:" lines say whether each holds
+#   (both end with mTLS between two hosts, tests/bench/tunnel.py: meshnode plaintext and mTLS
+#   against HAProxy mTLS; alone: python -m tests.bench.tunnel [--quick])
 #   make bench BENCH_ARGS="--out DIR"
 #   make bench-scale            what one change costs with 10 000 services of 4 endpoints
 #                               (tests/bench/scale.py; a few minutes on 2 CPUs);

@@ -122,7 +122,7 @@ case "$mode" in
     exec "$venv/bin/python" -m pytest "$@";;
   bench)
     cd "$here"
-    log "benchmarks: direct, meshnode (eBPF, iptables, explicit), HAProxy, nginx"
+    log "benchmarks: direct, meshnode (eBPF, iptables, explicit), HAProxy, nginx; mTLS, 2 hosts"
     exec "$venv/bin/python" -m tests.bench "$@";;
   drill)
     cd "$here"

@@ -2,7 +2,8 @@
 
 Sets every variant up once, measures memory on the fresh processes, then repeats the load
 measures with the variants interleaved (round robin, a different one first each repetition) and
-reports medians: the table, JSON and a PNG chart in --out, and, last, whether each target holds.
+reports medians: the table, JSON and a PNG chart in --out, and whether each target holds. Then
+mTLS between two hosts (tests/bench/tunnel.py): its own table, JSON and targets line, last.
 Everything started is stopped, and every namespace removed, on success, failure or Ctrl-C.
 """
 
@@ -203,7 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table_text(table, names, ms))
     print(f"wrote {stem}.json and {stem}.png")
     print(report.targets_line(ts))
-    return 0
+    # mTLS between two hosts (issue 14 item 8): its own namespaces, table and targets line
+    from tests.bench import tunnel
+
+    print()
+    sys.stdout.flush()
+    return tunnel.run(args.quick, args.out, keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The one backend every variant relays to: `python -m tests.bench.backend PORT`.
+"""The one backend every variant relays to: `python -m tests.bench.backend PORT [HOST]`.
 
 A single uvloop process, started unchanged in each network namespace, so that only the middle
 differs between variants. The first byte of a connection picks what it does:
@@ -6,7 +6,7 @@ differs between variants. The first byte of a connection picks what it does:
   S  sink: count bytes until the client's half-close, then answer the count (8 bytes, big end)
   D  source: read an 8-byte length N, send N bytes, close
   G  HTTP/1.1 keep-alive: a fixed 2-byte 200 answer per request (wrk, nginx http)
-Prints `listening` once bound. Imports nothing of meshnode's.
+Prints `listening` once bound (to HOST, 127.0.0.1 unless given). Imports nothing of meshnode's.
 """
 
 from __future__ import annotations
@@ -98,10 +98,10 @@ class BackendConn(asyncio.BufferedProtocol):
         return False  # close (after flushing)
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, host: str = "127.0.0.1") -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((host, port))
     sock.listen(4096)
     sock.setblocking(False)
     server = await asyncio.get_running_loop().create_server(BackendConn, sock=sock, backlog=4096)
@@ -113,7 +113,7 @@ def main() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # thousands of idle connections
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(int(sys.argv[1])))
+        runner.run(serve(int(sys.argv[1]), *sys.argv[2:3]))
 
 
 if __name__ == "__main__":

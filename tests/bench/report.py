@@ -72,7 +72,8 @@ def _fmt(x: float | None) -> str:
     return f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
 
 
-def table_text(table: Table, variants: list[str], ms: list[Metric]) -> str:
+def table_text(table: Table, variants: list[str], ms: list[Metric],
+               refs: tuple[str, ...] = (DIRECT, HAPROXY)) -> str:
     w = max(12, *(len(v) + 1 for v in variants))
     head = f"{'metric':<46}{'unit':>9}  " + "".join(f"{v:>{w}}" for v in variants)
     lines = [head, "-" * len(head)]
@@ -82,7 +83,7 @@ def table_text(table: Table, variants: list[str], ms: list[Metric]) -> str:
         better = "↑" if m.higher_is_better else "↓"
         lines.append(f"{m.label + ' ' + better:<46}{m.unit:>9}  "
                      + "".join(f"{_fmt(table.get(v, {}).get(m.key)):>{w}}" for v in variants))
-        for ref in (DIRECT, HAPROXY):
+        for ref in refs:
             cells = [ratio(table, v, ref, m.key) for v in variants]
             if any(c is not None for c in cells):
                 lines.append(f"{'  ' + TIMES + ' ' + ref:<46}{'':>9}  "

@@ -1,37 +1,51 @@
-"""mTLS tunnel benchmark (issue 14 item 8, quick form): `python -m tests.bench.tunnel`.
+"""mTLS between two hosts (issue 14 item 8): `python -m tests.bench.tunnel [--quick] [--out DIR]`,
+as root. `make bench` runs it after its own table (`make bench-quick` a shortened form).
 
-On loopback in this namespace, one process per proxy, the same backend (tests/bench/backend.py)
-and load operations (tests/bench/client.py) as `make bench`:
-  direct          client → backend
-  plain           client → meshnode worker (explicit) → backend
-  mtls            client → worker a → mTLS tunnel → worker b (inbound) → backend
-  mtls-full       the same, tickets off (every handshake full)
-  haproxy-mtls    client → haproxy (TLS client, client cert, session reuse) → haproxy (TLS
-                  server, client cert required) → backend
-  haproxy-full    the same with no-ssl-reuse
-Prints one JSON line per variant and a table: connections/s (connect, 1-byte exchange,
-close), bulk MB/s each way, 1-byte ping-pong p50/p99, and the proxies' CPU per connection
-and per GB. Opt-in; not part of the test suite.
+Two network namespaces, host A and host B, joined by a veth pair (198.19.K.1/24 in A,
+198.19.K.2/24 in B, K random; the machine's own namespace gains nothing, and both namespaces
+go on success, failure or Ctrl-C). The load generator (tests/bench/client.py) runs in A, the
+backend (tests/bench/backend.py) in B on 198.19.K.2:9000. One process/thread per proxy:
+  direct        client → backend, across the veth: the reference
+  plain         client → worker a (explicit listener on A's loopback) → backend: meshnode
+                without mTLS, one hop
+  mtls          client → worker a → mTLS tunnel → worker b (B's inbound listener) → backend
+  haproxy-mtls  client → HAProxy in A (TLS client, client certificate, session reuse) →
+                HAProxy in B (TLS server, client certificate required) → backend
+  mtls-full     (full runs only) the same with every handshake full: meshnode's tickets off,
+  haproxy-full  HAProxy's no-ssl-reuse
+Measured with tests/bench/measures.py, the variants interleaved, medians of the repetitions:
+connections/s (connect, 1-byte exchange, close; several clients) and the proxies' CPU per
+connection, bulk each way and CPU per GB, 1-byte ping-pong p50/p99. Targets: mtls bulk and
+connection rate at least haproxy-mtls; the p50 that mtls adds over plain ≤ 0.2 ms (one
+host-to-host hop here). Writes tunnel-<time>-<mode>.json into --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import platform
+import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-import psutil
+from pyroute2 import NetNS, netns
+from pyroute2.netns import popns, pushns
 
 from meshnode.config import WorkerConfig
 from meshnode.model import Endpoint, HostPort, Reset, ServiceSpec
@@ -46,13 +60,23 @@ from meshnode.wire import (
     update_message,
     worker_codec,
 )
-from tests.bench.client import op_bulk, op_connrate, op_pingpong
-from tests.bench.variants import MAX_CONNS
+from tests.bench import measures, report
+from tests.bench.client import Client, ClientError
+from tests.bench.measures import Metrics, Plan
+from tests.bench.procs import ALL_CPUS, stop_tree
+from tests.bench.variants import MAX_CONNS, PORT_RANGE, Variant, wait_ready
 from tests.tls_certs import Pki, make_pki
 
 REPO = Path(__file__).resolve().parents[2]
 TD = "mesh.test"
-VIP = "127.240.0.30"
+VIP = "127.240.0.30"  # the service's address: the explicit listeners' fixed destination
+LOOPBACK = "127.0.0.1"
+BACKEND_PORT = 9000
+WORKER_PORT = 9100  # + variant index: worker a's listener in A (worker b's in B, unused)
+INBOUND_PORT = 15008  # + variant index: worker b's mTLS listener on B's veth address
+HAPROXY_PORT = 9200  # + index: the client side's listener in A
+HAPROXY_TLS_PORT = 9443  # + index: the server side's TLS listener on B's veth address
+DIRECT, PLAIN, MTLS, HAPROXY = "direct", "plain", "mtls", "haproxy-mtls"
 _WORKER = """
 import os, sys
 if os.environ.get("BENCH_NO_TICKETS"):
@@ -64,52 +88,107 @@ if os.environ.get("BENCH_NO_TICKETS"):
             ctx.num_tickets = 0
         return ctx
     tls._context = no_tickets
+if os.environ.get("BENCH_PROFILE"):  # cProfile to this file, written when it exits
+    import atexit, cProfile
+    prof = cProfile.Profile()
+    atexit.register(lambda: (prof.disable(), prof.dump_stats(os.environ["BENCH_PROFILE"])))
+    prof.enable()
 from meshnode.proxy.worker import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)  # polling a listener that is starting, not synchronisation
-
+# -- two hosts --------------------------------------------------------------------------------
 
 @dataclass
-class Variant:
-    name: str
-    addr: tuple[str, int]
-    pids: list[int] = field(default_factory=list)
-    server: Worker | None = None  # whose handshake counters to report
+class TwoHosts:
+    """Host A and host B: network namespaces joined by a veth pair, and what runs in them."""
 
+    dir: Path
+    k: int
+    a: str
+    b: str
+    procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+
+    @property
+    def a_ip(self) -> str:
+        return f"198.19.{self.k}.1"
+
+    @property
+    def b_ip(self) -> str:
+        return f"198.19.{self.k}.2"
+
+    def popen(self, ns: str, argv: list[str], log: str, **kw: Any) -> subprocess.Popen[Any]:
+        """A process in namespace `ns`, its stderr to a log file, in a session of its own."""
+        with open(self.dir / log, "ab") as err:
+            p: subprocess.Popen[Any] = subprocess.Popen(
+                ["nsenter", f"--net=/run/netns/{ns}", *argv], cwd=REPO, stderr=err,
+                start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def listener(self, ns: str, host: str, port: int) -> socket.socket:
+        """A listening socket made in namespace `ns` (for a worker to inherit)."""
+        pushns(ns)
+        try:
+            return socket.create_server((host, port), backlog=4096)
+        finally:
+            popns()
+
+
+@contextlib.contextmanager
+def two_hosts(tmp: Path) -> Iterator[TwoHosts]:
+    tag = secrets.token_hex(2)
+    h = TwoHosts(tmp, 1 + secrets.randbelow(250), f"mn-{tag}-a", f"mn-{tag}-b")
+    made: list[str] = []
+    try:
+        for name in (h.a, h.b):
+            netns.create(name)
+            made.append(name)
+        with NetNS(h.a) as ns:
+            ns.link("add", ifname="eth0", kind="veth", peer={"ifname": "eth0", "net_ns_fd": h.b})
+        for name, ip in ((h.a, h.a_ip), (h.b, h.b_ip)):
+            with NetNS(name) as ns:
+                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+                eth = ns.link_lookup(ifname="eth0")[0]
+                ns.addr("add", index=eth, address=ip, prefixlen=24)
+                ns.link("set", index=eth, state="up")
+            # the rate loops: a wide ephemeral range, and TIME_WAIT ports reused after 1 s on
+            # the veth too (the default reuses them on loopback only)
+            subprocess.run(["nsenter", f"--net=/run/netns/{name}", "sysctl", "-qw",
+                            f"net.ipv4.ip_local_port_range={PORT_RANGE}",
+                            "net.ipv4.tcp_tw_reuse=1"], check=True)
+        yield h
+    finally:
+        for p in reversed(h.procs):
+            with contextlib.suppress(Exception):
+                stop_tree(p)
+        for name in made:
+            with contextlib.suppress(OSError):
+                netns.remove(name)
+
+
+# -- meshnode workers -------------------------------------------------------------------------
 
 class Worker:
-    def __init__(self, node: str, listen: str, inbound: socket.socket | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    """A standalone worker in one namespace, told what an agent would tell it over its
+    control channel."""
+
+    def __init__(self, hosts: TwoHosts, ns: str, node: str, port: int, log: str,
+                 inbound: socket.socket | None = None, env: dict[str, str] | None = None) -> None:
         self.ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.port = free_port(listen)
-        self.addr = (listen, self.port)
         fds = [child.fileno()] + ([inbound.fileno()] if inbound is not None else [])
-        config = WorkerConfig(worker_id=1, listen_host=listen, listen_port=self.port, mark=0,
+        config = WorkerConfig(worker_id=1, listen_host=LOOPBACK, listen_port=port, mark=0,
                               control_fd=child.fileno(), explicit_target=f"{VIP}:80", node=node,
-                              inbound_fd=inbound.fileno() if inbound is not None else -1)
-        self.proc = subprocess.Popen([sys.executable, "-c", _WORKER, *config.to_argv()],
-                                     pass_fds=fds, cwd=REPO, env={**os.environ, **(env or {})})
+                              inbound_fd=inbound.fileno() if inbound is not None else -1,
+                              drain_grace=0.5)
+        self.proc = hosts.popen(ns, [sys.executable, "-c", _WORKER, *config.to_argv()], log,
+                                pass_fds=fds, env={**os.environ, **(env or {})})
         child.close()
         self._r = self.ctl.makefile("rb")
-        assert json.loads(self._r.readline())["t"] == "listening"
+        hello = json.loads(self._r.readline() or "{}")
+        if hello.get("t") != "listening":
+            raise RuntimeError(f"worker {node} did not start: see {hosts.dir / log}")
 
     def send(self, *msgs: AgentMessage) -> None:
         for m in msgs:
@@ -124,50 +203,61 @@ class Worker:
         assert isinstance(reply, StatsReply)
         return {"/".join(r.labels): r.value for r in reply.labelled.get("tls_handshakes", ())}
 
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-        self.ctl.close()
 
-
-def _route(backend: int, node: str) -> AgentMessage:
-    ep = Endpoint(HostPort.parse(f"127.0.0.1:{backend}"), node=node)
+def _route(backend: str, node: str) -> AgentMessage:
+    ep = Endpoint(HostPort.parse(f"{backend}:{BACKEND_PORT}"), node=node)
     return update_message(Reset(ServiceSpec.build("web", 1, IPv4Address(VIP), 80), (ep,)))
 
 
-@contextlib.contextmanager
-def meshnode_plain(backend: int) -> Iterator[Variant]:
-    w = Worker("a", "127.0.0.3")
-    try:
-        w.send(_route(backend, "b"))
-        yield Variant("plain", w.addr, [w.proc.pid])
-    finally:
-        w.stop()
+@dataclass
+class Setup:
+    """What a variant is made of, beyond the measured `Variant`: who counts its handshakes."""
+
+    variant: Variant
+    handshakes: Callable[[], dict[str, Any]] | None = None
+    workers: tuple[Worker, ...] = ()  # held: a worker whose channel closes drains and exits
 
 
-@contextlib.contextmanager
-def meshnode_mtls(backend: int, pki: Pki, tickets: bool) -> Iterator[Variant]:
+def meshnode_plain(h: TwoHosts, client: Client, backend_pid: int, i: int) -> Setup:
+    w = Worker(h, h.a, "a", WORKER_PORT + i, "worker-plain.log")
+    w.send(_route(h.b_ip, "b"))  # another host's endpoint, no mTLS: plaintext, one hop
+    wait_ready(client, LOOPBACK, WORKER_PORT + i)
+    return Setup(Variant(PLAIN, client, (LOOPBACK, WORKER_PORT + i), "", [w.proc.pid],
+                         backend_pid=backend_pid), workers=(w,))
+
+
+def meshnode_mtls(h: TwoHosts, client: Client, backend_pid: int, pki: Pki, i: int,
+                  tickets: bool) -> Setup:
+    name = MTLS if tickets else "mtls-full"
     env = {} if tickets else {"BENCH_NO_TICKETS": "1"}
-    inbound = socket.create_server(("127.0.0.2", 0))
-    host, port = inbound.getsockname()
-    b = Worker("b", "127.0.0.2", inbound, env)
-    inbound.close()
-    a = Worker("a", "127.0.0.3", None, env)
+
+    def env_of(side: str) -> dict[str, str]:  # BENCH_PROFILE_A/_B=FILE: cProfile that worker
+        prof = os.environ.get(f"BENCH_PROFILE_{side}") if tickets else None
+        return {**env, "BENCH_PROFILE": prof} if prof else env
+
+    inbound = h.listener(h.b, h.b_ip, INBOUND_PORT + i)
     try:
-        b.send(Identities(TD, str(pki.bundle), str(pki.leaves["node-b"]), generation=1),
-               Security("STRICT"), _route(backend, "b"))
-        a.send(Identities(TD, str(pki.bundle), str(pki.leaves["node-a"]), generation=1),
-               Peers({"b": f"{host}:{port}"}), Security("STRICT"), _route(backend, "b"))
-        yield Variant("mtls" if tickets else "mtls-full", a.addr, [a.proc.pid, b.proc.pid], b)
+        b = Worker(h, h.b, "b", WORKER_PORT + i, f"worker-{name}-b.log", inbound, env_of("B"))
     finally:
-        a.stop()
-        b.stop()
+        inbound.close()
+    a = Worker(h, h.a, "a", WORKER_PORT + i, f"worker-{name}-a.log", None, env_of("A"))
+    b.send(Identities(TD, str(pki.bundle), str(pki.leaves["node-b"]), generation=1),
+           Security("STRICT"), _route(h.b_ip, "b"))
+    a.send(Identities(TD, str(pki.bundle), str(pki.leaves["node-a"]), generation=1),
+           Peers({"b": f"{h.b_ip}:{INBOUND_PORT + i}"}), Security("STRICT"), _route(h.b_ip, "b"))
+    wait_ready(client, LOOPBACK, WORKER_PORT + i)
+    return Setup(Variant(name, client, (LOOPBACK, WORKER_PORT + i), "",
+                         [a.proc.pid, b.proc.pid], backend_pid=backend_pid), b.handshakes,
+                 (a, b))
 
 
-HAPROXY = """\
+# -- HAProxy ----------------------------------------------------------------------------------
+
+HAPROXY_CFG = """\
 global
     nbthread 1
     maxconn {maxconn}
+    stats socket {stats} mode 600 level user
     ssl-default-bind-options ssl-min-ver TLSv1.3
     ssl-default-server-options ssl-min-ver TLSv1.3
 defaults
@@ -183,110 +273,227 @@ backend be
 """
 
 
-@contextlib.contextmanager
-def haproxy_mtls(backend: int, pki: Pki, reuse: bool, tmp: Path) -> Iterator[Variant]:
-    client_port, server_port = free_port("127.0.0.3"), free_port("127.0.0.2")
-    server_cfg = tmp / "haproxy-server.cfg"
-    server_cfg.write_text(HAPROXY.format(
-        bind=f"127.0.0.2:{server_port}",
+def _haproxy_info(path: Path) -> dict[str, str]:
+    """`show info` on a stats socket (the SSL key and reuse rates among it)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(b"show info\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return dict(line.split(": ", 1) for line in data.decode().splitlines() if ": " in line)
+
+
+def haproxy_mtls(h: TwoHosts, client: Client, backend_pid: int, pki: Pki, i: int,
+                 reuse: bool) -> Setup:
+    name = HAPROXY if reuse else "haproxy-full"
+    server_stats, client_stats = h.dir / f"{name}-b.sock", h.dir / f"{name}-a.sock"
+    server_cfg = h.dir / f"{name}-b.cfg"
+    server_cfg.write_text(HAPROXY_CFG.format(
+        bind=f"{h.b_ip}:{HAPROXY_TLS_PORT + i}", stats=server_stats,
         tls_bind=f" ssl crt {pki.leaves['node-b']} ca-file {pki.bundle} verify required",
-        server=f"127.0.0.1:{backend}", tls_server="", maxconn=MAX_CONNS))
-    client_cfg = tmp / "haproxy-client.cfg"
-    client_cfg.write_text(HAPROXY.format(
-        bind=f"127.0.0.3:{client_port}", tls_bind="",
-        server=f"127.0.0.2:{server_port}",
+        server=f"{h.b_ip}:{BACKEND_PORT}", tls_server="", maxconn=MAX_CONNS))
+    client_cfg = h.dir / f"{name}-a.cfg"
+    client_cfg.write_text(HAPROXY_CFG.format(
+        bind=f"{LOOPBACK}:{HAPROXY_PORT + i}", tls_bind="", stats=client_stats,
+        server=f"{h.b_ip}:{HAPROXY_TLS_PORT + i}",
         tls_server=f" ssl crt {pki.leaves['node-a']} ca-file {pki.bundle} verify required"
                    + ("" if reuse else " no-ssl-reuse"), maxconn=MAX_CONNS))
-    procs = [subprocess.Popen(["haproxy", "-f", str(c), "-db"], stdout=subprocess.DEVNULL)
-             for c in (server_cfg, client_cfg)]
+    server = h.popen(h.b, ["haproxy", "-f", str(server_cfg), "-db"], f"{name}-b.log")
+    clientside = h.popen(h.a, ["haproxy", "-f", str(client_cfg), "-db"], f"{name}-a.log")
+    wait_ready(client, LOOPBACK, HAPROXY_PORT + i, [clientside.pid])
+
+    def reuse_info() -> dict[str, Any]:  # rates over the last second
+        keys = ("SslFrontendKeyRate", "SslFrontendSessionReuse_pct")
+        info = _haproxy_info(server_stats)
+        return {k: info.get(k) for k in keys}
+
+    return Setup(Variant(name, client, (LOOPBACK, HAPROXY_PORT + i), "",
+                         [clientside.pid, server.pid], backend_pid=backend_pid), reuse_info)
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+def plan(quick: bool) -> Plan:
+    many = max(4, 2 * len(ALL_CPUS))  # as `make bench`'s "connection setup, many clients"
+    if quick:
+        return Plan("quick", 3, 128 << 20, 2000, 0.5, many, 0.0, 0, 0)
+    return Plan("full", 3, 512 << 20, 10000, 2.0, many, 0.0, 0, 0)
+
+
+STEPS: list[tuple[str, Callable[[Variant, Plan], Metrics]]] = [
+    ("connection setup", measures.connrate(many=True)),
+    ("bulk", measures.bulk),
+    ("ping-pong 1 B", measures.pingpong(1, pin=False)),
+]
+KEYS = ("conn_rate_many", "conn_rate_many_cpu", "bulk_up", "bulk_down", "bulk", "cpu_per_gb",
+        "pp1_p50", "pp1_p99")
+
+
+def table_metrics(p: Plan) -> list[report.Metric]:
+    by_key = {m.key: m for m in report.metrics(p.many_clients, 1)}
+    return [by_key[k] for k in KEYS]
+
+
+def targets(t: report.Table) -> list[report.Target]:
+    times = report.TIMES
+    bulk = report.ratio(t, MTLS, HAPROXY, "bulk")
+    rate = report.ratio(t, MTLS, HAPROXY, "conn_rate_many")
+    p_mtls, p_plain = t.get(MTLS, {}).get("pp1_p50"), t.get(PLAIN, {}).get("pp1_p50")
+    added = (p_mtls - p_plain) / 1000 if p_mtls is not None and p_plain is not None else None
+    return [
+        report.Target(f"mtls-bulk≥1.0{times}haproxy-mtls", bulk,
+                      None if bulk is None else bulk >= 1.0),
+        report.Target(f"mtls-conn/s≥1.0{times}haproxy-mtls", rate,
+                      None if rate is None else rate >= 1.0),
+        report.Target("mtls-added-p50≤0.2ms/hop", added, None if added is None else added <= 0.2),
+    ]
+
+
+def _attempt(v: Variant, fn: Callable[[Variant, Plan], Metrics], p: Plan, title: str) -> Metrics:
     try:
-        wait_port("127.0.0.2", server_port)
-        wait_port("127.0.0.3", client_port)
-        yield Variant("haproxy-mtls" if reuse else "haproxy-full", ("127.0.0.3", client_port),
-                      [p.pid for p in procs])
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(10)
+        return fn(v, p)
+    except (ClientError, OSError, KeyError, ValueError) as exc:
+        print(f"  {v.name}: {title} failed: {exc}", file=sys.stderr)
+        return {}
 
 
-def _cpu(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        t = psutil.Process(pid).cpu_times()
-        total += t.user + t.system
-    return total
-
-
-def measure(v: Variant, seconds: float, clients: int, bulk: int, pings: int) -> dict[str, Any]:
-    host, port = v.addr
-    out: dict[str, Any] = {"variant": v.name}
-    op_connrate(host, port, 0.5, clients)  # warm-up (first tickets, caches)
-    time.sleep(1.0)  # let TIME_WAIT of the warm-up settle: the rate loop needs ports
-    c0 = _cpu(v.pids)
-    rate = op_connrate(host, port, seconds, clients)
-    c1 = _cpu(v.pids)
-    out["conn_per_s"] = round(rate["rate"])
-    out["conn_errors"] = rate["errors"]
-    out["cpu_us_per_conn"] = round((c1 - c0) / max(rate["connections"], 1) * 1e6) \
-        if v.pids else None
-    for direction in ("up", "down"):
-        c0 = _cpu(v.pids)
-        r = op_bulk(host, port, bulk, direction)
-        c1 = _cpu(v.pids)
-        out[f"bulk_{direction}_MBps"] = round(bulk / r["seconds"] / 1e6)
-        if v.pids:
-            out[f"cpu_s_per_GB_{direction}"] = round((c1 - c0) / (bulk / 1e9), 2)
-    pp = op_pingpong(host, port, 1, pings)
-    out["p50_us"], out["p99_us"] = round(pp["p50_us"], 1), round(pp["p99_us"], 1)
-    if v.server is not None:
-        out["server_handshakes"] = v.server.handshakes()
-    return out
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=4.0)
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--bulk-mb", type=int, default=512)
-    ap.add_argument("--pings", type=int, default=5000)
-    ap.add_argument("--only", default="")
-    args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="mn-tunnel-bench-"))
-    pki = make_pki(tmp / "pki", TD)
+def _set_up(h: TwoHosts, p: Plan, only: set[str]) -> list[Setup]:
+    pki = make_pki(h.dir / "pki", TD)
     pki.node("a")
     pki.node("b")
-    port = free_port()
-    backend = subprocess.Popen([sys.executable, "-m", "tests.bench.backend", str(port)],
-                               cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert backend.stdout is not None and "listening" in backend.stdout.readline()
-    makers = {
-        "direct": lambda: contextlib.nullcontext(Variant("direct", ("127.0.0.1", port))),
-        "plain": lambda: meshnode_plain(port),
-        "mtls": lambda: meshnode_mtls(port, pki, True),
-        "mtls-full": lambda: meshnode_mtls(port, pki, False),
-        "haproxy-mtls": lambda: haproxy_mtls(port, pki, True, tmp),
-        "haproxy-full": lambda: haproxy_mtls(port, pki, False, tmp),
-    }
-    rows = []
+    backend = h.popen(h.b, [sys.executable, "-m", "tests.bench.backend", str(BACKEND_PORT),
+                            h.b_ip], "backend.log", stdout=subprocess.PIPE, text=True)
+    assert backend.stdout is not None
+    if backend.stdout.readline().strip() != "listening":
+        raise RuntimeError(f"the backend did not start: see {h.dir}/backend.log")
+    gen = h.popen(h.a, [sys.executable, "-m", "tests.bench.client"], "client.log",
+                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    client = Client(gen, "host A")
+    bp = backend.pid
+    makers: list[tuple[str, Callable[[int], Setup]]] = [
+        (DIRECT, lambda i: Setup(Variant(DIRECT, client, (h.b_ip, BACKEND_PORT), "",
+                                         backend_pid=bp))),
+        (PLAIN, lambda i: meshnode_plain(h, client, bp, i)),
+        (MTLS, lambda i: meshnode_mtls(h, client, bp, pki, i, True)),
+        (HAPROXY, lambda i: haproxy_mtls(h, client, bp, pki, i, True)),
+    ]
+    if p.mode == "full":  # every handshake full: cheap enough for the full run only
+        makers += [("mtls-full", lambda i: meshnode_mtls(h, client, bp, pki, i, False)),
+                   ("haproxy-full", lambda i: haproxy_mtls(h, client, bp, pki, i, False))]
+    setups = [make(i) for i, (name, make) in enumerate(makers) if not only or name in only]
+    for s in setups:  # first tickets, caches, the allocators' first growth
+        _attempt(s.variant, measures.connrate(True), dataclasses.replace(p, connrate_seconds=0.3),
+                 "warm-up")
+    return setups
+
+
+def _rotate(items: list[Setup], rep: int) -> list[Setup]:
+    k = rep % len(items) if items else 0
+    return [*items[k:], *items[:k]]
+
+
+def run(quick: bool, out: Path, only: str = "", keep: bool = False) -> int:
+    """Set up, measure, print the table and the targets line, write the JSON record."""
+    p = plan(quick)
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="meshnode-tunnel-bench-"))
+    raw: report.Raw = {}
+    checks: dict[str, Any] = {}
     try:
-        for name, make in makers.items():
-            if args.only and name not in args.only.split(","):
-                continue
-            with make() as v:
-                row = measure(v, args.seconds, args.clients, args.bulk_mb * 1_000_000,
-                              args.pings)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            time.sleep(2.0)  # TIME_WAIT from the last variant's rate loop
+        with two_hosts(tmp) as h:
+            setups = _set_up(h, p, set(filter(None, only.split(","))))
+            print(f"tunnel: two hosts set up in {time.monotonic() - started:.1f}s",
+                  file=sys.stderr)
+            for rep in range(p.reps):
+                for title, fn in STEPS:
+                    t0 = time.monotonic()
+                    for s in _rotate(setups, rep):
+                        for key, value in _attempt(s.variant, fn, p, title).items():
+                            if value is not None:
+                                raw.setdefault(s.variant.name, {}).setdefault(key, []).append(
+                                    value)
+                        if fn is STEPS[0][1] and s.handshakes is not None:
+                            # right after the rate loop: HAProxy's reuse is a 1-second rate
+                            with contextlib.suppress(OSError, ValueError, AssertionError):
+                                checks[s.variant.name] = s.handshakes()
+                    print(f"tunnel [{rep + 1}/{p.reps}] {title}: "
+                          f"{time.monotonic() - t0:.1f}s", file=sys.stderr)
+            names = [s.variant.name for s in setups]
+            net = f"198.19.{h.k}.0/24"
+    except KeyboardInterrupt:
+        print("interrupted: every process and both namespaces have been removed",
+              file=sys.stderr)
+        return 130
     finally:
-        backend.kill()
-    cols = ["variant", "conn_per_s", "cpu_us_per_conn", "bulk_up_MBps", "bulk_down_MBps",
-            "cpu_s_per_GB_up", "p50_us", "p99_us", "conn_errors"]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(r.get(c, "")) for c in cols))
+        if keep:
+            print(f"logs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    wall = time.monotonic() - started
+    table = report.medians(raw)
+    ms = table_metrics(p)
+    ts = targets(table)
+    now = datetime.now(UTC)
+    version = report.source_version(REPO)
+    head = (f"meshnode tunnel bench ({p.mode}): two hosts (namespaces, veth {net}), "
+            f"{len(ALL_CPUS)} CPUs, Linux {platform.release()}, "
+            f"{version.get('commit', 'unknown commit')}; median of {p.reps}; bulk "
+            f"{p.bulk_bytes >> 20} MiB each way; one worker/thread per proxy; {wall:.0f}s")
+    path = out / f"tunnel-{now:%Y%m%d-%H%M%S}-{p.mode}.json"
+    report.write_json(path, {
+        "when": now.isoformat(), "source": version, "mode": p.mode, "wall_s": wall,
+        "machine": {"cpus": len(ALL_CPUS), "kernel": platform.release()},
+        "plan": p.__dict__, "variants": names, "raw": raw, "median": table,
+        "handshakes": checks,
+        "added_p50_us": {v: _diff(table, v, PLAIN, "pp1_p50") for v in names},
+        "ratio_to_haproxy_mtls": {v: {k: report.ratio(table, v, HAPROXY, k) for k in KEYS}
+                                  for v in names},
+        "targets": [{"name": t.name, "value": t.value, "met": t.met} for t in ts]})
+    print(head)
+    print(report.table_text(table, names, ms, refs=(DIRECT, HAPROXY)))
+    for name, seen in checks.items():
+        print(f"  {name} server side, after its last rate loop: {json.dumps(seen, sort_keys=True)}")
+    print(f"wrote {path}")
+    print(report.targets_line(ts))
+    return 0
+
+
+def _diff(t: report.Table, v: str, ref: str, key: str) -> float | None:
+    a, b = t.get(v, {}).get(key), t.get(ref, {}).get(key)
+    return a - b if a is not None and b is not None else None
+
+
+_MAIN_PID = os.getpid()
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked pyroute2 helper: see tests/bench/__main__.py
+        os._exit(128 + signum)
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.bench.tunnel",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the short form (make bench-quick)")
+    ap.add_argument("--out", type=Path, default=REPO / "artifacts" / "bench")
+    ap.add_argument("--only", default="", help="variants, comma-separated (default: all)")
+    ap.add_argument("--keep", action="store_true", help="keep the logs' temporary folder")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("needs root (network namespaces)", file=sys.stderr)
+        return 77
+    if shutil.which("haproxy") is None:
+        print("missing: haproxy; install with: sudo ./setup.sh bench", file=sys.stderr)
+        return 69
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        x for x in (str(REPO), os.environ.get("PYTHONPATH")) if x)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    return run(args.quick, args.out, args.only, args.keep)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
