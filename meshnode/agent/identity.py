@@ -57,7 +57,7 @@ __all__ = ["Held", "IdentityClient"]
 log = logging.getLogger(__name__)
 
 TICK = 1.0  # seconds between checks (renewals, answers) when nothing wakes the loop
-RETRY_REFUSED = 5.0  # seconds before a refused request is asked again (with a new key)
+RETRY_REFUSED = 2.0  # seconds before a refused request is asked again (with a new key)
 
 
 @dataclass
@@ -227,6 +227,9 @@ class IdentityClient:
             if p not in live:
                 asyncio.get_running_loop().call_later(10.0, _unlink, p)
         self._old_files = list(live)
+        # what the next agent takes back at once (a restart must not wait for the CA)
+        write_atomic(self.files / "held.json", msgspec.json.encode(
+            {name: str(h.path) for name, h in self.services.items()}), mode=0o600)
 
     # -- the trust bundle ---------------------------------------------------------------------
     def _take_bundle(self) -> None:
@@ -310,6 +313,31 @@ class IdentityClient:
         if held is not None:
             self.node_cert = self._install(held, "node")
             self._save_node(held)
+        self._load_workloads()
+        # an earlier agent's files: removed once a message no longer names them
+        self._old_files = list(self.files.glob("*.pem"))
+
+    def _load_workloads(self) -> None:
+        """The workload certificates an earlier agent held (run directory, tmpfs): kept when
+        still valid, so a restart serves on without a round trip to the CA."""
+        try:
+            index = msgspec.json.decode((self.files / "held.json").read_bytes(),
+                                        type=dict[str, str])
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return
+        for name, path in index.items():
+            try:
+                text = Path(path).read_text()
+            except OSError:
+                continue
+            cut = text.find("-----BEGIN", text.rfind("-----END CERTIFICATE-----"))
+            if cut < 0 or self.bundle is None:
+                continue
+            chain = certs.split_pem(text[:cut])
+            held = self._check(chain, text[cut:], service_id(self.bundle.trust_domain, name))
+            if held is not None and not held.expired(clock.now()):
+                held.path = Path(path)
+                self.services[name] = held
 
     def _save_node(self, held: Held) -> None:
         write_atomic(self.dir / "node.key", held.key_pem.encode(), mode=0o600)
@@ -366,6 +394,9 @@ class IdentityClient:
         for name in list(self.services):
             if name not in want:  # no longer enrolled here: nothing presents it
                 del self.services[name]
+        reported = self._reported()
+        if want - reported:
+            self.on_change()  # the host report lists enrolled services: publish it again
         for name in sorted(want):
             identity = service_id(self.bundle.trust_domain, name)
             held = self.services.get(name)
@@ -377,12 +408,17 @@ class IdentityClient:
                 log.info("workload identity %s, valid until %s", identity,
                          time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(answer.not_after)))
                 continue
-            if identity not in self.pending:
+            # the CA checks this host's report: ask once it lists the service, or be refused
+            if identity not in self.pending and name in reported:
                 await self._ask(identity, join=False)
         for identity in list(self.pending):
             kind_name = identity.rsplit("/", 2)
             if kind_name[-2] == "svc" and kind_name[-1] not in want:
                 del self.pending[identity]
+
+    def _reported(self) -> set[str]:
+        """The services this host's published report lists as enrolled (what the CA sees)."""
+        return set(self.registry.hosts().get(self.node, {}).get("enrolled", ()))
 
     # -- requests and answers -----------------------------------------------------------------
     async def _ask(self, identity: str, join: bool) -> None:

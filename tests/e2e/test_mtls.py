@@ -231,6 +231,24 @@ def test_ca_status_shows_hosts_and_expiry(fabric: Fabric) -> None:
     assert re.search(r"h1", done.stdout)
 
 
+def test_a_restart_with_the_ca_down_keeps_identities(fabric: Fabric, web: str) -> None:
+    """The CA's host is down; host 1 restarts: it serves on with the identities it held
+    (no round trip to the CA), and calls into it keep working."""
+    h0, h1 = fabric.hosts[0], fabric.hosts[1]
+    workload_identity(h1, "secure")
+    client = h0.probe(service="client")
+    assert echoed(client, web, 80, "one")["reply"] == "one"
+    h0.stop()  # the CA's agent; h0's workers keep serving
+    try:
+        h1.stop()
+        h1.start()
+        ident = h1.status()["identity"]
+        assert ident["ready"] and "secure" in ident["services"], ident
+        assert echoed(client, web, 80, "two")["reply"] == "two"
+    finally:
+        h0.start()
+
+
 class Load:
     """Calls from an enrolled client, one after another, counting failures."""
 
