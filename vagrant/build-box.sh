@@ -129,7 +129,7 @@ rootfs() {
     linux-image-amd64 linux-headers-amd64 systemd-sysv udev dbus openssh-server sudo python3
     iptables python3-bpfcc etcd-server etcd-client iproute2 rsync ca-certificates
     # what setup.sh would otherwise apt-install: the guests have no mirror
-    python3-venv python3-dev bpftool util-linux procps gcc
+    python3-venv python3-dev python3-cryptography bpftool util-linux procps gcc
   )
   local IFS=,
   mmdebstrap --variant=minbase --mode=root --format=directory --include="${pkgs[*]}" \

@@ -36,7 +36,7 @@ import msgspec
 
 from meshnode.config import AgentConfig
 from meshnode.discovery.registry import Registry
-from meshnode.errors import MeshnodeError
+from meshnode.errors import ConfigError, MeshnodeError
 from meshnode.host.statefile import write_atomic
 from meshnode.policy.identity import (
     BUNDLE_NAME,
@@ -268,7 +268,8 @@ class IdentityClient:
         if self.bundle is not None:
             return self.bundle.roots
         if self.local_ca is not None:
-            return spec.roots  # this host holds the CA: the bundle is its own
+            # this host holds the CA: its own roots, never what the registry claims they are
+            return tuple(self.local_ca.require().root_pems())
         if self.token:
             _, _, fp = tokens.parse(self.token)
             roots = tuple(r for r in spec.roots if certs.fingerprint(r).startswith(fp))
@@ -306,10 +307,19 @@ class IdentityClient:
             key_pem = (self.dir / "node.key").read_text()
         except FileNotFoundError:
             if self.cfg.node_cert is None or self.cfg.node_key is None:
+                self._load_workloads()
                 return
-            chain = _read_chain(self.cfg.node_cert)
-            key_pem = self.cfg.node_key.read_text()
-        held = self._check(chain, key_pem, node_id_any(chain), trust=False)
+            try:
+                chain = _read_chain(self.cfg.node_cert)
+                key_pem = self.cfg.node_key.read_text()
+            except OSError as exc:
+                raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}",
+                                  "check --node-cert and --node-key") from None
+        named = node_id_any(chain)
+        if not named.endswith(f"/node/{self.node}"):
+            raise ConfigError(f"the node certificate names {named}, not this host "
+                              f"({self.node})", "use this host's certificate, or --node NAME")
+        held = self._check(chain, key_pem, named, trust=False)
         if held is not None:
             self.node_cert = self._install(held, "node")
             self._save_node(held)

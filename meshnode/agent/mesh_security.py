@@ -47,8 +47,9 @@ class MeshSecurity:
         return Security(self.mesh().mtls.mode, compile_authz(self.registry.resources()))
 
     def all(self) -> list[AgentMessage]:
-        """Everything, for a worker that starts from nothing."""
-        return [self.identities(), self.peers(), self.security()]
+        """Everything, for a worker that starts from nothing: authorization before the
+        identities, so no handshake completes under a worker's allow-all start."""
+        return [self.security(), self.peers(), self.identities()]
 
     def changes(self) -> list[AgentMessage]:
         out: list[AgentMessage] = []

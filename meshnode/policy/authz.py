@@ -14,7 +14,8 @@ A policy matches when any of its rules does (a policy without rules: every calle
 matches when its `to.ports` lists P (none listed: any port) and its `from` matches C: a
 listed service's identity `spiffe://<any trust domain>/svc/NAME` (TLS already checked the
 trust domain), a listed identity pattern (exact, `spiffe://td/svc/*`: every ID under that
-path, `*`: any authenticated caller), or, with `unauthenticated`, a caller with no identity
+path, `*`: any authenticated service; a host identity must be named), or, with
+`unauthenticated`, a caller with no identity
 (plaintext from another host, C = ""); an empty `from`: any caller, authenticated or not.
 P is the destination endpoint's port (where the connection arrives), not the VIP's.
 
@@ -86,7 +87,11 @@ class _Rule(msgspec.Struct, frozen=True, array_like=True):
             return True
         if not src:
             return self.unauthenticated
-        if self.any_authenticated or src in self.identities:
+        if src in self.identities:
+            return True
+        # "*": any authenticated *workload*; a host's own identity (what an unenrolled
+        # process's connection presents) is not one, and must be named to be admitted
+        if self.any_authenticated and svc is not None:
             return True
         if svc is not None and svc in self.services:
             return True

@@ -236,7 +236,7 @@ def check_identity_pattern(pattern: str) -> str:
     if pattern != "*" and not _SPIFFE_PATTERN_RE.fullmatch(pattern):
         raise ValueError(f"identity {pattern!r} is not a SPIFFE ID pattern: use "
                          "spiffe://TRUST-DOMAIN/PATH, '*' only as the whole last segment "
-                         "(spiffe://td/svc/*), or '*' alone for any authenticated caller")
+                         "(spiffe://td/svc/*), or '*' alone for any authenticated service")
     if "/../" in pattern + "/" or "/./" in pattern + "/":
         raise ValueError(f"identity {pattern!r} has a '.' or '..' path segment")
     return pattern

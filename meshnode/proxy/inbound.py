@@ -28,6 +28,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
+from ipaddress import IPv4Address
 from typing import TYPE_CHECKING, cast
 
 from meshnode.errors import MeshnodeError
@@ -129,6 +130,10 @@ class Inbound:
         self.worker_id = worker_id
         self.handshakes: set[_Handshake] = set()
         self.draining = False
+        # Targets must be addresses of this host (the listener's, or loopback): the registry
+        # says which endpoints are ours, but whoever can write it must not turn this
+        # listener into a relay to any address the host can reach.
+        self.own_ip = IPv4Address(lsock.getsockname()[0])
         poller.register(lsock.fileno(), READ, self._on_accept)
 
     def close(self) -> None:
@@ -183,7 +188,8 @@ class Inbound:
             return
         info.orig_dst = target  # type: ignore[assignment]
         route = self.table.route(target)
-        if not isinstance(route, ToEndpoint) or route.attempts[0].node != sec.node:
+        if not isinstance(route, ToEndpoint) or route.attempts[0].node != sec.node or not (
+                target.ip == self.own_ip or target.ip.is_loopback):
             self._refuse(ssock, info, "not_local", preamble.target)
             return
         service = route.service

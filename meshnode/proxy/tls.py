@@ -270,19 +270,23 @@ class TlsMaterial:
         try:
             with open(ids.bundle, "rb") as f:
                 bundle = f.read()
+            # the same anchors may come under a new file name (a new serial: a revocation);
+            # the old file is removed soon after, so new client contexts load this one
+            self._bundle_path = ids.bundle
             if bundle != self._bundle or self.server is None:
                 server = _context(True, ids.bundle, ids.node)
                 self._clients.clear()  # other anchors: sessions made under the old go too
-                self._bundle, self._bundle_path = bundle, ids.bundle
+                self._bundle = bundle
                 self.server = server
                 self.node = ""
             elif ids.node != self.node:
                 self.server.load_cert_chain(ids.node)
             if ids.node != self.node:
-                # Ticket keys from the node key: every worker of the host, started before or
-                # after a rotation, holds the same ones once it has this message.
+                # Ticket keys from the node key and the anchors: every worker of the host,
+                # started before or after a rotation, holds the same ones once it has this
+                # message; a change of anchors (a root removed) ends the old sessions too.
                 with open(ids.node, "rb") as f:
-                    if not share_ticket_keys(self.server, f.read()):
+                    if not share_ticket_keys(self.server, f.read() + bundle):
                         log.warning("cannot share TLS ticket keys between workers: each "
                                     "resumes only the sessions it began")
             keep = {ids.node, *ids.services.values()}

@@ -67,6 +67,13 @@ def _issue(req: CertificateRequestSpec, ca: CertificateAuthority,
             raise TrustError("a join token is only good for the host's own node identity "
                              f"({node_id(td, req.node)})", "")
         token = ca.tokens.check(req.token_id, req.token_mac, der, req.node, now)
+        # A token names no host unless bound: it must not take over one that exists (a
+        # leaked token would otherwise become h1, and h1's peers would dial it).
+        taken = any(r["node"] == req.node and r["kind"] == "node" and r["not_after"] > now
+                    for r in ca.issued())
+        if taken and token.used_by != req.node and not token.node:
+            raise TrustError(f"host {req.node} already holds a node certificate: a join token "
+                             "may not take its name", "")
         chain = ca.issue(csr, req.identity, req.node, now)
         ca.tokens.redeem(token, req.node, der, now)
         return chain

@@ -530,3 +530,20 @@ def test_issued_chains_work_for_mutual_tls_13(tmp_path: Path, operator_root: boo
     assert ("URI", node_id(TD, "h2")) in peer["subjectAltName"]
     assert ("URI", service_id(TD, "web")) in seen["client"]["subjectAltName"]
     assert ((("organizationalUnitName", "h1"),) in seen["client"]["subject"])
+
+
+def test_an_unbound_token_cannot_take_the_name_of_a_host_that_exists(tmp_path: Path) -> None:
+    """A leaked token must not become h1 (h1's peers would then dial the thief)."""
+    m = Mesh(tmp_path)
+    m.join("h1")
+    t = m.ca.tokens.create(600, m.ca.active.fp, NOW)
+    pem = certs.make_csr(certs.make_key(), node_id(TD, "h1"), "h1")
+    out = m.decide(CertificateRequestSpec("h1", node_id(TD, "h1"), pem, token_id=t.id,
+                                          token_mac=tokens.mac(t.secret, certs.csr_der(pem))))
+    assert out.error == ("host h1 already holds a node certificate: a join token may not take "
+                         "its name"), out.error
+    bound = m.ca.tokens.create(600, m.ca.active.fp, NOW, node="h1")  # the operator means it
+    out = m.decide(CertificateRequestSpec("h1", node_id(TD, "h1"), pem, token_id=bound.id,
+                                          token_mac=tokens.mac(bound.secret,
+                                                               certs.csr_der(pem))))
+    assert not out.error, out.error

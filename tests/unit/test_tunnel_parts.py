@@ -254,3 +254,21 @@ def test_two_contexts_with_shared_ticket_keys_resume_each_others_sessions(pki: P
     assert session is not None and not reused
     assert handshake(second, session)[1]  # another worker's context
     assert not handshake(other, session)[1]  # its own random keys
+
+
+def test_the_same_anchors_under_a_new_file_name_are_read_from_it(pki: Pki, tmp_path: Path
+                                                                  ) -> None:
+    """A revocation moves the bundle to a new file (new serial) with the same roots; the
+    agent removes the old file soon after: later client contexts must load the new one."""
+    import shutil
+
+    first, second = tmp_path / "bundle-1.pem", tmp_path / "bundle-2.pem"
+    shutil.copy(pki.bundle, first)
+    tls = TlsMaterial("b")
+    tls.apply(Identities(TD, str(first), str(pki.node("b")), {}, generation=1))
+    shutil.copy(pki.bundle, second)
+    tls.apply(Identities(TD, str(second), str(pki.node("b")), {
+        "web": str(pki.service("web", "b"))}, revoked_nodes=("x",), generation=2))
+    first.unlink()
+    web = tls.client("web")  # a context made after the old file is gone
+    assert web is not None and web.identity == f"spiffe://{TD}/svc/web"
