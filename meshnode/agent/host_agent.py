@@ -225,6 +225,7 @@ class HostAgent:
             self.cfg, self.node, self.registry,
             lambda: self.enrollments.services() if self.enrollments else (),
             self._identity_changed, self.ca)
+        self.identity.load()
         self.security = MeshSecurity(self.registry, self.identity.message)
 
     async def ca_started(self, ca: Any) -> None:

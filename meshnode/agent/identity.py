@@ -119,11 +119,16 @@ class IdentityClient:
         self._old_files: list[Path] = []
 
     # -- life ---------------------------------------------------------------------------------
-    def start(self) -> None:
+    def load(self) -> None:
+        """What this host held before (a restart): read before the workers are adopted, so
+        the first message they get from this agent is the material they already serve with,
+        not an empty one (which would stop mTLS until the first pass)."""
         for d in (self.dir, self.files):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.chmod(d, 0o700)
         self._load()
+
+    def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
