@@ -280,10 +280,13 @@ class HostAgent:
             self._share_health(services, {*compiled.changed, *dirty})
             if compiled.updates:
                 self.workers.broadcast(compiled.updates)
+            pushed = self.identity.generation if self.identity else 0
             if self.security is not None:
                 for msg in self.security.changes():
                     self.workers.send_all(msg)
             ready = await self.workers.barrier()
+            if ready and self.identity is not None:
+                self.identity.workers_have = pushed  # status says when workers present it
             state = self.compiler.capture_state(ready, self.compiler.inbound(
                 self.node, compiler.mesh_spec(self.registry.resources())))
             if state is not self._synced:  # the same object: nothing the kernel holds changed

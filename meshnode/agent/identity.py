@@ -113,6 +113,7 @@ class IdentityClient:
         self.services: dict[str, Held] = {}
         self.pending: dict[str, Pending] = {}  # identity -> its open request
         self.generation = 0
+        self.workers_have = 0  # the generation every worker has applied (agent's barrier)
         self.problem = ""  # why this host has no identity (said once), for status/doctor
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -186,7 +187,8 @@ class IdentityClient:
             "bundle_serial": self.bundle.serial if self.bundle else None,
             "node": _held(self.node_cert, now) if self.node_cert else None,
             "services": {name: _held(h, now) for name, h in sorted(self.services.items())},
-            "pending": sorted(self.pending)}
+            "pending": sorted(self.pending), "generation": self.generation,
+            "workers_generation": self.workers_have}
 
     # -- the loop -----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -325,7 +327,9 @@ class IdentityClient:
             raise ConfigError(f"the node certificate names {named}, not this host "
                               f"({self.node})", "use this host's certificate, or --node NAME")
         held = self._check(chain, key_pem, named, trust=False)
-        if held is not None:
+        if held is not None and held.expired(clock.now()):
+            self._say(f"node certificate {named} expired: not presented")
+        elif held is not None:
             self.node_cert = self._install(held, "node")
             self._save_node(held)
         self._load_workloads()

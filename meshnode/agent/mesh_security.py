@@ -10,15 +10,12 @@ identity client, not the agent.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
 from collections.abc import Callable
 
 import msgspec
 
 from meshnode.discovery.registry import Registry
-from meshnode.errors import UnavailableError
+from meshnode.listen import listen_tcp
 from meshnode.policy.authz import compile_authz
 from meshnode.policy.resources import MESH_NAME, MeshSpec
 from meshnode.wire import AgentMessage, Identities, Peers, Security
@@ -26,7 +23,6 @@ from meshnode.wire import AgentMessage, Identities, Peers, Security
 __all__ = ["HELD_INBOUND", "MeshSecurity", "bind_inbound"]
 
 HELD_INBOUND = "inbound"  # the inbound listener, as workers hold it (wire.Hello.held)
-BACKLOG = 4096
 
 
 class MeshSecurity:
@@ -65,19 +61,6 @@ class MeshSecurity:
 def bind_inbound(host: str, port: int) -> int:
     """The inbound mTLS listener (host address:port), as a descriptor every worker accepts
     from; the workers hold it across agent restarts like the outbound one."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise UnavailableError(f"cannot listen for mTLS on {host}:{port}: {exc.strerror}",
-                               "free the port, or choose another with --inbound-port "
-                               "(0: no mTLS listener)") from exc
-    fd = sock.detach()
-    with contextlib.suppress(OSError):
-        os.set_inheritable(fd, False)
-    return fd
+    sock = listen_tcp(host, port, what="for mTLS",
+                      hint="choose another port with --inbound-port (0: no mTLS listener)")
+    return sock.detach()  # close-on-exec: handed to workers by pass_fds only

@@ -7,50 +7,26 @@ Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/b
 
 from __future__ import annotations
 
-import errno
 import os
 import resource
 import socket
 import sys
 from ipaddress import IPv4Address
 
-from meshnode.errors import EX_UNAVAILABLE, AccessError, UnavailableError
+from meshnode.errors import AccessError
+from meshnode.listen import BACKLOG, ListenError, listen_tcp
 from meshnode.proxy.dial import SO_MARK
 
-BACKLOG = 4096  # clamped by net.core.somaxconn
-
-
-class ListenError(UnavailableError):
-    """The worker's listener could not be bound."""
-
-    exit_code = EX_UNAVAILABLE
-
+__all__ = ["BACKLOG", "ListenError", "bind_listener", "inherited_listener"]
 
 class MarkError(AccessError):
     default_hint = "SO_MARK needs CAP_NET_ADMIN: run the agent as root, or use mark 0 in tests"
 
 
 def bind_listener(host: str, port: int) -> socket.socket:
-    """A non-blocking listening socket shared with the other workers through SO_REUSEPORT.
-    TCP_NODELAY on it is inherited by every accepted socket (one setsockopt fewer each)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        hints = {
-            errno.EADDRINUSE: f"another program holds the port: ss -ltnp 'sport = :{port}'",
-            errno.EACCES: "ports below 1024 need root (CAP_NET_BIND_SERVICE)",
-            errno.EADDRNOTAVAIL: f"{host} is not an address of this host (or namespace)",
-        }
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror}",
-                          hints.get(exc.errno or 0, "check the listen address and port")) from exc
-    return sock
+    """The outbound listener, shared with the other workers (SO_REUSEPORT for a standalone
+    explicit proxy with several workers; with an agent the socket itself is shared)."""
+    return listen_tcp(host, port, reuseport=True)
 
 
 def inherited_listener(fd: int) -> socket.socket:

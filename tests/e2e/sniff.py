@@ -33,18 +33,23 @@ class Sniffer:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+        # every frame that crossed before now is in the socket's queue (a reply came back
+        # over the bridge after the request it answers): take the rest, no waiting
+        self._drain()
         self.sock.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             ready, _, _ = select.select([self.sock], [], [], 0.05)
-            if not ready:
-                continue
-            with contextlib.suppress(BlockingIOError):
-                while True:
-                    frame = self.sock.recv(65536)
-                    self.frames.append(frame)
-                    self.bytes += len(frame)
+            if ready:
+                self._drain()
+
+    def _drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                frame = self.sock.recv(65536)
+                self.frames.append(frame)
+                self.bytes += len(frame)
 
     def saw(self, marker: bytes) -> bool:
         return any(marker in f for f in self.frames)
