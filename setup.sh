@@ -30,9 +30,11 @@ pkgs=(python3-bpfcc python3-cryptography python3-venv python3-dev iptables bpfto
 case "$mode" in test|drill) pkgs+=(etcd-server etcd-client);; esac  # also the drill's etcd faults
 # ... and render the dashboard in headless Chromium (fonts for readable screenshots)
 [ "$mode" = test ] && pkgs+=(chromium fonts-dejavu-core)
+# ... and drive HTTP/1.1 and HTTP/2 through the proxy with real clients (curl is in the base)
+case "$mode" in test|bench) pkgs+=(wrk nghttp2-client curl);; esac
 # the benchmarks compare against HAProxy and nginx (stream is a module in Debian 12), load HTTP
 # with wrk and chart with matplotlib
-[ "$mode" = bench ] && pkgs+=(haproxy nginx libnginx-mod-stream wrk python3-matplotlib)
+[ "$mode" = bench ] && pkgs+=(haproxy nginx libnginx-mod-stream python3-matplotlib)
 # the Vagrant testbed: three Debian VMs under libvirt, a box built from the mirror
 [ "$mode" = vagrant ] && pkgs+=(vagrant vagrant-libvirt libvirt-daemon-system
   libvirt-daemon-driver-qemu libvirt-clients dnsmasq-base qemu-system-x86 qemu-utils

@@ -23,10 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from meshnode.histogram import CONNECT_BUCKETS, DURATION_BUCKETS
+from meshnode.histogram import CONNECT_BUCKETS, DURATION_BUCKETS, REQUEST_BUCKETS
 
-__all__ = ["ENDPOINT_FIELDS", "FAILURES", "PAIR_FIELDS", "PAIR_HISTOGRAMS", "SECURITY_FIELDS",
-           "SELECTIONS", "WORKER_FIELDS", "Field", "HistogramField", "Kind", "LabelledField"]
+__all__ = ["ENDPOINT_FIELDS", "FAILURES", "LABELLED_FIELDS", "PAIR_FIELDS", "PAIR_HISTOGRAMS",
+           "REQUEST_FIELDS", "SECURITY_FIELDS",
+           "SELECTIONS", "WORKER_FIELDS", "Field", "HistogramField", "Kind", "LabelledField",
+           "request_succeeded"]
 
 Kind = Literal["counter", "gauge", "max"]
 
@@ -93,6 +95,9 @@ PAIR_HISTOGRAMS: tuple[HistogramField, ...] = (
                    "Upstream connect latency."),
     HistogramField("duration", DURATION_BUCKETS, "meshnode_connection_duration_seconds",
                    "Connection lifetime, accept to close."),
+    HistogramField("request", REQUEST_BUCKETS, "meshnode_request_duration_seconds",
+                   "HTTP, HTTP/2 and gRPC request latency, first request byte to last "
+                   "response byte, retries included."),
 )
 
 # Per (destination service, endpoint), from the worker's balancer load records
@@ -162,3 +167,40 @@ SECURITY_FIELDS: tuple[LabelledField, ...] = (
     LabelledField("inbound_bytes_down", "counter", "meshnode_inbound_bytes", _INBOUND_BYTES,
                   _IDS, (("direction", "down"),)),
 )
+
+# Requests on HTTP, HTTP/2 and gRPC ports (proxy/http/). Label values are bounded: services and
+# routes are the mesh's own, methods a fixed set plus "other" (exchange.method_label),
+# status_class "1xx".."5xx", "none" (no response) or a gRPC status name.
+_ROUTE = ("src", "dst", "route")
+REQUEST_FIELDS: tuple[LabelledField, ...] = (
+    LabelledField("requests", "counter", "meshnode_requests",
+                  "Requests proxied, by source and destination service, route, method and "
+                  "status class (the gRPC status for gRPC calls; none: no response).",
+                  ("src", "dst", "route", "method", "status_class")),
+    LabelledField("request_retries", "counter", "meshnode_request_retries",
+                  "Retries of requests (each retry once), on another endpoint when there is "
+                  "one.", _ROUTE),
+    LabelledField("retry_budget_exhausted", "counter", "meshnode_retry_budget_exhausted",
+                  "Retries not made because the service's retry budget was spent.", _ROUTE),
+    LabelledField("request_failures", "counter", "meshnode_request_failures",
+                  "Requests that got no response from an endpoint, by why (timeout, reset, "
+                  "no_endpoint, circuit_open, denied, bad_request, upstream_error, "
+                  "client_gone).", ("src", "dst", "route", "reason")),
+    LabelledField("protocol_detections", "counter", "meshnode_protocol_detections",
+                  "Connections to auto ports by what detection found: http1, h2, tcp (other "
+                  "bytes) or timeout (the client said nothing within http.detectTimeout).",
+                  ("dst", "result")),
+)
+
+# Every labelled field a worker sends (wire.StatsReply.labelled), by name.
+LABELLED_FIELDS: tuple[LabelledField, ...] = SECURITY_FIELDS + REQUEST_FIELDS
+
+
+def request_succeeded(status_class: str) -> bool:
+    """Whether the requests of a `requests` row count as successes, everywhere a success rate
+    is shown (stat, top, the dashboard, tap --failed): an answer that is not a 5xx, and for
+    gRPC calls (status_class a gRPC status name) OK only. "none", no answer at all, fails;
+    4xx is the caller's error, not the service's (as Linkerd counts)."""
+    if status_class.endswith("xx"):
+        return status_class != "5xx"
+    return status_class == "OK"

@@ -13,13 +13,16 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Sequence
 
-__all__ = ["CONNECT_BUCKETS", "DURATION_BUCKETS", "Histogram", "quantile"]
+__all__ = ["CONNECT_BUCKETS", "DURATION_BUCKETS", "REQUEST_BUCKETS", "Histogram", "quantile"]
 
 # Upstream connect latency: loopback connects take tens of microseconds, a far host a few ms,
 # and the connect timeout is seconds.
 CONNECT_BUCKETS: tuple[float, ...] = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
                                       0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # Connection lifetime: from one-shot calls to long-lived streams.
+# Request latency, first request byte to last response byte: sub-millisecond to a minute.
+REQUEST_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                      0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DURATION_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0,
                                        60.0, 300.0, 1800.0, 3600.0)
 

@@ -50,6 +50,9 @@ class Preamble(msgspec.Struct, frozen=True, omit_defaults=False):
     service: str  # the destination service, as the client routed it
     v: int = VERSION
     software: str = ""
+    # HTTP requests, each authorized by the client's proxy as it routes them; False: bytes
+    # relayed as they are (authorized here as an opaque connection)
+    requests: bool = False
 
 
 class Answer(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -76,6 +76,7 @@ __all__ = [
     "Sync",
     "Synced",
     "Tap",
+    "Tracing",
     "WorkerMessage",
     "agent_codec",
     "as_update",
@@ -91,7 +92,8 @@ __all__ = [
 # 2: workers outlive the agent and reconnect to its worker socket; Hello names the worker;
 # Listening names the listener's descriptor; Retain.
 # 3: Identities, Peers, Security (mTLS between hosts, authorization).
-PROTOCOL = 3
+# 4: Tracing; request counters and tap events of HTTP ports.
+PROTOCOL = 4
 MIN_PROTOCOL = 1
 
 
@@ -144,6 +146,15 @@ class Security(_Message, frozen=True, tag="security"):
     authz: AuthzTable = AuthzTable()
 
 
+class Tracing(_Message, frozen=True, tag="tracing"):
+    """Mesh-wide tracing (the Mesh resource's `tracing`): where spans go ("": kept nowhere)
+    and the sampling probability of traces the proxy starts; `node` names this host in spans."""
+
+    otlp_endpoint: str = ""
+    sampling: float = 0.0
+    node: str = ""
+
+
 class ServiceReset(_Message, frozen=True, tag="reset"):
     service: ServiceSpec
     endpoints: tuple[Endpoint, ...] = ()
@@ -193,7 +204,8 @@ class Tap(_Message, frozen=True, tag="tap"):
 
 
 AgentMessage = (Hello | ServiceReset | EndpointsAdded | EndpointsRemoved | ServiceGone | Sync
-                | StatsRequest | CgroupSources | Tap | Retain | Identities | Peers | Security)
+                | StatsRequest | CgroupSources | Tap | Retain | Identities | Peers | Security
+                | Tracing)
 
 
 def update_message(u: Update) -> ServiceReset | EndpointsAdded | EndpointsRemoved | ServiceGone:

@@ -147,7 +147,8 @@ class ControlApi:
             enrollments=p.enrollments.describe(), health=p.health,
             ejected_for=ejections(totals), authz=compile_authz(resources),
             trust_domain=trust_domain(resources))
-        return explain(inputs, _int(args, "pid"), str(args.get("dest", "")))
+        return explain(inputs, _int(args, "pid"), str(args.get("dest", "")),
+                       args.get("method"), args.get("path"))
 
     async def authz_suggest(self, args: dict[str, Any]) -> Any:
         """`meshnode authz suggest`: ALLOW policies listing the callers this host's proxy saw

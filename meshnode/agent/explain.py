@@ -10,9 +10,11 @@ address right now, decided by the same code that decides it for real:
      outlier ejections replayed into it, and on one filled with every registered endpoint, to
      list the candidates the health checks took out;
   3. the balancer (balance/factory.py) that orders the candidates, read off that table;
-  4. authorization: the caller's identity (spiffe://<trust domain>/svc/<its enrolled service>)
-     and what `AuthzTable.decide` (policy/authz.py, the function the workers call where the
-     destination is) says for each endpoint port the connection may land on.
+  4. authorization (explain_authz.py): the caller's identity (spiffe://<trust
+     domain>/svc/<its enrolled service>) and what `AuthzTable.decide` (policy/authz.py, the
+     function the workers call) says for each endpoint port the connection may land on; on
+     an HTTP-family port, how its requests are authorized, and one request's decision when
+     asked (`meshnode explain PID DEST --method GET --path /x`).
 
 Reads only an `ExplainInputs` snapshot the agent builds per request, never the agent itself.
 Read-only: nothing here changes any state. Runs in the agent: imports the pure route and
@@ -31,6 +33,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from meshnode.agent.explain_authz import explain_authz, parse_request
 from meshnode.balance.load import tier_of
 from meshnode.balance.locality import Locality
 from meshnode.discovery.dns_zone import MeshZone
@@ -39,7 +42,7 @@ from meshnode.errors import CgroupError, NotFoundError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.model import CaptureState, Endpoint, HostPort
 from meshnode.policy import compiler
-from meshnode.policy.authz import AuthzTable, Decision
+from meshnode.policy.authz import AuthzTable
 from meshnode.policy.identity import BUNDLE_NAME, service_id
 from meshnode.policy.resources import Resource
 from meshnode.route import (
@@ -241,7 +244,10 @@ def _table(inp: ExplainInputs, snap: compiler.Snapshot) -> ServiceTable:
 
 
 # -- the decision ----------------------------------------------------------------------------
-def explain(inp: ExplainInputs, pid: int, dest: str) -> dict[str, Any]:
+def explain(inp: ExplainInputs, pid: int, dest: str, method: str | None = None,
+            path: str | None = None) -> dict[str, Any]:
+    """`method`/`path`: also explain that request on the connection (explain_authz.py)."""
+    request = parse_request(method, path)
     addr, name = parse_dest(dest, _zone(inp))
     proc = _inspect(inp, pid)
     k = classify(inp.capture, addr, outbound_port=inp.outbound_port, dns_port=inp.dns_port)
@@ -293,7 +299,7 @@ def explain(inp: ExplainInputs, pid: int, dest: str) -> dict[str, Any]:
         _kernel(inp, r, k, rec, addr, vip_note)
         if k.action is KernelAction.REDIRECT and rec is not None:
             _route(inp, r, rec, addr)
-            _authorize(inp, r, proc, rec, addr)
+            _authorize(inp, r, proc, rec, addr, request)
     if rec is not None and proc.enrolled and inp.ready:  # not ready: said above already
         r.steps.append("if the proxy is not ready: " + (
             "refused (fail-closed)" if rec.fail_closed else
@@ -453,11 +459,11 @@ def _route(inp: ExplainInputs, r: _Result, rec: ServiceRecord, addr: HostPort) -
 
 
 def _authorize(inp: ExplainInputs, r: _Result, proc: _Proc, rec: ServiceRecord,
-               addr: HostPort) -> None:
-    """Step 4, for a captured connection: what `AuthzTable.decide` says where the destination
-    is, for the caller's identity and each endpoint port the connection may land on (rule b:
-    the endpoint's; rule a: those of the candidates in rotation)."""
-    caller = proc.identity or ""
+               addr: HostPort, request: tuple[str, str] | None) -> None:
+    """Step 4, for a captured connection (explain_authz.py): what `AuthzTable.decide` says
+    where the destination is, for the caller's identity and each endpoint port the connection
+    may land on (rule b: the endpoint's; rule a: those of the candidates in rotation), and
+    for its requests."""
     info: dict[str, Any] = {"identity": proc.identity, "trust_domain": inp.trust_domain,
                             "applies": False, "verdict": None, "decisions": []}
     r.authorization = info
@@ -471,35 +477,16 @@ def _authorize(inp: ExplainInputs, r: _Result, proc: _Proc, rec: ServiceRecord,
         {HostPort.parse(c["addr"]).port for c in r.candidates if c["in_rotation"]})
     if not ports:
         return
-    decisions = {port: inp.authz.decide(caller, rec.name, port) for port in ports}
-    verdicts = {d.verdict for d in decisions.values()}
-    info.update(applies=True, verdict=verdicts.pop() if len(verdicts) == 1 else "mixed",
-                decisions=[{"port": port, "verdict": d.verdict, "allowed": d.allowed,
-                            "would_deny": d.would_deny, "policy": d.policy or None,
-                            "reason": d.reason} for port, d in decisions.items()])
-    first = decisions[ports[0]]
-    if len({(d.verdict, d.policy) for d in decisions.values()}) == 1:
-        same = f" (alike on port{'s' if len(ports) > 2 else ''} " \
-               f"{', '.join(map(str, ports[1:]))})" if len(ports) > 1 else ""
-        r.steps.append(f"authorization (decided where the destination is): {first.reason}"
-                       f"{same}")
-    else:
-        r.steps += [f"authorization, endpoint port {port}: {d.reason}"
-                    for port, d in decisions.items()]
-    denied = [port for port, d in decisions.items() if not d.allowed]
-    if len(denied) == len(ports):
+    a = explain_authz(inp.authz, proc.identity or "", rec.name, addr.port,
+                      rec.policy.protocol_for(addr.port), ports, request)
+    info.update(a.info)
+    r.steps += a.steps
+    if a.denied is not None:
         r.outcome = "denied"
-        r.verdict = (f"captured by {inp.backend} → service {rec.name}, then {first.reason}: "
+        r.verdict = (f"captured by {inp.backend} → service {rec.name}, then {a.denied.reason}: "
                      "the connection is reset")
-    elif denied:
-        r.verdict += (f"; authorization denies it on endpoint port{'s' if len(denied) > 1 else ''}"
-                      f" {', '.join(map(str, denied))}")
-    elif dry := [d for d in decisions.values() if d.would_deny]:
-        r.verdict += f"; authorization would deny it once the dry run ends ({_by(dry[0])})"
-
-
-def _by(d: Decision) -> str:
-    return f"AuthorizationPolicy {d.policy}" if d.policy else "the mesh default DENY"
+    else:
+        r.verdict += a.note
 
 
 def _attempts(route: Route) -> Sequence[Endpoint]:

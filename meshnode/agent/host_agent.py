@@ -226,7 +226,7 @@ class HostAgent:
             lambda: self.enrollments.services() if self.enrollments else (),
             self._identity_changed, self.ca)
         self.identity.load()
-        self.security = MeshSecurity(self.registry, self.identity.message)
+        self.security = MeshSecurity(self.registry, self.identity.message, self.node)
 
     async def ca_started(self, ca: Any) -> None:
         """`meshnode ca init` made this host the CA's: its identity comes from it now."""

@@ -1,11 +1,12 @@
-"""What the workers need to secure traffic between hosts, kept in step with the registry:
+"""What the workers need from the mesh-wide resources, kept in step with the registry:
 which hosts serve the mesh's mTLS (wire.Peers, from the hosts' reports), the mesh-wide mTLS
 default and the compiled authorization (wire.Security, from the Mesh and AuthorizationPolicy
-resources), and this host's identities (wire.Identities, from agent/identity.py).
+resources), this host's identities (wire.Identities, from agent/identity.py), and where
+request spans go (wire.Tracing, from the Mesh resource's `tracing`, naming this node).
 
-`changes()` returns only the messages whose content moved since they were last sent, so a
-reconcile pass costs nothing when security did not change. Takes the registry and the
-identity client, not the agent.
+`all()` is every message, for a worker that starts or is adopted; `changes()` returns only the
+messages whose content moved since they were last sent, so a reconcile pass costs nothing when
+nothing changed. Takes the registry, the identity client and the node name, not the agent.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from meshnode.discovery.registry import Registry
 from meshnode.listen import listen_tcp
 from meshnode.policy.authz import compile_authz
 from meshnode.policy.resources import MESH_NAME, MeshSpec
-from meshnode.wire import AgentMessage, Identities, Peers, Security
+from meshnode.wire import AgentMessage, Identities, Peers, Security, Tracing
 
 __all__ = ["HELD_INBOUND", "MeshSecurity", "bind_inbound"]
 
@@ -26,9 +27,11 @@ HELD_INBOUND = "inbound"  # the inbound listener, as workers hold it (wire.Hello
 
 
 class MeshSecurity:
-    def __init__(self, registry: Registry, identities: Callable[[], Identities]) -> None:
+    def __init__(self, registry: Registry, identities: Callable[[], Identities],
+                 node: str) -> None:
         self.registry = registry
         self.identities = identities
+        self.node = node
         self._sent: dict[str, bytes] = {}
 
     def mesh(self) -> MeshSpec:
@@ -42,10 +45,14 @@ class MeshSecurity:
     def security(self) -> Security:
         return Security(self.mesh().mtls.mode, compile_authz(self.registry.resources()))
 
+    def tracing(self) -> Tracing:
+        t = self.mesh().tracing
+        return Tracing(t.otlp_endpoint, t.sampling, self.node)
+
     def all(self) -> list[AgentMessage]:
         """Everything, for a worker that starts from nothing: authorization before the
         identities, so no handshake completes under a worker's allow-all start."""
-        return [self.security(), self.peers(), self.identities()]
+        return [self.security(), self.peers(), self.identities(), self.tracing()]
 
     def changes(self) -> list[AgentMessage]:
         out: list[AgentMessage] = []

@@ -13,17 +13,19 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshnode import __version__
 from meshnode.config import AgentConfig
+from meshnode.counters import request_succeeded
 from meshnode.errors import MeshnodeError, UsageError
 from meshnode.telemetry.admin import AdminServer, HostsSource
 from meshnode.telemetry.aggregate import Accumulator, Totals
 from meshnode.telemetry.history import History, WindowFigures, figures
 from meshnode.telemetry.metrics import Snapshot
+from meshnode.telemetry.request_figures import RequestFigures, RequestTally, request_figures
 from meshnode.wire import CgroupSources
 from meshnode.wire import Tap as TapMessage
 
@@ -56,8 +58,35 @@ class Tap:
             return False
         if self.dst is not None and e.get("dst") != self.dst:
             return False
-        return not self.failed_only or (e.get("event") == "close"
-                                        and e.get("outcome") not in ("ok", "idle_timeout"))
+        return not self.failed_only or failed(e)
+
+
+def failed(e: dict[str, Any]) -> bool:
+    """Whether a tap event is a failure (`tap --failed`): a connection that closed other than
+    ok or idle, or a request that failed (counters.request_succeeded on its status_class, or
+    no answer from an endpoint)."""
+    if e.get("event") == "request":
+        return e.get("outcome") != "ok" or not request_succeeded(str(e.get("status_class")))
+    return e.get("event") == "close" and e.get("outcome") not in ("ok", "idle_timeout")
+
+
+def _busy(pair: dict[str, Any]) -> float:
+    """How `top` ranks a pair: requests per second when it carries requests (keep-alive
+    clients open few connections), else connections per second."""
+    rate: float = (pair["requests"] or pair)["rate"]
+    return rate
+
+
+# The request figures of an HTTP service that has had no request yet.
+_NO_REQUESTS = request_figures(RequestTally(), None, 1.0)
+
+
+def _requests(l7: bool, f: WindowFigures) -> RequestFigures | None:
+    """The request figures to show: an HTTP, HTTP/2, gRPC or auto service's (zero before its
+    first request), none for a tcp one (unless it had requests: its protocol changed)."""
+    if f.requests is not None:
+        return f.requests
+    return _NO_REQUESTS if l7 else None
 
 
 class Telemetry:
@@ -65,11 +94,15 @@ class Telemetry:
     the taps and the cgroup sources. Built with the agent (the workers' first messages come
     from here); reads the running agent's collaborators once `attach` hands them over."""
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        """`clock`: the wall clock the history's samples are stamped with; `monotonic`: the
+        one that spaces them."""
         self.cfg = cfg
         self.parts: Parts | None = None
         self.acc = Accumulator()
-        self.history = History(time.time(), keep=cfg.history_seconds)
+        self._clock, self._monotonic = clock, monotonic
+        self.history = History(clock(), keep=cfg.history_seconds)
         self._sampled_at = 0.0
         self._sample_lock = asyncio.Lock()
         self._sources: dict[str, str] = {}
@@ -91,9 +124,9 @@ class Telemetry:
         however often it is read."""
         async with self._sample_lock:
             totals = self.acc.update(await self._p().workers.stats())
-            now = time.monotonic()
+            now = self._monotonic()
             soon_after = now - self._sampled_at < SAMPLE_INTERVAL / 2
-            self.history.add(time.time(), totals, replace_latest=soon_after)
+            self.history.add(self._clock(), totals, replace_latest=soon_after)
             if not soon_after:
                 self._sampled_at = now
             return totals
@@ -159,15 +192,22 @@ class Telemetry:
         if service is not None and service not in known:
             raise UsageError(f"no service named {service!r}", "see them: meshnode status")
         per_service = self.history.by_service(window)
+        per_route = self.history.by_route(window)
         rows = []
         for name in sorted(known) if service is None else [service]:
             rec = known[name]
-            f = per_service.get(name)
+            f = per_service.get(name) or figures((), (), 1.0)
+            requests = _requests(rec.policy.l7, f)
             row: dict[str, Any] = {"service": name, "vip": str(rec.vip), "port": rec.port,
                                    "endpoints": len(rec.endpoints),
                                    "healthy": sum(1 for e in rec.endpoints
-                                                  if a.health.healthy(name, e.addr))}
-            row.update((f or figures((), (), 1.0)).to_json())
+                                                  if a.health.healthy(name, e.addr)),
+                                   "l7": requests is not None}
+            row.update(f.to_json())
+            # connection figures stay for every service; requests for HTTP/gRPC ones
+            row["requests"] = None if requests is None else requests.to_json()
+            row["routes"] = [{"route": route, **rf.to_json()}
+                             for route, rf in per_route.get(name, [])]
             rows.append(row)
         return {"window": window, "span": self._span(window), "services": rows}
 
@@ -176,11 +216,18 @@ class Telemetry:
         return round(self.history.latest[0] - self.history.base(window)[0], 3)
 
     async def top(self, window: float, limit: int) -> dict[str, Any]:
+        """The busiest pairs: by request rate for HTTP/gRPC pairs, connection rate else."""
         await self.sample()
-        pairs = [{"src": src, "dst": dst, **f.to_json()}
-                 for src, dst, f in self.history.by_pair(window)
-                 if f.connections or f.active]
-        pairs.sort(key=lambda p: (-p["rate"], -p["active"], p["src"], p["dst"]))
+        known = self._p().registry.services()
+        pairs = []
+        for src, dst, f in self.history.by_pair(window):
+            rec = known.get(dst)
+            requests = _requests(rec is not None and rec.policy.l7, f)
+            if f.connections or f.active or (requests is not None and requests.requests):
+                pairs.append({"src": src, "dst": dst, "l7": requests is not None,
+                              **f.to_json(),
+                              "requests": None if requests is None else requests.to_json()})
+        pairs.sort(key=lambda p: (-_busy(p), -p["active"], p["src"], p["dst"]))
         return {"window": window, "span": self._span(window), "pairs": pairs[:limit]}
 
     async def edges(self, window: float) -> tuple[float, list[tuple[str, str, WindowFigures]]]:
@@ -205,16 +252,18 @@ class Telemetry:
                                else "unhealthy"}
                               for e in sorted(rec.endpoints, key=lambda e: e.addr)],
                 **{k: row[k] for k in ("rate", "active", "error_rate", "bytes_up_rate",
-                                       "bytes_down_rate", "p50_ms", "p95_ms", "p99_ms")}})
+                                       "bytes_down_rate", "p50_ms", "p95_ms", "p99_ms", "l7",
+                                       "requests")}})
         edges = [{"src": p["src"], "dst": p["dst"], "rate": p["rate"],
                   "error_rate": p["error_rate"], "active": p["active"],
-                  "bytes_rate": round(p["bytes_up_rate"] + p["bytes_down_rate"], 3)}
+                  "bytes_rate": round(p["bytes_up_rate"] + p["bytes_down_rate"], 3),
+                  "l7": p["l7"], "requests": p["requests"]}
                  for p in (await self.top(window, 1000))["pairs"]]
         return {
             "node": a.node, "instance": a.cfg.instance, "version": __version__,
-            "capture": a.capture.name, "ready": a.ready(), "time": time.time(), "window": window,
+            "capture": a.capture.name, "ready": a.ready(), "time": self._clock(), "window": window,
             "services": services, "edges": edges, "hosts": self._hosts(),
-            "series": {name: self.history.series(name) for name in sorted(known)},
+            "series": self.history.series_all(sorted(known)),
         }
 
     def _hosts(self) -> list[dict[str, Any]]:

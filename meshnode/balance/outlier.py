@@ -34,10 +34,11 @@ __all__ = ["OutlierDetector"]
 
 
 class _Record:
-    __slots__ = ("consecutive", "ejections")
+    __slots__ = ("consecutive", "consecutive_5xx", "ejections")
 
     def __init__(self) -> None:
         self.consecutive = 0
+        self.consecutive_5xx = 0
         self.ejections = 0
 
 
@@ -73,10 +74,14 @@ class OutlierDetector:
             return  # no endpoint ever failed: nothing to reset (the common case, per connect)
         rec = self._records.get(addr)
         if rec is not None:
-            rec.consecutive = 0
+            rec.consecutive = rec.consecutive_5xx = 0
 
-    def failure(self, addr: HostPort) -> bool:
-        """Count a failed connect; True when this failure ejected the endpoint."""
+    def failure(self, addr: HostPort, http: bool = False) -> bool:
+        """Count a failed connect (`http`: a 5xx answer or a reset request, counted against
+        `consecutive_5xx`); True when this failure ejected the endpoint."""
+        cfg = self.config
+        if http and not cfg.consecutive_5xx:
+            return False
         rec = self._records.get(addr)
         if rec is None:
             rec = self._records[addr] = _Record()
@@ -84,11 +89,15 @@ class OutlierDetector:
         self._expire(now)
         if addr in self._ejected:
             return False  # tried anyway (everything was ejected): already sitting out
-        rec.consecutive += 1
-        cfg = self.config
-        if rec.consecutive < cfg.consecutive_failures or len(self._ejected) >= self.max_ejected():
+        if http:
+            rec.consecutive_5xx += 1
+            reached = rec.consecutive_5xx >= cfg.consecutive_5xx
+        else:
+            rec.consecutive += 1
+            reached = rec.consecutive >= cfg.consecutive_failures
+        if not reached or len(self._ejected) >= self.max_ejected():
             return False
-        rec.consecutive = 0
+        rec.consecutive = rec.consecutive_5xx = 0
         rec.ejections += 1
         duration = min(cfg.base_ejection * rec.ejections, cfg.max_ejection)
         self._set_ejected({**self._ejected, addr: now + duration})
@@ -149,7 +158,7 @@ class OutlierDetector:
         for addr in self._ejected.keys() - ejected.keys():
             rec = self._records.get(addr)
             if rec is not None:
-                rec.consecutive = 0  # back with a clean slate
+                rec.consecutive = rec.consecutive_5xx = 0  # back with a clean slate
         self._ejected = ejected
         self._next_expiry = min(ejected.values(), default=math.inf)
         self._cache.clear()  # filtered sets are stale

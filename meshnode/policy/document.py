@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 
 from meshnode.errors import UsageError
-from meshnode.policy.resources import KINDS, Resource, check_name, kind_info
+from meshnode.policy.resources import KINDS, Reference, Resource, check_name, kind_info
 
 _TOP = {"kind", "name", "spec", "version"}
 _PATH_RE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
@@ -114,9 +114,11 @@ def parse_all(docs: Iterable[tuple[str, Any]]) -> list[Resource]:
 def check_references(changed: Iterable[Resource], existing: Mapping[tuple[str, str], Resource],
                      deleted: Iterable[tuple[str, str]] = ()) -> None:
     """Every reference made by a changed resource names a resource that will exist after the
-    change (in the change itself or already stored), and nothing still stored refers to a
-    resource the change deletes. Costs the change (and, when it deletes, the stored resources
-    of kinds that can refer), not the store."""
+    change (in the change itself or already stored) and that meets what the reference asks
+    of it (a declared port, an HTTP-family port), and what stored resources refer to still
+    exists and still meets it when the change deletes or narrows it. Costs the change (and,
+    when it deletes a resource or narrows a Service, the stored resources of kinds that can
+    refer), not the store."""
     gone = set(deleted)
     new = {r.key: r for r in changed}
 
@@ -125,24 +127,53 @@ def check_references(changed: Iterable[Resource], existing: Mapping[tuple[str, s
             return new[key]
         return None if key in gone else existing.get(key)
 
-    referrers = [r for r in new.values() if kind_info(r.kind).refers]
-    if gone:
-        referrers += [r for key, r in existing.items() if key not in new and key not in gone
-                      and kind_info(key[0]).refers]
-    for r in referrers:
+    # (a resource whose references to check, and which: None, all of them)
+    checks: list[tuple[Resource, set[tuple[str, str]] | None]] = [
+        (r, None) for r in new.values() if kind_info(r.kind).refers]
+    # a stored resource that refers to what the change deletes, or to a Service it narrows
+    # (a port or its HTTP ports gone), is checked again; its other references did not change
+    redone = gone | {key for key, r in new.items() if key in existing
+                     and _narrows(existing[key], r)}
+    if redone:
+        checks += [(r, redone) for key, r in existing.items() if key not in new
+                   and key not in gone and kind_info(key[0]).refers]
+    for r, only in checks:
         for ref in kind_info(r.kind).references(r.spec):
-            target = after((ref.kind, ref.name))
-            what = f"{r.kind} {r.name}"
-            if target is None:
-                deleting = (ref.kind, ref.name) in gone
-                raise UsageError(
-                    f"{what} refers to {ref.kind} {ref.name}, which does not exist"
-                    + (" after this change" if deleting else ""),
-                    f"create {ref.kind} {ref.name} first, or remove the reference from {what}")
-            if ref.port is not None and ref.kind == "Service":
-                ports = {target.spec.port, *(p.port for p in target.spec.ports)}
-                if ref.port not in ports:
-                    raise UsageError(
-                        f"{what} refers to port {ref.port} of Service {ref.name}, which "
-                        f"declares {sorted(p for p in ports if p is not None) or 'no port'}",
-                        f"declare the port in Service {ref.name} or fix the reference")
+            if only is None or (ref.kind, ref.name) in only:
+                _check_reference(r, ref, after((ref.kind, ref.name)),
+                                 (ref.kind, ref.name) in gone)
+
+
+def _ports(service: Resource) -> set[int | None]:
+    return {service.spec.port, *(p.port for p in service.spec.ports)}
+
+
+def _narrows(old: Resource, new: Resource) -> bool:
+    """Whether replacing a Service `old` by `new` can break what refers to it."""
+    return old.kind == "Service" and (bool(_ports(old) - _ports(new))
+                                      or (old.spec.l7 and not new.spec.l7))
+
+
+def _check_reference(r: Resource, ref: Reference, target: Resource | None,
+                     deleting: bool) -> None:
+    what = f"{r.kind} {r.name}"
+    if target is None:
+        raise UsageError(
+            f"{what} refers to {ref.kind} {ref.name}, which does not exist"
+            + (" after this change" if deleting else ""),
+            f"create {ref.kind} {ref.name} first, or remove the reference from {what}")
+    if ref.kind != "Service":
+        return
+    if ref.port is not None:
+        ports = _ports(target)
+        if ref.port not in ports:
+            raise UsageError(
+                f"{what} refers to port {ref.port} of Service {ref.name}, which "
+                f"declares {sorted(p for p in ports if p is not None) or 'no port'}",
+                f"declare the port in Service {ref.name} or fix the reference")
+    if ref.l7 and not target.spec.l7:
+        raise UsageError(
+            f"{what} has rules with HTTP methods or paths, but Service {ref.name} has no "
+            "HTTP port (every port is tcp): they could never be checked",
+            f"set Service {ref.name}'s protocol (or a port's) to http, http2, grpc or auto, "
+            f"or remove the methods and paths from {what}")

@@ -35,7 +35,19 @@ def check_name(name: str, what: str = "service") -> str:
 
 LB_ALGORITHMS = ("p2c-ewma", "round-robin", "random", "ring-hash")
 Algorithm = Literal["p2c-ewma", "round-robin", "random", "ring-hash"]
-Protocol = Literal["tcp"]  # the L7 issue adds http, http2, grpc and auto
+# tcp: an opaque byte relay; http: HTTP/1.1; http2: HTTP/2 with prior knowledge (h2c, both
+# sides); grpc: http2 whose statuses are gRPC's; auto: HTTP/1.1 or HTTP/2 when the client's first
+# bytes say so within `http.detectTimeout`, else tcp (a server-first protocol never waits longer).
+Protocol = Literal["tcp", "http", "http2", "grpc", "auto"]
+PROTOCOLS = ("tcp", "http", "http2", "grpc", "auto")
+L7_PROTOCOLS = frozenset({"http", "http2", "grpc", "auto"})
+# What a retry may be attempted on (the request was not answered yet, or answered so):
+# connect-failure (no connection to the endpoint; safe for any method), reset (the endpoint
+# closed or reset before a response), gateway-error (502, 503 or 504), 5xx (any 5xx),
+# unavailable (gRPC status 14, in headers or trailers), refused-stream (HTTP/2 REFUSED_STREAM).
+RetryOn = Literal["connect-failure", "reset", "gateway-error", "5xx", "unavailable",
+                  "refused-stream"]
+IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE")
 # How a service's endpoints accept connections from other hosts: STRICT only over the mesh's
 # mutual TLS (plaintext from another host is refused in the kernel), PERMISSIVE both (the
 # plaintext ones counted), DISABLE plaintext only (the service opts out of mTLS).
@@ -53,11 +65,13 @@ class BalancerConfig(_Spec, frozen=True):
 
 
 class OutlierConfig(_Spec, frozen=True):
-    """Passive ejection: `consecutive_failures` connect failures in a row eject an endpoint
-    for `base_ejection` seconds times the number of times it was ejected (at most
+    """Passive ejection: `consecutive_failures` connect failures in a row (or, on HTTP ports,
+    `consecutive_5xx` 5xx answers or resets: 0 turns that off) eject an endpoint for
+    `base_ejection` seconds times the number of times it was ejected (at most
     `max_ejection`), never more than `max_ejected_share` of the service's endpoints at once."""
 
     consecutive_failures: int = 5
+    consecutive_5xx: int = msgspec.field(default=5, name="consecutive5xx")
     base_ejection: float = 10.0
     max_ejection: float = 300.0
     max_ejected_share: float = 0.5
@@ -65,6 +79,8 @@ class OutlierConfig(_Spec, frozen=True):
     def __post_init__(self) -> None:
         if self.consecutive_failures < 1:
             raise ValueError("consecutiveFailures must be 1 or more")
+        if self.consecutive_5xx < 0:
+            raise ValueError("consecutive5xx must be 0 (off) or more")
         if not 0 <= self.max_ejected_share <= 1:
             raise ValueError("maxEjectedShare must be between 0 and 1")
         if self.base_ejection <= 0 or self.max_ejection < self.base_ejection:
@@ -116,6 +132,162 @@ class PortSpec(_Spec, frozen=True):
 def _check_port(port: int) -> None:
     if not 0 < port < 65536:
         raise ValueError(f"port {port} is out of range 1-65535")
+
+
+class RetryBudget(_Spec, frozen=True):
+    """Retries a service's callers may add, per worker: at most `ratio` of the requests of the
+    last `window` seconds, plus `min_per_second` (so a quiet service can still retry). When
+    every endpoint fails, retries stop here instead of multiplying the load (Linkerd's and
+    Envoy's budgets; defaults as Linkerd's)."""
+
+    ratio: float = 0.2
+    min_per_second: float = 10.0
+    window: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio <= 10:
+            raise ValueError("retryBudget.ratio must be between 0 and 10")
+        if self.min_per_second < 0:
+            raise ValueError("retryBudget.minPerSecond must be 0 or more")
+        if not 1 <= self.window <= 3600:
+            raise ValueError("retryBudget.window must be between 1 and 3600 seconds")
+
+
+class RetryPolicy(_Spec, frozen=True):
+    """When a request is tried again, always on another endpoint when there is one.
+    `attempts`: tries after the first (0: never retry). `on`: the conditions (RetryOn).
+    `methods`: HTTP methods retried on conditions after the request was sent (a
+    connect-failure is retried for any method: nothing reached the endpoint). `grpc_codes`:
+    gRPC statuses retried (14, UNAVAILABLE, by default) when `on` lists unavailable.
+    `backoff`: the base delay, doubled per retry with full jitter. Only requests whose body
+    fits `Http.bufferBytes` are retried (the proxy must still hold it)."""
+
+    attempts: int = 2
+    on: tuple[RetryOn, ...] = ("connect-failure", "reset", "gateway-error", "unavailable",
+                               "refused-stream")
+    methods: tuple[str, ...] = IDEMPOTENT_METHODS
+    grpc_codes: tuple[int, ...] = (14,)
+    backoff: float = 0.025
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.attempts <= 10:
+            raise ValueError("retry.attempts must be between 0 and 10")
+        if not 0 <= self.backoff <= 10:
+            raise ValueError("retry.backoff must be between 0 and 10 seconds")
+        for m in self.methods:
+            if not re.fullmatch(r"[A-Z]{1,20}", m):
+                raise ValueError(f"retry.methods: {m!r} is not an HTTP method in capitals")
+        for c in self.grpc_codes:
+            if not 1 <= c <= 16:
+                raise ValueError(f"retry.grpcCodes: {c} is not a gRPC error code (1-16)")
+
+
+class HttpTimeouts(_Spec, frozen=True):
+    """Per request, seconds. `request`: from the request's first byte to the response's last,
+    retries included (None: none); `per_try`: one attempt's wait for the response headers
+    (None: up to `request`); `idle`: a client or pooled upstream connection with no request
+    in flight is closed after this long (a stream with no bytes either way, too)."""
+
+    request: float | None = 15.0
+    per_try: float | None = None
+    idle: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name, value in (("request", self.request), ("perTry", self.per_try),
+                            ("idle", self.idle)):
+            if value is not None and not 0 < value <= 86_400:
+                raise ValueError(f"timeouts.{name} must be between 0 and 86400 seconds")
+
+
+class HttpLimits(_Spec, frozen=True):
+    """Circuit breaking, per worker and endpoint: `max_requests` in flight to one endpoint
+    (0: no limit), `max_pending` requests waiting for a connection or a stream to an endpoint
+    (more are answered 503 at once), `max_connections` pooled connections per endpoint.
+    `max_header_bytes`: a request's or response's header block (431/502 past it);
+    `max_body_bytes`: a request body (413 past it; 0: no limit)."""
+
+    max_requests: int = 0
+    max_pending: int = 1024
+    max_connections: int = 1024
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value in (("maxRequests", self.max_requests),
+                            ("maxPending", self.max_pending),
+                            ("maxConnections", self.max_connections),
+                            ("maxBodyBytes", self.max_body_bytes)):
+            if value < 0:
+                raise ValueError(f"limits.{name} must be 0 or more")
+        if not 1024 <= self.max_header_bytes <= 1024 * 1024:
+            raise ValueError("limits.maxHeaderBytes must be between 1024 and 1048576")
+
+
+class HttpMatch(_Spec, frozen=True):
+    """Which requests a route takes: all of the given conditions hold (none: every request).
+    `path_prefix` matches whole segments ("/api" takes /api and /api/x, not /apix); gRPC
+    methods are paths: /package.Service/Method."""
+
+    path_exact: str | None = None
+    path_prefix: str | None = None
+    methods: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, value in (("pathExact", self.path_exact), ("pathPrefix", self.path_prefix)):
+            if value is not None and not value.startswith("/"):
+                raise ValueError(f"match.{name} {value!r} must start with /")
+        if self.path_exact is not None and self.path_prefix is not None:
+            raise ValueError("match: give pathExact or pathPrefix, not both")
+        for m in self.methods:
+            if not re.fullmatch(r"[A-Z]{1,20}", m):
+                raise ValueError(f"match.methods: {m!r} is not an HTTP method in capitals")
+
+
+class HttpRoute(_Spec, frozen=True):
+    """A named class of a service's requests with its own timeouts and retries (None: the
+    service's). The first route whose `match` takes a request is its route; a request no
+    route takes is on route "default". `name` labels the request metrics."""
+
+    name: str
+    match: HttpMatch = HttpMatch()
+    timeouts: HttpTimeouts | None = None
+    retry: RetryPolicy | None = None
+
+    def __post_init__(self) -> None:
+        check_route_name(self.name)
+
+
+def check_route_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise ValueError(f"route name {name!r} is invalid: use {NAME_RULE}")
+    return name
+
+
+class HttpPolicy(_Spec, frozen=True):
+    """How the proxy handles a service's HTTP, HTTP/2 and gRPC ports (ignored on tcp ports).
+    `detect_timeout`: how long an `auto` port waits for the client's first bytes before it
+    relays the connection as tcp (a server-first protocol's banner waits at most this long).
+    `buffer_bytes`: a request body up to this size is held until the response starts, so the
+    request can be retried. `routes`: the first matching one applies (see HttpRoute)."""
+
+    detect_timeout: float = 0.2
+    timeouts: HttpTimeouts = HttpTimeouts()
+    retry: RetryPolicy = RetryPolicy()
+    retry_budget: RetryBudget = RetryBudget()
+    limits: HttpLimits = HttpLimits()
+    buffer_bytes: int = 64 * 1024
+    routes: tuple[HttpRoute, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0.01 <= self.detect_timeout <= 10:
+            raise ValueError("http.detectTimeout must be between 0.01 and 10 seconds")
+        if not 0 <= self.buffer_bytes <= 16 * 1024 * 1024:
+            raise ValueError("http.bufferBytes must be between 0 and 16 MiB")
+        names = [r.name for r in self.routes]
+        if len(names) != len(set(names)):
+            raise ValueError("http.routes names a route twice")
+        if "default" in names:
+            raise ValueError("http.routes: 'default' is the name of requests no route takes")
 
 
 class WorkloadSelector(_Spec, frozen=True):
@@ -171,6 +343,7 @@ class ServicePolicy(_Spec, frozen=True):
     max_connections: int = 0
     mtls: MtlsMode | None = None
     identity: WorkloadSelector = WorkloadSelector()
+    http: HttpPolicy = HttpPolicy()
 
     def __post_init__(self) -> None:
         if self.port is not None:
@@ -190,6 +363,20 @@ class ServicePolicy(_Spec, frozen=True):
     def fail_closed(self) -> bool:
         return self.fail_mode == "closed"
 
+    def protocol_for(self, port: int) -> Protocol:
+        """The protocol of connections to VIP or endpoint port `port`: the `ports` entry
+        naming it, else the service's `protocol`."""
+        for p in self.ports:
+            if p.port == port:
+                return p.protocol
+        return self.protocol
+
+    @property
+    def l7(self) -> bool:
+        """Whether any of its ports is handled per request (not tcp)."""
+        return self.protocol in L7_PROTOCOLS or any(p.protocol in L7_PROTOCOLS
+                                                    for p in self.ports)
+
 
 @dataclass(frozen=True, slots=True)
 class Reference:
@@ -198,6 +385,7 @@ class Reference:
     kind: str
     name: str
     port: int | None = None  # a port the referenced Service must declare
+    l7: bool = False  # the referenced Service must have an HTTP-family port (ServicePolicy.l7)
 
 
 def _no_references(_spec: Any) -> Iterable[Reference]:
@@ -264,14 +452,119 @@ class AuthzSource(_Spec, frozen=True):
         return not (self.services or self.identities or self.unauthenticated)
 
 
+_METHOD_RE = re.compile(r"[A-Z]{1,20}")
+# a rule path as written, less a final "/*": '/', then RFC 3986 pchars ('*' excepted)
+_RULE_PATH_RE = re.compile(r"/[A-Za-z0-9\-._~!$&'()+,;=:@%/]{0,1023}")
+_PCT_RE = re.compile(r"%([0-9A-Fa-f]{2})?")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_DECODED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/\\")
+
+
+def _unescape(m: re.Match[str]) -> str:
+    hex_ = m.group(1)
+    if hex_ is None:
+        return "%25"  # a bare '%' is a literal one: it must not pair with what is decoded
+    c = chr(int(hex_, 16))
+    return c if c in _DECODED else "%" + hex_.upper()
+
+
+def normalize_path(path: str) -> str:
+    """A request path as authorization matches it: the query and fragment dropped, an
+    absolute-form target ("http://host/a") reduced to its path, %-escapes of unreserved
+    characters, '/' and '\\' decoded (the others upper-cased, a bare '%' written %25),
+    '\\' read as '/', empty segments merged and '.' and '..' resolved (RFC 3986 5.2.4).
+    Idempotent (what rules are checked against). So "/a/../admin",
+    "//admin", "/%61dmin" and "/x%2F..%2Fadmin" are all "/admin": a backend that reads them
+    so cannot be reached past a rule on "/admin". A target that is not a path ("*",
+    "host:443") is returned as it is: only a rule on any path ("*") matches it."""
+    if path[:1] == "/" and "%" not in path and "//" not in path and "/." not in path \
+            and "?" not in path and "\\" not in path and "#" not in path:
+        return path  # the common case (it runs per request): nothing to rewrite
+    for c in "?#":
+        i = path.find(c)
+        if i >= 0:
+            path = path[:i]
+    if not path.startswith("/"):
+        m = _SCHEME_RE.match(path)
+        if m is None:
+            return path
+        i = path.find("/", m.end())
+        path = path[i:] if i >= 0 else "/"
+    if "%" in path:
+        path = _PCT_RE.sub(_unescape, path)  # one pass: "%252e" stays, never "."
+    parts = path.replace("\\", "/").split("/")
+    out: list[str] = []
+    for seg in parts[1:]:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg and seg != ".":
+            out.append(seg)
+    tail = "/" if out and parts[-1] in ("", ".", "..") else ""
+    return "/" + "/".join(out) + tail
+
+
+def check_method(method: str) -> str:
+    if not _METHOD_RE.fullmatch(method):
+        raise ValueError(f"method {method!r} is not an HTTP method: write it in capitals, "
+                         "e.g. GET (gRPC calls are POST)")
+    return method
+
+
+def check_rule_path(path: str) -> str:
+    """A `to.paths` entry: "*", an exact normalized path, or one followed by "/*"."""
+    if path == "*":
+        return path
+    if not path.startswith("/"):
+        raise ValueError(f"path {path!r} must start with '/' (or be '*': any path)")
+    body = path[:-2] if path.endswith("/*") else path
+    if "*" in body:
+        raise ValueError(f"path {path!r}: '*' is only allowed as the whole last segment "
+                         "('/a/*': /a and below) or alone ('*': any path)")
+    if body and not _RULE_PATH_RE.fullmatch(body):
+        raise ValueError(f"path {path!r} holds a character a path cannot carry as it is "
+                         "(space, '?', '#', control, non-ASCII): percent-encode it")
+    if re.search(r"%(?![0-9A-Fa-f]{2})", body):
+        raise ValueError(f"path {path!r} has a '%' not followed by two hex digits: write "
+                         "'%25' for a literal '%'")
+    want = normalize_path(body) if body else body
+    if body.endswith("/") and body != path:
+        want = want.rstrip("/")
+    if want != body:
+        raise ValueError(f"path {path!r} is not in normal form (requests are matched "
+                         f"normalized): write {want + path[len(body):]!r}")
+    return path
+
+
 class AuthzDestination(_Spec, frozen=True):
-    """What a rule is about on the destination (`to`): the endpoint ports (empty: any)."""
+    """What a rule is about on the destination (`to`); all given conditions must hold.
+
+    `ports`: the endpoint ports (empty: any). On HTTP, HTTP/2 and gRPC ports, per request:
+    `methods`, HTTP methods in capitals (GET, POST; empty: any), and `paths` (empty: any),
+    each an exact path "/a/b", a prefix of whole segments "/a/*" (/a and /a/x, not /ab), or
+    "*" (any path). gRPC calls are POSTs to the path "/package.Service/Method": write
+    "/package.Service/Method" for one method, "/package.Service/*" for all of a service's.
+    Request paths are matched normalized (`normalize_path`: no query, escapes and dot
+    segments resolved), so a rule's path must be written normalized. A rule with methods or
+    paths needs a target Service with an HTTP-family port; how it is decided for a
+    connection before its requests is in policy/authz.py."""
 
     ports: tuple[int, ...] = ()
+    methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for port in self.ports:
             _check_port(port)
+        for method in self.methods:
+            check_method(method)
+        for path in self.paths:
+            check_rule_path(path)
+
+    @property
+    def http(self) -> bool:
+        """Whether the rule has HTTP conditions (it is then checked per request)."""
+        return bool(self.methods or self.paths)
 
 
 class AuthzRule(_Spec, frozen=True):
@@ -301,7 +594,7 @@ class AuthorizationPolicySpec(_Spec, frozen=True):
 
 def _authz_references(spec: AuthorizationPolicySpec) -> Iterable[Reference]:
     if spec.target != AUTHZ_TARGET_ALL:
-        yield Reference("Service", spec.target)
+        yield Reference("Service", spec.target, l7=any(r.to.http for r in spec.rules))
 
 
 class MeshAuthorization(_Spec, frozen=True):
@@ -314,11 +607,31 @@ class MeshAuthorization(_Spec, frozen=True):
     dry_run: bool = False
 
 
+class MeshTracing(_Spec, frozen=True):
+    """Request tracing on HTTP, HTTP/2 and gRPC ports. W3C `traceparent`/`tracestate` are
+    always propagated; a request that arrives without one starts a trace, sampled with
+    probability `sampling` (an incoming traceparent's sampled flag is kept). Spans of sampled
+    requests are exported over OTLP/HTTP (protobuf) to `otlp_endpoint` ("host:port" or an
+    http:// URL; "": spans are not exported), batched off the request path: a collector that
+    is down costs dropped spans, never a request."""
+
+    otlp_endpoint: str = ""
+    sampling: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sampling <= 1:
+            raise ValueError("tracing.sampling must be between 0 and 1")
+        ep = self.otlp_endpoint
+        if ep and not re.fullmatch(r"(https?://)?[A-Za-z0-9.-]+:\d{1,5}(/[\x21-\x7e]*)?", ep):
+            raise ValueError(f"tracing.otlpEndpoint {ep!r} is not host:port or an http URL")
+
+
 class MeshSpec(_Spec, frozen=True):
     """Mesh-wide settings (the `Mesh` kind; one resource, named `mesh`)."""
 
     mtls: MeshMtls = MeshMtls()
     authorization: MeshAuthorization = MeshAuthorization()
+    tracing: MeshTracing = MeshTracing()
 
 
 MESH_NAME = "mesh"  # the one Mesh resource's name
@@ -339,7 +652,7 @@ KINDS: dict[str, KindInfo] = {
                                "default authorization"),
     "AuthorizationPolicy": KindInfo(AuthorizationPolicySpec,
                                     "who may call a service: ALLOW or DENY by caller service "
-                                    "or identity and port, or dry run",
+                                    "or identity, port, HTTP method and path, or dry run",
                                     _authz_references),
 }
 

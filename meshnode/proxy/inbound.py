@@ -200,7 +200,8 @@ class Inbound:
             return
         dst_identity = service_id(sec.tls.trust.trust_domain, service)
         info.dst_identity = dst_identity
-        decision = sec.authorize(peer.identity, service, target.port)
+        decision = sec.authorize(peer.identity, service, target.port,
+                                 opaque=not preamble.requests)
         if not decision.allowed:
             self._refuse(ssock, info, "denied", decision.reason)
             return

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from meshnode.counters import PAIR_FIELDS, PAIR_HISTOGRAMS, SECURITY_FIELDS
-from meshnode.histogram import CONNECT_BUCKETS, DURATION_BUCKETS, Histogram
+from meshnode.counters import LABELLED_FIELDS, PAIR_FIELDS, PAIR_HISTOGRAMS
+from meshnode.histogram import CONNECT_BUCKETS, DURATION_BUCKETS, REQUEST_BUCKETS, Histogram
 from meshnode.model import HostPort
 from meshnode.wire import HistogramCounts, LabelledValue, PairCounters, StatsReply
 
@@ -41,7 +41,7 @@ class PairStats:
     test holds them together): the hot path bumps attributes, the wire form names them."""
 
     __slots__ = ("active", "bytes_down", "bytes_up", "closed", "connect", "connect_errors",
-                 "connections", "dst", "duration", "failures", "src")
+                 "connections", "dst", "duration", "failures", "request", "src")
 
     def __init__(self, src: str, dst: str) -> None:
         self.src = src
@@ -55,6 +55,7 @@ class PairStats:
         self.failures: dict[str, int] = {}
         self.connect = Histogram(CONNECT_BUCKETS)
         self.duration = Histogram(DURATION_BUCKETS)
+        self.request = Histogram(REQUEST_BUCKETS)
 
     def fail(self, reason: str) -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
@@ -88,13 +89,26 @@ class WorkerStats:
         # count into their own pairs, keyed by (source identity, destination identity), sent
         # as the inbound_* fields (the pairs above stay per service, as `status` shows them).
         self.labelled: dict[str, dict[tuple[str, ...], int]] = {
-            f.name: {} for f in SECURITY_FIELDS}
+            f.name: {} for f in LABELLED_FIELDS}
         self.inbound: dict[tuple[str, str], PairStats] = {}
 
     def count(self, name: str, *labels: str) -> None:
-        """One more of SECURITY_FIELDS `name` for these label values."""
+        """One more of LABELLED_FIELDS `name` for these label values."""
         rows = self.labelled[name]
         rows[labels] = rows.get(labels, 0) + 1
+
+    def add(self, name: str, n: int, *labels: str) -> None:
+        """`n` more of LABELLED_FIELDS `name` for these label values."""
+        rows = self.labelled[name]
+        rows[labels] = rows.get(labels, 0) + n
+
+    def request(self, src: str, dst: str, route: str, method: str, status_class: str,
+                seconds: float) -> None:
+        """One finished request: its counter row and its pair's latency histogram."""
+        rows = self.labelled["requests"]
+        key = (src, dst, route, method, status_class)
+        rows[key] = rows.get(key, 0) + 1
+        self.pair(src, dst).request.observe(seconds)
 
     def inbound_pair(self, src_identity: str, dst_identity: str) -> PairStats:
         key = (src_identity, dst_identity)

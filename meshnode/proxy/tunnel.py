@@ -78,6 +78,9 @@ class TunnelPlan:
     client: ClientIdentity  # what we present, and its sessions
     target: HostPort
     service: str
+    # the connection carries HTTP requests this proxy authorizes one by one (else it is
+    # relayed as bytes, and the peer decides it as opaque: policy/authz.py)
+    requests: bool = False
 
 
 class MeshSecurity:
@@ -96,7 +99,7 @@ class MeshSecurity:
         # Whether any of it was said: until then every connection takes today's path.
         self.active = False
         self.enforcing = False  # a Security message arrived: local connections are authorized
-        self._decisions: dict[tuple[str, str, int], Decision] = {}
+        self._decisions: dict[tuple[str, str, int, bool], Decision] = {}
         self._said: set[str] = set()
 
     # -- agent messages ----------------------------------------------------------------------
@@ -144,15 +147,34 @@ class MeshSecurity:
         td = self.tls.trust.trust_domain
         return service_id(td, service) if td else ""
 
-    def authorize(self, src_identity: str, service: str, port: int) -> Decision:
-        """Security.authz.decide, remembered per (source, service, port) until the next
-        Security message; denials and dry-run denials counted per connection."""
-        key = (src_identity, service, port)
+    def authorize(self, src_identity: str, service: str, port: int,
+                  opaque: bool = False) -> Decision:
+        """Security.authz.decide, remembered per (source, service, port, opaque) until the
+        next Security message; denials and dry-run denials counted per connection.
+        `opaque`: the connection is relayed as bytes, its requests never decided one by one
+        (so a rule that allows only some paths cannot allow it)."""
+        key = (src_identity, service, port, opaque)
         d = self._decisions.get(key)
         if d is None:
             if len(self._decisions) >= _DECISIONS_MAX:
                 self._decisions.clear()
-            d = self._decisions[key] = self.authz.decide(src_identity, service, port)
+            d = self._decisions[key] = self.authz.decide(src_identity, service, port,
+                                                         opaque=opaque)
+        if not d.allowed:
+            self.stats.count("authz_denied", src_identity or "unknown", service, d.policy)
+            self.once(f"denied:{service}", "authorization denied %s -> %s: %s",
+                      src_identity or "an unknown source", service, d.reason)
+        elif d.would_deny:
+            self.stats.count("authz_would_deny", src_identity or "unknown", service, d.policy)
+        return d
+
+    def authorize_request(self, src_identity: str, service: str, port: int, method: str,
+                          path: str) -> Decision:
+        """Security.authz.decide for one request (`port`: the endpoint's), counted like
+        `authorize`, per request. Not remembered here: the table already answers a service
+        without HTTP conditions from its connection memory, and keeps per (source, service,
+        port) what is left to check of the others (policy/authz.py)."""
+        d = self.authz.decide(src_identity, service, port, method, path)
         if not d.allowed:
             self.stats.count("authz_denied", src_identity or "unknown", service, d.policy)
             self.once(f"denied:{service}", "authorization denied %s -> %s: %s",
@@ -164,9 +186,12 @@ class MeshSecurity:
     def mode(self, service: str) -> str:
         return self.policy_of(service).mtls or self.mtls_default
 
-    def plan(self, ep: Endpoint, info: ConnInfo) -> TunnelPlan | str | None:
+    def plan(self, ep: Endpoint, info: ConnInfo,
+             requests: bool = False) -> TunnelPlan | str | None:
         """How to reach `ep` for this connection: None directly, a TunnelPlan, DENIED (refuse
-        the client), or another refusal reason (this attempt fails)."""
+        the client), or another refusal reason (this attempt fails). `requests`: the
+        connection carries HTTP requests authorized one by one (proxy/http/); else it is an
+        L4 relay, authorized as opaque."""
         service = info.service
         if service is None:
             return None  # passthrough: not a mesh destination
@@ -175,7 +200,7 @@ class MeshSecurity:
             if not self.enforcing or info.src_identity is not None:
                 return None  # nothing to enforce, or authorized already (inbound tunnel)
             src = self.identity_of(info.src)
-            if not self.authorize(src, service, ep.addr.port).allowed:
+            if not self.authorize(src, service, ep.addr.port, opaque=not requests).allowed:
                 return DENIED
             if src:  # authorized as this identity (for the access log, and no re-check)
                 info.src_identity, info.dst_identity = src, self.dst_identity(service)
@@ -193,7 +218,7 @@ class MeshSecurity:
                          service, node, reason)
             return reason
         return TunnelPlan(peer, node, node_id(self.tls.trust.trust_domain, node), client,
-                          ep.addr, service)
+                          ep.addr, service, requests)
 
     def refused(self, side: str, reason: str, message: str, *args: object) -> None:
         self.stats.count("tunnel_refusals", side, reason)
@@ -343,7 +368,8 @@ class TunnelAttempt:
             self._fail("peer", exc, counted=True)
             return
         plan = self.plan
-        frame = encode_frame(Preamble(str(plan.target), plan.service, software=__version__))
+        frame = encode_frame(Preamble(str(plan.target), plan.service, software=__version__,
+                                      requests=plan.requests))
         try:
             ssock.send(frame)  # ~100 bytes into an empty socket buffer: taken whole
         except (OSError, ValueError) as exc:

@@ -44,6 +44,8 @@ from meshnode.proxy.accesslog import AccessLog
 from meshnode.proxy.connect import Connector
 from meshnode.proxy.control import ControlChannel, connect_control, open_control
 from meshnode.proxy.dial import Dialers
+from meshnode.proxy.http.detect import Detector
+from meshnode.proxy.http.front import HttpFront
 from meshnode.proxy.inbound import Inbound, open_inbound
 from meshnode.proxy.listener import (
     BACKLOG,
@@ -59,7 +61,7 @@ from meshnode.proxy.relay import BufferPool, Relay, RelayRegistry
 from meshnode.proxy.stats import PairStats, WorkerStats
 from meshnode.proxy.telemetry import ConnInfo, Sources
 from meshnode.proxy.tunnel import MeshSecurity
-from meshnode.route.table import Passthrough, ServiceTable, ToService
+from meshnode.route.table import NoEndpoint, Passthrough, ServiceTable, ToService
 from meshnode.wire import (
     MIN_PROTOCOL,
     PROTOCOL,
@@ -77,6 +79,7 @@ from meshnode.wire import (
     Sync,
     Synced,
     Tap,
+    Tracing,
     WorkerMessage,
     as_update,
 )
@@ -107,6 +110,8 @@ class ProxyWorker:
         self.security = MeshSecurity(config.node, self.stats, self.table.policy,
                                      config.handshake_timeout)
         self._inbound: Inbound | None = None  # mTLS from other hosts (config.inbound_fd)
+        self.http: HttpFront | None = None  # HTTP, HTTP/2 and gRPC ports (made in run())
+        self._tracing: Tracing | None = None
         self.pool = BufferPool()
         self.registry = RelayRegistry(clock, self._finished)
         # conntrack (iptables) does not name the client: ask sock_diag for its cgroup
@@ -172,6 +177,12 @@ class ProxyWorker:
                 self.sources.replace(cgroups)
             case Tap(services):
                 self.tap = frozenset(services)
+                if self.http is not None:
+                    self.http.set_tap(self.tap, self._send)
+            case Tracing():
+                self._tracing = msg
+                if self.http is not None:
+                    self.http.tracer.configure(msg)
             case Retain(services):
                 for name in set(self.table.services()) - set(services):
                     self.table.apply(DoesNotExist(name))
@@ -246,7 +257,7 @@ class ProxyWorker:
         assert lsock is not None  # watched only while listening
         registry, capacity = self.registry, self._capacity
         for _ in range(most):
-            if len(registry) >= capacity:
+            if len(registry) + (len(self.http) if self.http is not None else 0) >= capacity:
                 self._pause_full()
                 return
             try:
@@ -321,6 +332,40 @@ class ProxyWorker:
         info.service = route.service
         stats = self.stats.pair(src, route.service)
         stats.connections += 1
+        policy = self.table.policy(route.service)
+        protocol = policy.protocol_for(dst.port)
+        if protocol != "tcp" and self.http is not None:
+            if protocol == "auto":
+                self._detect(client, info, route, stats, policy.http.detect_timeout)
+            else:
+                self.http.accept(client, info, route.service, dst, protocol)
+            return
+        self._relay_service(client, info, route, stats)
+
+    def _detect(self, client: _socket.socket, info: ConnInfo, route: ToService | NoEndpoint,
+                stats: PairStats, window: float) -> None:
+        """An auto port: HTTP/1.1 or HTTP/2 go to the HTTP side, anything else is relayed."""
+        assert self._loop is not None and self._poller is not None
+        service = route.service
+
+        def detected(verdict: str) -> None:
+            self.stats.count("protocol_detections", service, verdict)
+            if verdict == "closed":
+                client.close()
+            elif verdict in ("http1", "h2") and self.http is not None:
+                assert info.orig_dst is not None
+                self.http.accept(client, info, service, info.orig_dst,
+                                 "http" if verdict == "http1" else "h2")
+            else:
+                self._relay_service(client, info, route, stats)
+
+        Detector(self._loop, self._poller, client, window, detected)
+
+    def _relay_service(self, client: _socket.socket, info: ConnInfo,
+                       route: ToService | NoEndpoint, stats: PairStats) -> None:
+        """The L4 relay to a service's endpoints (tcp ports, and what auto finds is not HTTP)."""
+        connector = self._connector
+        assert connector is not None
         relay = self._relay(client, info, stats)
         if isinstance(route, ToService):
             policy = self.table.policy(route.service)
@@ -420,6 +465,13 @@ class ProxyWorker:
             self._connector = Connector(loop, poller, self.dialers, self.stats,
                                         self.config.connect_timeout, self.clock, self._started,
                                         self.security)
+            self.http = HttpFront(loop, self.table, self.stats, self.security, self.access,
+                                  self.config.worker_id, self.config.node, self.config.mark,
+                                  self.config.connect_timeout, self.clock)
+            if self._tracing is not None:
+                self.http.tracer.configure(self._tracing)
+            if self.tap:
+                self.http.set_tap(self.tap, self._send)
             if self.config.inbound_fd >= 0:
                 self._inbound = open_inbound(self.config.inbound_fd, loop, poller, self.security,
                                              self.table, self._connector, self.pool,
@@ -465,13 +517,19 @@ class ProxyWorker:
             self._poller.unregister(lsock.fileno())
             lsock.close()
         # 2. Ask connections to close: a byte relay has no way to ask politely (no GOAWAY at
-        #    L4), so connections simply get the grace period to finish on their own.
+        #    L4), so connections simply get the grace period to finish on their own. HTTP
+        #    connections can be asked: idle ones close now, busy ones after their response.
+        http = self.http
+        if http is not None:
+            http.drain()
         # 3. Wait for active connections to finish, up to drain_grace. The control channel and
         #    the idle sweep keep working meanwhile (stats requests are answered).
-        if len(self.registry) and not self._force:
+        if (len(self.registry) or (http is not None and len(http))) and not self._force:
             try:
                 async with asyncio.timeout(self.config.drain_grace):
                     await self.registry.wait_empty()
+                    if http is not None:
+                        await http.wait_empty()
             except TimeoutError:
                 open_ = len(self.registry)
                 clean = self.registry.close_all()
@@ -481,6 +539,8 @@ class ProxyWorker:
         # 4. Reset whatever is left (a second signal skips the grace), so no client mistakes
         #    a cut-off stream for a clean end.
         self.registry.reset_all()
+        if http is not None:
+            http.close()
         if self._poller is not None:
             self._poller.close()
         sweeper.cancel()
@@ -503,8 +563,19 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         log.error("%s", err)
         return err.exit_code
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(ProxyWorker(config, source).run())
+    profile = os.environ.get("MESHNODE_PROXY_PROFILE")  # a developer's cProfile of a worker
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(ProxyWorker(config, source).run())
+    finally:
+        if profile:
+            prof.disable()
+            prof.dump_stats(f"{profile}.{os.getpid()}")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from typing import Any
 
 from meshnode.counters import (
     ENDPOINT_FIELDS,
+    LABELLED_FIELDS,
     PAIR_FIELDS,
     PAIR_HISTOGRAMS,
-    SECURITY_FIELDS,
     WORKER_FIELDS,
     Field,
 )
@@ -30,12 +30,12 @@ from meshnode.wire import HistogramCounts, PairCounters, StatsReply
 
 __all__ = ["Accumulator", "HistogramTotals", "PairTotals", "Totals"]
 
-_LABELLED = {f.name: f for f in SECURITY_FIELDS}
+_LABELLED = {f.name: f for f in LABELLED_FIELDS}
 
 
 def _combine_rows(into: dict[str, dict[tuple[str, ...], int]], name: str,
                   rows: Any, gauges: bool) -> None:
-    """Fold one SECURITY_FIELDS field's rows ((labels, value) pairs) in, by its kind."""
+    """Fold one LABELLED_FIELDS field's rows ((labels, value) pairs) in, by its kind."""
     f = _LABELLED.get(name)
     if f is None or (f.kind != "counter" and not gauges):
         return  # undeclared (a newer worker's), or a gauge of a past process
@@ -126,7 +126,7 @@ class Totals:
     endpoints: dict[tuple[str, str], dict[str, int | float]] = field(default_factory=dict)
     selections: dict[tuple[str, str], int] = field(default_factory=dict)  # (dst, endpoint)
     values: dict[str, int] = field(default_factory=dict)  # WORKER_FIELDS by name
-    # SECURITY_FIELDS by name: label values -> value
+    # LABELLED_FIELDS (security, requests) by name: label values -> value
     labelled: dict[str, dict[tuple[str, ...], int]] = field(default_factory=dict)
 
     def pair(self, src: str, dst: str) -> PairTotals:

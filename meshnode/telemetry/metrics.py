@@ -11,9 +11,10 @@ Labels stay bounded: services (`src`, `dst`, `service`), endpoints of services, 
 and kernel event names; never per-connection values or ephemeral ports. A client whose service
 cannot be told is `src="unknown"`.
 
-Room for L7: request-level metrics will use the same `src`/`dst` pair plus `status_class`
-("2xx".."5xx") and their own `meshnode_request_*` names, so these connection-level series keep
-their meaning when HTTP arrives.
+Requests (HTTP, HTTP/2 and gRPC ports) have their own families on the same `src`/`dst` pair:
+`meshnode_requests_total` adds `route`, `method` and `status_class` ("1xx".."5xx", "none", or
+the gRPC status name), and `meshnode_request_duration_seconds` is a pair histogram; the
+connection-level series keep their meaning on those ports (they count the client connections).
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from prometheus_client.registry import Collector
 from meshnode.counters import (
     ENDPOINT_FIELDS,
     FAILURES,
+    LABELLED_FIELDS,
     PAIR_FIELDS,
     PAIR_HISTOGRAMS,
-    SECURITY_FIELDS,
     SELECTIONS,
     WORKER_FIELDS,
     Field,
@@ -149,6 +150,10 @@ class MeshCollector(Collector):
             hist = HistogramMetricFamily(h.family, h.help, labels=_PAIR)
             for (src, dst), p in pairs:
                 totals = p.histograms[h.name]
+                if not any(totals.counts):
+                    # nothing observed yet (a tcp port's pair has no request latency); the
+                    # counts only grow, so a pair's series never goes away once shown
+                    continue
                 hist.add_metric([src, dst], _buckets(h.bounds, totals.counts), totals.sum)
             families[h.family] = hist
         endpoints = sorted(t.endpoints.items())
@@ -163,7 +168,7 @@ class MeshCollector(Collector):
         for f in WORKER_FIELDS:
             if f.family:
                 _family(families, f, []).add_metric([], t.values.get(f.name, 0) * f.scale)
-        for lf in SECURITY_FIELDS:
+        for lf in LABELLED_FIELDS:
             fam = _family(families, lf, [*lf.labels, *(k for k, _ in lf.const)])
             for labels, n in sorted(t.labelled.get(lf.name, {}).items()):
                 fam.add_metric([*labels, *(v for _, v in lf.const)], float(n))

@@ -3,7 +3,8 @@
 Sets every variant up once, measures memory on the fresh processes, then repeats the load
 measures with the variants interleaved (round robin, a different one first each repetition) and
 reports medians: the table, JSON and a PNG chart in --out, and whether each target holds. Then
-mTLS between two hosts (tests/bench/tunnel.py): its own table, JSON and targets line, last.
+mTLS between two hosts (tests/bench/tunnel.py), then HTTP/1.1 and h2 through L7 proxies
+(tests/bench/http.py): each its own table, JSON and targets line, last.
 Everything started is stopped, and every namespace removed, on success, failure or Ctrl-C.
 """
 
@@ -47,7 +48,8 @@ STEPS: list[Step] = [
 
 
 def _missing() -> list[str]:
-    need = [t for t in ("haproxy", "nginx", "wrk", "nsenter") if shutil.which(t) is None]
+    need = [t for t in ("haproxy", "nginx", "wrk", "h2load", "nsenter")
+            if shutil.which(t) is None]
     if not variants.NGINX_STREAM_MODULE.exists():
         need.append("libnginx-mod-stream")
     try:
@@ -209,7 +211,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     sys.stdout.flush()
-    return tunnel.run(args.quick, args.out, keep=args.keep)
+    rc = tunnel.run(args.quick, args.out, keep=args.keep)
+    if rc == 130:
+        return rc
+    # HTTP/1.1 and h2 through L7 proxies (issue 15 item 7): its own namespace, table, targets
+    from tests.bench import http
+
+    print()
+    sys.stdout.flush()
+    return http.run(args.quick, args.out, keep=args.keep) or rc
 
 
 if __name__ == "__main__":

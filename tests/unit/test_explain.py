@@ -4,11 +4,13 @@ PID is in); tests/integration/test_explain.py checks the same against real conne
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from meshnode.agent.explain import ExplainInputs, ejections, explain
@@ -259,3 +261,97 @@ def test_no_authorization_where_the_proxy_does_not_decide(
     o = explain(inputs(service("web", 1, *WEB), authz=deny), PID, "127.240.0.1:80")
     assert o["process"]["identity"] is None and o["authorization"] is None
     assert not any(s.startswith(("identity", "authorization")) for s in o["steps"])
+
+
+def http_service(name: str, sid: int, *eps: str, protocol: str = "http") -> ServiceRecord:
+    rec = service(name, sid, *eps)
+    return dataclasses.replace(rec, policy=msgspec.structs.replace(rec.policy,
+                                                                  protocol=protocol))
+
+
+WEB_PATHS = {"kind": "AuthorizationPolicy", "name": "web-allow", "spec": {
+    "target": "web", "rules": [{"from": {"services": ["client"]},
+                                "to": {"methods": ["GET"], "paths": ["/api/*"]}}]}}
+NO_ADMIN = {"kind": "AuthorizationPolicy", "name": "no-admin", "spec": {
+    "target": "web", "action": "DENY", "dryRun": True,
+    "rules": [{"to": {"paths": ["/api/admin/*"]}}]}}
+
+
+def test_an_http_service_is_authorized_per_request() -> None:
+    e = explain(inputs(http_service("web", 1, *WEB), authz=authz(WEB_PATHS, NO_ADMIN)), PID,
+                "web.mesh:80")
+    assert e["outcome"] == "proxied" and e["authorization"]["verdict"] == "allowed"
+    assert ("authorization (decided where the destination is): allowed by AuthorizationPolicy "
+            "web-allow (rule 1 matches spiffe://local/svc/client to web:8001; its methods and "
+            "paths are checked per request) (alike on ports 8002, 8003)") in e["steps"]
+    assert ("requests: port 80 is http: each request is authorized where it is routed, by its "
+            "method and path; policies with HTTP conditions: no-admin (DENY, dry run), "
+            "web-allow (ALLOW)") in e["steps"]
+    assert e["authorization"]["protocol"] == "http"
+    assert e["authorization"]["http_policies"] == [
+        {"name": "no-admin", "action": "DENY", "dry_run": True},
+        {"name": "web-allow", "action": "ALLOW", "dry_run": False}]
+    assert "request" not in e["authorization"]
+
+
+def test_explain_a_request() -> None:
+    inp = inputs(http_service("web", 1, *WEB), authz=authz(WEB_PATHS, NO_ADMIN))
+    ok = explain(inp, PID, "web.mesh:80", "GET", "/api/users")
+    assert ok["authorization"]["request"]["verdict"] == "allowed"
+    assert ok["verdict"].endswith("round-robin over 3 healthy endpoints"), ok["verdict"]
+    no = explain(inp, PID, "web.mesh:80", "POST", "/api/users")
+    assert ("request POST /api/users (decided where it is routed): denied by "
+            "AuthorizationPolicy web-allow (no rule allows spiffe://local/svc/client to POST "
+            "/api/users on web:8001) (alike on ports 8002, 8003)") in no["steps"]
+    assert no["outcome"] == "proxied"  # the connection is; the request is answered denied
+    assert no["verdict"].endswith("; the request POST /api/users is denied "
+                                  "(AuthorizationPolicy web-allow)"), no["verdict"]
+    assert [d["verdict"] for d in no["authorization"]["request"]["decisions"]] == ["denied"] * 3
+    dry = explain(inp, PID, "web.mesh:80", "GET", "/api/x/../admin/x")
+    assert dry["verdict"].endswith("; the request GET /api/x/../admin/x would be denied once "
+                                   "the dry run ends (AuthorizationPolicy no-admin)")
+    assert explain(inp, PID, "web.mesh:80", path="/api/x")["authorization"]["request"][
+        "method"] == "GET"
+    for method, path in (("get", "/"), ("GET", "api"), ("GET", "/a\nb")):
+        with pytest.raises(UsageError):
+            explain(inp, PID, "web.mesh:80", method, path)
+
+
+def test_a_tcp_port_is_decided_as_opaque_bytes() -> None:
+    inp = inputs(service("web", 1, *WEB), authz=authz(WEB_PATHS))
+    e = explain(inp, PID, "web.mesh:80", "GET", "/api/x")
+    assert e["outcome"] == "denied"
+    assert e["verdict"] == (
+        "captured by ebpf → service web, then denied by AuthorizationPolicy web-allow (no rule "
+        "allows spiffe://local/svc/client to web:8001 as opaque TCP (no request to check "
+        "methods or paths on)): the connection is reset")
+    assert ("request GET /api/x: port 80 is tcp: the proxy sees no requests on it, only the "
+            "connection is decided") in e["steps"]
+    assert any(s.startswith("requests: port 80 is tcp, relayed as bytes: the methods and "
+                            "paths of web-allow (ALLOW) are never checked") for s in e["steps"])
+    auto = explain(inputs(http_service("web", 1, *WEB, protocol="auto"),
+                          authz=authz(WEB_PATHS)), PID, "web.mesh:80")
+    assert auto["outcome"] == "proxied"
+    assert any(s.startswith("if the client does not speak HTTP (auto relays it as tcp): denied")
+               for s in auto["steps"])
+
+
+def test_the_cli_passes_the_request_to_the_agent(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from meshnode.cli import explain as cli
+    from meshnode.cli.app import app
+    from typer.testing import CliRunner
+
+    calls: list[dict[str, Any]] = []
+    answer = {"verdict": "captured", "steps": ["request GET /x: allowed"], "candidates": []}
+    monkeypatch.setattr(cli, "client", lambda instance: SimpleNamespace(
+        call=lambda op, **args: calls.append({"op": op, **args}) or answer))
+    result = CliRunner().invoke(app, ["explain", "42", "web.mesh:80", "--method", "GET",
+                                      "--path", "/x"])
+    assert result.exit_code == 0, result.output
+    assert "  1. request GET /x: allowed" in result.output
+    CliRunner().invoke(app, ["explain", "42", "web.mesh:80"])
+    assert calls == [{"op": "explain", "pid": 42, "dest": "web.mesh:80", "method": "GET",
+                      "path": "/x"},
+                     {"op": "explain", "pid": 42, "dest": "web.mesh:80"}]

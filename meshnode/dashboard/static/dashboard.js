@@ -1,9 +1,13 @@
 /* meshnode dashboard: polls the agent's api/overview and api/hosts and renders header, the
  * mesh's hosts, topology graph, traffic list, services and endpoints tables, per-service trends
  * and what runs on each host. Plain ES2020, no build step.
- * Test hooks: tr[data-edge="SRC->DST"][data-rate], tr[data-service], body[data-updated],
+ * HTTP, HTTP/2 and gRPC services and edges carry `requests` (the agent's request figures: rate,
+ * success_rate, p50/p95/p99_ms, retry_rate; success is the agent's rule, never decided here) and
+ * are shown in requests; TCP ones in connections.
+ * Test hooks: tr[data-edge="SRC->DST"][data-rate] (connections/s) [data-rps] [data-success],
+ * tr[data-service], #requests tr[data-service][data-rps][data-success], body[data-updated],
  * #cluster tr[data-host][data-state][data-applied][data-current],
- * #endpoints tr[data-endpoint="SERVICE ADDR"][data-host]. */
+ * #endpoints tr[data-endpoint="SERVICE ADDR"][data-host], #k-rps, #k-success. */
 'use strict';
 
 (() => {
@@ -63,6 +67,26 @@
     return `${i === 0 ? Math.round(v) : v.toFixed(1)} ${units[i]}`;
   }
 
+  function fmtSuccess(v) {
+    v = num(v);
+    if (v === null) return '—';
+    const p = v * 100;
+    return `${Number(p.toFixed(p >= 99 && p < 100 ? 2 : 1))}%`;
+  }
+
+  // -- requests (HTTP, HTTP/2, gRPC) or connections (TCP) ---------------------------------
+  const reqs = (x) => x.requests || null;
+  /* What a service or edge carries per second: requests when it has them, else connections. */
+  const busyRate = (x) => num(reqs(x) ? reqs(x).rate : x.rate) ?? 0;
+  /* Its failed share: requests that did not succeed, else connections that never reached an
+   * endpoint. */
+  function errorShare(x) {
+    const r = reqs(x);
+    if (!r) return num(x.error_rate) ?? 0;
+    return num(r.success_rate) === null ? 0 : 1 - r.success_rate;
+  }
+  const unit = (x) => h('span', { class: 'unit' }, reqs(x) ? 'req' : 'conn');
+
   const fmtVip = (s) => (s.vip ? (s.port == null ? s.vip : `${s.vip}:${s.port}`) : '—');
   const fmtClock = (d) => d.toLocaleTimeString([], { hour12: false });
   const fmtCapture = (c) => ({ ebpf: 'eBPF', iptables: 'iptables' }[c] || c || '–');
@@ -77,7 +101,9 @@
     for (const [k, v] of Object.entries(props)) {
       if (v === undefined || v === null) continue;
       if (k === 'class') node.className = v;
-      else if (k === 'data') Object.assign(node.dataset, v);
+      else if (k === 'data') {
+        for (const [dk, dv] of Object.entries(v)) if (dv !== undefined && dv !== null) node.dataset[dk] = dv;
+      }
       else if (k === 'style') Object.assign(node.style, v);
       else node.setAttribute(k, v);
     }
@@ -119,6 +145,12 @@
     const failed = sum((s) => (num(s.rate) ?? 0) * (num(s.error_rate) ?? 0));
     const errRate = rate > 0 ? failed / rate : 0;
     setText('k-services', svcs.length);
+    const l7 = svcs.map(reqs).filter(Boolean);
+    const asked = l7.reduce((a, r) => a + (num(r.requests) ?? 0), 0);
+    const ok = l7.reduce((a, r) => a + (num(r.succeeded) ?? 0), 0);
+    setText('k-rps', l7.length ? fmtRate(l7.reduce((a, r) => a + (num(r.rate) ?? 0), 0)) : '–');
+    setText('k-success', asked > 0 ? fmtSuccess(ok / asked) : '–');
+    $('k-success').classList.toggle('bad', asked > 0 && ok < asked);
     setText('k-rate', fmtRate(rate));
     setText('k-active', sum((s) => s.active));
     setText('k-errors', fmtPct(errRate));
@@ -283,7 +315,7 @@
     const columns = columnsOf(nodes.map((n) => n.name), edges, Math.max(1, Math.floor(w / 150)));
     const hgt = fitGraphHeight(Math.max(...columns.map((c) => c.length), 1), padY);
     const pos = layeredLayout(columns, w, hgt);
-    const maxRate = Math.max(0, ...edges.map((e) => num(e.rate) ?? 0));
+    const maxRate = Math.max(0, ...edges.map(busyRate));
     const pairs = new Set(edges.map((e) => `${e.src}\u0000${e.dst}`));
     return {
       animation: false, // redrawn every poll: no re-growing edges
@@ -315,12 +347,12 @@
     };
   }
 
-  const edgeLabel = (e) => `${fmtRate(e.rate)} · ${fmtPct(e.error_rate)}`;
+  const edgeLabel = (e) => `${fmtRate(busyRate(e))}${reqs(e) ? ' req' : ''} · ${fmtPct(errorShare(e))}`;
 
   function edgeStyle(e, maxRate, hasReverse) {
-    const rate = num(e.rate) ?? 0;
+    const rate = busyRate(e);
     const width = 1.5 + (maxRate > 0 ? 5.5 * Math.sqrt(rate / maxRate) : 0);
-    const color = (num(e.error_rate) ?? 0) > 0 ? COLORS.err : rate > 0 ? COLORS.edge : COLORS.idle;
+    const color = errorShare(e) > 0 ? COLORS.err : rate > 0 ? COLORS.edge : COLORS.idle;
     return { width, color, opacity: 0.9, curveness: hasReverse || e.src === e.dst ? 0.25 : 0,
       type: rate > 0 ? 'solid' : 'dashed' };
   }
@@ -328,8 +360,16 @@
   function graphTooltip(p) {
     if (p.dataType === 'edge') {
       const e = p.data.edge;
-      return `<b>${esc(e.src)} → ${esc(e.dst)}</b><br>rate ${fmtRate(e.rate)} · errors ` +
-        `${fmtPct(e.error_rate)}<br>active ${e.active ?? 0} · ${fmtBytes(e.bytes_rate)}`;
+      const r = reqs(e);
+      const head = `<b>${esc(e.src)} → ${esc(e.dst)}</b><br>`;
+      const conns = `connections ${fmtRate(e.rate)} · active ${e.active ?? 0} · ` +
+        `${fmtBytes(e.bytes_rate)}`;
+      if (r) {
+        return `${head}requests ${fmtRate(r.rate)} · success ${fmtSuccess(r.success_rate)}<br>` +
+          `p50 ${fmtMs(r.p50_ms)} · p99 ${fmtMs(r.p99_ms)} · retries ${fmtRate(r.retry_rate)}` +
+          `<br>${conns}`;
+      }
+      return `${head}rate ${fmtRate(e.rate)} · errors ${fmtPct(e.error_rate)}<br>${conns}`;
     }
     const s = p.data.svc;
     if (!s) {
@@ -337,8 +377,14 @@
       return `<b>${esc(p.name)}</b><br>${what}`;
     }
     const hl = healthOf(s.endpoints || []);
-    return `<b>${esc(s.name)}</b> ${esc(fmtVip(s))}<br>endpoints ${hl.healthy}/${hl.total}` +
-      ` healthy<br>rate ${fmtRate(s.rate)} · errors ${fmtPct(s.error_rate)}<br>p50 ${fmtMs(s.p50_ms)}` +
+    const head = `<b>${esc(s.name)}</b> ${esc(fmtVip(s))}<br>endpoints ${hl.healthy}/${hl.total}` +
+      ' healthy<br>';
+    const r = reqs(s);
+    if (r) {
+      return `${head}requests ${fmtRate(r.rate)} · success ${fmtSuccess(r.success_rate)}<br>` +
+        `p50 ${fmtMs(r.p50_ms)} · p99 ${fmtMs(r.p99_ms)}`;
+    }
+    return `${head}rate ${fmtRate(s.rate)} · errors ${fmtPct(s.error_rate)}<br>p50 ${fmtMs(s.p50_ms)}` +
       ` · p99 ${fmtMs(s.p99_ms)}`;
   }
 
@@ -354,18 +400,21 @@
   }
 
   function renderTraffic(d) {
-    const edges = [...(d.edges || [])].sort((a, b) => (num(b.rate) ?? 0) - (num(a.rate) ?? 0)
+    const edges = [...(d.edges || [])].sort((a, b) => busyRate(b) - busyRate(a)
       || `${a.src}${a.dst}`.localeCompare(`${b.src}${b.dst}`));
-    const maxRate = Math.max(0, ...edges.map((e) => num(e.rate) ?? 0));
+    const maxRate = Math.max(0, ...edges.map(busyRate));
     const rows = edges.map((e) => {
-      const bad = (num(e.error_rate) ?? 0) > 0;
-      const share = maxRate > 0 ? (num(e.rate) ?? 0) / maxRate : 0;
-      return h('tr', { data: { edge: `${e.src}->${e.dst}`, rate: String(num(e.rate) ?? 0) } },
+      const bad = errorShare(e) > 0;
+      const share = maxRate > 0 ? busyRate(e) / maxRate : 0;
+      const r = reqs(e);
+      return h('tr', { data: { edge: `${e.src}->${e.dst}`, rate: String(num(e.rate) ?? 0),
+        rps: r ? String(num(r.rate) ?? 0) : undefined,
+        success: r && num(r.success_rate) !== null ? String(r.success_rate) : undefined } },
         h('td', {}, h('span', { class: 'edge' }, edgeName(e.src), h('span', { class: 'arrow' }, '→'),
           edgeName(e.dst))),
-        h('td', { class: 'num rate-cell' }, fmtRate(e.rate), h('span', {
+        h('td', { class: 'num rate-cell' }, fmtRate(busyRate(e)), unit(e), h('span', {
           class: `rate-bar${bad ? ' err' : ''}`, style: { width: `${Math.round(share * 100)}%` } })),
-        h('td', { class: `num${bad ? ' err' : ' dim'}` }, fmtPct(e.error_rate)),
+        h('td', { class: `num${bad ? ' err' : ' dim'}` }, fmtPct(errorShare(e))),
         h('td', { class: 'num' }, e.active ?? 0),
         h('td', { class: 'num dim' }, fmtBytes(e.bytes_rate)));
     });
@@ -398,9 +447,33 @@
       h('td', { class: 'num dim' }, `${fmtBytes(s.bytes_up_rate)} / ${fmtBytes(s.bytes_down_rate)}`));
   }
 
+  function requestRow(s) {
+    const r = reqs(s);
+    const bad = num(r.success_rate) !== null && r.success_rate < 1;
+    return h('tr', { data: { service: s.name, rps: String(num(r.rate) ?? 0),
+      success: num(r.success_rate) === null ? undefined : String(r.success_rate) } },
+    h('td', {}, h('span', { class: 'svc-name' }, s.name), h('span', { class: 'svc-lb' }, s.lb || '')),
+    h('td', { class: 'mono' }, fmtVip(s)),
+    h('td', {}, healthCell(s.endpoints)),
+    h('td', { class: 'num' }, fmtRate(r.rate)),
+    h('td', { class: `num${bad ? ' err' : ''}` }, fmtSuccess(r.success_rate)),
+    h('td', { class: 'num' }, fmtMs(r.p50_ms)),
+    h('td', { class: 'num' }, fmtMs(r.p95_ms)),
+    h('td', { class: 'num' }, fmtMs(r.p99_ms)),
+    h('td', { class: 'num dim' }, fmtRate(r.retry_rate)),
+    h('td', { class: 'num' }, s.active ?? 0));
+  }
+
+  /* HTTP and gRPC services in requests, TCP ones in connections: each table only when it has
+   * rows (the TCP one also says when there is no service at all). */
   function renderServices(d) {
     const svcs = [...(d.services || [])].sort((a, b) => a.name.localeCompare(b.name));
-    $('services').tBodies[0].replaceChildren(...svcs.map(serviceRow));
+    const l7 = svcs.filter(reqs);
+    const l4 = svcs.filter((s) => !reqs(s));
+    $('requests').tBodies[0].replaceChildren(...l7.map(requestRow));
+    $('requests-card').hidden = l7.length === 0;
+    $('services').tBodies[0].replaceChildren(...l4.map(serviceRow));
+    $('services-card').hidden = l4.length === 0 && svcs.length > 0;
     $('services-empty').hidden = svcs.length > 0;
   }
 
@@ -430,34 +503,55 @@
   }
 
   function trendCard(name) {
-    const rateEl = h('div', { class: 'chart chart-rate', data: { empty: 'no traffic yet' } });
-    const latEl = h('div', { class: 'chart chart-latency', data: { empty: 'no connections yet' } });
+    const rateEl = h('div', { class: 'chart chart-rate' });
+    const latEl = h('div', { class: 'chart chart-latency' });
+    const rateTitle = h('div', { class: 'chart-title' });
+    const latTitle = h('div', { class: 'chart-title' });
     const now = h('span', { class: 'trend-now' });
     const card = h('section', { class: 'card trend', data: { trend: name } },
       h('div', { class: 'trend-head' }, h('h2', {}, name), now),
-      h('div', { class: 'trend-charts' },
-        h('div', {}, h('div', { class: 'chart-title' }, 'Connections / s'), rateEl),
-        h('div', {}, h('div', { class: 'chart-title' }, 'Connect latency p50 / p99 (ms)'), latEl)));
+      h('div', { class: 'trend-charts' }, h('div', {}, rateTitle, rateEl), h('div', {}, latTitle, latEl)));
     $('trends').append(card);
     return {
-      card, now,
+      card, now, rateEl, latEl, rateTitle, latTitle,
       rate: echarts.init(rateEl, null, { renderer: 'svg' }),
       latency: echarts.init(latEl, null, { renderer: 'svg' }),
     };
+  }
+
+  /* What a trend card plots: requests for HTTP and gRPC services, connections for TCP ones. */
+  function trendView(s, ser) {
+    const r = reqs(s);
+    if (r) {
+      return { rate: ser.requests, p50: ser.request_p50_ms, p99: ser.request_p99_ms,
+        rateTitle: 'Requests / s', latTitle: 'Request latency p50 / p99 (ms)',
+        rateEmpty: 'no requests yet', latEmpty: 'no requests yet',
+        now: `now ${fmtRate(r.rate)}${num(r.success_rate) === null ? ''
+          : ` · ${fmtSuccess(r.success_rate)} ok`} · p99 ${fmtMs(r.p99_ms)}` };
+    }
+    return { rate: ser.rate, p50: ser.p50_ms, p99: ser.p99_ms,
+      rateTitle: 'Connections / s', latTitle: 'Connect latency p50 / p99 (ms)',
+      rateEmpty: 'no traffic yet', latEmpty: 'no connections yet',
+      now: `now ${fmtRate(s.rate)} · p99 ${fmtMs(s.p99_ms)}` };
   }
 
   const hasValues = (...lists) => lists.some((l) => (l || []).some((v) => num(v) !== null));
 
   function renderTrend(t, s, series) {
     const ser = series || {};
-    t.card.classList.toggle('no-rate', !hasValues(ser.rate));
-    t.card.classList.toggle('no-latency', !hasValues(ser.p50_ms, ser.p99_ms));
-    t.now.textContent = `now ${fmtRate(s.rate)} · p99 ${fmtMs(s.p99_ms)}`;
+    const v = trendView(s, ser);
+    t.rateTitle.textContent = v.rateTitle;
+    t.latTitle.textContent = v.latTitle;
+    t.rateEl.dataset.empty = v.rateEmpty;
+    t.latEl.dataset.empty = v.latEmpty;
+    t.card.classList.toggle('no-rate', !hasValues(v.rate));
+    t.card.classList.toggle('no-latency', !hasValues(v.p50, v.p99));
+    t.now.textContent = v.now;
     t.rate.setOption({ ...lineChartBase('rate'),
-      series: [lineSeries('rate', points(ser.t, ser.rate), COLORS.accent, true)] });
+      series: [lineSeries('rate', points(ser.t, v.rate), COLORS.accent, true)] });
     t.latency.setOption({ ...lineChartBase('ms'),
-      series: [lineSeries('p50', points(ser.t, ser.p50_ms), COLORS.p50, false),
-        lineSeries('p99', points(ser.t, ser.p99_ms), COLORS.p99, false)] });
+      series: [lineSeries('p50', points(ser.t, v.p50), COLORS.p50, false),
+        lineSeries('p99', points(ser.t, v.p99), COLORS.p99, false)] });
   }
 
   function renderTrends(d) {

@@ -1,0 +1,978 @@
+"""HTTP/1.1 through the proxy: each request of a client connection routed, balanced, retried,
+timed out, counted and traced on its own.
+
+`H1Downstream` is the client's connection (llhttp through httptools parses it); each request
+on it becomes an `Exchange`, which picks an endpoint per request (the service's balancer, fresh
+per request: a keep-alive client's requests spread over the endpoints), takes a keep-alive
+connection from the pool (proxy/http/pool.py: `H1Upstream`), forwards the request, and the
+response back. Requests are answered in order; a pipelined request waits (its connection is
+not read meanwhile) until the one before it is answered.
+
+What is forwarded is what the parser understood, re-framed, never the client's raw bytes: the
+head is rebuilt (hop-by-hop headers dropped, `traceparent`/`tracestate` set), a body is sent
+with its validated Content-Length or re-chunked; a request the parser refuses (both lengths,
+bad chunk sizes, obs-fold, bad methods...) gets 400 and the connection closes. So a client's
+ambiguous framing never reaches an endpoint, and no client's bytes can land in another's
+request. Responses likewise: a response the parser refuses is a 502.
+
+Retries: a request whose body the proxy still holds (up to `http.bufferBytes`) and whose
+response has not started is tried again on another endpoint for the route's retry
+conditions (connect failure, reset before the response, 502/503/504), within the service's
+retry budget (proxy/http/exchange.py). Errors the proxy answers itself carry
+`x-meshnode-error: <reason>`: 400 bad_request, 403 denied, 408 header_timeout, 413
+body_too_large, 431 header_too_large, 502 upstream_error/reset/connect failures, 503
+no_endpoint/circuit_open/budget, 504 timeout.
+
+Upgrade (101) and CONNECT (2xx) continue as opaque bytes both ways after the handshake.
+
+Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/bpf/host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+from meshnode.model import Endpoint
+from meshnode.proxy.http.dial import DialError
+from meshnode.proxy.http.exchange import (
+    ERROR_STATUS,
+    RequestRecord,
+    RoutePlan,
+    ServiceHttp,
+    backoff,
+)
+from meshnode.proxy.http.pool import PoolFull
+from meshnode.route.table import ToService
+
+if TYPE_CHECKING:
+    from meshnode.balance import Balancer, EndpointLoad
+    from meshnode.balance.outlier import OutlierDetector
+    from meshnode.model import OrigDstAddr
+    from meshnode.proxy.http.front import HttpFront
+    from meshnode.proxy.telemetry import ConnInfo
+
+__all__ = ["H1Downstream", "H1Upstream", "error_response"]
+
+log = logging.getLogger("meshnode.proxy.http")
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and the ones the proxy sets itself: never forwarded.
+_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                  b"te", b"trailer", b"upgrade", b"traceparent", b"tracestate"})
+_HOP_RESPONSE = frozenset({b"connection", b"keep-alive", b"proxy-connection",
+                           b"transfer-encoding", b"te", b"trailer", b"upgrade"})
+HEAD_TIMEOUT = 10.0  # seconds from a request's first byte to its last header (slowloris)
+_PHRASES = {500: "Internal Server Error", 400: "Bad Request", 403: "Forbidden",
+            408: "Request Timeout", 413: "Content Too Large",
+            431: "Request Header Fields Too Large", 502: "Bad Gateway",
+            503: "Service Unavailable", 504: "Gateway Timeout"}
+_STATUS = ERROR_STATUS
+
+
+def error_response(status: int, reason: str, detail: str, close: bool) -> bytes:
+    """A response the proxy makes itself: a one-line body saying why."""
+    body = (detail + "\n").encode("utf-8", "replace")
+    return (f"HTTP/1.1 {status} {_PHRASES.get(status, 'Error')}\r\n"
+            f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
+            f"x-meshnode-error: {reason}\r\n"
+            + ("connection: close\r\n" if close else "") + "\r\n").encode() + body
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+class H1Upstream(asyncio.Protocol):
+    """One keep-alive connection to an endpoint; it serves one Exchange at a time."""
+
+    __slots__ = ("closed", "exchange", "front", "identity", "idle_limit", "idle_since", "key",
+                 "paused", "transport")
+
+    def __init__(self, front: HttpFront, key: tuple[Any, str]) -> None:
+        self.front = front
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.paused = False
+        self.identity = ""
+        self.idle_limit = 300.0  # the service's http.timeouts.idle, set when dialed
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            self.close()  # bytes nobody asked for: the connection is not reusable
+            return
+        ex.upstream_data(data)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        ex, self.exchange = self.exchange, None
+        self.front.pool.discard(self.key, self)
+        if ex is not None:
+            ex.upstream_lost(exc)
+
+    def pause_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.down.pause("upstream")
+
+    def resume_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.down.resume("upstream")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+
+class Exchange:
+    """One request: its attempts, its response, its record."""
+
+    __slots__ = (
+        "attempt_t0",
+        "balancer",
+        "body",
+        "body_size",
+        "buffered",
+        "chunk_out",
+        "chunk_up",
+        "close_after",
+        "conn",
+        "connecting",
+        "discard",
+        "done",
+        "down",
+        "early",
+        "ep",
+        "headers",
+        "informational",
+        "keep_alive",
+        "method",
+        "opaque",
+        "outlier",
+        "plan",
+        "rec",
+        "req_complete",
+        "resp_close_delimited",
+        "resp_head",
+        "resp_headers",
+        "resp_len",
+        "resp_started",
+        "retry_cause",
+        "route",
+        "rparser",
+        "rsize",
+        "svc",
+        "timer",
+        "token",
+        "tp",
+        "tried",
+        "try_timer",
+        "upgrade",
+        "url",
+        "version",
+    )
+
+    def __init__(self, down: H1Downstream, method: str, url: bytes,
+                 headers: list[tuple[bytes, bytes]], version: str, keep_alive: bool,
+                 chunked: bool, upgrade: bool) -> None:
+        self.down = down
+        self.method = method
+        self.url = url
+        self.headers = headers
+        self.version = version
+        self.keep_alive = keep_alive
+        self.chunk_up = chunked
+        self.upgrade = upgrade
+        front = down.front
+        now = front.clock()
+        host = b""
+        tp: bytes | None = None
+        ts: bytes | None = None
+        for name, value in headers:
+            n = name.lower()
+            if n == b"host":
+                host = value
+            elif n == b"traceparent":  # several: invalid, and joined they fail to parse
+                tp = value if tp is None else tp + b"," + value
+            elif n == b"tracestate":  # several are one list (W3C trace context 3.3.1)
+                ts = value if ts is None else ts + b"," + value
+        self.rec = rec = RequestRecord(now, time.time(), down.info.src, down.service,
+                                       "http/1.1", method, url.decode("latin-1"),
+                                       host.decode("latin-1"))
+        self.svc: ServiceHttp = front.services.get(down.service,
+                                                   front.table.policy(down.service))
+        self.plan: RoutePlan = self.svc.route(method, rec.path)
+        rec.route = self.plan.name
+        self.tp = front.tracer.start(rec, tp.decode("latin-1") if tp else None,
+                                     ts.decode("latin-1") if ts else None)
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.buffered = True  # the whole body so far is held (retryable)
+        self.req_complete = False
+        self.conn: H1Upstream | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.ep: Endpoint | None = None
+        self.token: EndpointLoad | None = None
+        self.balancer: Balancer | None = None
+        self.outlier: OutlierDetector | None = None
+        self.tried: list[Endpoint] = []
+        self.route: ToService | None = None
+        self.attempt_t0 = now
+        self.timer: asyncio.TimerHandle | None = None
+        self.try_timer: asyncio.TimerHandle | None = None
+        self.rparser: httptools.HttpResponseParser | None = None
+        self.resp_head: list[bytes] = []
+        self.resp_headers: list[tuple[bytes, bytes]] = []
+        self.resp_len = False
+        self.resp_close_delimited = False
+        self.rsize = 0
+        self.resp_started = False
+        self.informational = False
+        self.discard = False
+        self.retry_cause = ""
+        self.chunk_out = False
+        self.close_after = not keep_alive
+        self.opaque = False
+        self.early = b""  # bytes after an upgrade request: the new protocol's, held till 101
+        self.done = False
+
+    # -- the request side ------------------------------------------------------------------
+
+    def start(self) -> None:
+        front = self.down.front
+        timeout = self.plan.timeouts.request
+        if timeout:
+            self.timer = front.loop.call_later(timeout, self._timed_out, "timeout")
+        self.svc.budget.deposit()
+        self._attempt()
+
+    def body_data(self, data: bytes) -> None:
+        self.body_size += len(data)
+        self.rec.bytes_in += len(data)
+        limit = self.svc.limits.max_body_bytes
+        if limit and self.body_size > limit:
+            self.down.refuse_body(self)
+            return
+        if self.buffered and self.body_size > self.svc.http.buffer_bytes:
+            self.buffered = False  # too large to hold for a retry
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            if not self.done:
+                conn.transport.write(_chunk(data) if self.chunk_up else data)
+            if self.buffered:
+                self.body.append(data)
+            elif self.body:
+                self.body.clear()
+        else:
+            self.body.append(data)  # sent once connected
+            if not self.buffered:
+                self.down.pause("connecting")  # hold no more than that until then
+
+    def request_complete(self) -> None:
+        self.req_complete = True
+        conn = self.conn
+        if conn is not None and conn.transport is not None and self.chunk_up and not self.done:
+            conn.transport.write(b"0\r\n\r\n")
+
+    def _head(self) -> bytes:
+        parts = [self.method.encode("latin-1"), b" ", self.url, b" HTTP/1.1\r\n"]
+        upgrade = self.upgrade
+        for name, value in self.headers:
+            n = name.lower()
+            if n in _HOP and not (upgrade and n in (b"connection", b"upgrade")):
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        if self.tp:
+            parts += (b"traceparent: ", self.tp.encode("latin-1"), b"\r\n")
+            if self.rec.tracestate:
+                parts += (b"tracestate: ", self.rec.tracestate.encode("latin-1"), b"\r\n")
+        if self.chunk_up:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    # -- attempts ---------------------------------------------------------------------------
+
+    def _attempt(self) -> None:
+        down, rec = self.down, self.rec
+        front = down.front
+        route = self.route
+        if route is None or all(e in self.tried for e in route.attempts):
+            # the balancer's order, once per request (a retry takes the next endpoint in it)
+            found = front.table.route(down.dst, down.info.peer)
+            if not isinstance(found, ToService) or not found.attempts:
+                self._fail("no_endpoint", f"no endpoint of {down.service} can take the request")
+                return
+            route = self.route = found
+        ep = next((e for e in route.attempts if e not in self.tried), route.attempts[0])
+        self.tried.append(ep)
+        refusal = front.authorize(rec, ep)
+        if refusal is not None:
+            if isinstance(refusal, str):
+                self._fail("bad_request", refusal)
+            else:
+                self._fail("denied", refusal)
+            return
+        if not self.svc.admit(ep.addr):
+            self._fail("circuit_open", f"{ep.addr} has {self.svc.limits.max_requests} "
+                       "requests in flight (limits.maxRequests)")
+            return
+        self.ep = ep
+        self.balancer, self.outlier = route.balancer, route.outlier
+        self.token = route.balancer.on_start(ep)
+        front.stats.selected(down.service, ep.addr)
+        rec.attempts += 1
+        rec.endpoint = ep.addr
+        self.attempt_t0 = front.clock()
+        per_try = self.plan.timeouts.per_try
+        if per_try:
+            self.try_timer = front.loop.call_later(per_try, self._try_timed_out)
+        key = front.pool_key(ep, down.info.src)
+        conn = front.pool.idle(key)
+        if conn is not None:
+            self._send(conn)
+        else:
+            self.connecting = front.loop.create_task(self._connect(ep, key))
+
+    async def _connect(self, ep: Endpoint, key: tuple[Any, str]) -> None:
+        front = self.down.front
+        limits = self.svc.limits
+        try:
+            conn = await front.pool.get(key, lambda: front.dial_h1(ep, self.down.info.src,
+                                                                    self.down.service, key),
+                                        limits.max_connections, limits.max_pending)
+        except PoolFull as exc:
+            self.connecting = None
+            self._attempt_failed("circuit_open", "circuit_open", str(exc), counted=False)
+            return
+        except DialError as exc:
+            self.connecting = None
+            if self.outlier is not None and self.ep is not None and \
+                    self.outlier.failure(self.ep.addr):
+                log.warning("%s ejected after %d consecutive connect failures", self.ep.addr,
+                            self.outlier.config.consecutive_failures)
+            self._attempt_failed("connect-failure", exc.reason, str(exc), counted=False)
+            return
+        except asyncio.CancelledError:
+            raise
+        self.connecting = None
+        if self.done:
+            front.pool.release(key, conn)
+            return
+        self._send(conn)
+
+    def _send(self, conn: H1Upstream) -> None:
+        self.conn = conn
+        conn.exchange = self
+        if self.rec.src_identity == "" and conn.identity:
+            self.rec.src_identity = conn.identity
+        self.rparser = httptools.HttpResponseParser(self)
+        self.resp_head = []
+        self.resp_headers = []
+        self.rsize = 0
+        self.informational = False
+        self.discard = False
+        transport = conn.transport
+        assert transport is not None
+        # the endpoint's latency is the response's, from here: a dial is not its fault
+        self.attempt_t0 = self.down.front.clock()
+        body = b"".join(self.body) if self.body else b""
+        data = self._head()
+        if body:
+            data += _chunk(body) if self.chunk_up else body
+        if self.req_complete and self.chunk_up:
+            data += b"0\r\n\r\n"
+        transport.write(data)
+        if not self.buffered:
+            self.body.clear()
+            self.down.resume("connecting")
+
+    def _release(self, reuse: bool) -> None:
+        """The attempt's connection: back to the pool, or closed."""
+        conn, self.conn = self.conn, None
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        if conn is None:
+            return
+        conn.exchange = None
+        if conn.paused:
+            conn.paused = False
+            if conn.transport is not None:
+                conn.transport.resume_reading()
+        front = self.down.front
+        if reuse and not conn.closed:
+            front.pool.release(conn.key, conn)
+        else:
+            conn.close()
+            front.pool.discard(conn.key, conn)
+
+    def _end_attempt(self, ok: bool) -> None:
+        """Feedback for the endpoint of the attempt that ends."""
+        ep, balancer, token = self.ep, self.balancer, self.token
+        self.token = None
+        if ep is None:
+            return
+        self.svc.done(ep.addr)
+        if balancer is not None and token is not None:
+            if not ok:
+                balancer.on_failed(token, self.down.front.clock() - self.attempt_t0)
+            balancer.on_done(token)
+
+    def _attempt_failed(self, cause: str, outcome: str, detail: str, counted: bool = True,
+                        grpc_status: int | None = None, decided: bool = False) -> None:
+        """The attempt got no usable response: retry elsewhere, or answer the client.
+        `decided`: the retry was granted already (by policy and budget)."""
+        self._end_attempt(False)
+        self._release(False)
+        if self.done:
+            return
+        if counted and self.outlier is not None and self.ep is not None and \
+                self.outlier.failure(self.ep.addr, http=True):
+            log.warning("%s ejected after %d consecutive 5xx/resets", self.ep.addr,
+                        self.outlier.config.consecutive_5xx)
+        front = self.down.front
+        verdict = "retry" if decided else self.svc.retry(
+            self.plan, self.rec, cause, self.buffered and not self.resp_started, grpc_status)
+        if verdict == "retry":
+            self.rec.retries += 1
+            delay = backoff(self.plan.retry, self.rec.retries)
+            if delay:
+                front.loop.call_later(delay, self._retry)
+            else:
+                self._retry()
+            return
+        if verdict == "budget":
+            rec = self.rec
+            front.stats.count("retry_budget_exhausted", rec.src, rec.dst, rec.route)
+        self._fail(outcome, detail)
+
+    def _retry(self) -> None:
+        if not self.done:
+            self._attempt()
+
+    # -- the response side (httptools callbacks) --------------------------------------------
+
+    def upstream_data(self, data: bytes) -> None:
+        if self.opaque:
+            self.down.write(data)
+            return
+        parser = self.rparser
+        if parser is None:
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            if self.resp_started and not self.done:
+                self._go_opaque(data[int(exc.args[0]):] if exc.args else b"")
+            return
+        except (httptools.HttpParserError, _TooLarge) as exc:
+            if self.done or self.conn is None:
+                return
+            if self.resp_started:
+                self._abort("upstream_error")
+            else:
+                self._attempt_failed("reset", "upstream_error",
+                                     f"{self.ep.addr if self.ep else '?'} answered something "
+                                     f"that is not HTTP/1.1 ({exc})", counted=True)
+            return
+        if self.retry_cause and not self.done:
+            cause, self.retry_cause = self.retry_cause, ""
+            self._attempt_failed(cause, "upstream_error",
+                                 f"{self.ep.addr if self.ep else '?'} answered "
+                                 f"{self.rec.status}", counted=True, decided=True)
+
+    def on_message_begin(self) -> None:
+        self.resp_head = []
+        self.resp_headers = []
+        self.rsize = 0
+
+    def on_status(self, status: bytes) -> None:
+        self.resp_head.append(status)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.rsize += len(name) + len(value) + 4
+        if self.rsize > self.svc.limits.max_header_bytes:
+            raise _TooLarge("response header block too large")
+        self.resp_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.rparser
+        assert parser is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.informational = True
+            if self.version == "1.1" and not self.resp_started:
+                self.down.write(b"HTTP/1.1 %d %b\r\n\r\n" % (status, b"".join(self.resp_head)))
+            return
+        self.rec.status = status
+        if status in (502, 503, 504) and self._retryable():
+            # Asked now, not once the response is dropped: when the budget says no, this
+            # response is the client's (the endpoint's own 503, not one of ours).
+            verdict = self.svc.retry(self.plan, self.rec, "gateway-error", True)
+            if verdict == "retry":
+                self.discard = True
+                self.retry_cause = "gateway-error"
+                return
+            if verdict == "budget":
+                rec = self.rec
+                self.down.front.stats.count("retry_budget_exhausted", rec.src, rec.dst,
+                                            rec.route)
+        self._commit(status)
+
+    def _retryable(self) -> bool:
+        """Whether a 502/503/504 may be retried by the route's policy (before the budget)."""
+        policy = self.plan.retry
+        return (self.buffered and self.rec.retries < policy.attempts
+                and ("gateway-error" in policy.on or "5xx" in policy.on)
+                and self.method in policy.methods)
+
+    def _commit(self, status: int) -> None:
+        """The response goes to the client: its head now."""
+        front = self.down.front
+        self.resp_started = True
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        if self.balancer is not None and self.token is not None:
+            # the response's first byte feeds the endpoint's latency average (per request)
+            self.balancer.on_connected(self.token, front.clock() - self.attempt_t0)
+        parts = [b"HTTP/1.1 %d " % status, b"".join(self.resp_head), b"\r\n"]
+        length = False
+        chunked = False
+        for name, value in self.resp_headers:
+            n = name.lower()
+            if n in _HOP_RESPONSE:
+                if n == b"transfer-encoding":
+                    chunked = True
+                continue
+            if n == b"content-length":
+                length = True
+            parts += (name, b": ", value, b"\r\n")
+        bodiless = self.method == "HEAD" or status in (204, 304)
+        upgraded = status == 101 or (self.method == "CONNECT" and 200 <= status < 300)
+        if upgraded:
+            parts.append(b"connection: upgrade\r\n")
+            for name, value in self.resp_headers:
+                if name.lower() == b"upgrade":
+                    parts += (b"upgrade: ", value, b"\r\n")
+        elif not bodiless and not length:
+            if self.version == "1.1":
+                self.chunk_out = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+            else:
+                self.close_after = True
+            self.resp_close_delimited = not chunked
+        if self.down.closing or not self.req_complete:
+            self.close_after = True
+        if self.close_after and not upgraded:
+            parts.append(b"connection: close\r\n")
+        elif self.version == "1.0" and not upgraded:
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.down.write(b"".join(parts))
+        if bodiless:
+            self._response_complete(reuse=True)
+
+    def on_body(self, body: bytes) -> None:
+        if self.discard or self.done or not self.resp_started:
+            return
+        self.rec.bytes_out += len(body)
+        self.down.write(_chunk(body) if self.chunk_out else body)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        if self.discard or self.done or not self.resp_started:
+            return
+        parser = self.rparser
+        self._response_complete(reuse=parser is not None and parser.should_keep_alive())
+
+    def _response_complete(self, reuse: bool) -> None:
+        if self.chunk_out:
+            self.down.write(b"0\r\n\r\n")
+        ok = self.rec.status < 500
+        ep = self.ep
+        if ep is not None and self.outlier is not None:
+            if ok:
+                self.outlier.success(ep.addr)
+            elif self.outlier.failure(ep.addr, http=True):
+                log.warning("%s ejected after %d consecutive 5xx/resets", ep.addr,
+                            self.outlier.config.consecutive_5xx)
+        self._end_attempt(ok)
+        self._release(reuse and self.req_complete and not self.upgrade)
+        self._finish("ok")
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        """The endpoint's connection closed while this exchange used it."""
+        self.conn = None
+        if self.done:
+            return
+        if self.opaque:
+            self._end_attempt(True)
+            self._finish("ok")
+            self.down.close()
+            return
+        if self.resp_started:
+            if self.resp_close_delimited:
+                self._end_attempt(True)
+                self._response_complete(reuse=False)
+                return
+            self._end_attempt(False)
+            self._abort("reset")
+            return
+        self._attempt_failed("reset", "reset",
+                             f"{self.ep.addr if self.ep else '?'} closed the connection "
+                             "before it answered", counted=True)
+
+    def _try_timed_out(self) -> None:
+        self.try_timer = None
+        if self.done or self.resp_started:
+            return
+        self._attempt_failed("gateway-error", "per_try_timeout",
+                             f"{self.ep.addr if self.ep else '?'} did not answer within "
+                             f"{self.plan.timeouts.per_try}s (timeouts.perTry)", counted=True)
+
+    def _timed_out(self, outcome: str) -> None:
+        self.timer = None
+        if self.done:
+            return
+        if self.resp_started:
+            self._end_attempt(False)
+            self._abort(outcome)
+            return
+        self._end_attempt(False)
+        self._release(False)
+        self._fail(outcome, f"no response within {self.plan.timeouts.request}s "
+                   "(timeouts.request)")
+
+    # -- endings ----------------------------------------------------------------------------
+
+    def _go_opaque(self, rest: bytes) -> None:
+        """An upgrade or CONNECT was accepted: bytes flow unparsed both ways from here."""
+        self.opaque = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if rest:
+            self.down.write(rest)
+        self.down.go_opaque(self)
+
+    def opaque_data(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.write(data)
+
+    def _fail(self, outcome: str, detail: object) -> None:
+        """Answer the client ourselves (no endpoint's response reached it)."""
+        if self.done:
+            return
+        if outcome == "denied":
+            status = 403
+            text = getattr(detail, "reason", str(detail))
+        else:
+            status = _STATUS.get(outcome, 502)
+            text = str(detail)
+        self.rec.status = status
+        close = self.close_after or not self.req_complete or self.down.closing
+        self.close_after = close
+        self.down.write(error_response(status, outcome, text, close))
+        self._finish(outcome)
+
+    def _abort(self, outcome: str) -> None:
+        """The response was cut off after it started: the client must see a broken stream."""
+        self._release(False)
+        self.close_after = True
+        self._finish(outcome)
+        self.down.abort()
+
+    def cancel(self, outcome: str) -> None:
+        """The client went away."""
+        if self.done:
+            return
+        if self.connecting is not None:
+            self.connecting.cancel()
+            self.connecting = None
+        self._end_attempt(False)
+        self._release(False)
+        self._finish(outcome)
+
+    def _finish(self, outcome: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.try_timer is not None:
+            self.try_timer.cancel()
+            self.try_timer = None
+        rec = self.rec
+        rec.outcome = outcome
+        front = self.down.front
+        rec.t_end = front.clock()
+        front.tracer.finish(rec)
+        front.finisher.finish(rec)
+        self.body.clear()
+        self.down.exchange_done(self)
+
+
+class H1Downstream(asyncio.Protocol):
+    """A client's HTTP/1.1 connection."""
+
+    def __init__(self, front: HttpFront, info: ConnInfo, service: str,
+                 dst: OrigDstAddr) -> None:
+        self.front = front
+        self.info = info
+        self.service = service
+        self.dst = dst
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[Exchange] = deque()  # answered in order; [0] is being answered
+        self.parsing: Exchange | None = None  # the request whose bytes are being read
+        self._url: list[bytes] = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._size = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._pauses: set[str] = set()
+        self.closing = False  # drain: close after the current response
+        self.closed = False
+        self.opaque: Exchange | None = None
+        self.last_active = front.clock()
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- transport events -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.front.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = self.front.clock()
+        self.bytes_in += len(data)
+        if self.opaque is not None:
+            self.opaque.opaque_data(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = int(exc.args[0]) if exc.args else len(data)
+            ex = self.parsing
+            if ex is not None and not ex.done:
+                # The rest is the upgraded protocol's: held until the endpoint accepts it.
+                ex.early = data[offset:]
+                ex.req_complete = True
+                self.pause("upgrade")
+            return
+        except _TooLarge:
+            self._refuse("header_too_large", "the request's header block is larger than "
+                         f"{self._limits_header()} bytes (limits.maxHeaderBytes)")
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _TooLarge) or isinstance(exc.__cause__, _TooLarge):
+                self._refuse("header_too_large", "the request's header block is larger "
+                             f"than {self._limits_header()} bytes (limits.maxHeaderBytes)")
+            else:
+                log.error("HTTP/1.1 handler error", exc_info=exc.__context__ or exc)
+                self._refuse("proxy_error", "the proxy failed handling the request (its log "
+                             "says why)")
+        except httptools.HttpParserError as exc:
+            self._refuse("bad_request", f"malformed HTTP/1.1 request: {exc}")
+
+    def eof_received(self) -> bool | None:
+        # A client that half-closes after its request still gets its response.
+        if self.queue:
+            self.closing = True
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        for ex in list(self.queue):
+            ex.cancel("client_gone")
+        self.queue.clear()
+        self.front.closed(self)
+
+    def pause_writing(self) -> None:
+        ex = self.queue[0] if self.queue else None
+        conn = ex.conn if ex is not None else None
+        if conn is not None and conn.transport is not None and not conn.paused:
+            conn.paused = True
+            conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        ex = self.queue[0] if self.queue else None
+        conn = ex.conn if ex is not None else None
+        if conn is not None and conn.transport is not None and conn.paused:
+            conn.paused = False
+            conn.transport.resume_reading()
+
+    # -- parser callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = []
+        self._headers = []
+        self._size = 0
+        if self.queue:
+            self.pause("pipeline")  # one request answered at a time; the next waits
+        self._head_timer = self.front.loop.call_later(HEAD_TIMEOUT, self._head_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._size += len(url)
+        if self._size > self._limits_header():
+            raise _TooLarge
+        self._url.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._size += len(name) + len(value) + 4
+        if self._size > self._limits_header():
+            raise _TooLarge
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        p = self.parser
+        method = p.get_method().decode("latin-1")
+        chunked = any(n.lower() == b"transfer-encoding" for n, _ in self._headers)
+        ex = Exchange(self, method, b"".join(self._url), self._headers, p.get_http_version(),
+                      p.should_keep_alive(), chunked, p.should_upgrade() or method == "CONNECT")
+        self.parsing = ex
+        self.queue.append(ex)
+        if len(self.queue) == 1:
+            ex.start()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex is not None and not ex.done:
+            ex.body_data(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.request_complete()
+            if not ex.keep_alive:
+                self.pause("last")  # nothing after a request that closes the connection
+
+    def _limits_header(self) -> int:
+        return self.front.table.policy(self.service).http.limits.max_header_bytes
+
+    # -- driving ----------------------------------------------------------------------------
+
+    def exchange_done(self, ex: Exchange) -> None:
+        if self.queue and self.queue[0] is ex:
+            self.queue.popleft()
+        elif ex in self.queue:
+            self.queue.remove(ex)
+        if self.parsing is ex and ex.req_complete:
+            self.parsing = None
+        if ex.close_after or self.closing:
+            self.close()
+            return
+        self.last_active = self.front.clock()
+        if self.queue:
+            self.queue[0].start()
+        else:
+            self.resume("pipeline")
+
+    def refuse_body(self, ex: Exchange) -> None:
+        limit = self.front.table.policy(self.service).http.limits.max_body_bytes
+        ex.close_after = True
+        if ex.resp_started:
+            ex._abort("body_too_large")
+        else:
+            ex._end_attempt(False)
+            ex._release(False)
+            ex._fail("body_too_large",
+                     f"the request body is larger than {limit} bytes (limits.maxBodyBytes)")
+        self.pause("refused")
+
+    def go_opaque(self, ex: Exchange) -> None:
+        self.opaque = ex
+        rest, ex.early = ex.early, b""
+        if rest:
+            ex.opaque_data(rest)
+        self.resume("upgrade")
+
+    def _refuse(self, outcome: str, detail: str) -> None:
+        """The request cannot be parsed or is too large: answer (if nothing is in flight to
+        this client) and close."""
+        ex = self.parsing
+        if ex is not None and not ex.done and ex in self.queue and ex is not self.queue[0]:
+            self.queue.remove(ex)
+            ex.cancel(outcome)
+        if self.queue:
+            # the response in flight is cut short: the stream is unusable after a bad request
+            for pending in list(self.queue):
+                pending.cancel(outcome)
+            self.queue.clear()
+            self.abort()
+            return
+        status = _STATUS.get(outcome, 400)
+        rec = RequestRecord(self.front.clock(), time.time(), self.info.src, self.service,
+                            "http/1.1", status=status, outcome=outcome)
+        rec.t_end = rec.t0
+        self.front.finisher.finish(rec)
+        self.write(error_response(status, outcome, detail, close=True))
+        self.close()
+
+    def _head_timeout(self) -> None:
+        self._head_timer = None
+        if not self.closed:
+            self._refuse("header_timeout", f"the request head did not arrive within "
+                         f"{HEAD_TIMEOUT:.0f}s")
+
+    def pause(self, why: str) -> None:
+        if not self._pauses and self.transport is not None:
+            self.transport.pause_reading()
+        self._pauses.add(why)
+
+    def resume(self, why: str) -> None:
+        if why in self._pauses:
+            self._pauses.discard(why)
+            if not self._pauses and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.bytes_out += len(data)
+            self.transport.write(data)
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and self._head_timer is None
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()  # after what is buffered is written
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
