@@ -356,8 +356,9 @@ class Telemetry:
 
 
 def _health(d: dict[str, Any]) -> dict[str, Any]:
-    return {"healthy": bool(d.get("healthy")), "checks": int(d.get("checks", 0)),
-            "failed": int(d.get("failed", 0))}
+    # another host's verdict has no counts here (health.describe: None)
+    return {"healthy": bool(d.get("healthy")), "checks": int(d.get("checks") or 0),
+            "failed": int(d.get("failed") or 0)}
 
 
 def _cmdline(pid: int) -> str:

@@ -10,7 +10,8 @@ Per accepted connection, driven by the worker's poller with one loop timer (no T
 4. the target must be an endpoint of this host in the worker's table, of the service named
    (never an open relay: a VIP, another host's endpoint or any other address is refused);
 5. authorization: Security.authz.decide(client identity, service, port);
-6. connect to the local endpoint (SO_MARK, the connector's attempt loop), answer ok, relay.
+6. connect to the local endpoint (SO_MARK, the connector's attempt loop), answer ok, relay
+   (a tunnel of HTTP requests idles out by the service's HTTP timeouts: `requests_idle`).
 Steps 1-3 together must finish within handshake_timeout: a peer that stalls mid-handshake or
 before its preamble is cut. Every refusal is counted by cause, logged once per cause, and
 access-logged with the identities known by then; a refused preamble gets its answer and a
@@ -54,15 +55,19 @@ from meshnode.tunnel_wire import (
 )
 
 if TYPE_CHECKING:
+    from meshnode.policy.resources import ServicePolicy
     from meshnode.proxy.connect import Connector
 
-__all__ = ["MAX_HANDSHAKES", "Inbound", "InboundRelay", "open_inbound"]
+__all__ = ["MAX_HANDSHAKES", "Inbound", "InboundRelay", "open_inbound", "requests_idle"]
 
 log = logging.getLogger("meshnode.proxy")
 
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE = 0.1  # seconds without accepting after accept() failed (out of descriptors)
 MAX_HANDSHAKES = 1024  # per worker, in flight at once
+# seconds a tunnel of requests outlives its client's idle timeout: that proxy sweeps once a
+# second (proxy/http/front.py), and its close has to arrive
+REQUESTS_IDLE_SLACK = 5.0
 _OK = encode_frame(Answer(True))
 
 
@@ -210,7 +215,7 @@ class Inbound:
         stats.connections += 1
         relay = InboundRelay(self.poller, self.pool, self.registry, ssock, stats, info)
         policy = self.table.policy(service)
-        relay.idle_limit = policy.timeouts.idle
+        relay.idle_limit = requests_idle(policy) if preamble.requests else policy.timeouts.idle
         self.connector.connect(relay, route.attempts, stats, timeout=policy.timeouts.connect)
 
     def _refuse(self, ssock: ssl.SSLSocket, info: ConnInfo, reason: str, detail: str) -> None:
@@ -355,6 +360,17 @@ class _Handshake:
     def abort(self, reason: str) -> None:
         self._done()
         reset_socket(self.ssock)
+
+
+def requests_idle(policy: ServicePolicy) -> float:
+    """The idle timeout of a tunnel of HTTP requests. It is its client's pooled connection:
+    that proxy closes it after http.timeouts.idle without a request, and waits for a quiet
+    response up to the request timeout. The service's TCP idle timeout is not for it: cutting
+    first would fail a slow response, or a request sent as the close crosses it."""
+    http = policy.http
+    timeouts = [http.timeouts, *(r.timeouts for r in http.routes if r.timeouts is not None)]
+    return max([http.timeouts.idle, *(t.request for t in timeouts if t.request)]) \
+        + REQUESTS_IDLE_SLACK
 
 
 def open_inbound(fd: int, loop: asyncio.AbstractEventLoop, poller: Poller,

@@ -40,7 +40,7 @@ from meshnode.wire import ConnEvent
 if TYPE_CHECKING:
     from meshnode.proxy.relay import Relay
 
-__all__ = ["ConnInfo", "Sources", "failure_reason"]
+__all__ = ["ConnInfo", "Sources", "failure_reason", "iso_ms", "json_str"]
 
 _CGROUP_MASK = 0xFFFFFFFF  # the eBPF capture hands over the low 32 bits of the cgroup id
 _UNREACHABLE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL})
@@ -104,6 +104,10 @@ def _iso(epoch: float) -> str:
 
 def _str(value: str | None) -> str:
     return "null" if value is None else json.dumps(value)
+
+
+iso_ms = _iso  # for the other records of the access log (proxy/http/exchange.py)
+json_str = _str
 
 
 def _num(value: float | None) -> str:

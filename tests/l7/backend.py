@@ -11,12 +11,14 @@ long before it is answered (a slow endpoint). Paths:
   /count          {"name", "count"}: how many requests (other than /count) it has answered or
                   is answering, so a test counts what reached the endpoint, retries included
   anything else   200
-Prints "listening" once it accepts connections.
+Prints "listening" once it accepts connections. It listens on 127.0.0.1, or on $L7_BIND (the
+multi-host tests bind 0.0.0.0: an endpoint other hosts reach).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -99,7 +101,7 @@ def main() -> None:
             if not isinstance(sys.exc_info()[1], ConnectionError):
                 super().handle_error(request, client_address)  # type: ignore[arg-type]
 
-    server = Server(("127.0.0.1", port), Handler)
+    server = Server((os.environ.get("L7_BIND", "127.0.0.1"), port), Handler)
     server.daemon_threads = True
     print("listening", flush=True)
     server.serve_forever()

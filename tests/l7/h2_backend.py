@@ -10,13 +10,15 @@ what it saw: method, path, the request's traceparent, the body length. Paths:
   /reset          resets the stream (INTERNAL_ERROR) without answering
   anything else   200
 `--garbage`: answers every connection with bytes that are not HTTP/2.
-Prints "listening" once it accepts connections.
+Prints "listening" once it accepts connections. It listens on 127.0.0.1, or on $L7_BIND (the
+multi-host tests bind 0.0.0.0: an endpoint other hosts reach).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 
 from h2.config import H2Configuration
@@ -141,7 +143,8 @@ class Garbage(asyncio.Protocol):
 async def serve(name: str, port: int, garbage: bool) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        (lambda: Garbage()) if garbage else (lambda: Server(name)), "127.0.0.1", port)
+        (lambda: Garbage()) if garbage else (lambda: Server(name)),
+        os.environ.get("L7_BIND", "127.0.0.1"), port)
     print("listening", flush=True)
     async with server:
         await server.serve_forever()

@@ -59,7 +59,7 @@ _WORKER = """
 import os, sys
 from meshnode.policy import authz
 deny = set(filter(None, os.environ.get("MESHNODE_TEST_DENY", "").split(",")))
-def decide(self, src, dst, port):
+def decide(self, src, dst, port, method=None, path=None, *, opaque=False):
     if src in deny:
         return authz.Decision(False, policy="test-deny", reason=f"{src} is denied")
     return authz.Decision(True, reason="allowed")

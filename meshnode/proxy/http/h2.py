@@ -368,7 +368,10 @@ class H2Exchange:
                 self._fail("no_endpoint", f"no endpoint of {down.service} can take the request")
                 return
             route = self.route = found
-        ep = next((e for e in route.attempts if e not in self.tried), route.attempts[0])
+        # the next endpoint not tried yet; all tried: any but the last that failed
+        ep = next((e for e in route.attempts if e not in self.tried), None) or next(
+            (e for e in route.attempts if not self.tried or e != self.tried[-1]),
+            route.attempts[0])
         self.tried.append(ep)
         refusal = front.authorize(rec, ep)
         if isinstance(refusal, str):
