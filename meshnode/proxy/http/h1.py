@@ -10,10 +10,14 @@ not read meanwhile) until the one before it is answered.
 
 What is forwarded is what the parser understood, re-framed, never the client's raw bytes: the
 head is rebuilt (hop-by-hop headers dropped, `traceparent`/`tracestate` set), a body is sent
-with its validated Content-Length or re-chunked; a request the parser refuses (both lengths,
-bad chunk sizes, obs-fold, bad methods...) gets 400 and the connection closes. So a client's
+with its validated Content-Length or re-chunked (trailers dropped); a request the parser
+refuses (both lengths, bad chunk sizes, obs-fold, bad methods...) or that has no Host or two
+gets 400 and the connection closes (a reset when its head went to an endpoint already, whose
+connection closes too: no half request stays on it). So a client's
 ambiguous framing never reaches an endpoint, and no client's bytes can land in another's
-request. Responses likewise: a response the parser refuses is a 502.
+request. Responses likewise: a response the parser refuses, or one not asked for (a second
+one, a 101 to no Upgrade), is a 502, and that endpoint connection is not reused. A head is
+held to limits.maxHeaderBytes while it arrives (httptools keeps a header until it ends).
 
 Retries: a request whose body the proxy still holds (up to `http.bufferBytes`) and whose
 response has not started is tried again on another endpoint for the route's retry
@@ -31,7 +35,10 @@ Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -72,6 +79,7 @@ _PHRASES = {500: "Internal Server Error", 400: "Bad Request", 403: "Forbidden",
             431: "Request Header Fields Too Large", 502: "Bad Gateway",
             503: "Service Unavailable", 504: "Gateway Timeout"}
 _STATUS = ERROR_STATUS
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 def error_response(status: int, reason: str, detail: str, close: bool) -> bytes:
@@ -87,8 +95,24 @@ class _TooLarge(Exception):
     pass
 
 
+class _BadRequest(Exception):
+    """A request the parser takes that HTTP/1.1 still refuses (RFC 9112 3.2: Host)."""
+
+
+class _BadResponse(Exception):
+    """A response llhttp reads that is still not one to pass on (an unsolicited one)."""
+
+
 def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def _codings(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The Transfer-Encoding to send with a re-chunked body: the message's codings other than
+    chunked, lower case, then chunked."""
+    codings = [c for n, v in headers if n.lower() == b"transfer-encoding"
+               for c in (x.strip(b" \t").lower() for x in v.split(b",")) if c]
+    return b", ".join([c for c in codings if c != b"chunked"] + [b"chunked"])
 
 
 class H1Upstream(asyncio.Protocol):
@@ -164,6 +188,7 @@ class Exchange:
         "down",
         "early",
         "ep",
+        "head_fed",
         "headers",
         "informational",
         "keep_alive",
@@ -247,6 +272,7 @@ class Exchange:
         self.resp_len = False
         self.resp_close_delimited = False
         self.rsize = 0
+        self.head_fed = -1  # bytes read into a response head not complete yet (-1: none)
         self.resp_started = False
         self.informational = False
         self.discard = False
@@ -308,7 +334,9 @@ class Exchange:
             if self.rec.tracestate:
                 parts += (b"tracestate: ", self.rec.tracestate.encode("latin-1"), b"\r\n")
         if self.chunk_up:
-            parts.append(b"transfer-encoding: chunked\r\n")
+            # the body is re-chunked; codings before chunked (llhttp made sure it is last)
+            # are the body's and go with it, normalized
+            parts += (b"transfer-encoding: ", _codings(self.headers), b"\r\n")
         parts.append(b"\r\n")
         return b"".join(parts)
 
@@ -325,7 +353,10 @@ class Exchange:
                 self._fail("no_endpoint", f"no endpoint of {down.service} can take the request")
                 return
             route = self.route = found
-        ep = next((e for e in route.attempts if e not in self.tried), route.attempts[0])
+        # the next endpoint not tried yet; all tried: any but the last that failed
+        ep = next((e for e in route.attempts if e not in self.tried), None) or next(
+            (e for e in route.attempts if not self.tried or e != self.tried[-1]),
+            route.attempts[0])
         self.tried.append(ep)
         refusal = front.authorize(rec, ep)
         if refusal is not None:
@@ -391,6 +422,7 @@ class Exchange:
         self.resp_head = []
         self.resp_headers = []
         self.rsize = 0
+        self.head_fed = -1
         self.informational = False
         self.discard = False
         transport = conn.transport
@@ -481,21 +513,30 @@ class Exchange:
         parser = self.rparser
         if parser is None:
             return
+        conn = self.conn
         try:
             parser.feed_data(data)
+            if self.head_fed >= 0:
+                # a head still incomplete: httptools holds its last header until it ends
+                self.head_fed += len(data)
+                if self.head_fed > self.svc.limits.max_header_bytes:
+                    raise _TooLarge("response header block too large")
         except httptools.HttpParserUpgrade as exc:
             if self.resp_started and not self.done:
                 self._go_opaque(data[int(exc.args[0]):] if exc.args else b"")
             return
         except (httptools.HttpParserError, _TooLarge) as exc:
             if self.done or self.conn is None:
+                if conn is not None:
+                    conn.close()  # more than the response (or garbage): never reused
                 return
             if self.resp_started:
                 self._abort("upstream_error")
             else:
                 self._attempt_failed("reset", "upstream_error",
                                      f"{self.ep.addr if self.ep else '?'} answered something "
-                                     f"that is not HTTP/1.1 ({exc})", counted=True)
+                                     f"that is not HTTP/1.1 ({exc.__context__ or exc})",
+                                     counted=True)
             return
         if self.retry_cause and not self.done:
             cause, self.retry_cause = self.retry_cause, ""
@@ -504,9 +545,13 @@ class Exchange:
                                  f"{self.rec.status}", counted=True, decided=True)
 
     def on_message_begin(self) -> None:
+        if self.done:
+            # a response after the one the request asked for: the connection is out of step
+            raise _BadResponse("a response after the one the request asked for")
         self.resp_head = []
         self.resp_headers = []
         self.rsize = 0
+        self.head_fed = 0
 
     def on_status(self, status: bytes) -> None:
         self.resp_head.append(status)
@@ -518,9 +563,18 @@ class Exchange:
         self.resp_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.head_fed = -1
+        if self.discard:
+            return  # a response after the one dropped for a retry: that connection closes
         parser = self.rparser
         assert parser is not None
         status = parser.get_status_code()
+        if status == 101 and not self.upgrade:
+            # RFC 9110 15.2.2: a switch the client did not ask for (its connection would
+            # become an opaque tunnel to this endpoint)
+            raise _BadResponse("101 Switching Protocols to a request without Upgrade")
+        if status > 599:
+            raise _BadResponse(f"status {status} (RFC 9110 15: 100-599)")
         if 100 <= status < 200 and status != 101:
             self.informational = True
             if self.version == "1.1" and not self.resp_started:
@@ -561,11 +615,14 @@ class Exchange:
         parts = [b"HTTP/1.1 %d " % status, b"".join(self.resp_head), b"\r\n"]
         length = False
         chunked = False
+        codings = b"chunked"
         for name, value in self.resp_headers:
             n = name.lower()
             if n in _HOP_RESPONSE:
                 if n == b"transfer-encoding":
-                    chunked = True
+                    # the body ends with the connection unless chunked is the last coding
+                    codings = _codings(self.resp_headers)
+                    chunked = value.rsplit(b",", 1)[-1].strip(b" \t").lower() == b"chunked"
                 continue
             if n == b"content-length":
                 length = True
@@ -580,12 +637,19 @@ class Exchange:
         elif not bodiless and not length:
             if self.version == "1.1":
                 self.chunk_out = True
-                parts.append(b"transfer-encoding: chunked\r\n")
+                parts += (b"transfer-encoding: ", codings, b"\r\n")
             else:
                 self.close_after = True
             self.resp_close_delimited = not chunked
         if self.down.closing or not self.req_complete:
             self.close_after = True
+        if self.upgrade and not upgraded:
+            # The endpoint declined the upgrade: HTTP/1.1 goes on, unless the client sent the
+            # new protocol's bytes already (they are not HTTP/1.1 requests).
+            if self.early:
+                self.close_after = True
+            else:
+                self.down.resume("upgrade")
         if self.close_after and not upgraded:
             parts.append(b"connection: close\r\n")
         elif self.version == "1.0" and not upgraded:
@@ -593,7 +657,9 @@ class Exchange:
         parts.append(b"\r\n")
         self.down.write(b"".join(parts))
         if bodiless:
-            self._response_complete(reuse=True)
+            # reusable unless the endpoint said it closes (or is HTTP/1.0 without keep-alive)
+            parser = self.rparser
+            self._response_complete(reuse=parser is not None and parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         if self.discard or self.done or not self.resp_started:
@@ -756,6 +822,13 @@ class H1Downstream(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._size = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        # httptools hands a header over only once it is whole (a value is buffered until its
+        # end): the bytes read into an unfinished head are counted here, against
+        # limits.maxHeaderBytes, from the read after the one where the head began
+        self._in_head = False
+        self._head_fed = 0
+        self._begun = 0  # requests begun on this connection
+        self._starting: Exchange | None = None  # head complete, started after its read
         self._pauses: set[str] = set()
         self.closing = False  # drain: close after the current response
         self.closed = False
@@ -776,6 +849,7 @@ class H1Downstream(asyncio.Protocol):
         if self.opaque is not None:
             self.opaque.opaque_data(data)
             return
+        begun = self._begun
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -786,6 +860,7 @@ class H1Downstream(asyncio.Protocol):
                 ex.early = data[offset:]
                 ex.req_complete = True
                 self.pause("upgrade")
+            self._start()
             return
         except _TooLarge:
             self._refuse("header_too_large", "the request's header block is larger than "
@@ -794,12 +869,35 @@ class H1Downstream(asyncio.Protocol):
             if isinstance(exc.__context__, _TooLarge) or isinstance(exc.__cause__, _TooLarge):
                 self._refuse("header_too_large", "the request's header block is larger "
                              f"than {self._limits_header()} bytes (limits.maxHeaderBytes)")
+            elif isinstance(exc.__context__, _BadRequest):
+                self._refuse("bad_request", str(exc.__context__))
             else:
                 log.error("HTTP/1.1 handler error", exc_info=exc.__context__ or exc)
                 self._refuse("proxy_error", "the proxy failed handling the request (its log "
                              "says why)")
         except httptools.HttpParserError as exc:
+            if "last" in self._pauses:
+                # bytes after a request that closes the connection: never read as a request
+                # (RFC 9112 9.6), and no reason to cut that request's response short
+                self._start()
+                return
             self._refuse("bad_request", f"malformed HTTP/1.1 request: {exc}")
+        else:
+            if self._in_head and self._begun == begun:
+                self._head_fed += len(data)
+                if self._head_fed > self._limits_header():
+                    self._refuse("header_too_large", "the request's header block is larger "
+                                 f"than {self._limits_header()} bytes (limits.maxHeaderBytes)")
+                    return
+            self._start()
+
+    def _start(self) -> None:
+        """Start the request whose head the last read completed. Not from the parser's
+        callback: llhttp refuses some heads (a Transfer-Encoding not ending in chunked) only
+        after it, and such a request must not reach an endpoint."""
+        ex, self._starting = self._starting, None
+        if ex is not None and not ex.done and self.queue and self.queue[0] is ex:
+            ex.start()
 
     def eof_received(self) -> bool | None:
         # A client that half-closes after its request still gets its response.
@@ -837,6 +935,9 @@ class H1Downstream(asyncio.Protocol):
         self._url = []
         self._headers = []
         self._size = 0
+        self._in_head = True
+        self._head_fed = 0
+        self._begun += 1
         if self.queue:
             self.pause("pipeline")  # one request answered at a time; the next waits
         self._head_timer = self.front.loop.call_later(HEAD_TIMEOUT, self._head_timeout)
@@ -851,21 +952,36 @@ class H1Downstream(asyncio.Protocol):
         self._size += len(name) + len(value) + 4
         if self._size > self._limits_header():
             raise _TooLarge
-        self._headers.append((name, value))
+        if self._in_head:
+            # not a trailer (after a chunked body): those are dropped (the body is re-chunked
+            # without them), never added to the request's headers (a retry re-sends those)
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
         p = self.parser
         method = p.get_method().decode("latin-1")
-        chunked = any(n.lower() == b"transfer-encoding" for n, _ in self._headers)
-        ex = Exchange(self, method, b"".join(self._url), self._headers, p.get_http_version(),
+        version = p.get_http_version()
+        chunked = False
+        hosts = 0
+        for n, _ in self._headers:
+            n = n.lower()
+            if n == b"transfer-encoding":
+                chunked = True
+            elif n == b"host":
+                hosts += 1
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            # RFC 9112 3.2: which authority would an endpoint take?
+            raise _BadRequest(f"an HTTP/1.1 request needs exactly one Host header, not {hosts}")
+        ex = Exchange(self, method, b"".join(self._url), self._headers, version,
                       p.should_keep_alive(), chunked, p.should_upgrade() or method == "CONNECT")
         self.parsing = ex
         self.queue.append(ex)
         if len(self.queue) == 1:
-            ex.start()
+            self._starting = ex
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
@@ -897,7 +1013,9 @@ class H1Downstream(asyncio.Protocol):
         self.last_active = self.front.clock()
         if self.queue:
             self.queue[0].start()
-        else:
+        # Read on: the next request's body may still be coming (it was held at its head),
+        # and a request after it pauses reading again when it begins.
+        if not self.closed:
             self.resume("pipeline")
 
     def refuse_body(self, ex: Exchange) -> None:
@@ -922,6 +1040,11 @@ class H1Downstream(asyncio.Protocol):
     def _refuse(self, outcome: str, detail: str) -> None:
         """The request cannot be parsed or is too large: answer (if nothing is in flight to
         this client) and close."""
+        pending, self._starting = self._starting, None
+        if pending is not None and pending in self.queue:
+            # never started (its read failed): it holds nothing, the answer below is its own
+            self.queue.remove(pending)
+            pending.done = True
         ex = self.parsing
         if ex is not None and not ex.done and ex in self.queue and ex is not self.queue[0]:
             self.queue.remove(ex)
@@ -943,6 +1066,11 @@ class H1Downstream(asyncio.Protocol):
 
     def _head_timeout(self) -> None:
         self._head_timer = None
+        if "pipeline" in self._pauses and not self.closed:
+            # the proxy is not reading this head (a request before it is being answered):
+            # it gets another HEAD_TIMEOUT
+            self._head_timer = self.front.loop.call_later(HEAD_TIMEOUT, self._head_timeout)
+            return
         if not self.closed:
             self._refuse("header_timeout", f"the request head did not arrive within "
                          f"{HEAD_TIMEOUT:.0f}s")
@@ -975,4 +1103,11 @@ class H1Downstream(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.closed = True
+            # A reset, not a FIN (which is all a transport's abort sends): a response cut
+            # short must not look whole to a client reading to the connection's end (one
+            # close-delimited to an HTTP/1.0 client).
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
             self.transport.abort()

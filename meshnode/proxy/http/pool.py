@@ -44,12 +44,19 @@ class PoolFull(Exception):
 
 
 class _Slot(Generic[C]):
-    __slots__ = ("idle", "open", "waiters")
+    __slots__ = ("dialing", "idle", "live", "waiters")
 
     def __init__(self) -> None:
         self.idle: list[C] = []
-        self.open = 0  # connections made and not discarded (idle, busy or dialing)
+        # Connections made and not discarded (idle or busy): membership, not a count, so a
+        # connection dropped twice (closed by the sweep, then its connection_lost) counts once.
+        self.live: set[C] = set()
+        self.dialing = 0
         self.waiters: deque[asyncio.Future[C | None]] = deque()
+
+    @property
+    def open(self) -> int:
+        return len(self.live) + self.dialing
 
 
 class UpstreamPool(Generic[C]):
@@ -69,7 +76,7 @@ class UpstreamPool(Generic[C]):
             conn = idle.pop()
             if not conn.closed:
                 return conn
-            slot.open -= 1
+            slot.live.discard(conn)
         return None
 
     async def get(self, key: Key, dial: Callable[[], Awaitable[C]], max_connections: int,
@@ -96,17 +103,22 @@ class UpstreamPool(Generic[C]):
             if got is not None and not got.closed:
                 return got
             # None: a connection was discarded, making room to dial one
-        slot.open += 1
+        slot.dialing += 1
         try:
-            return await dial()
+            conn = await dial()
         except BaseException:
-            self._gone(key, slot)
+            slot.dialing -= 1
+            self._wake(key, slot)
             raise
+        slot.dialing -= 1
+        slot.live.add(conn)
+        return conn
 
     def release(self, key: Key, conn: C) -> None:
         """A connection finished its request and can take another."""
         slot = self._slots.get(key)
-        if slot is None or conn.closed:
+        if slot is None or conn not in slot.live or conn.closed:
+            conn.close()  # discarded meanwhile: not the pool's any more
             return
         while slot.waiters:
             fut = slot.waiters.popleft()
@@ -117,20 +129,22 @@ class UpstreamPool(Generic[C]):
         slot.idle.append(conn)
 
     def discard(self, key: Key, conn: C) -> None:
-        """A connection that will not come back (closed, failed, not reusable)."""
+        """A connection that will not come back (closed, failed, not reusable); a second
+        discard of the same connection changes nothing."""
         slot = self._slots.get(key)
-        if slot is None:
+        if slot is None or conn not in slot.live:
             return
+        slot.live.remove(conn)
         if conn in slot.idle:
             slot.idle.remove(conn)
-        self._gone(key, slot)
+        self._wake(key, slot)
 
-    def _gone(self, key: Key, slot: _Slot[C]) -> None:
-        slot.open = max(0, slot.open - 1)
+    def _wake(self, key: Key, slot: _Slot[C]) -> None:
+        """Room for one more connection: the first waiter dials it."""
         while slot.waiters:
             fut = slot.waiters.popleft()
             if not fut.done():
-                fut.set_result(None)  # room for a new connection
+                fut.set_result(None)
                 break
         if not slot.open and not slot.waiters:
             del self._slots[key]
@@ -144,7 +158,7 @@ class UpstreamPool(Generic[C]):
             for c in slot.idle:
                 if c not in keep:
                     closed += 1
-                    slot.open -= 1
+                    slot.live.discard(c)
                     c.close()
             slot.idle = keep
             if not slot.open and not slot.waiters:
