@@ -40,7 +40,8 @@ from meshnode.policy.resources import (
     ServicePolicy,
 )
 from meshnode.proxy.http.front import HttpFront
-from meshnode.proxy.http.h1 import H1Downstream, H1Upstream
+from meshnode.proxy.http.h1 import H1Downstream
+from meshnode.proxy.http.h1_upstream import H1Upstream
 from meshnode.proxy.stats import WorkerStats
 from meshnode.proxy.telemetry import ConnInfo
 from meshnode.route import ServiceTable

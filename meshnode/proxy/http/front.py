@@ -26,7 +26,8 @@ from meshnode.policy.resources import normalize_path
 from meshnode.proxy.accesslog import AccessLog
 from meshnode.proxy.http.dial import dial
 from meshnode.proxy.http.exchange import Finisher, HttpServices, RequestRecord, request_record
-from meshnode.proxy.http.h1 import H1Downstream, H1Upstream
+from meshnode.proxy.http.h1 import H1Downstream
+from meshnode.proxy.http.h1_upstream import H1Upstream
 from meshnode.proxy.http.h2pool import H2Pool
 from meshnode.proxy.http.pool import UpstreamPool
 from meshnode.proxy.http.trace import Tracer

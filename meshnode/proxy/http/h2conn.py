@@ -179,7 +179,7 @@ def pump(conn: H2Connection, stream_id: int, out: deque[bytes]) -> int:
 
 
 class StreamOwner(Protocol):
-    """What carries a request on an endpoint connection (h2.H2Exchange): the connection
+    """What carries a request on an endpoint connection (h2_exchange.H2Exchange): the connection
     reports its stream's events to it."""
 
     def up_response(self, headers: Headers, ended: bool) -> None: ...
