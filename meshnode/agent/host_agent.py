@@ -15,6 +15,11 @@ Two ways to stop, on purpose (DESIGN.md, restart model):
   original destinations), then drains the workers, hands enrolled processes back to their old
   cgroups and removes everything the ledger lists.
 A first start that fails is unwound whole; a failed restart leaves what serves in place.
+
+Every stop is bounded, whatever the registry or a collaborator does: each step runs within its
+own deadline (a step that does not finish is named in one warning and left behind: the data
+plane is not this process's to lose, and the next agent adopts whatever was left); systemd
+hears a heartbeat throughout; a reload whose leftovers will not end re-executes regardless.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from meshnode import __version__
 from meshnode.agent import systemd
@@ -60,6 +65,19 @@ from meshnode.policy import compiler
 from meshnode.wire import Retain
 
 log = logging.getLogger(__name__)
+
+# A stop's bounds, in seconds: each step (the identity client, the host report, ...) gets
+# STEP_DEADLINE; leaving the registry REGISTRY_DEADLINE (etcd: a few calls in a row, each
+# within the session's request timeout); in a removal, taking capture off KERNEL_DEADLINE (the
+# ledger's undo must not race a removal still running) and draining the workers their grace
+# on top. What still runs on the loop afterwards gets STRAGGLERS_DEADLINE to end once
+# cancelled. systemd hears a heartbeat for as long as all that can take (STOP_BOUND, + grace).
+STEP_DEADLINE = 5.0
+REGISTRY_DEADLINE = 10.0
+KERNEL_DEADLINE = 30.0
+STRAGGLERS_DEADLINE = 3.0
+STOP_BOUND = 9 * STEP_DEADLINE + REGISTRY_DEADLINE + KERNEL_DEADLINE + STRAGGLERS_DEADLINE
+
 
 class HostAgent:
     def __init__(self, cfg: AgentConfig) -> None:
@@ -352,44 +370,40 @@ class HostAgent:
     # -- stop -----------------------------------------------------------------------------
     async def stop(self, remove: bool) -> None:
         """A removal (`remove`): fail open, drain, remove every recorded kernel object. A
-        restart: leave the data plane serving for the next agent."""
+        restart: leave the data plane serving for the next agent. Each step is bounded
+        (`_step`): a stop never waits on a dead registry or a stuck collaborator."""
         if not remove:
             await self._detach()
             return
         self._stopping = True
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._step("the agent's background tasks", self._end_tasks())
         # 1. DNS redirect off, then capture off: new connections go to their original
         #    destinations and queries to the resolvers they asked
         if self.names is not None:
-            await self.names.stop()
+            await self._step("the DNS server", self.names.stop())
         if self.capture is not None:
-            try:
-                await asyncio.to_thread(self.capture.remove)
-            except MeshnodeError as exc:
-                log.error("removing capture: %s", exc)
+            await self._step("removing capture", asyncio.to_thread(self.capture.remove),
+                             KERNEL_DEADLINE)
         # 2. no new control requests, no more scrapes, no more certificates
         if self.control is not None:
-            await self.control.stop()
+            await self._step("the control socket", self.control.stop())
         await self._stop_identity()
-        await self.telemetry.stop_admin()
-        await self.health.close()
+        await self._step("the admin port", self.telemetry.stop_admin())
+        await self._step("the health checks", self.health.close())
         # 3. drain the proxy: established connections finish within the grace period
         if self.workers is not None:
-            await self.workers.stop()
+            await self._step("draining the workers", self.workers.stop(),
+                             STEP_DEADLINE + self.cfg.drain_grace)
         # 4. enrolled processes go back to the cgroups they came from (records are kept)
         if self.enrollments is not None:
             self.enrollments.release_all()
         # 5. this node's endpoints and report leave the shared registry (with etcd: the lease
         #    is revoked)
         if self.report is not None:
-            await self.report.stop()
+            await self._step("the host report", self.report.stop())
         if self.registry is not None:
-            try:
-                await self.registry.close()
-            except MeshnodeError as exc:
-                log.error("closing the registry: %s", exc)
+            await self._step("closing the registry", self.registry.close(),
+                             REGISTRY_DEADLINE)
         # 6. everything else the ledger lists (cgroups, pins, chains a failed remove left)
         for failure in self.ledger.undo_all(self._undo()):
             log.error("stop: %s", failure)
@@ -402,35 +416,86 @@ class HostAgent:
         agent), capture and enrollments stay, this node's registry entries stay (etcd: the
         lease is left to the next agent), the ledger keeps listing every kernel object."""
         self._stopping = True
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._step("the agent's background tasks", self._end_tasks())
         # DNS: the redirect stays; the workers hold the sockets, queries wait in them
         if self.names is not None:
-            await self.names.detach()
+            await self._step("the DNS server", self.names.detach())
         if self.control is not None:
-            await self.control.stop()
+            await self._step("the control socket", self.control.stop())
         await self._stop_identity()
-        await self.telemetry.stop_admin()
-        await self.health.close()
+        await self._step("the admin port", self.telemetry.stop_admin())
+        await self._step("the health checks", self.health.close())
         if self.workers is not None:
             self.workers.detach()
         if self.report is not None:
-            await self.report.stop()
+            await self._step("the host report", self.report.stop())
         if self.registry is not None:
-            try:
-                await self.registry.detach()
-            except MeshnodeError as exc:
-                log.error("detaching from the registry: %s", exc)
+            await self._step("detaching from the registry", self.registry.detach(),
+                             REGISTRY_DEADLINE)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     async def _stop_identity(self) -> None:
         if self.identity is not None:
-            await self.identity.stop()
+            await self._step("the identity client", self.identity.stop())
         if self.ca is not None:
-            await self.ca.stop()
+            await self._step("the CA service", self.ca.stop())
+
+    async def _end_tasks(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _step(self, name: str, work: Awaitable[Any],
+                    deadline: float | None = None) -> None:
+        """Run one step of a stop, for at most `deadline` seconds; log what it raised and go on.
+
+        The step runs as a task of its own and is waited for with asyncio.wait, not
+        asyncio.timeout: a timeout acts by cancelling the waiting task, which a step that
+        swallows cancellations defeats (one that cancels a task and awaits it, when that task
+        ignored the cancel: asyncio.wait_for on Python 3.11 does, when its wait completes as
+        the cancellation lands). A step that does not finish is named and left: it is
+        cancelled once more, and `end_stragglers` deals with it."""
+        deadline = STEP_DEADLINE if deadline is None else deadline
+        task = asyncio.ensure_future(work)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=deadline)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if not done:
+            log.warning("stopping: %s did not finish within %g s (waiting in %s); going on "
+                        "without it", name, deadline, waiting_in(task))
+            task.cancel()
+            return
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, MeshnodeError):
+            log.error("stopping: %s: %s", name, exc)
+        elif exc is not None:
+            log.error("stopping: %s failed", name, exc_info=exc)
+
+    async def end_stragglers(self, keep: Iterable[asyncio.Task[Any]] = ()) -> list[str]:
+        """Once stopped: cancel whatever else still runs on the loop (a step left behind,
+        background work) and give it STRAGGLERS_DEADLINE to end, cancelling again what ignored
+        the first cancellation. Returns what still runs then (asyncio.run would wait for it
+        without a bound)."""
+        me, kept = asyncio.current_task(), set(keep)
+        deadline = time.monotonic() + STRAGGLERS_DEADLINE
+
+        def running() -> list[asyncio.Task[Any]]:
+            return [t for t in asyncio.all_tasks() if t is not me and t not in kept
+                    and not t.done()]
+
+        left, wait = running(), 1.0  # the first cancellation gets time to unwind
+        while left and (rest := deadline - time.monotonic()) > 0:
+            for t in left:
+                t.cancel()
+            await asyncio.wait(left, timeout=min(wait, rest))
+            left, wait = running(), 0.2
+        return [f"{t.get_name()} (waiting in {waiting_in(t)})" for t in left]
 
     def remove_leftovers(self) -> None:
         """The last resort of a removal: stop whatever serves in the proxy cgroup, undo every
@@ -449,13 +514,23 @@ class HostAgent:
         self._stop.set()
 
     def _reload(self) -> None:
+        """SIGHUP: detach, then re-execute in place. Once a stop began it is not turned into
+        a reload."""
+        if self._stop.is_set():
+            return
         self.reload = True
+        self._stop.set()
+
+    def _terminate(self) -> None:
+        """SIGTERM, SIGINT: stop; during a reload's detach too (it then exits instead of
+        re-executing: `systemctl stop` must not be lost to a reload in progress)."""
+        self.reload = False
         self._stop.set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._terminate)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         await self.start()
         assert self.workers is not None
@@ -473,9 +548,19 @@ class HostAgent:
             systemd.notify("RELOADING=1" if self.reload else "STOPPING=1",
                            "STATUS=" + ("removing meshnode from this host" if remove else
                                         "restarting: the data plane keeps serving"))
+            # systemd hears a heartbeat until the process exits or re-executes
+            heartbeat = asyncio.ensure_future(systemd.while_stopping(
+                STOP_BOUND + (self.cfg.drain_grace if remove else 0.0)))
             log.info("%s", "removing: failing open, draining, removing kernel state" if remove
                      else "stopping; workers and capture keep serving for the next agent")
             await self.stop(remove=remove)
+            stuck = await self.end_stragglers(keep={heartbeat})
+            if stuck:
+                log.warning("stopping: still running after %g s: %s", STRAGGLERS_DEADLINE,
+                            "; ".join(stuck))
+                if self.reload:  # asyncio.run would wait for them: re-execute regardless
+                    systemd.reexec()
+            heartbeat.cancel()
 
     def _healthy(self) -> bool:
         """The watchdog's heartbeat: the loop runs (this is called on it) and a reconcile
@@ -517,3 +602,18 @@ class HostAgent:
         """Apply a change now, so the caller's next connection already sees it."""
         self._dirty.clear()
         await self._reconcile()
+
+
+def waiting_in(task: asyncio.Task[Any]) -> str:
+    """Where a task waits, for a log: the innermost of its coroutines outside asyncio itself
+    (file, line, function)."""
+    where, obj = "?", cast(Any, task.get_coro())
+    while obj is not None:
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "ag_frame", None)
+        if frame is None:
+            break
+        path = Path(frame.f_code.co_filename)
+        if path.parent.name != "asyncio":
+            where = f"{path.name}:{frame.f_lineno} {frame.f_code.co_name}"
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "ag_await", None)
+    return where

@@ -199,8 +199,11 @@ class IdentityClient:
                 self._say(f"identity: {exc}")
             except Exception:
                 log.exception("identity step failed")
+            # asyncio.timeout, not wait_for: on 3.11 wait_for drops a cancellation that lands
+            # as the wake-up does, and stop() would wait for this loop forever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK)
+                async with asyncio.timeout(TICK):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def step(self) -> None:

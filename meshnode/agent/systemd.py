@@ -1,5 +1,9 @@
 """systemd integration without libsystemd: sd_notify(3) over $NOTIFY_SOCKET (READY, RELOADING,
-STOPPING, STATUS, WATCHDOG) and the re-exec a reload (SIGHUP) ends in.
+STOPPING, STATUS, WATCHDOG, EXTEND_TIMEOUT_USEC) and the re-exec a reload (SIGHUP) ends in.
+
+Two heartbeats: `watchdog` while the agent serves (it stops when a reconcile wedges), then
+`while_stopping` from the moment a stop or a reload begins until the process exits or
+re-executes (bounded: a stop that wedges past its bound is for systemd to end).
 
 Outside systemd (no NOTIFY_SOCKET) every call is a no-op.
 """
@@ -12,11 +16,13 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
 WEDGED_AFTER = 20.0  # seconds a reconcile may hold its lock before the heartbeat stops
+STOPPING_PING = 5.0  # at most this many seconds between pings while stopping
 # The `meshnode agent` command line (JSON), kept for a reload: run again, it reads its config
 # file anew. Without it (the agent started otherwise) a reload re-executes the same process.
 RELOAD_ARGV = "MESHNODE_AGENT_CLI_ARGV"
@@ -60,6 +66,22 @@ async def watchdog(healthy: Callable[[], bool]) -> None:
             log.error("heartbeat missed: a reconcile has been running for over %.0f s",
                       WEDGED_AFTER)
         await asyncio.sleep(interval)
+
+
+async def while_stopping(limit: float) -> None:
+    """Keep systemd waiting while the agent stops or detaches for a reload, for at most
+    `limit` seconds from now: WATCHDOG=1 (the serving heartbeat ends with the reconcile, and
+    in a reload the watchdog still runs: a slow step must not read as a hung agent) with
+    EXTEND_TIMEOUT_USEC (the stop timeout, and the watchdog, then run at least that long from
+    each ping; never past `limit`). The first ping goes at once: the last serving one may be
+    a whole interval old."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    interval = min(watchdog_interval() or STOPPING_PING, STOPPING_PING)
+    deadline = time.monotonic() + limit
+    while (left := deadline - time.monotonic()) > 0:
+        notify("WATCHDOG=1", f"EXTEND_TIMEOUT_USEC={int(min(left, 3 * interval) * 1e6)}")
+        await asyncio.sleep(min(interval, left))
 
 
 def reexec() -> None:

@@ -46,6 +46,8 @@ _PERMANENT = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDIT
               grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
               grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.OUT_OF_RANGE}
 
+_RECANCEL_AFTER = 0.5  # s: a session task still running this long after a cancel ignored it
+
 _CHANNEL_OPTIONS = {
     # notice a member that vanished without closing its connections (host down)
     "grpc.keepalive_time_ms": 10_000,  # etcd allows pings every 5 s (--grpc-keepalive-min-time)
@@ -55,7 +57,11 @@ _CHANNEL_OPTIONS = {
     # back, on top of ours.
     "grpc.use_local_subchannel_pool": 1,
     "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
+    # gRPC core takes this as the least time a connection attempt gets (TCP and the HTTP/2
+    # SETTINGS frame), not as a backoff: at 100 ms a member a busy host or a slow link
+    # reaches in more than that was never reached ("timed out before receiving SETTINGS
+    # frame", every start on the Vagrant CI's vm3). 2 s: within the default request timeout.
+    "grpc.min_reconnect_backoff_ms": 2_000,
     # a full resync reads the whole prefix in one response; gRPC's default cap is 4 MiB
     "grpc.max_receive_message_length": 64 << 20,
 }
@@ -153,11 +159,24 @@ class EtcdSession:
         self._poke.set()
 
     async def _stop_task(self) -> None:
+        """Cancel the session's task until it ends, for at most `request_timeout`: aetcd
+        waits with asyncio.wait_for (connecting, creating the watch), which on Python 3.11
+        drops a cancellation that lands as its wait completes, and the session would run on
+        while close() or abandon() awaited it forever. Past the bound it is left to the
+        loop's end (the agent stops regardless) and said so."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        while not task.done() and (left := deadline - loop.time()) > 0:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=min(left, _RECANCEL_AFTER))
+        if not task.done():
+            log.warning("the etcd session did not end within %g s of its cancellation",
+                        self.request_timeout)
+        elif not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("the etcd session failed", exc_info=exc)
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None

@@ -171,7 +171,8 @@ def test_reload_reexecs_in_place_with_the_new_config(make_host, tmp_path) -> Non
 
 def test_systemd_notifications(make_host, tmp_path) -> None:
     """What systemd hears (Type=notify, WatchdogSec): READY=1 once serving, WATCHDOG=1 at
-    half the interval, RELOADING=1 and READY=1 again around a reload, STOPPING=1."""
+    half the interval, RELOADING=1 and READY=1 again around a reload, with the heartbeat
+    (WATCHDOG=1, EXTEND_TIMEOUT_USEC) kept up in between, STOPPING=1."""
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
@@ -194,7 +195,8 @@ def test_systemd_notifications(make_host, tmp_path) -> None:
     assert h.agent is not None
     h.agent.send_signal(signal.SIGHUP)
     heard("RELOADING=1")
-    heard("READY=1")  # the re-executed agent, serving again
+    reloading = heard("READY=1")  # the re-executed agent, serving again
+    assert any(line.startswith("EXTEND_TIMEOUT_USEC=") for line in reloading), reloading
     h.agent.send_signal(signal.SIGTERM)
     heard("STOPPING=1")
     sock.close()
