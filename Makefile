@@ -1,10 +1,12 @@
 # Opt-in benchmarks (issue #5), never part of the default test run. setup.sh installs what is
-# missing (HAProxy, nginx, wrk, matplotlib; sudo when not root), then runs `python -m tests.bench`.
+# missing (HAProxy, nginx, wrk, h2load, matplotlib; sudo when not root), then runs `python -m tests.bench`.
 #   make bench                  full run, bounded (about 10 minutes on 2 CPUs)
 #   make bench-quick            the regression guard (under 2 minutes): run it before changing
 #                               the data path; its "targets:" lines say whether each holds
 #   (both end with mTLS between two hosts, tests/bench/tunnel.py: meshnode plaintext and mTLS
-#   against HAProxy mTLS; alone: python -m tests.bench.tunnel [--quick])
+#   against HAProxy mTLS; alone: python -m tests.bench.tunnel [--quick]; then HTTP/1.1 with
+#   wrk and h2 with h2load through meshnode L7, HAProxy mode http and nginx proxy_pass:
+#   tests/bench/http.py, alone: python -m tests.bench.http [--quick])
 #   make bench BENCH_ARGS="--out DIR"
 #   make bench-scale            what one change costs with 10 000 services of 4 endpoints
 #                               (tests/bench/scale.py; a few minutes on 2 CPUs);
