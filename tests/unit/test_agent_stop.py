@@ -181,8 +181,16 @@ def test_the_identity_client_stops_when_a_registry_change_races_the_stop(
         registry = EmbeddedRegistry(cfg.state_path / "registry.json")
         client = IdentityClient(cfg, "n1", registry, lambda: (), lambda: None)
         client.load()
+        passed = asyncio.Event()
+        first_step = client.step
+
+        async def step() -> None:
+            await first_step()
+            passed.set()  # from here the loop goes straight into its wait for a wake-up
+
+        client.step = step  # type: ignore[method-assign]
         client.start()
-        await asyncio.sleep(0.1)  # its first pass is done: it waits to be woken
+        await asyncio.wait_for(passed.wait(), 5.0)
         client.changed()
         stopping = asyncio.ensure_future(client.stop())
         try:

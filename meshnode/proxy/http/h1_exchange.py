@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from meshnode.model import Endpoint
+from meshnode.proxy.http.attempt import begin_attempt
 from meshnode.proxy.http.dial import DialError
 from meshnode.proxy.http.exchange import RequestRecord, RoutePlan, ServiceHttp, backoff
 from meshnode.proxy.http.h1_wire import (
@@ -226,48 +227,16 @@ class Exchange:
     # -- attempts ---------------------------------------------------------------------------
 
     def _attempt(self) -> None:
-        down, rec = self.down, self.rec
-        front = down.front
-        route = self.route
-        if route is None or all(e in self.tried for e in route.attempts):
-            # the balancer's order, once per request (a retry takes the next endpoint in it)
-            found = front.table.route(down.dst, down.info.peer)
-            if not isinstance(found, ToService) or not found.attempts:
-                self._fail("no_endpoint", f"no endpoint of {down.service} can take the request")
-                return
-            route = self.route = found
-        # the next endpoint not tried yet; all tried: any but the last that failed
-        ep = next((e for e in route.attempts if e not in self.tried), None) or next(
-            (e for e in route.attempts if not self.tried or e != self.tried[-1]),
-            route.attempts[0])
-        self.tried.append(ep)
-        refusal = front.authorize(rec, ep)
-        if refusal is not None:
-            if isinstance(refusal, str):
-                self._fail("bad_request", refusal)
-            else:
-                self._fail("denied", refusal)
+        key = begin_attempt(self)
+        if key is None:
             return
-        if not self.svc.admit(ep.addr):
-            self._fail("circuit_open", f"{ep.addr} has {self.svc.limits.max_requests} "
-                       "requests in flight (limits.maxRequests)")
-            return
-        self.ep = ep
-        self.balancer, self.outlier = route.balancer, route.outlier
-        self.token = route.balancer.on_start(ep)
-        front.stats.selected(down.service, ep.addr)
-        rec.attempts += 1
-        rec.endpoint = ep.addr
-        self.attempt_t0 = front.clock()
-        per_try = self.plan.timeouts.per_try
-        if per_try:
-            self.try_timer = front.loop.call_later(per_try, self._try_timed_out)
-        key = front.pool_key(ep, down.info.src)
+        front = self.down.front
+        assert self.ep is not None
         conn = front.pool.idle(key)
         if conn is not None:
             self._send(conn)
         else:
-            self.connecting = front.loop.create_task(self._connect(ep, key))
+            self.connecting = front.loop.create_task(self._connect(self.ep, key))
 
     async def _connect(self, ep: Endpoint, key: tuple[Any, str]) -> None:
         front = self.down.front
