@@ -4,7 +4,7 @@ Examples:
   sudo meshnode agent --capture auto
   sudo meshnode service add web --port 80
   sudo meshnode run --service web -- python3 -m http.server 8001
-  sudo meshnode enroll 4242 --service api
+  sudo meshnode enroll 4242 --service api --label version=v2
   sudo meshnode status --output json
 """
 
@@ -228,17 +228,33 @@ def status(instance: Instance = "default", output: OutputOpt = Output.table) -> 
         typer.echo(status_text(s))
 
 
+LabelOpt = Annotated[list[str] | None, typer.Option(
+    "--label", help="KEY=VALUE on its endpoints, e.g. version=v2: the subsets a Route's "
+                    "backends name (repeatable)")]
+
+
+def _label_args(label: list[str] | None) -> dict[str, str]:
+    """The --label flags, checked here so a typo fails before the agent is asked."""
+    from meshnode.policy.labels import parse_labels
+
+    return dict(parse_labels(label or []))
+
+
 @app.command()
 def enroll(pid: Annotated[int, typer.Argument(help="a running process")],
            service: Annotated[str, typer.Option(help="service it serves or belongs to")],
+           label: LabelOpt = None,
            instance: Instance = "default", output: OutputOpt = Output.table) -> None:
-    """Put a running process (and its children) into the mesh, without restarting it."""
-    r = _client(instance).call("enroll", pid=pid, service=service)
+    """Put a running process (and its children) into the mesh, without restarting it.
+    Enrolling it again with other --label flags relabels its endpoints."""
+    r = _client(instance).call("enroll", pid=pid, service=service, labels=_label_args(label))
     if output is Output.json:
         emit_json(r)
     else:
         eps = ", ".join(r["endpoints"]) or "none yet"
-        typer.echo(f"enrolled PID {r['pid']} in {r['service']} (endpoints: {eps})")
+        labels = ",".join(f"{k}={v}" for k, v in r.get("labels", {}).items())
+        typer.echo(f"enrolled PID {r['pid']} in {r['service']} (endpoints: {eps}"
+                   + (f"; labels {labels})" if labels else ")"))
 
 
 @app.command()
@@ -251,12 +267,15 @@ def unenroll(pid: int, instance: Instance = "default") -> None:
 @app.command(context_settings={"allow_interspersed_args": False})
 def run(service: Annotated[str, typer.Option(help="service the command belongs to")],
         command: Annotated[list[str], typer.Argument(help="the command, after --")],
+        label: LabelOpt = None,
         instance: Instance = "default") -> None:
-    """Start a command already enrolled: meshnode run --service web -- CMD ARGS..."""
+    """Start a command already enrolled: meshnode run --service web --label version=v2 --
+    CMD ARGS..."""
     if shutil.which(command[0]) is None:
         raise UsageError(f"command not found: {command[0]}", "check the command after --")
     # Enroll this very process, then become the command: same PID, same start time.
-    _client(instance).call("enroll", pid=os.getpid(), service=service)
+    _client(instance).call("enroll", pid=os.getpid(), service=service,
+                           labels=_label_args(label))
     sys.stdout.flush()
     os.execvp(command[0], command)
 
@@ -269,6 +288,7 @@ def service_add(
     fail_closed: Annotated[bool | None, typer.Option(
         "--fail-closed/--fail-open", help="refuse connections while the proxy is down")] = None,
     weight: Annotated[int | None, typer.Option(help="weight of the --endpoint(s) added")] = None,
+    label: LabelOpt = None,
     lb: Annotated[str | None, typer.Option(
         help="p2c-ewma (default), round-robin, random or ring-hash")] = None,
     locality: Annotated[bool | None, typer.Option(
@@ -306,11 +326,12 @@ def service_add(
                    outlier=_given(consecutiveFailures=eject_after, baseEjection=eject_for,
                                   maxEjectedShare=eject_max_share))
     r = _client(instance).call("service.add", name=name, endpoints=endpoint or [],
-                               weight=weight, patch=patch or {})
+                               weight=weight, labels=_label_args(label), patch=patch or {})
     if output is Output.json:
         emit_json(r)
     else:
-        eps = ", ".join(e["addr"] for e in r["endpoints"]) or "none"
+        eps = ", ".join(e["addr"] + "".join(f" {k}={v}" for k, v in e.get("labels", {}).items())
+                        for e in r["endpoints"]) or "none"
         typer.echo(f"service {r['name']}: VIP {r['vip']}, port {r['port'] or '*'}, "
                    f"endpoints {eps}, version {r['version']}")
 

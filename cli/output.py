@@ -68,7 +68,9 @@ def status_text(s: dict[str, Any]) -> str:
         for e in svc["endpoints"]:
             p = e.get("proxy", {})
             ejected = p.get("ejected_for", 0)
+            labels = ",".join(f"{k}={v}" for k, v in (e.get("labels") or {}).items())
             eps.append([svc["name"], e["addr"], e.get("node") or "-", str(e.get("weight", 1)),
+                        labels or "-",
                         ("ok" if e["health"]["healthy"] else "DOWN")
                         + (f", ejected {ejected:.0f}s" if ejected else ""),
                         e["health"]["reason"], str(p.get("active", 0)),
@@ -78,7 +80,7 @@ def status_text(s: dict[str, Any]) -> str:
                else "no services (add one: meshnode service add NAME)")
     if eps:
         out.append("")
-        out.append(table(eps, ["SERVICE", "ENDPOINT", "NODE", "WEIGHT", "STATE", "WHY",
+        out.append(table(eps, ["SERVICE", "ENDPOINT", "NODE", "WEIGHT", "LABELS", "STATE", "WHY",
                                "ACTIVE", "CONNS"]))
     out.append("")
     procs = [[str(e["pid"]), e["service"], ", ".join(e["endpoints"]) or "-"]

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 import yaml
+from meshnode.cli import routes
 from meshnode.cli.options import Instance, client
 from meshnode.cli.output import emit_json, table
 
@@ -78,6 +79,8 @@ def register(app: typer.Typer) -> None:
         """Create or update resources from documents (atomic: all of them or none)."""
         docs, sources = read_documents(filename)
         r = client(instance).call("apply", docs=docs, sources=sources)
+        for warning in r.get("warnings", []):  # accepted, but it will not serve yet
+            typer.echo(f"warning: {warning}", err=True)
         if output is not Format.table:
             _emit(r, output)
             return
@@ -86,12 +89,17 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{res['kind']}/{res['name']} {res['action']}{version}")
 
     @app.command()
-    def get(kind: KindArg, name: Annotated[str | None, typer.Argument()] = None,
+    def get(kind: Annotated[str, typer.Argument(
+                help="resource kind, e.g. Service; or routes: the effective routing per "
+                     "service")], name: Annotated[str | None, typer.Argument()] = None,
             instance: Instance = "default", output: FormatOpt = Format.table,
             hosts: Annotated[bool, typer.Option(
                 "--hosts", help="which version each host's agent runs")] = False) -> None:
         """List resources of a kind, or print one (-o yaml gives a document to edit and
-        apply)."""
+        apply). `get routes [SERVICE]`: the effective routing per service (cli/routes.py)."""
+        if kind == routes.WORD:
+            routes.show_routes(instance, output.value, name)
+            return
         c = client(instance)
         r = c.call("get", kind=kind, name=name)
         if hosts:

@@ -190,6 +190,15 @@ REQUEST_FIELDS: tuple[LabelledField, ...] = (
                   "Connections to auto ports by what detection found: http1, h2, tcp (other "
                   "bytes) or timeout (the client said nothing within http.detectTimeout).",
                   ("dst", "result")),
+    LabelledField("mirror_sent", "counter", "meshnode_mirror_requests",
+                  "Mirrored copies of requests (a Route rule's mirror) the mirror answered, "
+                  "whatever the status, by source and mirror service.", ("src", "dst")),
+    LabelledField("mirror_dropped", "counter", "meshnode_mirror_dropped",
+                  "Mirrored copies not made or not answered, by why: overload (the worker's "
+                  "copies in flight or bytes held at their bound), too_large (the body was not "
+                  "held), no_endpoint, denied, protocol (a gRPC call to an HTTP/1.1 port), "
+                  "connect, timeout, reset, error.",
+                  ("src", "dst", "reason")),
 )
 
 # Every labelled field a worker sends (wire.StatsReply.labelled), by name.

@@ -1,7 +1,7 @@
 """Value types shared by every layer: addresses, services, endpoints, discovery updates,
 and the capture state the agent hands to a capture backend.
 
-Imports nothing of meshnode's but errors and the policy resources (pure).
+Imports nothing of meshnode's but errors, the policy resources and labels (pure).
 Their wire form is meshnode.wire's (generic: encoded and rebuilt field by field).
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 from meshnode.errors import UsageError
+from meshnode.policy.labels import Labels
 from meshnode.policy.resources import (
     LB_ALGORITHMS,
     BalancerConfig,
@@ -24,7 +25,8 @@ from meshnode.policy.resources import (
 
 # re-exported: the balancers and the registry name these policy values by their model names
 __all__ = ["LB_ALGORITHMS", "Add", "BalancerConfig", "CaptureRule", "CaptureState", "ClientAddr",
-           "DoesNotExist", "Endpoint", "HealthConfig", "HostPort", "InboundRule", "OrigDstAddr",
+           "DoesNotExist", "Endpoint", "HealthConfig", "HostPort", "InboundRule", "Labels",
+           "OrigDstAddr",
            "OutlierConfig",
            "PolicyView", "Remove", "Reset", "ServicePolicy", "ServiceSpec", "Update",
            "in_network", "service_name"]
@@ -90,12 +92,14 @@ class Endpoint:
     """One address that serves a service, as the balancers see it.
 
     `node` names the agent (host) it runs on and `zone` that host's zone, for locality;
-    `weight` scales its share of traffic (1 is the norm)."""
+    `weight` scales its share of traffic (1 is the norm); `labels` (sorted pairs, the canonical
+    form of meshnode.policy.labels) put it in the subsets a Route's backend can name."""
 
     addr: HostPort
     node: str = ""
     zone: str = ""
     weight: int = 1
+    labels: Labels = ()
 
 
 class PolicyView:

@@ -13,7 +13,7 @@
                      sources (cgroup id -> source service), tap (services to send events for),
                      retain (the services still known, after an adoption), identities
                      (TLS material), peers (hosts serving mTLS), security (mTLS default,
-                     authorization)
+                     authorization), gateway (ingress listeners with their certificates)
    worker -> agent   hello, listening, error (start-up failed, then exit), synced, stats
                      (counters, named by meshnode.counters), event (a tapped connection)
 
@@ -42,8 +42,10 @@ import msgspec
 from meshnode.errors import MeshnodeError, WireError, from_wire
 from meshnode.model import Add, DoesNotExist, Endpoint, Remove, Reset, ServiceSpec, Update
 from meshnode.policy.authz import AuthzTable
+from meshnode.policy.traffic import RouteSpec
 
 __all__ = [
+    "GATEWAY_FDS_SOCKET",
     "MIN_PROTOCOL",
     "PROTOCOL",
     "AgentMessage",
@@ -54,6 +56,9 @@ __all__ = [
     "EndpointsRemoved",
     "ErrorInfo",
     "Failure",
+    "GatewayCert",
+    "GatewayConfig",
+    "GatewayListenerConfig",
     "Hello",
     "HistogramCounts",
     "Identities",
@@ -77,6 +82,7 @@ __all__ = [
     "Synced",
     "Tap",
     "Tracing",
+    "Traffic",
     "WorkerMessage",
     "agent_codec",
     "as_update",
@@ -93,7 +99,8 @@ __all__ = [
 # Listening names the listener's descriptor; Retain.
 # 3: Identities, Peers, Security (mTLS between hosts, authorization).
 # 4: Tracing; request counters and tap events of HTTP ports.
-PROTOCOL = 4
+# 5: Traffic (Route resources), GatewayConfig (ingress gateway listeners).
+PROTOCOL = 5
 MIN_PROTOCOL = 1
 
 
@@ -155,6 +162,15 @@ class Tracing(_Message, frozen=True, tag="tracing"):
     node: str = ""
 
 
+class Traffic(_Message, frozen=True, tag="traffic"):
+    """Every Route resource (traffic control), by name, as validated; the worker compiles
+    them (meshnode/route/traffic.py). `workers`: how many workers share this host's rate
+    limits (each refills at its share)."""
+
+    routes: dict[str, RouteSpec] = {}
+    workers: int = 1
+
+
 class ServiceReset(_Message, frozen=True, tag="reset"):
     service: ServiceSpec
     endpoints: tuple[Endpoint, ...] = ()
@@ -203,9 +219,47 @@ class Tap(_Message, frozen=True, tag="tap"):
     services: tuple[str, ...] = ()
 
 
+# -- the ingress gateway (agent -> worker) -------------------------------------------------------
+# The agent binds each gateway listener (root, like the inbound one) and keeps it among the
+# descriptors the workers hold for it (Hello.held, under GatewayListenerConfig.held). A worker
+# that does not hold one yet (the listener opened after it started) takes a copy over this
+# socket, beside the worker socket: it sends the held name and a newline, the agent answers
+# with one byte and the descriptor (SCM_RIGHTS), or with no descriptor when it has none.
+GATEWAY_FDS_SOCKET = "gateway-fds.sock"
+
+
+class GatewayCert(msgspec.Struct, frozen=True):
+    """One certificate of an https listener: the host names it serves, its chain and key
+    (PEM: the agent read and checked the operator's files; the worker loads them from
+    memory, never from a path it may not be allowed to read)."""
+
+    hosts: tuple[str, ...]
+    chain: str
+    key: str
+
+
+class GatewayListenerConfig(msgspec.Struct, frozen=True):
+    """One listener: which gateway, the Service it calls into the mesh as, where, how.
+    `certificates`: the first is the default (no SNI, or a name none lists)."""
+
+    held: str  # the descriptor's name among the held ones
+    gateway: str
+    service: str
+    address: str
+    port: int
+    protocol: str = "https"  # https | http
+    certificates: tuple[GatewayCert, ...] = ()
+
+
+class GatewayConfig(_Message, frozen=True, tag="gateway"):
+    """Every gateway listener this host serves (none: close them all)."""
+
+    listeners: tuple[GatewayListenerConfig, ...] = ()
+
+
 AgentMessage = (Hello | ServiceReset | EndpointsAdded | EndpointsRemoved | ServiceGone | Sync
                 | StatsRequest | CgroupSources | Tap | Retain | Identities | Peers | Security
-                | Tracing)
+                | Tracing | Traffic | GatewayConfig)
 
 
 def update_message(u: Update) -> ServiceReset | EndpointsAdded | EndpointsRemoved | ServiceGone:

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["Pki", "foreign_pair", "make_pki"]
+__all__ = ["Pki", "foreign_pair", "make_pki", "web_certs"]
 
 DAY = dt.timedelta(days=1)
 
@@ -136,3 +136,33 @@ def foreign_pair(directory: Path, uri: str = "spiffe://mesh/svc/client",
     key_path.write_bytes(_key_pem(key))
     key_path.chmod(0o600)
     return cert_path, key_path
+
+
+def web_certs(directory: Path,
+              sites: dict[str, list[str]]) -> tuple[Path, dict[str, tuple[Path, Path]]]:
+    """Server certificates as an operator brings them to a gateway: a root of their own
+    (`ca.pem`, what a client is told to trust), and per site a leaf for its DNS names, the
+    chain and the key in two files: (root path, {site: (cert path, key path)})."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = _root("web.test")
+    root = directory / "ca.pem"
+    root.write_bytes(_pem(ca.cert))
+    now = dt.datetime.now(dt.UTC)
+    out = {}
+    for site, hosts in sites.items():
+        key = _key()
+        cert = (x509.CertificateBuilder().subject_name(_name(hosts[0]))
+                .issuer_name(ca.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - DAY).not_valid_after(now + 30 * DAY)
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]),
+                               critical=False)
+                .add_extension(x509.ExtendedKeyUsage(
+                    [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+                .sign(ca.key, hashes.SHA256()))
+        cert_path, key_path = directory / f"{site}.pem", directory / f"{site}.key"
+        cert_path.write_bytes(_pem(cert) + _pem(ca.cert))
+        key_path.write_bytes(_key_pem(key))
+        key_path.chmod(0o600)
+        out[site] = (cert_path, key_path)
+    return root, out

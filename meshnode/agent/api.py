@@ -17,10 +17,12 @@ from meshnode.agent.ca_api import CaApi
 from meshnode.agent.control import Handler
 from meshnode.agent.parts import Parts
 from meshnode.agent.resources_api import ResourceApi
+from meshnode.agent.routes_api import RoutesApi, route_specs
 from meshnode.discovery.registry import EndpointRecord, patch_service
 from meshnode.errors import UsageError
-from meshnode.model import HostPort
+from meshnode.model import HostPort, Labels
 from meshnode.policy import compiler
+from meshnode.policy.labels import labels_from, labels_json
 from meshnode.policy.store import Delete
 
 
@@ -44,6 +46,7 @@ class ControlApi:
             "hosts": self.hosts,
             "uninstall": self.uninstall,
             **ResourceApi(self.p.registry, self.p.settle).handlers(),
+            **RoutesApi(self.p).handlers(),
             **CaApi(self.p.registry, self.p.cfg.state_path / "ca", self.p.node, self.p.ca,
                     self.p.ca_started).handlers(),
         }
@@ -66,11 +69,12 @@ class ControlApi:
         return {"version": __version__, "pid": os.getpid(), "ready": self.p.ready()}
 
     async def enroll(self, args: dict[str, Any]) -> Any:
-        e = await self.p.enrollments.enroll(_int(args, "pid"), str(args.get("service", "")))
+        e = await self.p.enrollments.enroll(_int(args, "pid"), str(args.get("service", "")),
+                                            _labels(args))
         await self.p.settle()
         return {"pid": e.pid, "service": e.service,
                 "cgroup": str(self.p.enrollments.service_cgroup(e.service)),
-                "endpoints": sorted(str(p) for p in e.ports)}
+                "endpoints": sorted(str(p) for p in e.ports), "labels": labels_json(e.labels)}
 
     async def unenroll(self, args: dict[str, Any]) -> Any:
         e = await self.p.enrollments.unenroll(_int(args, "pid"))
@@ -83,6 +87,9 @@ class ControlApi:
         reg = self.p.registry
         name = str(args.get("name", ""))
         eps = [HostPort.parse(e) for e in _strings(args, "endpoints")]
+        labels = _labels(args)
+        if labels and not eps:
+            raise UsageError("--label labels the endpoints added", "give --endpoint HOST:PORT")
         patch = args.get("patch") or {}
         if not isinstance(patch, dict):
             raise UsageError("service.add: patch must be an object", "upgrade the CLI")
@@ -90,7 +97,8 @@ class ControlApi:
         if eps:
             weight = _int(args, "weight") if args.get("weight") is not None else 1
             await reg.add_endpoints(
-                name, [EndpointRecord(a, "static", None, self.p.node, self.p.cfg.zone, weight)
+                name, [EndpointRecord(a, "static", None, self.p.node, self.p.cfg.zone, weight,
+                                      labels=labels)
                        for a in eps])
         await self.p.settle()
         return status.describe_service(reg.services()[rec.name], {}, self.p.health)
@@ -128,7 +136,13 @@ class ControlApi:
                                          opt("dst"), bool(args.get("failed_only")))
 
     async def explain(self, args: dict[str, Any]) -> Any:
-        from meshnode.agent.explain import ExplainInputs, ejections, explain, trust_domain
+        from meshnode.agent.explain import (
+            ExplainInputs,
+            ejections,
+            explain,
+            gateways_of,
+            trust_domain,
+        )
         from meshnode.policy.authz import compile_authz
 
         p = self.p
@@ -146,9 +160,10 @@ class ControlApi:
             zone=p.cfg.zone, cgroup_mount=p.mount, root_cgroup=p.root_cgroup,
             enrollments=p.enrollments.describe(), health=p.health,
             ejected_for=ejections(totals), authz=compile_authz(resources),
-            trust_domain=trust_domain(resources))
+            trust_domain=trust_domain(resources), routes=route_specs(resources),
+            gateways=gateways_of(resources))
         return explain(inputs, _int(args, "pid"), str(args.get("dest", "")),
-                       args.get("method"), args.get("path"))
+                       args.get("method"), args.get("path"), _strings(args, "headers"))
 
     async def authz_suggest(self, args: dict[str, Any]) -> Any:
         """`meshnode authz suggest`: ALLOW policies listing the callers this host's proxy saw
@@ -187,6 +202,14 @@ def _strings(args: dict[str, Any], key: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise UsageError(f"{key} must be a list of strings", f"pass {key} as [\"...\", ...]")
     return value
+
+
+def _labels(args: dict[str, Any]) -> Labels:
+    """`labels`: an object of label -> value (the CLI's repeated --label KEY=VALUE)."""
+    value = args.get("labels") or {}
+    if not isinstance(value, dict):
+        raise UsageError("labels must be an object", 'pass labels as {"version": "v2"}')
+    return labels_from(value)
 
 
 def _window(args: dict[str, Any]) -> float:

@@ -5,6 +5,8 @@ into its service's cgroup, which is what capture keys on, and registers the TCP 
 listens on as the service's endpoints, rescanning as ports open and close. A pidfd tells the
 agent the moment the process exits; the start time guards against PID reuse across restarts.
 Records persist, so a restarted agent re-enrolls the processes that are still the same ones.
+An enrollment's labels (`--label version=v2`) go on every endpoint it registers: the subsets a
+Route's backends name; enrolling the same process again with other labels relabels them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from meshnode.discovery.registry import EndpointRecord, Registry, patch_service
 from meshnode.errors import AccessError, ConflictError, MeshnodeError, NotFoundError, UsageError
 from meshnode.host import cgroup, process
 from meshnode.host.statefile import write_json
-from meshnode.model import HostPort, service_name
+from meshnode.model import HostPort, Labels, service_name
+from meshnode.policy.labels import format_labels, labels_from, labels_json
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class Enrollment:
     service: str
     origin_cgroup: str  # where it came from: unenroll and agent stop move it back there
     ports: set[HostPort] = field(default_factory=set)
+    labels: Labels = ()
     # Whether this agent has registered `ports` itself. Not saved: after a restart the old
     # agent's registrations may be gone (lease revoked or expired), so the first scan of a
     # re-adopted process registers all its ports again, under the new agent's lease.
@@ -44,13 +48,16 @@ class Enrollment:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["ports"] = sorted(str(p) for p in self.ports)
+        d["labels"] = labels_json(self.labels)
         del d["registered"]
         return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Enrollment:
+        # (records written before labels have none)
         return cls(int(d["pid"]), float(d["start_time"]), str(d["service"]),
-                   str(d["origin_cgroup"]), {HostPort.parse(p) for p in d.get("ports", [])})
+                   str(d["origin_cgroup"]), {HostPort.parse(p) for p in d.get("ports", [])},
+                   labels_from(d.get("labels") or {}))
 
 
 class EnrollmentManager:
@@ -108,8 +115,9 @@ class EnrollmentManager:
             await self._drop_endpoints(e, e.ports)
         self._save()
 
-    async def enroll(self, pid: int, service: str) -> Enrollment:
+    async def enroll(self, pid: int, service: str, labels: Labels = ()) -> Enrollment:
         service_name(service)
+        labels = labels_from(labels)
         if pid in self.protected:
             raise UsageError(f"PID {pid} is meshnode itself", "enroll an application process")
         pid_id = process.identify(pid)
@@ -119,6 +127,13 @@ class EnrollmentManager:
         current = self.by_pid.get(pid)
         if current is not None:
             if current.service == service and current.start_time == pid_id.start_time:
+                if current.labels != labels:
+                    # relabel: the next scan registers every port again, with these labels
+                    current.labels, current.registered = labels, False
+                    self._save()
+                    await self.scan_one(current)
+                    log.info("PID %d (%s) relabelled %s", pid, service,
+                             format_labels(labels) or "(none)")
                 return current
             if current.start_time == pid_id.start_time:
                 raise ConflictError(f"PID {pid} is already enrolled in service {current.service!r}",
@@ -137,7 +152,7 @@ class EnrollmentManager:
         origin = cgroup.process_cgroup(pid, self.mount)
         if origin.is_relative_to(self.apps_cgroup):
             origin = self.mount
-        e = Enrollment(pid, pid_id.start_time, service, str(origin))
+        e = Enrollment(pid, pid_id.start_time, service, str(origin), labels=labels)
         self._attach(e)
         self._save()
         await self.scan_one(e)
@@ -230,7 +245,8 @@ class EnrollmentManager:
         if added:
             try:
                 await self.registry.add_endpoints(
-                    e.service, [EndpointRecord(a, "process", e.pid, self.node, self.zone)
+                    e.service, [EndpointRecord(a, "process", e.pid, self.node, self.zone,
+                                               labels=e.labels)
                                 for a in added])
             except ConflictError as exc:
                 log.warning("PID %d: %s", e.pid, exc)
@@ -252,4 +268,5 @@ class EnrollmentManager:
     def describe(self) -> list[dict[str, Any]]:
         return [{"pid": e.pid, "service": e.service,
                  "cgroup": str(self.service_cgroup(e.service)),
-                 "endpoints": sorted(str(p) for p in e.ports)} for e in self.by_pid.values()]
+                 "endpoints": sorted(str(p) for p in e.ports),
+                 "labels": labels_json(e.labels)} for e in self.by_pid.values()]

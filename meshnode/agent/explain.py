@@ -14,7 +14,10 @@ address right now, decided by the same code that decides it for real:
      domain>/svc/<its enrolled service>) and what `AuthzTable.decide` (policy/authz.py, the
      function the workers call) says for each endpoint port the connection may land on; on
      an HTTP-family port, how its requests are authorized, and one request's decision when
-     asked (`meshnode explain PID DEST --method GET --path /x`).
+     asked (`meshnode explain PID DEST --method GET --path /x`);
+  5. DEST an http(s) URL (`meshnode explain PID http://reviews.mesh/x -H 'x-canary: 1'`): the
+     request as the Routes steer it, explain_http.py, which builds on `connection` here (its
+     `RequestStep` takes over once the proxy has the connection).
 
 Reads only an `ExplainInputs` snapshot the agent builds per request, never the agent itself.
 Read-only: nothing here changes any state. Runs in the agent: imports the pure route and
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -34,6 +37,7 @@ from typing import Any, Protocol
 import psutil
 
 from meshnode.agent.explain_authz import explain_authz, parse_request
+from meshnode.agent.explain_route import is_url
 from meshnode.balance.load import tier_of
 from meshnode.balance.locality import Locality
 from meshnode.discovery.dns_zone import MeshZone
@@ -45,6 +49,7 @@ from meshnode.policy import compiler
 from meshnode.policy.authz import AuthzTable
 from meshnode.policy.identity import BUNDLE_NAME, service_id
 from meshnode.policy.resources import Resource
+from meshnode.policy.traffic import RouteSpec
 from meshnode.route import (
     KernelAction,
     KernelVerdict,
@@ -57,8 +62,10 @@ from meshnode.route import (
     classify,
 )
 
-__all__ = ["BALANCER_RULES", "DEFAULT_TRUST_DOMAIN", "ExplainInputs", "HealthView", "ejections",
-           "explain", "parse_dest", "trust_domain"]
+__all__ = ["BALANCER_RULES", "DEFAULT_TRUST_DOMAIN", "ExplainInputs", "HealthView", "Proc",
+           "RequestStep", "Result", "balancer_info", "candidate", "connection", "ejections",
+           "explain", "gateways_of", "inspect_process", "live_table", "mesh_zone",
+           "parse_dest", "routing_table", "trust_domain"]
 
 DEFAULT_TRUST_DOMAIN = "local"  # the trust domain identities are named in before a CA exists
 
@@ -107,6 +114,14 @@ class ExplainInputs:
     ejected_for: Mapping[str, Mapping[HostPort, float]] = field(default_factory=dict)
     authz: AuthzTable = field(default_factory=AuthzTable)  # policy/authz.compile_authz's
     trust_domain: str = DEFAULT_TRUST_DOMAIN  # `trust_domain(resources)`
+    routes: Mapping[str, RouteSpec] = field(default_factory=dict)  # routes_api.route_specs
+    gateways: Mapping[str, str] = field(default_factory=dict)  # Gateway name -> its service
+
+
+def gateways_of(resources: Mapping[tuple[str, str], Resource]) -> dict[str, str]:
+    """`ExplainInputs.gateways`: every Gateway resource's service, by its name."""
+    return {name: str(r.spec.service) for (kind, name), r in sorted(resources.items())
+            if kind == "Gateway"}
 
 
 def trust_domain(resources: Mapping[tuple[str, str], Resource]) -> str:
@@ -128,7 +143,7 @@ def ejections(totals: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[HostPor
 
 
 @dataclass
-class _Proc:
+class Proc:
     pid: int
     comm: str
     cgroup: str | None  # relative to the cgroup2 mount, "/..."; None: no v2 membership
@@ -147,7 +162,7 @@ class _Proc:
 
 
 @dataclass
-class _Result:
+class Result:
     verdict: str = ""
     outcome: str = ""  # proxied | no-endpoint | passthrough | refused | direct
     captured: bool = False
@@ -156,10 +171,15 @@ class _Result:
     balancer: dict[str, Any] | None = None
     steps: list[str] = field(default_factory=list)
     authorization: dict[str, Any] | None = None
+    request: dict[str, Any] | None = None  # an http(s) URL's request (explain_http.py)
+
+
+# explain_http.py's step for a captured connection: True when it explained the rest
+RequestStep = Callable[[Result, Proc, ServiceRecord, HostPort], bool]
 
 
 # -- inputs ----------------------------------------------------------------------------------
-def _zone(inp: ExplainInputs) -> MeshZone:
+def mesh_zone(inp: ExplainInputs) -> MeshZone:
     """The agent DNS server's view of names (same suffix, the same snapshot's VIPs)."""
 
     def resolve(service: str) -> IPv4Address | None:
@@ -190,7 +210,7 @@ def parse_dest(dest: str, zone: MeshZone) -> tuple[HostPort, str | None]:
     return HostPort(vip, int(port)), host.rstrip(".").lower()
 
 
-def _inspect(inp: ExplainInputs, pid: int) -> _Proc:
+def inspect_process(inp: ExplainInputs, pid: int) -> Proc:
     if pid <= 0:
         raise UsageError(f"invalid PID {pid}", "give the PID of a running process")
     mount = inp.cgroup_mount
@@ -211,7 +231,7 @@ def _inspect(inp: ExplainInputs, pid: int) -> _Proc:
     service = None
     if path is not None and enrolled and path != apps:
         service = path.relative_to(apps).parts[0]
-    return _Proc(pid, comm, None if path is None else _rel(path, mount), enrolled, service,
+    return Proc(pid, comm, None if path is None else _rel(path, mount), enrolled, service,
                  None if service is None else service_id(inp.trust_domain, service),
                  path is not None and path.is_relative_to(proxy), same_netns,
                  _enrollment(inp, pid) if enrolled else None)
@@ -234,7 +254,7 @@ def _enrollment(inp: ExplainInputs, pid: int) -> dict[str, Any] | None:
     return None
 
 
-def _table(inp: ExplainInputs, snap: compiler.Snapshot) -> ServiceTable:
+def routing_table(inp: ExplainInputs, snap: compiler.Snapshot) -> ServiceTable:
     """A routing table as a worker of this agent builds it from `snap` (Reset per service).
     Its own RNG: the order balancers return is not what explain reports."""
     table = ServiceTable(inp.node, inp.zone, rng=random.Random(0))
@@ -243,19 +263,50 @@ def _table(inp: ExplainInputs, snap: compiler.Snapshot) -> ServiceTable:
     return table
 
 
+def live_table(inp: ExplainInputs) -> ServiceTable:
+    """The workers' table: what they were given, with their ejections replayed."""
+    table = routing_table(inp, inp.pushed)
+    for name, reported in inp.ejected_for.items():
+        table.hold_ejections(name, reported)
+    return table
+
+
 # -- the decision ----------------------------------------------------------------------------
 def explain(inp: ExplainInputs, pid: int, dest: str, method: str | None = None,
-            path: str | None = None) -> dict[str, Any]:
-    """`method`/`path`: also explain that request on the connection (explain_authz.py)."""
+            path: str | None = None, headers: Sequence[str] = ()) -> dict[str, Any]:
+    """`method`/`path`: also explain that request on the connection (explain_authz.py).
+    DEST an http(s) URL: that request (`method`, `headers`) as the Routes steer it
+    (explain_http.py)."""
+    if is_url(dest):
+        # imported here: explain_http builds on this module
+        from meshnode.agent.explain_http import explain_request
+
+        if path is not None:
+            raise UsageError("--path does not go with a URL: the URL has the path",
+                             f"e.g. meshnode explain {pid} http://web.{inp.dns_suffix}/api")
+        return explain_request(inp, pid, dest, method, headers)
+    if headers:
+        raise UsageError("-H goes with a URL destination",
+                         f"e.g. meshnode explain {pid} http://web.{inp.dns_suffix}/ "
+                         "-H 'x-canary: 1'")
     request = parse_request(method, path)
-    addr, name = parse_dest(dest, _zone(inp))
-    proc = _inspect(inp, pid)
+    addr, name = parse_dest(dest, mesh_zone(inp))
+    return connection(inp, pid, dest, addr, name, request)
+
+
+def connection(inp: ExplainInputs, pid: int, dest: str, addr: HostPort, name: str | None,
+               request: tuple[str, str] | None,
+               on_request: RequestStep | None = None) -> dict[str, Any]:
+    """A connection from `pid` to `addr` (`name`: the mesh name it was given as), and
+    `request` on it. `on_request`: explain_http.py's step for a captured connection (it
+    returns False to leave the rest to the connection's own routing)."""
+    proc = inspect_process(inp, pid)
     k = classify(inp.capture, addr, outbound_port=inp.outbound_port, dns_port=inp.dns_port)
     by_id = {rec.id: rec for rec in inp.services.values()}
     rec = by_id.get(k.service_id) if k.service_id is not None else None
     backend = inp.backend
     apps_rel = _rel(inp.root_cgroup / "apps", inp.cgroup_mount)
-    r = _Result()
+    r = Result()
 
     where = f"in cgroup {proc.cgroup}" if proc.cgroup else "with no cgroup v2 membership"
     r.steps.append(f"process: PID {pid}" + (f" ({proc.comm})" if proc.comm else "") + f" {where}")
@@ -297,7 +348,8 @@ def explain(inp: ExplainInputs, pid: int, dest: str, method: str | None = None,
                      f"the connection goes straight to {addr}{vip_note}")
     else:
         _kernel(inp, r, k, rec, addr, vip_note)
-        if k.action is KernelAction.REDIRECT and rec is not None:
+        if k.action is KernelAction.REDIRECT and rec is not None and (
+                on_request is None or not on_request(r, proc, rec, addr)):
             _route(inp, r, rec, addr)
             _authorize(inp, r, proc, rec, addr, request)
     if rec is not None and proc.enrolled and inp.ready:  # not ready: said above already
@@ -329,11 +381,12 @@ def explain(inp: ExplainInputs, pid: int, dest: str, method: str | None = None,
         "authorization": r.authorization,
         "balancer": r.balancer,
         "candidates": r.candidates,
+        "request": r.request,
         "steps": r.steps,
     }
 
 
-def _kernel(inp: ExplainInputs, r: _Result, k: KernelVerdict, rec: ServiceRecord | None,
+def _kernel(inp: ExplainInputs, r: Result, k: KernelVerdict, rec: ServiceRecord | None,
             addr: HostPort, vip_note: str) -> None:
     """The capture step for an enrolled process, in words: `k` is route.classify's verdict."""
     backend = inp.backend
@@ -370,15 +423,12 @@ def _kernel(inp: ExplainInputs, r: _Result, k: KernelVerdict, rec: ServiceRecord
                      f"open; the connection goes straight to {addr}{vip_note}")
 
 
-def _route(inp: ExplainInputs, r: _Result, rec: ServiceRecord, addr: HostPort) -> None:
+def _route(inp: ExplainInputs, r: Result, rec: ServiceRecord, addr: HostPort) -> None:
     """The proxy's decision for a captured connection: `ServiceTable.route` on what the
     workers have (`live`), and on every registered endpoint (`every`) for the candidates the
     health checks took out."""
-    live_table = _table(inp, inp.pushed)
-    for name, reported in inp.ejected_for.items():
-        live_table.hold_ejections(name, reported)
-    live = live_table.route(addr)
-    every = _table(inp, compiler.snapshot(inp.services)).route(addr)
+    live = live_table(inp).route(addr)
+    every = routing_table(inp, compiler.snapshot(inp.services)).route(addr)
     records = {e.addr: e for e in rec.endpoints}
     held = inp.ejected_for.get(rec.name, {})
     known = inp.pushed.get(rec.name, (None, frozenset()))[1]  # the workers' endpoints
@@ -388,7 +438,7 @@ def _route(inp: ExplainInputs, r: _Result, rec: ServiceRecord, addr: HostPort) -
         ep = records.get(every.attempts[0].addr)
         in_rotation = isinstance(live, ToEndpoint)
         if ep is not None:
-            r.candidates = [_candidate(inp, rec, ep, held, in_rotation=in_rotation)]
+            r.candidates = [candidate(inp, rec, ep, held, in_rotation=in_rotation)]
         if in_rotation:
             r.rule, r.outcome = "b", "proxied"
             r.steps.append("proxy rule (b): an endpoint address → that endpoint only, "
@@ -411,7 +461,7 @@ def _route(inp: ExplainInputs, r: _Result, rec: ServiceRecord, addr: HostPort) -
         return
 
     r.rule = "a"
-    cands = sorted(_attempts(every), key=lambda e: e.addr)
+    cands = sorted(attempts_of(every), key=lambda e: e.addr)
     # In words only: which of rule (a)'s two candidate sets route() took shows in `cands`.
     if rec.port is not None and addr.port == rec.port:
         r.steps.append(f"proxy rule (a): port {addr.port} is the service port → every endpoint "
@@ -422,10 +472,10 @@ def _route(inp: ExplainInputs, r: _Result, rec: ServiceRecord, addr: HostPort) -
         r.steps.append(f"proxy rule (a): {why} → the endpoints listening on port {addr.port} "
                        f"are candidates ({len(cands)})")
         missing = f"endpoint on port {addr.port}"
-    rotation = {e.addr for e in _attempts(live)}
+    rotation = {e.addr for e in attempts_of(live)}
     live_cands = [e for e in cands if e in known]
     ejected = sorted(e.addr for e in live_cands if held.get(e.addr, 0) > 0)
-    r.candidates = [_candidate(inp, rec, records[e.addr], held, in_rotation=e.addr in rotation)
+    r.candidates = [candidate(inp, rec, records[e.addr], held, in_rotation=e.addr in rotation)
                     for e in cands if e.addr in records]
     down = [str(e.addr) for e in cands if e not in known]
     if cands:
@@ -448,7 +498,7 @@ def _route(inp: ExplainInputs, r: _Result, rec: ServiceRecord, addr: HostPort) -
     else:
         r.steps.append("outlier: none ejected")
     r.outcome = "proxied"
-    r.balancer = _balancer(inp, rec, live)
+    r.balancer = balancer_info(inp, rec, live)
     r.steps.append(f"balancer: {rec.lb.algorithm}: {r.balancer['rule']}; the others follow "
                    "as failover")
     if r.balancer["locality"]:
@@ -458,7 +508,7 @@ def _route(inp: ExplainInputs, r: _Result, rec: ServiceRecord, addr: HostPort) -
                  f"{len(rotation)} healthy endpoint{'s' if len(rotation) != 1 else ''}{extra}")
 
 
-def _authorize(inp: ExplainInputs, r: _Result, proc: _Proc, rec: ServiceRecord,
+def _authorize(inp: ExplainInputs, r: Result, proc: Proc, rec: ServiceRecord,
                addr: HostPort, request: tuple[str, str] | None) -> None:
     """Step 4, for a captured connection (explain_authz.py): what `AuthzTable.decide` says
     where the destination is, for the caller's identity and each endpoint port the connection
@@ -489,11 +539,11 @@ def _authorize(inp: ExplainInputs, r: _Result, proc: _Proc, rec: ServiceRecord,
         r.verdict += a.note
 
 
-def _attempts(route: Route) -> Sequence[Endpoint]:
+def attempts_of(route: Route) -> Sequence[Endpoint]:
     return route.attempts if isinstance(route, ToService) else ()
 
 
-def _balancer(inp: ExplainInputs, rec: ServiceRecord, route: ToService) -> dict[str, Any]:
+def balancer_info(inp: ExplainInputs, rec: ServiceRecord, route: ToService) -> dict[str, Any]:
     locality = ""
     if isinstance(route.balancer, Locality):  # what balance.factory.for_service built
         order = [f"this node ({inp.node})"] if inp.node else []
@@ -505,7 +555,7 @@ def _balancer(inp: ExplainInputs, rec: ServiceRecord, route: ToService) -> dict[
             "locality": locality}
 
 
-def _candidate(inp: ExplainInputs, rec: ServiceRecord, e: EndpointRecord,
+def candidate(inp: ExplainInputs, rec: ServiceRecord, e: EndpointRecord,
                held: Mapping[HostPort, float], *, in_rotation: bool) -> dict[str, Any]:
     health = inp.health.describe(rec.name, e.addr)
     return {**e.to_json(), "healthy": bool(health.get("healthy", True)), "health": health,

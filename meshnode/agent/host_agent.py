@@ -41,6 +41,7 @@ from meshnode.agent import systemd
 from meshnode.agent.api import ControlApi
 from meshnode.agent.control import ControlServer
 from meshnode.agent.enrollment import EnrollmentManager
+from meshnode.agent.gateway import GatewayListeners
 from meshnode.agent.identity import IdentityClient
 from meshnode.agent.mesh_security import HELD_INBOUND, MeshSecurity, bind_inbound
 from meshnode.agent.names import MeshNames
@@ -62,7 +63,7 @@ from meshnode.host.netns import enter_netns
 from meshnode.host.statefile import write_json
 from meshnode.model import CaptureState
 from meshnode.policy import compiler
-from meshnode.wire import Retain
+from meshnode.wire import GATEWAY_FDS_SOCKET, Retain
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class HostAgent:
         self.identity: IdentityClient | None = None
         self.security: MeshSecurity | None = None
         self.ca: Any = None  # the CA service, on the host that holds the mesh CA
+        self.gateway: GatewayListeners | None = None  # this host's ingress listeners
 
     # -- start ----------------------------------------------------------------------------
     def _take_lock(self) -> None:
@@ -188,8 +190,12 @@ class HostAgent:
             # an adopted worker also drops the services deleted while no agent ran (Retain)
             lambda: [*compiler.resets(self.compiler.pushed),
                      Retain(tuple(self.compiler.pushed)), *self.telemetry.initial_messages(),
-                     *(self.security.all() if self.security else ())],
+                     *(self.security.all() if self.security else ()),
+                     *(self.gateway.initial() if self.gateway else ())],
             self._workers_changed, self.telemetry.on_event)
+        workers = self.workers
+        self.gateway = GatewayListeners(self.registry, self.node, lambda: workers.held,
+                                        self.cfg.run_dir / GATEWAY_FDS_SOCKET, self._dirty.set)
         self._feed, _ = self.registry.changes(0)
         self.compiler.run(self.registry.services(), self.health.healthy,
                           on_changed=self.health.update)
@@ -205,6 +211,7 @@ class HostAgent:
         if self.cfg.inbound_port and HELD_INBOUND not in self.workers.held:
             self.workers.held[HELD_INBOUND] = bind_inbound(self.cfg.host_address,
                                                            self.cfg.inbound_port)
+        await self.gateway.start()  # before the workers: they may ask it for listeners
         await self.workers.start()
         self.enrollments = EnrollmentManager(
             self.registry, apps, self.mount, self.state / "enrollments.json",
@@ -241,10 +248,17 @@ class HostAgent:
             await self.ca.start()
         self.identity = IdentityClient(
             self.cfg, self.node, self.registry,
-            lambda: self.enrollments.services() if self.enrollments else (),
+            self._identities,
             self._identity_changed, self.ca)
         self.identity.load()
-        self.security = MeshSecurity(self.registry, self.identity.message, self.node)
+        self.security = MeshSecurity(self.registry, self.identity.message, self.node,
+                                     self.cfg.workers)
+
+    def _identities(self) -> set[str]:
+        """The services this host takes workload identities for: those enrolled here, and
+        those its gateways call into the mesh as."""
+        return {*(self.enrollments.services() if self.enrollments else ()),
+                *(self.gateway.services() if self.gateway else ())}
 
     async def ca_started(self, ca: Any) -> None:
         """`meshnode ca init` made this host the CA's: its identity comes from it now."""
@@ -302,6 +316,13 @@ class HostAgent:
             if self.security is not None:
                 for msg in self.security.changes():
                     self.workers.send_all(msg)
+            if self.gateway is not None:
+                before = self.gateway.services()
+                gateway = self.gateway.reconcile()
+                if gateway is not None:
+                    self.workers.send_all(gateway)
+                if self.gateway.services() != before and self.identity is not None:
+                    self.identity.changed()  # a gateway's identity to ask for (or drop)
             ready = await self.workers.barrier()
             if ready and self.identity is not None:
                 self.identity.workers_have = pushed  # status says when workers present it
@@ -388,6 +409,8 @@ class HostAgent:
         if self.control is not None:
             await self._step("the control socket", self.control.stop())
         await self._stop_identity()
+        if self.gateway is not None:
+            await self._step("the gateway descriptors socket", self.gateway.stop())
         await self._step("the admin port", self.telemetry.stop_admin())
         await self._step("the health checks", self.health.close())
         # 3. drain the proxy: established connections finish within the grace period
@@ -423,6 +446,8 @@ class HostAgent:
         if self.control is not None:
             await self._step("the control socket", self.control.stop())
         await self._stop_identity()
+        if self.gateway is not None:
+            await self._step("the gateway descriptors socket", self.gateway.stop())
         await self._step("the admin port", self.telemetry.stop_admin())
         await self._step("the health checks", self.health.close())
         if self.workers is not None:
@@ -577,8 +602,9 @@ class HostAgent:
                 "services": self.compiler.services,
                 "local_endpoints": self.compiler.endpoints_by_node.get(self.node, 0),
                 "workers": len(self.workers.workers) if self.workers else 0,
-                # the CA issues workload identities only for services enrolled here
-                "enrolled": sorted(self.enrollments.services()) if self.enrollments else [],
+                # the CA issues workload identities only for services enrolled here (a
+                # gateway's service counts: the gateway calls into the mesh as it)
+                "enrolled": sorted(self._identities()),
                 # peers dial this host's mTLS listener only while it has an identity
                 "inbound": (f"{self.cfg.host_address}:{self.cfg.inbound_port}"
                             if self.identity and self.identity.ready and self.cfg.inbound_port
@@ -596,7 +622,7 @@ class HostAgent:
                      report=self.report, mount=self.mount, root_cgroup=self.root_cgroup,
                      ready=lambda: self.ready, ready_after=lambda: self.ready_after,
                      settle=self._settled, uninstall=self.uninstall, identity=self.identity,
-                     ca=lambda: self.ca, ca_started=self.ca_started)
+                     ca=lambda: self.ca, ca_started=self.ca_started, gateway=self.gateway)
 
     async def _settled(self) -> None:
         """Apply a change now, so the caller's next connection already sees it."""

@@ -19,7 +19,7 @@ from meshnode.discovery.registry import Registry
 from meshnode.listen import listen_tcp
 from meshnode.policy.authz import compile_authz
 from meshnode.policy.resources import MESH_NAME, MeshSpec
-from meshnode.wire import AgentMessage, Identities, Peers, Security, Tracing
+from meshnode.wire import AgentMessage, Identities, Peers, Security, Tracing, Traffic
 
 __all__ = ["HELD_INBOUND", "MeshSecurity", "bind_inbound"]
 
@@ -28,10 +28,11 @@ HELD_INBOUND = "inbound"  # the inbound listener, as workers hold it (wire.Hello
 
 class MeshSecurity:
     def __init__(self, registry: Registry, identities: Callable[[], Identities],
-                 node: str) -> None:
+                 node: str, workers: int = 1) -> None:
         self.registry = registry
         self.identities = identities
         self.node = node
+        self.workers = workers
         self._sent: dict[str, bytes] = {}
 
     def mesh(self) -> MeshSpec:
@@ -49,10 +50,16 @@ class MeshSecurity:
         t = self.mesh().tracing
         return Tracing(t.otlp_endpoint, t.sampling, self.node)
 
+    def traffic(self) -> Traffic:
+        return Traffic({name: r.spec for (kind, name), r in
+                        sorted(self.registry.resources().items()) if kind == "Route"},
+                       self.workers)
+
     def all(self) -> list[AgentMessage]:
         """Everything, for a worker that starts from nothing: authorization before the
         identities, so no handshake completes under a worker's allow-all start."""
-        return [self.security(), self.peers(), self.identities(), self.tracing()]
+        return [self.security(), self.peers(), self.identities(), self.tracing(),
+                self.traffic()]
 
     def changes(self) -> list[AgentMessage]:
         out: list[AgentMessage] = []

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshnode import __version__
+from meshnode.agent.routes_api import service_marks
 from meshnode.config import AgentConfig
 from meshnode.counters import request_succeeded
 from meshnode.errors import MeshnodeError, UsageError
@@ -242,11 +243,13 @@ class Telemetry:
         a = self._p()
         stat = await self.stat(window, None)
         known = a.registry.services()
+        marks = service_marks(a.registry.resources())  # a Route's split, fault, ...
         services = []
         for row in stat["services"]:
             rec = known[row["service"]]
             services.append({
                 "name": rec.name, "vip": str(rec.vip), "port": rec.port, "lb": rec.lb.algorithm,
+                "route": marks.get(rec.name),
                 "endpoints": [{"addr": str(e.addr), "node": e.node, "zone": e.zone,
                                "health": "healthy" if a.health.healthy(rec.name, e.addr)
                                else "unhealthy"}

@@ -18,6 +18,7 @@ from meshnode.policy.compiler import Compiler
 
 if TYPE_CHECKING:  # these modules take Parts themselves
     from meshnode.agent.enrollment import EnrollmentManager
+    from meshnode.agent.gateway import GatewayListeners
     from meshnode.agent.identity import IdentityClient
     from meshnode.agent.names import MeshNames
     from meshnode.agent.observe import Telemetry
@@ -52,3 +53,4 @@ class Parts:
     # `meshnode ca init` creates one in the running agent
     ca: Callable[[], Any]
     ca_started: Callable[[Any], Awaitable[None]]
+    gateway: GatewayListeners | None = None  # this host's ingress gateway listeners

@@ -4,6 +4,10 @@ The agent validates every document again (it never trusts its caller), hands the
 to the registry as one atomic compare-and-swap apply, then waits until its own workers and
 kernel run it, so the caller's next connection already sees the change. Other hosts follow
 through the registry's watch. Takes the registry and a settle callback, not the agent.
+
+Apply answers `warnings` too: a Route whose backend or mirror no current endpoint can serve
+(a subset no endpoint carries, a service with no endpoints) is accepted, since the endpoints
+may enroll later, but the operator is told now rather than by a 503 later.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from meshnode.agent.control import Handler
 from meshnode.discovery.registry import Registry
 from meshnode.errors import NotFoundError, UsageError
 from meshnode.policy.document import parse, parse_all
+from meshnode.policy.labels import subset_warnings
 from meshnode.policy.resources import Resource, kind_info
 from meshnode.policy.store import Delete, HistoryEntry
 
@@ -42,7 +47,18 @@ class ResourceApi:
         if any(o.action != "unchanged" for o in outcomes):
             await self.settle()
         return {"results": [o.to_json() for o in outcomes],
-                "revision": self.registry.revision()}
+                "revision": self.registry.revision(), "warnings": self._warnings(puts)}
+
+    def _warnings(self, puts: list[Resource]) -> list[str]:
+        routes = [r for r in puts if r.kind == "Route"]
+        if not routes:
+            return []
+        from meshnode.policy.traffic import backend_refs
+
+        services = self.registry.services()
+        labels = {name: [e.labels for e in rec.endpoints] for name, rec in services.items()}
+        return [w for r in routes
+                for w in subset_warnings(f"Route {r.name}", backend_refs(r.spec), labels)]
 
     def _stored(self, kind: str, name: str) -> Resource:
         kind_info(kind)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from meshnode import __version__
 from meshnode.discovery.health import HealthMonitor
 from meshnode.errors import MeshnodeError
+from meshnode.policy.labels import labels_json
 from meshnode.policy.records import ServiceRecord
 
 if TYPE_CHECKING:
@@ -27,7 +28,8 @@ def describe_service(rec: ServiceRecord, counters: dict[str, Any],
         **rec.settings_json(),
         "counters": {k: v for k, v in counters.items() if k != "endpoints"},
         "endpoints": [
-            {**e.to_json(), "health": health.describe(rec.name, e.addr),
+            {**e.to_json(), "labels": labels_json(e.labels),
+             "health": health.describe(rec.name, e.addr),
              "proxy": per_ep.get(str(e.addr), {})}
             for e in sorted(rec.endpoints, key=lambda e: e.addr)],
     }
@@ -59,4 +61,5 @@ async def status(p: Parts) -> dict[str, Any]:
                      for name, rec in sorted(p.registry.services().items())],
         "enrolled": p.enrollments.describe(),
         "identity": p.identity.describe(),
+        "gateway": p.gateway.describe() if p.gateway is not None else {},
     }

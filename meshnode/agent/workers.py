@@ -164,10 +164,12 @@ class WorkerPool:
                     self.listener = process.pidfd_getfd(w.pidfd, w.listener_fd)
                 except MeshnodeError as exc:
                     log.warning("worker %d: %s", w.id, exc)
-            if not self.held and w.held and w.pidfd is not None:
-                with contextlib.suppress(MeshnodeError):
-                    self.held = {name: process.pidfd_getfd(w.pidfd, fd)
-                                 for name, fd in w.held.items()}
+            # each name from the first worker holding it (a gateway listener opened after
+            # some workers started is held by those that took it)
+            for name, fd in w.held.items():
+                if name not in self.held and w.pidfd is not None:
+                    with contextlib.suppress(MeshnodeError):
+                        self.held[name] = process.pidfd_getfd(w.pidfd, fd)
 
     async def _first_listener(self) -> None:
         """Nobody to copy the listening socket from: the first worker binds it."""

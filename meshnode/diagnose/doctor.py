@@ -77,6 +77,7 @@ def run_checks(instance: str) -> list[Check]:
     checks.append(check_iptables(root))
     checks += check_ports(instance)
     checks += check_certificates(instance)
+    checks += check_gateway(instance)
     return checks
 
 
@@ -488,6 +489,23 @@ def certificate_checks(held: Iterable[HeldCert], now: float) -> list[Check]:
             out.append(Check("certificates: leaves", "ok",
                              f"{len(leaves)} leaf certificate(s), none past 3/4 of its life"))
     return out
+
+
+def check_gateway(instance: str) -> list[Check]:
+    """The ingress gateway listeners the running agent could not open (or serves with old
+    certificates), as it wrote them to its run directory (agent/gateway.py)."""
+    import json
+
+    from meshnode.config import run_dir
+
+    try:
+        problems = json.loads((run_dir(instance) / "gateway.json").read_text())["problems"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no gateway on this host (or no agent)
+    return [Check(f"gateway {label}", "fail", str(why),
+                  "fix the Gateway's certificate or key file (the agent reads it again "
+                  "within seconds), or the Gateway: meshnode apply -f")
+            for label, why in sorted(problems.items())]
 
 
 def check_certificates(instance: str) -> list[Check]:

@@ -35,6 +35,7 @@ from urllib.parse import parse_qs
 from meshnode.discovery.registry import ServiceRecord
 from meshnode.errors import UsageError
 from meshnode.model import HostPort
+from meshnode.policy.labels import Labels, labels_json
 
 __all__ = ["DEFAULT_WAIT", "MAX_WAIT", "Answer", "BlockingQuery", "Catalog", "CatalogEndpoint",
            "CatalogService", "entry", "parse_query"]
@@ -54,11 +55,13 @@ class CatalogEndpoint:
     zone: str
     weight: int
     healthy: bool  # endpoints of a service without health checks count as healthy (in use)
+    labels: Labels = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"address": str(self.addr.ip), "port": self.addr.port, "node": self.node,
                 "zone": self.zone, "weight": self.weight,
-                "health": "healthy" if self.healthy else "unhealthy"}
+                "health": "healthy" if self.healthy else "unhealthy",
+                "labels": labels_json(self.labels)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +88,8 @@ def entry(rec: ServiceRecord, healthy: Healthy) -> CatalogService:
     reason text changes on every probe, and would wake every blocking query for nothing."""
     return CatalogService(
         rec.name, rec.vip, rec.port, rec.health.kind,
-        tuple(CatalogEndpoint(e.addr, e.node, e.zone, e.weight, healthy(rec.name, e.addr))
+        tuple(CatalogEndpoint(e.addr, e.node, e.zone, e.weight, healthy(rec.name, e.addr),
+                              e.labels)
               for e in sorted(rec.endpoints, key=lambda e: e.addr)))
 
 

@@ -144,6 +144,21 @@ def check_references(changed: Iterable[Resource], existing: Mapping[tuple[str, s
                                  (ref.kind, ref.name) in gone)
 
 
+def check_sets(changed: Iterable[Resource], existing: Mapping[tuple[str, str], Resource],
+               deleted: Iterable[tuple[str, str]] = ()) -> None:
+    """The checks across all resources of a kind (KindInfo.check_set: two Routes for one
+    service, mirror loops), for each kind the change touches, on the set after it."""
+    new = {r.key: r for r in changed}
+    gone = set(deleted)
+    for kind in {k for k, _ in (*new, *gone)}:
+        check = kind_info(kind).check_set
+        if check is None:
+            continue
+        after = {key: r for key, r in existing.items() if key[0] == kind and key not in gone}
+        after.update((key, r) for key, r in new.items() if key[0] == kind)
+        check([after[key] for key in sorted(after)])
+
+
 def _ports(service: Resource) -> set[int | None]:
     return {service.spec.port, *(p.port for p in service.spec.ports)}
 

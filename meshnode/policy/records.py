@@ -3,7 +3,7 @@ endpoints) and an endpoint as registered (by whom, for which process). Immutable
 hands out the same record object until that service changes, which is what lets the compiler
 (policy/compiler.py) find what changed by identity.
 
-Pure: imports nothing of meshnode's but the model and the policy resources.
+Pure: imports nothing of meshnode's but the model, the policy resources and labels.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from meshnode.model import Endpoint, HostPort, PolicyView, ServicePolicy, ServiceSpec
+from meshnode.policy.labels import LabelError, Labels, labels_from, labels_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,24 +28,31 @@ class EndpointRecord:
     weight: int = 1
     # the verdict of the active checks run by the endpoint's own agent (None: not checked)
     healthy: bool | None = None
+    labels: Labels = ()  # canonical (policy/labels.py): enroll --label, service add --label
 
     @property
     def endpoint(self) -> Endpoint:
-        return Endpoint(self.addr, self.node, self.zone, self.weight)
+        return Endpoint(self.addr, self.node, self.zone, self.weight, self.labels)
 
     def to_json(self) -> dict[str, Any]:
-        out = {"addr": str(self.addr), "source": self.source, "pid": self.pid,
-               "node": self.node, "zone": self.zone, "weight": self.weight}
+        out: dict[str, Any] = {"addr": str(self.addr), "source": self.source, "pid": self.pid,
+                               "node": self.node, "zone": self.zone, "weight": self.weight}
         if self.healthy is not None:
             out["healthy"] = self.healthy
+        if self.labels:  # absent when none: the records stored before labels read the same
+            out["labels"] = labels_json(self.labels)
         return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> EndpointRecord:
         healthy = d.get("healthy")
+        labels = d.get("labels") or {}
+        if not isinstance(labels, dict):
+            raise LabelError(f"endpoint {d.get('addr')}: labels must be an object",
+                             'store them as {"version": "v2"}')
         return cls(HostPort.parse(d["addr"]), str(d["source"]), d.get("pid"),
                    str(d.get("node", "")), str(d.get("zone", "")), int(d.get("weight", 1)),
-                   None if healthy is None else bool(healthy))
+                   None if healthy is None else bool(healthy), labels_from(labels))
 
 
 @dataclass(frozen=True, slots=True)

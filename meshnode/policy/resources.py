@@ -289,6 +289,27 @@ class HttpPolicy(_Spec, frozen=True):
         if "default" in names:
             raise ValueError("http.routes: 'default' is the name of requests no route takes")
 
+    def route_for(self, method: str, path: str) -> HttpRoute | None:
+        """The first of `routes` whose match takes (method, path: its query ignored); None:
+        route "default". The worker (proxy/http/exchange.py) and explain both ask this."""
+        bare = path.split("?", 1)[0]
+        for r in self.routes:
+            m = r.match
+            if m.methods and method not in m.methods:
+                continue
+            if m.path_exact is not None and bare != m.path_exact:
+                continue
+            if m.path_prefix is not None and not _under(bare, m.path_prefix):
+                continue
+            return r
+        return None
+
+
+def _under(path: str, prefix: str) -> bool:
+    """Whether `path` is `prefix` or below it, by whole segments."""
+    p = prefix.rstrip("/")
+    return not p or path == p or path.startswith(p + "/")
+
 
 class WorkloadSelector(_Spec, frozen=True):
     """Who may be enrolled as this service, checked against what the kernel says about the
@@ -398,6 +419,8 @@ class KindInfo:
     summary: str
     # what this kind's spec names elsewhere (the cross-resource checks); none by default
     references: Callable[[Any], Iterable[Reference]] = _no_references
+    # the checks across every resource of this kind, on the whole set after a change
+    check_set: Callable[[list[Resource]], None] | None = None
 
     @property
     def refers(self) -> bool:
@@ -711,3 +734,19 @@ KINDS.update({
                                    "a host's request for a node or workload certificate"),
     "Certificate": KindInfo(_identity.CertificateSpec, "what the CA issued for a request"),
 })
+
+from meshnode.policy import traffic as _traffic  # noqa: E402
+
+KINDS["Route"] = KindInfo(_traffic.RouteSpec,
+                          "traffic control for a service's calls or a gateway's hosts: rules "
+                          "matching path, method, headers, cookies, query or gRPC method; "
+                          "weighted backends and subsets, faults, mirroring, rate limits",
+                          _traffic.route_references, _traffic.check_routes)
+
+# The ingress gateway's kind lives in its own module (it builds on Reference and _Spec).
+from meshnode.policy import gateway as _gateway  # noqa: E402
+
+KINDS["Gateway"] = KindInfo(_gateway.GatewaySpec,
+                            "an ingress gateway: TLS listeners on the hosts it names, routing "
+                            "requests by host into the mesh with its service's identity",
+                            _gateway.gateway_references)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import msgspec
 
 from meshnode.errors import ConflictError, NotFoundError, RegistryError
-from meshnode.policy.document import check_references, parse
+from meshnode.policy.document import check_references, check_sets, parse
 from meshnode.policy.resources import Resource
 
 HISTORY_DEPTH = 10  # versions of each resource kept for `history` and `rollback`
@@ -111,6 +111,7 @@ def plan(stored: Mapping[Key, Resource], puts: Sequence[Resource],
             raise _conflict(d.kind, d.name, d.expect, old.version)
         out.append(Outcome(d.kind, d.name, "deleted", old.version))
     check_references(puts, stored, [d.key for d in deletes])
+    check_sets(puts, stored, [d.key for d in deletes])
     return out
 
 

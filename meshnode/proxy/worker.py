@@ -12,7 +12,8 @@ socket (standalone explicit proxy) a closed channel means drain and exit.
 Control channel: the typed messages of meshnode.wire (framing in control.py). The agent opens
 with Hello and the worker answers with its own protocol version; then discovery updates, sync
 barriers, stats requests, the cgroup -> source service map, the tap filter and the mTLS
-state (Identities, Peers, Security: proxy/tunnel.py; inbound_fd: proxy/inbound.py) come in, and
+state (Identities, Peers, Security: proxy/tunnel.py; inbound_fd: proxy/inbound.py) and the
+ingress gateway's listeners (GatewayConfig: proxy/gateway.py) come in, and
 listening, start-up errors, synced, stats replies and tap events go out.
 Exit codes: 0 after a drain, 69 when the listener cannot be bound, 77 when SO_MARK is refused
 (needs CAP_NET_ADMIN; mark 0 skips it), 64 for a bad explicit target.
@@ -44,6 +45,7 @@ from meshnode.proxy.accesslog import AccessLog
 from meshnode.proxy.connect import Connector
 from meshnode.proxy.control import ControlChannel, connect_control, open_control
 from meshnode.proxy.dial import Dialers
+from meshnode.proxy.gateway import GatewayServers
 from meshnode.proxy.http.detect import Detector
 from meshnode.proxy.http.front import HttpFront
 from meshnode.proxy.inbound import Inbound, open_inbound
@@ -62,13 +64,16 @@ from meshnode.proxy.stats import PairStats, WorkerStats
 from meshnode.proxy.telemetry import ConnInfo, Sources
 from meshnode.proxy.tunnel import MeshSecurity
 from meshnode.route.table import NoEndpoint, Passthrough, ServiceTable, ToService
+from meshnode.route.traffic import TrafficTable
 from meshnode.wire import (
+    GATEWAY_FDS_SOCKET,
     MIN_PROTOCOL,
     PROTOCOL,
     AgentMessage,
     CgroupSources,
     EndpointsAdded,
     EndpointsRemoved,
+    GatewayConfig,
     Hello,
     Listening,
     Retain,
@@ -80,6 +85,7 @@ from meshnode.wire import (
     Synced,
     Tap,
     Tracing,
+    Traffic,
     WorkerMessage,
     as_update,
 )
@@ -112,6 +118,9 @@ class ProxyWorker:
         self._inbound: Inbound | None = None  # mTLS from other hosts (config.inbound_fd)
         self.http: HttpFront | None = None  # HTTP, HTTP/2 and gRPC ports (made in run())
         self._tracing: Tracing | None = None
+        self.gateways: GatewayServers | None = None  # ingress listeners (proxy/gateway.py)
+        self._gateway_config: GatewayConfig | None = None  # arrived before run() made them
+        self.traffic = TrafficTable()  # the Route resources, compiled (route/traffic.py)
         self.pool = BufferPool()
         self.registry = RelayRegistry(clock, self._finished)
         # conntrack (iptables) does not name the client: ask sock_diag for its cgroup
@@ -183,6 +192,15 @@ class ProxyWorker:
                 self._tracing = msg
                 if self.http is not None:
                     self.http.tracer.configure(msg)
+            case Traffic(routes, workers):
+                self.traffic = TrafficTable(routes, workers, old=self.traffic)
+                if self.http is not None:
+                    self.http.traffic = self.traffic
+            case GatewayConfig():
+                if self.gateways is not None:
+                    self.gateways.configure(msg)
+                else:
+                    self._gateway_config = msg
             case Retain(services):
                 for name in set(self.table.services()) - set(services):
                     self.table.apply(DoesNotExist(name))
@@ -329,11 +347,19 @@ class ProxyWorker:
             relay = self._relay(client, info, self.stats.passthrough)
             connector.connect(relay, (Endpoint(route.dst),), self.stats.passthrough)
             return
+        policy = self.table.policy(route.service)
+        protocol = policy.protocol_for(dst.port)
+        if protocol == "tcp" and type(route) is ToService and self.traffic:
+            # A Route's tcp split: this connection goes to the backend of its turn (a client
+            # that dialled an endpoint's own address, ToEndpoint, is never split). Without a
+            # Route for the service, one dict lookup.
+            pick = self.traffic.tcp(route.service)
+            if pick is not None:
+                route = self.table.route_backend(pick.service, dst.port, pick.subset, pick.port,
+                                                 peer)
         info.service = route.service
         stats = self.stats.pair(src, route.service)
         stats.connections += 1
-        policy = self.table.policy(route.service)
-        protocol = policy.protocol_for(dst.port)
         if protocol != "tcp" and self.http is not None:
             if protocol == "auto":
                 self._detect(client, info, route, stats, policy.http.detect_timeout)
@@ -470,8 +496,16 @@ class ProxyWorker:
                                   self.config.connect_timeout, self.clock)
             if self._tracing is not None:
                 self.http.tracer.configure(self._tracing)
+            self.http.traffic = self.traffic
             if self.tap:
                 self.http.set_tap(self.tap, self._send)
+            if self.config.agent_socket:
+                self.gateways = GatewayServers(
+                    loop, self.http, self._held,
+                    os.path.join(os.path.dirname(self.config.agent_socket), GATEWAY_FDS_SOCKET),
+                    self.config.handshake_timeout)
+                if self._gateway_config is not None:
+                    self.gateways.configure(self._gateway_config)
             if self.config.inbound_fd >= 0:
                 self._inbound = open_inbound(self.config.inbound_fd, loop, poller, self.security,
                                              self.table, self._connector, self.pool,
@@ -510,6 +544,8 @@ class ProxyWorker:
             self._reconnecting.cancel()
         if self._inbound is not None:
             self._inbound.close()
+        if self.gateways is not None:
+            self.gateways.close()
         if self._lsock is not None and self._poller is not None:
             if not self.config.agent_socket:
                 self._accept(BACKLOG)

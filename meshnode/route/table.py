@@ -13,6 +13,12 @@ one balancer per candidate set built from the spec (`balance.factory.for_service
       only, ejected or not.
   (c) anything else: `Passthrough` to the destination itself (fail open).
 
+`ServiceTable.route_backend` is the same choice made by name, for a Route's backend (an L7
+request's target, a TCP split's pick): the candidates are the service's endpoints on the port
+(all of them when the backend names no port and the service has a `port`), less those that do
+not carry every label of the backend's subset; one balancer per (port set, subset). A subset
+with nothing in it is `NoEndpoint` with a `reason` the proxy can answer with (a 503's header).
+
 The proxy worker routes every accepted connection through `route`, and `meshnode explain`
 calls the same `route` on a table it fills from the agent's snapshot (`hold_ejections` replays
 the workers' ejections into it), so the rules exist once.
@@ -22,8 +28,9 @@ routing is a couple of dict lookups, the outlier filter (a truth test when nothi
 and the balancer's pick. Load records and ejections survive Add/Remove for the endpoints that
 stay; a Reset keeps them too, and rebuilds the balancers only when the spec's `lb` changed.
 
-Pure and shared (worker and agent): imports only meshnode.model and meshnode.balance; never
-uvloop, bcc, pyroute2 or a process package (agent, proxy, capture, bpf, host, discovery, cli).
+Pure and shared (worker and agent): imports only meshnode.model, meshnode.balance and
+meshnode.policy.labels; never uvloop, bcc, pyroute2 or a process package (agent, proxy,
+capture, bpf, host, discovery, cli).
 """
 
 from __future__ import annotations
@@ -44,12 +51,14 @@ from meshnode.model import (
     DoesNotExist,
     Endpoint,
     HostPort,
+    Labels,
     Remove,
     Reset,
     ServicePolicy,
     ServiceSpec,
     Update,
 )
+from meshnode.policy.labels import carries, format_labels
 
 __all__ = ["NoEndpoint", "Passthrough", "Route", "ServiceTable", "ToEndpoint", "ToService"]
 
@@ -59,6 +68,10 @@ log = logging.getLogger(__name__)
 # compare equal only to their own class, and an OrigDstAddr must find a HostPort-keyed
 # endpoint. Ints, since an IPv4Address hashes through hex() and a string on every lookup.
 _AddrKey = tuple[int, int]
+# A candidate set: None, every endpoint; P, those listening on port P. A subset's set is keyed
+# (set, subset), so its balancer rotates apart from the whole set's.
+_SetKey = int | None
+_BalancerKey = _SetKey | tuple[_SetKey, Labels]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +95,11 @@ class ToEndpoint(ToService):
 
 @dataclass(frozen=True, slots=True)
 class NoEndpoint:
-    """A service destination with nothing to serve it: refuse the client."""
+    """A service destination with nothing to serve it: refuse the client. `reason` says why
+    in one line ("no endpoint of reviews carries version=v3"), for a 503's header and explain."""
 
     service: str
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +114,7 @@ Route = ToService | NoEndpoint | Passthrough
 
 class _Service:
     __slots__ = ("all", "balancers", "by_port", "endpoints", "hashes_client", "loads", "name",
-                 "outlier", "port", "singles", "spec")
+                 "outlier", "port", "singles", "spec", "subsets")
 
     def __init__(self, spec: ServiceSpec, loads: Loads, outlier: OutlierDetector) -> None:
         self.spec = spec
@@ -114,9 +129,14 @@ class _Service:
         self.singles: dict[_AddrKey, tuple[Endpoint, ...]] = {}  # rule (b): one-endpoint sets
         self.loads = loads
         self.outlier = outlier
-        # One balancer per candidate set (None: all endpoints; P: those on port P), so each
-        # set rotates on its own turn. They survive endpoint changes; a new `lb` drops them.
-        self.balancers: dict[int | None, Balancer] = {}
+        # One balancer per candidate set (None: all endpoints; P: those on port P; and per
+        # subset of either), so each set rotates on its own turn. They survive endpoint
+        # changes; a new `lb` drops them.
+        self.balancers: dict[_BalancerKey, Balancer] = {}
+        # A subset's candidates, filled on first use and emptied by every endpoint change:
+        # route_backend's per-request cost stays a dict lookup (and the outlier filter's
+        # cache, which is by the tuple's identity, keeps hitting).
+        self.subsets: dict[tuple[_SetKey, Labels], tuple[Endpoint, ...]] = {}
 
     def rebuild(self) -> None:
         self.all = tuple(self.endpoints.values())
@@ -125,6 +145,7 @@ class _Service:
             by_port.setdefault(ep.addr.port, []).append(ep)
         self.by_port = {port: tuple(eps) for port, eps in by_port.items()}
         self.singles = {key: (ep,) for key, ep in self.endpoints.items()}
+        self.subsets = {}
         self.loads.retain(self.all)
         self.outlier.retain(self.all)
 
@@ -229,7 +250,7 @@ class ServiceTable:
             else:
                 candidates, set_key = svc.by_port.get(dst.port, ()), dst.port
             if not candidates:
-                return NoEndpoint(svc.name)
+                return NoEndpoint(svc.name, _no_port(svc, dst.port))
             balancer = svc.balancers.get(set_key)
             if balancer is None:
                 balancer = svc.balancers[set_key] = self._new_balancer(svc)
@@ -246,6 +267,43 @@ class ServiceTable:
                 balancer = svc.balancers[None] = self._new_balancer(svc)
             return ToEndpoint(name, svc.singles[addr], balancer, svc.outlier)
         return Passthrough(dst)  # (c) not ours: fail open
+
+    def route_backend(self, service: str, dst_port: int, subset: Labels = (),
+                      port: int | None = None, client: tuple[str, int] | None = None
+                      ) -> ToService | NoEndpoint:
+        """Where a request (or connection) a Route sends to `service`'s `subset` goes: its
+        endpoints listening on `port` (or `dst_port`, the port the client dialled), or all of
+        them when `port` is None and the service has a `port` (VIP:port reaches every
+        endpoint) or `dst_port` is 0 (a gateway's request: no service port was dialled),
+        less those not carrying every label of `subset` (() : all). As `route` otherwise:
+        outlier-ejected ones left out unless none would remain, the balancer's order,
+        `client` keys ring-hash."""
+        svc = self._services.get(service)
+        if svc is None:
+            return NoEndpoint(service, f"no service named {service}")
+        set_key: _SetKey
+        if port is None and (svc.port is not None or not dst_port):
+            # VIP:port reaches every endpoint; so does a gateway's request (no port dialled)
+            candidates, set_key = svc.all, None
+        else:
+            set_key = port or dst_port
+            candidates = svc.by_port.get(set_key, ())
+        key: _BalancerKey = set_key
+        if subset:
+            key = (set_key, subset)
+            chosen = svc.subsets.get(key)
+            if chosen is None:
+                chosen = svc.subsets[key] = tuple(ep for ep in candidates
+                                                  if carries(ep.labels, subset))
+            candidates = chosen
+        if not candidates:
+            return NoEndpoint(svc.name, _why_none(svc, set_key, subset))
+        balancer = svc.balancers.get(key)
+        if balancer is None:
+            balancer = svc.balancers[key] = self._new_balancer(svc)
+        healthy = svc.outlier.filter(candidates)
+        hash_key = _client_key(client) if svc.hashes_client else 0
+        return ToService(svc.name, balancer.order(healthy, hash_key), balancer, svc.outlier)
 
     def _new_balancer(self, svc: _Service) -> Balancer:
         return for_service(svc.spec, self._node, self._zone, self._clock, self._rng, svc.loads)
@@ -297,6 +355,23 @@ class ServiceTable:
 
 
 _DEFAULT_POLICY = ServicePolicy()
+
+
+def _no_port(svc: _Service, port: int) -> str:
+    return (f"{svc.name} has no endpoint on port {port}" if svc.all
+            else f"{svc.name} has no endpoints")
+
+
+def _why_none(svc: _Service, set_key: _SetKey, subset: Labels) -> str:
+    """Why a candidate set came out empty (the failure path only: it may scan)."""
+    if not svc.all:
+        return f"{svc.name} has no endpoints"
+    if set_key is not None and not svc.by_port.get(set_key):
+        return _no_port(svc, set_key)
+    wanted = format_labels(subset)
+    if set_key is not None and any(carries(ep.labels, subset) for ep in svc.all):
+        return f"no endpoint of {svc.name} on port {set_key} carries {wanted}"
+    return f"no endpoint of {svc.name} carries {wanted}"
 
 
 def _client_key(client: tuple[str, int] | None) -> int:

@@ -3,7 +3,8 @@ and the JSON API it polls, and a readiness probe.
 
   GET /metrics                 Prometheus exposition (OpenMetrics when the scraper asks for it)
   GET /ready                   200 "ready" when capture and workers are up, else 503
-  GET /api/overview?window=S   services, edges, hosts and series for the dashboard (JSON)
+  GET /api/overview?window=S   services (with their Route's marks: split, fault, mirror,
+                               rate limit), edges, hosts and series for the dashboard (JSON)
   GET /api/hosts               every agent in the registry: its report (ready, capture, applied
                                revision, ...) and whether it runs the newest resources (JSON)
   GET /                        the dashboard (meshnode/dashboard/index.html)

@@ -30,6 +30,7 @@ import pytest
 
 from tests.e2e.fabric import Fabric
 from tests.harness import Host, wait_for
+from tests.tls_certs import web_certs
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
@@ -321,6 +322,61 @@ def test_h2_across_hosts_uses_both_endpoints_without_errors(mesh: Mesh) -> None:
     for h in (h1, h2):
         assert metric(h, "meshnode_inbound_connections_total", src_identity=CLIENT_ID,
                       dst_identity=f"spiffe://{TD}/svc/web2") >= 1, h.node
+
+
+GATEWAY_PORT = 18443
+
+
+def test_the_gateway_calls_into_the_mesh_with_its_own_identity(mesh: Mesh,
+                                                               tmp_path: Path) -> None:
+    """A Gateway on host 0 (TLS with the operator's certificate) routes web.example.com to
+    `web`, STRICT, whose endpoints are on hosts 1 and 2: the gateway dials them over mTLS
+    presenting its service's identity (issued to host 0 because it runs the gateway), which
+    the endpoints' hosts accept and an AuthorizationPolicy can name."""
+    h0, (h1, h2) = mesh.client, mesh.ends
+    root, sites = web_certs(tmp_path, {"web": ["web.example.com"]})
+    cert, key = sites["web"]
+    edge_id = f"spiffe://{TD}/svc/edge"
+    docs: list[dict[str, Any]] = [
+        {"kind": "Service", "name": "edge", "spec": {}},
+        {"kind": "Route", "name": "web-public",
+         "spec": {"service": "web", "hosts": ["web.example.com"], "rules": [{"name": "all"}]}},
+        {"kind": "Gateway", "name": "edge",
+         "spec": {"nodes": [h0.node], "service": "edge", "listeners": [
+             {"address": "127.0.0.1", "port": GATEWAY_PORT, "certificates": [
+                 {"hosts": ["web.example.com"], "certFile": str(cert),
+                  "keyFile": str(key)}]}]}},
+        {"kind": "AuthorizationPolicy", "name": "edge-no-admin",
+         "spec": {"target": "web", "action": "DENY",
+                  "rules": [{"from": {"services": ["edge"]}, "to": {"paths": ["/admin/*"]}}]}}]
+    h0.call("apply", docs=docs)
+    try:
+        identity_held(h0, "edge")  # the CA issued the gateway's service identity to h0
+        base = f"https://web.example.com:{GATEWAY_PORT}"
+
+        def fetch(paths: list[str]) -> list[Reply]:
+            p = h0.popen(["curl", "-sS", "--max-time", "20", "--cacert", str(root),
+                          "--resolve", f"web.example.com:{GATEWAY_PORT}:127.0.0.1",
+                          "-w", _WRITE_OUT, *(base + path for path in paths)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            out, err = p.communicate(timeout=60)
+            replies = [Reply(int(c), int(n), b) for b, c, n in _REPLY.findall(out)]
+            assert len(replies) == len(paths), (out, err)
+            return replies
+
+        wait_for("the gateway serving", lambda: fetch(["/x"])[0].status == 200, timeout=30)
+        replies = fetch([f"/r{i}" for i in range(10)] + ["/admin/x"])
+        assert [r.status for r in replies] == [200] * 10 + [403], replies
+        names = {r.name() for r in replies[:10]}
+        assert names and names <= {"web-h1", "web-h2"}, names
+        for h in (h1, h2):  # the endpoints' hosts accepted the gateway's identity, for web
+            if f"web-{h.node}" in names:
+                assert settled(h, "meshnode_inbound_connections_total", 1,
+                               src_identity=edge_id, dst_identity=WEB_ID) >= 1, h.node
+    finally:
+        for kind, name in (("Gateway", "edge"), ("AuthorizationPolicy", "edge-no-admin"),
+                           ("Route", "web-public"), ("Service", "edge")):
+            h0.call("delete", kind=kind, name=name)
 
 
 class Load:

@@ -121,5 +121,5 @@ def test_a_bad_document_changes_nothing(make_host, backend: str, tmp_path: Path)
     assert "meshnode schema Service" in bad.stderr
     assert h.cli("get", "Service", "web", "-o", "json").stdout == before
     assert h.cli("get", "Service", "api").returncode == 66
-    unknown = h.cli("apply", "-f", write(tmp_path, "c.yaml", "kind: Gateway\nname: x\n"))
-    assert unknown.returncode == 64 and "unknown kind 'Gateway'" in unknown.stderr
+    unknown = h.cli("apply", "-f", write(tmp_path, "c.yaml", "kind: Ingress\nname: x\n"))
+    assert unknown.returncode == 64 and "unknown kind 'Ingress'" in unknown.stderr

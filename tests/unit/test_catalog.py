@@ -122,9 +122,9 @@ def test_the_catalog_shows_endpoints_with_node_zone_weight_and_health() -> None:
     assert web.body == {"name": "web", "vip": "127.240.0.1", "port": 80, "health_check": "tcp",
                         "endpoints": [
                             {"address": "127.0.0.1", "port": 8001, "node": "n1", "zone": "z1",
-                             "weight": 1, "health": "healthy"},
+                             "weight": 1, "health": "healthy", "labels": {}},
                             {"address": "127.0.0.1", "port": 8002, "node": "n2", "zone": "z2",
-                             "weight": 3, "health": "unhealthy"}]}
+                             "weight": 3, "health": "unhealthy", "labels": {}}]}
     assert cat.answer("nope").body is None
 
 

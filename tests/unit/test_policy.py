@@ -63,7 +63,7 @@ spec:
     ("kind: Service\nname: web\nspec: {balancer: {algorithm: fastest}}",
      "spec.balancer.algorithm: invalid enum value 'fastest'"),
     ("kind: Service\nname: web\nspec: {vip: 1.2.3}", "vip '1.2.3' is not an IPv4 address"),
-    ("kind: Route\nname: web", "unknown kind 'Route'"),
+    ("kind: Routes\nname: web", "unknown kind 'Routes'"),
     ("name: web", "missing kind"),
     ("kind: Service\nname: Web", "invalid Service name 'Web'"),
     ("kind: Service\nname: web\nspek: {}", "unknown top-level field 'spek'"),

@@ -164,7 +164,10 @@ class Clock:
         return self.now
 
 
-def agent_telemetry(answers: Callable[[], list[StatsReply]]) -> tuple[Telemetry, Clock]:
+def agent_telemetry(answers: Callable[[], list[StatsReply]],
+                    resources: dict[tuple[str, str], Any] | None = None
+                    ) -> tuple[Telemetry, Clock]:
+    """`resources`: the registry's (Route resources mark the dashboard's services)."""
     clock = Clock()
     tel = Telemetry(AgentConfig(), clock=clock, monotonic=clock)
 
@@ -173,7 +176,7 @@ def agent_telemetry(answers: Callable[[], list[StatsReply]]) -> tuple[Telemetry,
 
     parts = SimpleNamespace(
         workers=SimpleNamespace(stats=stats),
-        registry=SimpleNamespace(services=lambda: SERVICES),
+        registry=SimpleNamespace(services=lambda: SERVICES, resources=lambda: resources or {}),
         health=SimpleNamespace(healthy=lambda name, addr: True),
         node="n1", cfg=AgentConfig(), capture=SimpleNamespace(name="ebpf"),
         ready=lambda: True, enrollments=SimpleNamespace(describe=lambda: []))

@@ -76,9 +76,10 @@ def test_vip_on_another_port_reaches_endpoints_on_that_port() -> None:
 
 def test_vip_without_candidates_is_no_endpoint() -> None:
     t = table_with(Reset(spec(None), (ep("10.0.0.1:8080"),)))
-    assert t.route(dst("127.240.0.7:1234")) == NoEndpoint("web")
+    assert t.route(dst("127.240.0.7:1234")) == NoEndpoint("web",
+                                                          "web has no endpoint on port 1234")
     t = table_with(Reset(spec(80), ()))
-    assert t.route(dst("127.240.0.7:80")) == NoEndpoint("web")
+    assert t.route(dst("127.240.0.7:80")) == NoEndpoint("web", "web has no endpoints")
 
 
 def test_endpoint_address_routes_to_that_endpoint_only() -> None:
@@ -105,7 +106,7 @@ def test_add_and_remove() -> None:
     assert attempts(t.route(dst("127.240.0.7:80"))) == ["10.0.0.2:80"]
     assert isinstance(t.route(dst("10.0.0.1:80")), Passthrough)
     t.apply(Remove("web", (ep("10.0.0.2:80"),)))
-    assert t.route(dst("127.240.0.7:80")) == NoEndpoint("web")
+    assert t.route(dst("127.240.0.7:80")) == NoEndpoint("web", "web has no endpoints")
 
 
 def test_updates_for_unknown_services_are_ignored() -> None:

@@ -7,7 +7,9 @@
  * Test hooks: tr[data-edge="SRC->DST"][data-rate] (connections/s) [data-rps] [data-success],
  * tr[data-service], #requests tr[data-service][data-rps][data-success], body[data-updated],
  * #cluster tr[data-host][data-state][data-applied][data-current],
- * #endpoints tr[data-endpoint="SERVICE ADDR"][data-host], #k-rps, #k-success. */
+ * #endpoints tr[data-endpoint="SERVICE ADDR"][data-host], #k-rps, #k-success,
+ * tr[data-service] .badges[data-route] .badge[data-badge="split"][data-shares="90/10"]
+ * (and data-badge fault, mirror, rate_limit, route). */
 'use strict';
 
 (() => {
@@ -329,12 +331,16 @@
         edgeSymbol: ['none', 'arrow'],
         edgeSymbolSize: [0, 9],
         label: { show: true, position: 'bottom', distance: 6, fontSize: 13, color: '#1f2937',
-          fontWeight: 600 },
+          fontWeight: 600, lineHeight: 17,
+          // a Route's marks under the name, smaller: "split 90/10 · fault"
+          formatter: (p) => (p.data.mark ? `${p.name}\n{mark|${p.data.mark}}` : p.name),
+          rich: { mark: { fontSize: 11, fontWeight: 600, color: '#1e40af', lineHeight: 15 } } },
         edgeLabel: { show: true, fontSize: 12, color: '#334155', backgroundColor: '#ffffff',
           padding: [1, 4], borderRadius: 3, formatter: (p) => edgeLabel(p.data.edge) },
         emphasis: { focus: 'adjacency', lineStyle: { opacity: 1 } },
         data: [anchor('\u0000nw', 0, 0), anchor('\u0000se', w, hgt), ...nodes.map((n) => ({
-          name: n.name, kind: n.kind, svc: n.svc, ...pos.get(n.name),
+          name: n.name, kind: n.kind, svc: n.svc, mark: n.svc ? routeMarks(n.svc).join(' · ') : '',
+          ...pos.get(n.name),
           symbolSize: n.kind === 'service' ? 46 : 38,
           itemStyle: nodeStyle(n),
           label: n.kind === 'unknown' ? { fontStyle: 'italic', color: COLORS.muted } : undefined,
@@ -378,7 +384,7 @@
     }
     const hl = healthOf(s.endpoints || []);
     const head = `<b>${esc(s.name)}</b> ${esc(fmtVip(s))}<br>endpoints ${hl.healthy}/${hl.total}` +
-      ' healthy<br>';
+      ` healthy${routeText(s)}<br>`;
     const r = reqs(s);
     if (r) {
       return `${head}requests ${fmtRate(r.rate)} · success ${fmtSuccess(r.success_rate)}<br>` +
@@ -432,10 +438,59 @@
       h('i', { class: `hdot ${cls}` }), `${hl.healthy}/${hl.total}`);
   }
 
+  /* A Route's marks on a service (overview's services[].route, agent/routes_api.py): one
+   * "split 90/10" badge per rule splitting over two or more backends (shares in percent, the
+   * backends in its title), then "fault", "mirror" and "rate limit" when a rule has one. */
+  function splitShares(weights) {
+    const total = weights.reduce((a, b) => a + b, 0) || 1;
+    return weights.map((w) => Math.round((w * 100) / total)).join('/');
+  }
+
+  function routeBadges(s) {
+    const r = s.route;
+    if (!r) return null;
+    const badges = (r.splits || []).map((x) => h('span', {
+      class: 'badge badge-split', data: { badge: 'split', shares: splitShares(x.weights) },
+      title: `Route ${r.route}, ${x.rule === 'tcp' ? 'TCP connections' : `rule ${x.rule}`}:\n` +
+        x.backends.map((b, i) => `${b} weight ${x.weights[i]}`).join('\n'),
+    }, `split ${splitShares(x.weights)}`));
+    const marks = [['fault', 'fault', 'badge-fault'], ['mirror', 'mirror', 'badge-mirror'],
+      ['rate_limit', 'rate limit', 'badge-limit']];
+    for (const [key, label, cls] of marks) {
+      const rules = r[key] || [];
+      if (rules.length) {
+        badges.push(h('span', { class: `badge ${cls}`, data: { badge: key },
+          title: `Route ${r.route}: rule${rules.length > 1 ? 's' : ''} ${rules.join(', ')}` }, label));
+      }
+    }
+    if (!badges.length) {
+      badges.push(h('span', { class: 'badge', data: { badge: 'route' },
+        title: `Route ${r.route}: ${r.rules} rule${r.rules === 1 ? '' : 's'}` }, 'route'));
+    }
+    return h('span', { class: 'badges', data: { route: r.route } }, badges);
+  }
+
+  function routeMarks(s) {
+    const r = s.route;
+    if (!r) return [];
+    const marks = (r.splits || []).map((x) => `split ${splitShares(x.weights)}`);
+    for (const [key, label] of [['fault', 'fault'], ['mirror', 'mirror'], ['rate_limit', 'rate limit']]) {
+      if ((r[key] || []).length) marks.push(label);
+    }
+    return marks;
+  }
+
+  function routeText(s) {
+    if (!s.route) return '';
+    const marks = routeMarks(s);
+    return `<br>Route ${esc(s.route.route)}${marks.length ? `: ${esc(marks.join(' · '))}` : ''}`;
+  }
+
   function serviceRow(s) {
     const bad = (num(s.error_rate) ?? 0) > 0;
     return h('tr', { data: { service: s.name } },
-      h('td', {}, h('span', { class: 'svc-name' }, s.name), h('span', { class: 'svc-lb' }, s.lb || '')),
+      h('td', {}, h('span', { class: 'svc-name' }, s.name), routeBadges(s),
+        h('span', { class: 'svc-lb' }, s.lb || '')),
       h('td', { class: 'mono' }, fmtVip(s)),
       h('td', {}, healthCell(s.endpoints)),
       h('td', { class: 'num' }, fmtRate(s.rate)),
@@ -452,7 +507,8 @@
     const bad = num(r.success_rate) !== null && r.success_rate < 1;
     return h('tr', { data: { service: s.name, rps: String(num(r.rate) ?? 0),
       success: num(r.success_rate) === null ? undefined : String(r.success_rate) } },
-    h('td', {}, h('span', { class: 'svc-name' }, s.name), h('span', { class: 'svc-lb' }, s.lb || '')),
+    h('td', {}, h('span', { class: 'svc-name' }, s.name), routeBadges(s),
+      h('span', { class: 'svc-lb' }, s.lb || '')),
     h('td', { class: 'mono' }, fmtVip(s)),
     h('td', {}, healthCell(s.endpoints)),
     h('td', { class: 'num' }, fmtRate(r.rate)),

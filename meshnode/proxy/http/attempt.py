@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from meshnode.model import Endpoint
 from meshnode.proxy.http.exchange import RequestRecord, RoutePlan, ServiceHttp
+from meshnode.proxy.http.steer import Steer
 from meshnode.route.table import ToService
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ class Attempting(Protocol):
     rec: RequestRecord
     svc: ServiceHttp
     plan: RoutePlan
+    steer: Steer
     route: ToService | None
     tried: list[Endpoint]
     ep: Endpoint | None
@@ -51,9 +53,16 @@ def begin_attempt(ex: Attempting) -> tuple[Any, str] | None:
     front = down.front
     route = ex.route
     if route is None or all(e in ex.tried for e in route.attempts):
-        found = front.table.route(down.dst, down.info.peer)
+        pick = ex.steer.pick
+        if pick is None:
+            found = front.table.route(down.dst, down.info.peer)
+        else:  # a Route's backend: that service, that subset
+            found = front.table.route_backend(pick.service, 0 if down.gateway else down.dst.port,
+                                              pick.subset, pick.port, down.info.peer)
         if not isinstance(found, ToService) or not found.attempts:
-            ex._fail("no_endpoint", f"no endpoint of {down.service} can take the request")
+            reason = getattr(found, "reason", "") or \
+                f"no endpoint of {rec.dst} can take the request"
+            ex._fail("no_endpoint", reason)
             return None
         route = ex.route = found
     tried = ex.tried
@@ -74,7 +83,7 @@ def begin_attempt(ex: Attempting) -> tuple[Any, str] | None:
     ex.ep = ep
     ex.balancer, ex.outlier = route.balancer, route.outlier
     ex.token = route.balancer.on_start(ep)
-    front.stats.selected(down.service, ep.addr)
+    front.stats.selected(rec.dst, ep.addr)
     rec.attempts += 1
     rec.endpoint = ep.addr
     ex.attempt_t0 = front.clock()

@@ -55,7 +55,8 @@ GRPC_STATUS = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEE
 # outcome -> the HTTP status the proxy answers with itself (502 for any other failure)
 ERROR_STATUS = {"proxy_error": 500, "bad_request": 400, "denied": 403, "header_timeout": 408,
                 "body_too_large": 413, "header_too_large": 431, "no_endpoint": 503,
-                "circuit_open": 503, "budget": 503, "timeout": 504, "per_try_timeout": 504}
+                "circuit_open": 503, "budget": 503, "timeout": 504, "per_try_timeout": 504,
+                "no_route": 404, "rate_limited": 429, "fault_abort": 503}
 # Label values must stay bounded: a method outside this set is counted as "other".
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
                       "CONNECT"})
@@ -182,10 +183,8 @@ class ServiceHttp:
         self.http = http
         self.limits: HttpLimits = http.limits
         self.default = RoutePlan(DEFAULT_ROUTE, http.timeouts, http.retry)
-        self._routes = tuple(
-            (r.match.path_exact, r.match.path_prefix, frozenset(r.match.methods),
-             RoutePlan(r.name, r.timeouts or http.timeouts, r.retry or http.retry))
-            for r in http.routes)
+        self._routes = {r.name: RoutePlan(r.name, r.timeouts or http.timeouts,
+                                          r.retry or http.retry) for r in http.routes}
         self.budget: RetryBudget = (
             old.budget if old is not None and old.http.retry_budget == http.retry_budget
             else RetryBudget(http.retry_budget, clock))
@@ -195,16 +194,8 @@ class ServiceHttp:
         """The first route whose match takes (method, path); else the default route."""
         if not self._routes:
             return self.default
-        bare = path.split("?", 1)[0]
-        for exact, prefix, methods, plan in self._routes:
-            if methods and method not in methods:
-                continue
-            if exact is not None and bare != exact:
-                continue
-            if prefix is not None and not _under(bare, prefix):
-                continue
-            return plan
-        return self.default
+        r = self.http.route_for(method, path)
+        return self.default if r is None else self._routes[r.name]
 
     def admit(self, ep: HostPort) -> bool:
         """Count a request to `ep` in flight, or refuse it (maxRequests reached)."""
@@ -256,13 +247,6 @@ def backoff(policy: RetryPolicy, retry: int, rng: random.Random = _RNG) -> float
     if policy.backoff <= 0:
         return 0.0
     return rng.uniform(0, policy.backoff * (2 ** (retry - 1)))
-
-
-def _under(path: str, prefix: str) -> bool:
-    if prefix == "/":
-        return True
-    p = prefix.rstrip("/")
-    return path == p or path.startswith(p + "/")
 
 
 class HttpServices:

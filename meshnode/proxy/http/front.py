@@ -29,11 +29,13 @@ from meshnode.proxy.http.exchange import Finisher, HttpServices, RequestRecord, 
 from meshnode.proxy.http.h1 import H1Downstream
 from meshnode.proxy.http.h1_upstream import H1Upstream
 from meshnode.proxy.http.h2pool import H2Pool
+from meshnode.proxy.http.mirror import Mirror
 from meshnode.proxy.http.pool import UpstreamPool
 from meshnode.proxy.http.trace import Tracer
 from meshnode.proxy.stats import WorkerStats
 from meshnode.proxy.tunnel import MeshSecurity
 from meshnode.route.table import ServiceTable
+from meshnode.route.traffic import TrafficTable
 from meshnode.wire import ConnEvent
 
 if TYPE_CHECKING:
@@ -63,8 +65,11 @@ class HttpFront:
         self.services = HttpServices(clock)
         self.finisher = Finisher(stats, access, worker_id)
         self.tracer = Tracer()
+        self.traffic = TrafficTable()  # the Route resources (the worker's, kept in step)
         self.pool: UpstreamPool[Any] = UpstreamPool(clock)
         self.h2pool: H2Pool[Any] = H2Pool(loop, clock)  # HTTP/2 endpoint connections (h2.py)
+        # copies of requests a Route rule mirrors (mirror.py): connections and bounds of its own
+        self.mirror = Mirror(loop, table, stats, security, node, mark, connect_timeout, clock)
         self.clients: set[Any] = set()  # downstream connections open now
         self.tap: frozenset[str] = frozenset()
         self._send_event: Callable[[ConnEvent], None] | None = None
@@ -89,6 +94,10 @@ class HttpFront:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, client.detach())
         task = self.loop.create_task(self._adopt(factory, sock))
         task.add_done_callback(_log_failure)
+        self.ensure_sweeper()
+
+    def ensure_sweeper(self) -> None:
+        """The idle sweep runs once connections are served (the gateway's too)."""
         if self._sweeper is None:
             self._sweeper = self.loop.create_task(self._sweep())
 
@@ -223,6 +232,7 @@ class HttpFront:
             conn.abort()
         self.pool.close_all()
         self.h2pool.close_all()
+        self.mirror.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.tracer.close(0.5)

@@ -30,7 +30,8 @@ UNAVAILABLE = 14
 # outcome of a request the proxy answers itself -> the gRPC status it answers with
 _LOCAL = {"timeout": DEADLINE_EXCEEDED, "per_try_timeout": DEADLINE_EXCEEDED,
           "denied": PERMISSION_DENIED, "body_too_large": RESOURCE_EXHAUSTED,
-          "proxy_error": INTERNAL, "bad_request": INTERNAL}
+          "proxy_error": INTERNAL, "bad_request": INTERNAL, "rate_limited": RESOURCE_EXHAUSTED,
+          "no_route": 12}  # 12: UNIMPLEMENTED, as Envoy answers a call no route takes
 _HTTP = {400: INTERNAL, 401: 16, 403: PERMISSION_DENIED, 404: 12, 429: UNAVAILABLE,
          502: UNAVAILABLE, 503: UNAVAILABLE, 504: UNAVAILABLE}
 # RST_STREAM error code -> status: CANCEL, REFUSED_STREAM, ENHANCE_YOUR_CALM,

@@ -62,6 +62,7 @@ class H1Downstream(asyncio.Protocol):
         self.info = info
         self.service = service
         self.dst = dst
+        self.gateway = ""  # the Gateway's name when it accepted this connection (by host)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.queue: deque[Exchange] = deque()  # answered in order; [0] is being answered

@@ -40,6 +40,7 @@ from meshnode.proxy.http.h1_wire import (
     error_response,
 )
 from meshnode.proxy.http.pool import PoolFull
+from meshnode.proxy.http.steer import Refusal, header_map, steer
 from meshnode.route.table import ToService
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ class Exchange:
         "route",
         "rparser",
         "rsize",
+        "steer",
         "svc",
         "timer",
         "token",
@@ -129,10 +131,10 @@ class Exchange:
         self.rec = rec = RequestRecord(now, time.time(), down.info.src, down.service,
                                        "http/1.1", method, url.decode("latin-1"),
                                        host.decode("latin-1"))
-        self.svc: ServiceHttp = front.services.get(down.service,
-                                                   front.table.policy(down.service))
-        self.plan: RoutePlan = self.svc.route(method, rec.path)
-        rec.route = self.plan.name
+        self.steer = st = steer(front, down.gateway, down.service, rec,
+                                lambda: header_map(headers))
+        self.svc: ServiceHttp = st.svc
+        self.plan: RoutePlan = st.plan
         self.tp = front.tracer.start(rec, tp.decode("latin-1") if tp else None,
                                      ts.decode("latin-1") if ts else None)
         self.body: list[bytes] = []
@@ -171,10 +173,17 @@ class Exchange:
 
     def start(self) -> None:
         front = self.down.front
+        st = self.steer
+        if st.refusal is not None:
+            self._fail(st.refusal.outcome, st.refusal)
+            return
         timeout = self.plan.timeouts.request
         if timeout:
             self.timer = front.loop.call_later(timeout, self._timed_out, "timeout")
         self.svc.budget.deposit()
+        if st.delay:  # fault injection: held, then sent (the request timeout runs meanwhile)
+            self.try_timer = front.loop.call_later(st.delay, self._attempt)
+            return
         self._attempt()
 
     def body_data(self, data: bytes) -> None:
@@ -201,6 +210,12 @@ class Exchange:
 
     def request_complete(self) -> None:
         self.req_complete = True
+        mirror = self.steer.mirror
+        if mirror is not None and self.steer.refusal is None:
+            down = self.down
+            down.front.mirror.send(mirror, self.rec.src, self.method, self.url.decode("latin-1"),
+                                   self.headers, b"".join(self.body) if self.buffered else None,
+                                   "http/1.1", 0 if down.gateway else down.dst.port)
         conn = self.conn
         if conn is not None and conn.transport is not None and self.chunk_up and not self.done:
             conn.transport.write(b"0\r\n\r\n")
@@ -243,7 +258,7 @@ class Exchange:
         limits = self.svc.limits
         try:
             conn = await front.pool.get(key, lambda: front.dial_h1(ep, self.down.info.src,
-                                                                    self.down.service, key),
+                                                                    self.rec.dst, key),
                                         limits.max_connections, limits.max_pending)
         except PoolFull as exc:
             self.connecting = None
@@ -607,16 +622,20 @@ class Exchange:
         """Answer the client ourselves (no endpoint's response reached it)."""
         if self.done:
             return
+        extra: tuple[tuple[str, str], ...] = ()
         if outcome == "denied":
             status = 403
             text = getattr(detail, "reason", str(detail))
+        elif isinstance(detail, Refusal):
+            status = detail.status or _STATUS.get(outcome, 502)
+            text, extra = detail.detail, detail.headers
         else:
             status = _STATUS.get(outcome, 502)
             text = str(detail)
         self.rec.status = status
         close = self.close_after or not self.req_complete or self.down.closing
         self.close_after = close
-        self.down.write(error_response(status, outcome, text, close))
+        self.down.write(error_response(status, outcome, text, close, extra))
         self._finish(outcome)
 
     def _abort(self, outcome: str) -> None:

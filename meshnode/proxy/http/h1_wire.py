@@ -8,6 +8,8 @@ Data plane module: must not import bcc, pyroute2 or meshnode.agent/cli/capture/b
 
 from __future__ import annotations
 
+from http import HTTPStatus
+
 from meshnode.proxy.http.exchange import ERROR_STATUS
 
 __all__ = ["error_response"]
@@ -18,19 +20,32 @@ _HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-
 _HOP_RESPONSE = frozenset({b"connection", b"keep-alive", b"proxy-connection",
                            b"transfer-encoding", b"te", b"trailer", b"upgrade"})
 _PHRASES = {500: "Internal Server Error", 400: "Bad Request", 403: "Forbidden",
-            408: "Request Timeout", 413: "Content Too Large",
+            404: "Not Found", 408: "Request Timeout", 413: "Content Too Large",
+            429: "Too Many Requests",
             431: "Request Header Fields Too Large", 502: "Bad Gateway",
             503: "Service Unavailable", 504: "Gateway Timeout"}
 _STATUS = ERROR_STATUS
 
 
-def error_response(status: int, reason: str, detail: str, close: bool) -> bytes:
+def error_response(status: int, reason: str, detail: str, close: bool,
+                   headers: tuple[tuple[str, str], ...] = ()) -> bytes:
     """A response the proxy makes itself: a one-line body saying why."""
     body = (detail + "\n").encode("utf-8", "replace")
-    return (f"HTTP/1.1 {status} {_PHRASES.get(status, 'Error')}\r\n"
+    extra = "".join(f"{n}: {v}\r\n" for n, v in headers)
+    return (f"HTTP/1.1 {status} {_phrase(status)}\r\n"
             f"content-type: text/plain; charset=utf-8\r\ncontent-length: {len(body)}\r\n"
-            f"x-meshnode-error: {reason}\r\n"
+            f"x-meshnode-error: {reason}\r\n{extra}"
             + ("connection: close\r\n" if close else "") + "\r\n").encode() + body
+
+
+def _phrase(status: int) -> str:
+    phrase = _PHRASES.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+    return phrase
 
 
 class _TooLarge(Exception):

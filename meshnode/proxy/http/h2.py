@@ -86,6 +86,7 @@ class H2Downstream(asyncio.Protocol):
         self.info = info
         self.service = service
         self.dst = dst
+        self.gateway = ""  # the Gateway's name when it accepted this connection (by host)
         self.mode = mode
         self.h2 = GracefulConnection(SERVER_CONFIG)
         self.streams: dict[int, H2Exchange] = {}

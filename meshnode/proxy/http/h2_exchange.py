@@ -60,6 +60,7 @@ from meshnode.proxy.http.grpc_status import (
 )
 from meshnode.proxy.http.h2conn import H2Upstream, Headers, pump
 from meshnode.proxy.http.pool import PoolFull
+from meshnode.proxy.http.steer import Refusal, grpc_code, header_map, steer
 from meshnode.route.table import ToService
 
 if TYPE_CHECKING:
@@ -116,6 +117,7 @@ class H2Exchange:
         "resp_ended",
         "route",
         "sid",
+        "steer",
         "svc",
         "timeout",
         "timer",
@@ -161,10 +163,10 @@ class H2Exchange:
         self.rec = rec = RequestRecord(now, time.time(), down.info.src, down.service,
                                        "grpc" if self.grpc else "h2", method.decode("latin-1"),
                                        path.decode("latin-1"), authority.decode("latin-1"))
-        self.svc: ServiceHttp = front.services.get(down.service,
-                                                   front.table.policy(down.service))
-        self.plan: RoutePlan = self.svc.route(rec.method, rec.path)
-        rec.route = self.plan.name
+        self.steer = st = steer(front, down.gateway, down.service, rec,
+                                lambda: header_map(headers))
+        self.svc: ServiceHttp = st.svc
+        self.plan: RoutePlan = st.plan
         traceparent = front.tracer.start(rec, tp.decode("latin-1") if tp else None,
                                          ts.decode("latin-1") if ts else None)
         # A value unique per request: never into the HPACK table, where it would only evict
@@ -216,10 +218,29 @@ class H2Exchange:
     # -- the request side ------------------------------------------------------------------
 
     def start(self) -> None:
+        st = self.steer
+        if st.refusal is not None:
+            self._fail(st.refusal.outcome, st.refusal.detail, st.refusal)
+            return
+        loop = self.down.front.loop
         if self.timeout:
-            self.timer = self.down.front.loop.call_later(abs(self.timeout), self._timed_out)
+            self.timer = loop.call_later(abs(self.timeout), self._timed_out)
         self.svc.budget.deposit()
+        if self.req_complete:
+            self._mirror()
+        if st.delay:  # fault injection: held, then sent (the request timeout runs meanwhile)
+            self.try_timer = loop.call_later(st.delay, self._attempt)
+            return
         self._attempt()
+
+    def _mirror(self) -> None:
+        st = self.steer
+        if st.mirror is not None and st.refusal is None:
+            down, rec = self.down, self.rec
+            down.front.mirror.send(st.mirror, rec.src, rec.method, rec.path, self.headers,
+                                   b"".join(self.held) if self.buffered else None,
+                                   "grpc" if self.grpc else "h2",
+                                   0 if down.gateway else down.dst.port)
 
     def client_data(self, data: bytes, flow: int) -> None:
         n = len(data)
@@ -252,6 +273,7 @@ class H2Exchange:
     def client_end(self) -> None:
         if not self.req_complete:
             self.req_complete = True
+            self._mirror()
             self.pump_up()
 
     def client_reset(self, code: int) -> None:
@@ -330,7 +352,7 @@ class H2Exchange:
     async def _connect(self, ep: Endpoint, key: tuple[Any, str]) -> None:
         front = self.down.front
         limits = self.svc.limits
-        src, service = self.down.info.src, self.down.service
+        src, service = self.down.info.src, self.rec.dst
         try:
             conn = await front.h2pool.get(key, lambda: front.dial_h2(ep, src, service, key),
                                           limits.max_connections, limits.max_pending)
@@ -671,8 +693,9 @@ class H2Exchange:
 
     # -- endings ------------------------------------------------------------------------------
 
-    def _fail(self, outcome: str, detail: str) -> None:
-        """Answer the client ourselves (no endpoint's response reached it)."""
+    def _fail(self, outcome: str, detail: str, refusal: Refusal | None = None) -> None:
+        """Answer the client ourselves (no endpoint's response reached it); `refusal`: a
+        traffic rule's answer (its status, gRPC status and headers)."""
         if self.done:
             return
         rec = self.rec
@@ -681,21 +704,25 @@ class H2Exchange:
         self.resp_ended = True
         self.end_outcome = outcome
         try:
+            extra = [(n.encode("ascii"), v.encode("ascii"))
+                     for n, v in (refusal.headers if refusal is not None else ())]
             if self.grpc:
-                code = local_status(outcome)
+                code = local_status(outcome) if refusal is None else \
+                    grpc_code(refusal, local_status, status_of_http)
                 rec.status = 200
                 rec.grpc_status = code
-                down.h2.send_headers(self.sid, trailers_only(code, detail, outcome),
+                down.h2.send_headers(self.sid, trailers_only(code, detail, outcome) + extra,
                                      end_stream=True)
                 self.ended_down = True
             else:
-                status = ERROR_STATUS.get(outcome, 502)
+                status = (refusal.status if refusal is not None else None) or \
+                    ERROR_STATUS.get(outcome, 502)
                 rec.status = status
                 body = (detail + "\n").encode("utf-8", "replace")
                 head = [(b":status", b"%d" % status),
                         (b"content-type", b"text/plain; charset=utf-8"),
                         (b"content-length", b"%d" % len(body)),
-                        (b"x-meshnode-error", outcome.encode("ascii", "replace"))]
+                        (b"x-meshnode-error", outcome.encode("ascii", "replace")), *extra]
                 bodiless = rec.method == "HEAD"
                 down.h2.send_headers(self.sid, head, end_stream=bodiless)
                 if bodiless:
