@@ -124,7 +124,7 @@ case "$mode" in
     exec "$venv/bin/python" -m pytest "$@";;
   bench)
     cd "$here"
-    log "benchmarks: direct, meshnode (eBPF, iptables, explicit), HAProxy, nginx; mTLS, 2 hosts; HTTP/1.1 and h2 (wrk, h2load)"
+    log "benchmarks: direct, meshnode (eBPF, iptables, explicit), HAProxy, nginx; mTLS, 2 hosts; HTTP/1.1 and h2 (wrk, h2load); the TLS ingress gateway"
     exec "$venv/bin/python" -m tests.bench "$@";;
   drill)
     cd "$here"

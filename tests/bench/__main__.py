@@ -4,7 +4,8 @@ Sets every variant up once, measures memory on the fresh processes, then repeats
 measures with the variants interleaved (round robin, a different one first each repetition) and
 reports medians: the table, JSON and a PNG chart in --out, and whether each target holds. Then
 mTLS between two hosts (tests/bench/tunnel.py), then HTTP/1.1 and h2 through L7 proxies
-(tests/bench/http.py): each its own table, JSON and targets line, last.
+(tests/bench/http.py), then the ingress gateway terminating TLS against HAProxy and nginx
+(tests/bench/gateway.py): each its own table, JSON and targets line, last.
 Everything started is stopped, and every namespace removed, on success, failure or Ctrl-C.
 """
 
@@ -219,7 +220,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     sys.stdout.flush()
-    return http.run(args.quick, args.out, keep=args.keep) or rc
+    rc = http.run(args.quick, args.out, keep=args.keep) or rc
+    if rc == 130:
+        return rc
+    # the ingress gateway against HAProxy and nginx terminating TLS (issue 16 item 7)
+    from tests.bench import gateway
+
+    print()
+    sys.stdout.flush()
+    return gateway.run(args.quick, args.out, keep=args.keep) or rc
 
 
 if __name__ == "__main__":

@@ -4,11 +4,16 @@ captured like an application; one not enrolled, for the middles reached by their
 driven by JSON lines on stdin like tests/bench/client.py. Imports nothing of meshnode's.
 
 Operations (each answers one JSON line; errors answer {"error": "..."}):
-  wrk     {url, seconds, connections}       HTTP/1.1 keep-alive, one thread: requests, req/s,
-                                            p50/p99 (wrk --latency), errors
-  h2load  {url, clients, streams, seconds?, requests?, h1?, log, timeout?}
+  wrk     {url, seconds, connections, script?, headers?}
+                                            HTTP/1.1 keep-alive, one thread: requests, req/s,
+                                            p50/p99 (wrk --latency), errors; a Lua script
+                                            (-s) and extra headers (-H) for tests/bench/gateway.py
+  h2load  {url, clients, streams, seconds?, requests?, h1?, log, timeout?, more_urls?,
+           connect_to?}
                                             one thread; -D seconds or -n requests; p50/p99
-                                            from the per-request log file (h2load prints none)
+                                            from the per-request log file (h2load prints none);
+                                            more_urls: taken in turn with url (same authority);
+                                            connect_to: HOST:PORT dialled instead of it
   get     {url}                             one GET: status and body (nginx stub_status)
 """
 
@@ -21,7 +26,7 @@ import resource
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +47,11 @@ def _run(argv: list[str], timeout: float) -> str:
     return run.stdout
 
 
-def op_wrk(url: str, seconds: float, connections: int) -> dict[str, Any]:
+def op_wrk(url: str, seconds: float, connections: int, script: str = "",
+           headers: Sequence[str] = ()) -> dict[str, Any]:
+    extra = [*(["-s", script] if script else []), *(a for h in headers for a in ("-H", h))]
     out = _run(["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency",
-                "--timeout", "5s", url], seconds + 30)  # wrk takes whole seconds only
+                "--timeout", "5s", *extra, url], seconds + 30)  # wrk takes whole seconds only
     total = re.search(r"(\d+) requests in", out)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     pct = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M))
@@ -70,12 +77,14 @@ def _percentiles(log: Path) -> dict[str, float | None]:
 
 
 def op_h2load(url: str, clients: int, streams: int, log: str, seconds: float = 0.0,
-              requests: int = 0, h1: bool = False, timeout: float = 5.0) -> dict[str, Any]:
+              requests: int = 0, h1: bool = False, timeout: float = 5.0,
+              more_urls: Sequence[str] = (), connect_to: str = "") -> dict[str, Any]:
     size = ["-D", f"{seconds:g}"] if seconds else ["-n", str(requests)]
     # -N: a connection silent this long is closed and its requests count as failed (a middle
     # that accepts and never answers must not hang the run; wrk's --timeout likewise)
     argv = ["h2load", "-t1", f"-c{clients}", f"-m{streams}", *size, f"--log-file={log}",
-            f"--connection-inactivity-timeout={timeout:g}", *(["--h1"] if h1 else []), url]
+            f"--connection-inactivity-timeout={timeout:g}", *(["--h1"] if h1 else []),
+            *([f"--connect-to={connect_to}"] if connect_to else []), url, *more_urls]
     try:
         out = _run(argv, seconds + 4 * timeout + 30)
         done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, "

@@ -149,10 +149,12 @@ class H1Downstream(asyncio.Protocol):
             ex.start()
 
     def eof_received(self) -> bool | None:
-        # A client that half-closes after its request still gets its response.
+        # A client that half-closes after its request still gets its response. (Over TLS
+        # there is no half-close: the transport closes whatever this returns, and asyncio
+        # warns when it is True.)
         if self.queue:
             self.closing = True
-            return True
+            return None if self.gateway else True
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
