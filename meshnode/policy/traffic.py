@@ -23,8 +23,6 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-import re2
-
 from meshnode.errors import UsageError
 from meshnode.policy.labels import LabelError, labels_from
 from meshnode.policy.resources import (
@@ -63,16 +61,19 @@ _GRPC_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 Subset = tuple[tuple[str, str], ...]
 
-_RE2_OPTIONS = re2.Options()
-_RE2_OPTIONS.log_errors = False  # the error is ours to report, not absl's on stderr
 
 
 def compile_regex(pattern: str, where: str) -> Any:
     """An RE2 pattern (linear-time matching), or ValueError saying why not."""
     if len(pattern) > MAX_PATTERN:
         raise ValueError(f"{where}: regex is {len(pattern)} characters (at most {MAX_PATTERN})")
+    # imported on first use: ~3 MB in every process, and most meshes route without a regex
+    import re2
+
+    options = re2.Options()
+    options.log_errors = False  # the error is ours to report, not absl's on stderr
     try:
-        return re2.compile(pattern, _RE2_OPTIONS)
+        return re2.compile(pattern, options)
     except re2.error as exc:
         why = exc.args[0] if exc.args else exc
         why = why.decode(errors="replace") if isinstance(why, bytes) else str(why)
