@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,6 +31,15 @@ import pytest
 
 from tests.e2e.fabric import Fabric
 from tests.harness import Host, wait_for
+from tests.integration.test_traffic import (
+    Background,
+    Row,
+    apply,
+    errors,
+    load,
+    share,
+    split_route,
+)
 from tests.tls_certs import web_certs
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
@@ -54,10 +64,20 @@ class Mesh:
     backends: dict[str, subprocess.Popen[str]]  # web's, by name (web-h1, web-h2)
 
 
-def backend(h: Host, module: str, service: str, name: str, port: int) -> subprocess.Popen[str]:
-    """`python -m tests.l7.MODULE NAME PORT` on all of h's addresses, enrolled as `service`."""
-    p = h.popen(["env", "L7_BIND=0.0.0.0", sys.executable, "-m", f"tests.l7.{module}", name,
-                 str(port)], service, stdout=subprocess.PIPE, text=True, cwd=REPO)
+def backend(h: Host, module: str, service: str, name: str, port: int,
+            labels: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    """`python -m tests.l7.MODULE NAME PORT` on all of h's addresses, enrolled as `service`
+    with `labels` (KEY=VALUE: `meshnode run --label`, the subsets a Route names)."""
+    argv = ["env", "L7_BIND=0.0.0.0", sys.executable, "-m", f"tests.l7.{module}", name,
+            str(port)]
+    if labels:
+        run = [sys.executable, "-m", "meshnode.cli", "run", "--instance", h.tag,
+               "--service", service]
+        for label in labels:
+            run += ["--label", label]
+        p = h.popen([*run, "--", *argv], None, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    else:
+        p = h.popen(argv, service, stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert p.stdout is not None and p.stdout.readline().strip() == "listening", name
     return p
 
@@ -377,6 +397,110 @@ def test_the_gateway_calls_into_the_mesh_with_its_own_identity(mesh: Mesh,
         for kind, name in (("Gateway", "edge"), ("AuthorizationPolicy", "edge-no-admin"),
                            ("Route", "web-public"), ("Service", "edge")):
             h0.call("delete", kind=kind, name=name)
+
+
+REVIEWS_PORT = 18580
+
+
+class Stamped(Background):
+    """tests/l7/load_client.py in a loop (Background), each row with the moment it arrived."""
+
+    def __init__(self, h: Host, url: str, conns: int = 4) -> None:
+        self.stamps: list[float] = []  # before the reader starts
+        super().__init__(h, url, conns)
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.stamps.append(time.monotonic())
+            self.rows.append(Row(*json.loads(line)))
+
+
+def switched_at(rows: list[Row], window: int = 100) -> int:
+    """The first request from which on every `window` consecutive requests are 50/50 ± 10 %
+    v2 (len(rows) if the tail never is)."""
+    v2 = [0]
+    for r in rows:
+        v2.append(v2[-1] + (r.name == "v2"))
+    last_bad = -1
+    for i in range(len(rows) - window + 1):
+        if not 0.4 <= (v2[i + window] - v2[i]) / window <= 0.6:
+            last_bad = i
+    return last_bad + 1
+
+
+def test_a_split_holds_on_every_caller_host_and_moves_everywhere_within_the_push(
+        mesh: Mesh, tmp_path: Path) -> None:
+    """Service `reviews` (http, STRICT): endpoint v1 on host 1, v2 on host 2 (labels
+    version=v1 / v2). A Route 90/10 v1/v2, then 50/50 applied on host 1's agent while
+    keep-alive load loops run on hosts 0 and 2: each caller host holds 90/10, then follows
+    the registry's watch to 50/50 within a few seconds, and no request fails meanwhile."""
+    h0, (h1, h2) = mesh.client, mesh.ends
+    f = mesh.fabric
+    vip = str(h0.call("service.add", name="reviews",
+                      patch={"port": 80, "protocol": "http", "mtls": "STRICT"})["vip"])
+    backend(h1, "backend", "reviews", "v1", REVIEWS_PORT, ("version=v1",))
+    backend(h2, "backend", "reviews", "v2", REVIEWS_PORT, ("version=v2",))
+    callers = [h0, h2]
+    for h in callers:
+        h.wait_endpoints("reviews", {f"{f.ip(i)}:{REVIEWS_PORT}" for i in (1, 2)})
+    h2.popen(["sleep", "600"], "client")  # h0's is the fixture's
+    identity_held(h2, "client")
+    url = f"http://{vip}/"
+    loops: list[Stamped] = []
+    try:
+        apply(h0, tmp_path, split_route(90, 10))
+        for h in callers:  # smooth weighted round robin: exactly 2 v2 turns in 20 requests
+            wait_for(f"90/10 in force on {h.node}", lambda h=h: sum(
+                r.name == "v2" for r in load(h, url, 20, conns=1)) == 2, timeout=20)
+        t_start = time.monotonic()
+        loops = [Stamped(h, url) for h in callers]
+        for loop in loops:
+            loop.wait(1000)
+        t_apply = time.monotonic()
+        apply(h1, tmp_path, split_route(50, 50))  # on neither caller's host
+        t_applied = time.monotonic()
+        marks = [len(loop.rows) for loop in loops]
+
+        def moved(loop: Stamped, mark: int) -> bool:
+            tail = loop.rows[-200:]
+            return len(loop.rows) > mark + 200 and abs(share(tail, "v2") - 0.5) <= 0.05
+
+        for loop, mark in zip(loops, marks, strict=True):
+            wait_for("50/50 in force", lambda loop=loop, mark=mark: moved(loop, mark),
+                     timeout=20)
+        for loop in loops:
+            loop.wait(len(loop.rows) + 1000)
+    finally:
+        try:
+            runs = [loop.stop() for loop in loops]
+        finally:
+            h0.call("delete", kind="Route", name="reviews")
+    took = max(loop.stamps[-1] for loop in loops) - t_start
+    lines, checks = [], []
+    for h, loop, rows in zip(callers, loops, runs, strict=True):
+        stamps = loop.stamps[:len(rows)]
+        before = [r for r, t in zip(rows, stamps, strict=True) if t < t_apply]
+        at = switched_at(rows)
+        after = rows[at:]
+        switch = stamps[at] - t_applied if at < len(rows) else float("inf")
+        failed = errors(rows)
+        lines.append(f"  {h.node}: 90/10 -> v2 {share(before, 'v2'):.1%} of {len(before)}; "
+                     f"50/50 in force {switch + t_applied - t_apply:.2f}s after apply began "
+                     f"({switch:+.2f}s from its return), "
+                     f"then v2 {share(after, 'v2'):.1%} of {len(after)}; {len(rows)} requests, "
+                     f"{len(failed)} errors")
+        checks.append((h.node, before, after, switch + t_applied - t_apply, failed))
+    print(f"\nreviews v1@h1 / v2@h2, Route 90/10 then 50/50 applied on h1's agent (apply took "
+          f"{t_applied - t_apply:.2f}s) under keep-alive load loops (4 connections) on h0 and "
+          f"h2, {took:.1f}s of load:\n" + "\n".join(lines))
+    for node, before, after, switch, failed in checks:
+        assert len(before) >= 1000 and abs(share(before, "v2") - 0.10) <= 0.03, node
+        assert len(after) >= 1000 and abs(share(after, "v2") - 0.50) <= 0.03, node
+        # not before the apply began (the 90/10 was in force), within the push after it
+        assert 0 < switch <= t_applied - t_apply + 5.0, (node, switch)
+        assert failed == [], (node, Counter((r.status, r.error_header, r.error)
+                                            for r in failed))
 
 
 class Load:
