@@ -71,6 +71,9 @@ async def dial(loop: asyncio.AbstractEventLoop, ep: Endpoint, src: str, service:
     except (OSError, TimeoutError) as exc:
         sock.close()
         raise DialError(failure_reason(exc), f"connect to {target.addr}: {exc}") from None
+    except asyncio.CancelledError:  # the request went away meanwhile: no socket left behind
+        sock.close()
+        raise
     if plan is None:
         transport, proto = await loop.create_connection(factory, sock=sock)
         return transport, proto, ""
@@ -123,6 +126,9 @@ async def _tunnel(loop: asyncio.AbstractEventLoop, sock: socket.socket, plan: Tu
         transport, _ = await loop.create_connection(
             lambda: answer, sock=sock, ssl=plan.client.context, server_hostname="",
             ssl_handshake_timeout=security.handshake_timeout)
+    except asyncio.CancelledError:
+        sock.close()
+        raise
     except (OSError, ssl.SSLError, TimeoutError) as exc:
         sock.close()
         from meshnode.proxy.tls import handshake_cause
@@ -144,6 +150,9 @@ async def _tunnel(loop: asyncio.AbstractEventLoop, sock: socket.socket, plan: Tu
     except (OSError, FrameError, TimeoutError) as exc:
         transport.abort()
         raise DialError("tunnel_error", f"tunnel to {plan.node}: {exc}") from None
+    except asyncio.CancelledError:
+        transport.abort()
+        raise
     resumed = bool(ssl_object is not None and ssl_object.session_reused)
     security.stats.count("tls_handshakes", "client", "resumed" if resumed else "full")
     if not reply.ok:
