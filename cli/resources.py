@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
             hosts: Annotated[bool, typer.Option(
                 "--hosts", help="which version each host's agent runs")] = False) -> None:
         """List resources of a kind, or print one (-o yaml gives a document to edit and
-        apply). `get routes [SERVICE]`: the effective routing per service (cli/routes.py)."""
+        apply). `get routes [SERVICE]`: the effective routing per service."""
         if kind == routes.WORD:
             routes.show_routes(instance, output.value, name)
             return

@@ -288,3 +288,39 @@ def test_the_listener_outlives_an_agent_restart(site: Site) -> None:
     assert "cannot listen" not in h.log_tail(400)
     assert h.cli("delete", "Gateway", "edge").returncode == 0
     wait_for("the gateway port closed", lambda: refused(h, port), 20)
+
+
+def test_a_per_source_rate_limit_at_the_gateway_is_per_client_address(site: Site) -> None:
+    """Callers from outside the mesh all come "from" the gateway's service: a per-source
+    limit keys on each client's address instead, so one client cannot spend another's."""
+    h = site.h
+    http_service(h, "shop", 1)
+    (plain,) = ports(1)
+    limited = {"kind": "Route", "name": "shop", "spec": {
+        "service": "shop", "hosts": ["shop.example.com"],
+        "rules": [{"name": "all", "rateLimit": {"requestsPerSecond": 0.01, "burst": 2,
+                                                "perSource": True}}]}}
+    done = apply(site, limited,
+                 gateway_doc([{"address": "127.0.0.1", "port": plain, "protocol": "http"}]))
+    assert done.returncode == 0, done.stderr
+    wait_for("the gateway serving", lambda: refused(h, plain) is False, 20)
+
+    def statuses(client: str) -> list[tuple[int, str]]:
+        out = []
+        for _ in range(6):  # a connection each: whichever worker accepts it
+            got, _, head = curl(site, f"http://shop.example.com:{plain}/p", "--resolve",
+                                f"shop.example.com:{plain}:127.0.0.1", "--interface", client)
+            retry = next((line.split(":", 1)[1].strip() for line in head.splitlines()
+                          if line.lower().startswith("retry-after:")), "")
+            out.append((got["http_code"], retry))
+        return out
+
+    # Each worker holds its share of the burst (2 over the host's workers, at least 1 each)
+    # and refills at its share of 0.01/s: a client gets at most 2 answers, then 429s with
+    # a long Retry-After. The second address has buckets of its own: it is answered too.
+    first, second = statuses("127.0.0.2"), statuses("127.0.0.3")
+    for got in (first, second):
+        ok = [s for s, _ in got if s == 200]
+        others = [(s, r) for s, r in got if s != 200]
+        assert 1 <= len(ok) <= 2, got
+        assert all(s == 429 and r.isdigit() and int(r) >= 100 for s, r in others), got

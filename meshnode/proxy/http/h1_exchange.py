@@ -40,7 +40,7 @@ from meshnode.proxy.http.h1_wire import (
     error_response,
 )
 from meshnode.proxy.http.pool import PoolFull
-from meshnode.proxy.http.steer import Refusal, header_map, steer
+from meshnode.proxy.http.steer import Refusal, header_map, peer_ip, steer
 from meshnode.route.table import ToService
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ class Exchange:
                                        "http/1.1", method, url.decode("latin-1"),
                                        host.decode("latin-1"))
         self.steer = st = steer(front, down.gateway, down.service, rec,
-                                lambda: header_map(headers))
+                                lambda: header_map(headers), peer_ip(down))
         self.svc: ServiceHttp = st.svc
         self.plan: RoutePlan = st.plan
         self.tp = front.tracer.start(rec, tp.decode("latin-1") if tp else None,

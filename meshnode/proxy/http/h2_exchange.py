@@ -60,7 +60,7 @@ from meshnode.proxy.http.grpc_status import (
 )
 from meshnode.proxy.http.h2conn import H2Upstream, Headers, pump
 from meshnode.proxy.http.pool import PoolFull
-from meshnode.proxy.http.steer import Refusal, grpc_code, header_map, steer
+from meshnode.proxy.http.steer import Refusal, grpc_code, header_map, peer_ip, steer
 from meshnode.route.table import ToService
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ class H2Exchange:
                                        "grpc" if self.grpc else "h2", method.decode("latin-1"),
                                        path.decode("latin-1"), authority.decode("latin-1"))
         self.steer = st = steer(front, down.gateway, down.service, rec,
-                                lambda: header_map(headers))
+                                lambda: header_map(headers), peer_ip(down))
         self.svc: ServiceHttp = st.svc
         self.plan: RoutePlan = st.plan
         traceparent = front.tracer.start(rec, tp.decode("latin-1") if tp else None,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshnode.proxy.http.exchange import RequestRecord, RoutePlan, ServiceHttp
 from meshnode.route.traffic import Decision, Pick, RequestView
@@ -26,7 +26,7 @@ from meshnode.route.traffic import steer as route_steer
 if TYPE_CHECKING:
     from meshnode.proxy.http.front import HttpFront
 
-__all__ = ["Refusal", "Steer", "header_map", "steer"]
+__all__ = ["Refusal", "Steer", "header_map", "peer_ip", "steer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,16 +69,19 @@ def header_map(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 def steer(front: HttpFront, gateway: str, service: str, rec: RequestRecord,
-          headers: Callable[[], Mapping[str, str]]) -> Steer:
+          headers: Callable[[], Mapping[str, str]], client: str = "") -> Steer:
     """The request `rec` (method, path, authority, src filled in) on a connection to
     `service` (a gateway's: `gateway` names it, and the host decides). Sets rec.dst and
-    rec.route."""
+    rec.route. `client`: the client's address (a gateway's per-source limits key on it)."""
     traffic = front.traffic
     if not traffic:
         return _default(front, service, rec)
     route = traffic.host(rec.authority) if gateway else traffic.service(service)
+    # a per-source rate limit keys on the calling service; at a gateway (callers from outside
+    # the mesh, all "from" the gateway's service) on the client's address
+    source = f"{rec.src}@{client}" if gateway else rec.src
     view = RequestView(rec.method, rec.path, rec.authority,
-                       headers() if route is not None and route.reads_headers else {}, rec.src)
+                       headers() if route is not None and route.reads_headers else {}, source)
     s = route_steer(traffic, gateway, service, view)
     rec.dst = target = s.target
     if s.refusal is not None:
@@ -103,6 +106,15 @@ def steer(front: HttpFront, gateway: str, service: str, rec: RequestRecord,
         out.refusal = Refusal("fault_abort", f"fault injected by route {d.rule} "
                               f"(Route {d.route})", status, grpc)
     return out
+
+
+def peer_ip(down: Any) -> str:
+    """A gateway connection's client address ("" for a captured one: its caller is a
+    service)."""
+    if not down.gateway:
+        return ""
+    peer = down.info.peer
+    return str(peer[0]) if peer else ""
 
 
 def _default(front: HttpFront, service: str, rec: RequestRecord) -> Steer:
