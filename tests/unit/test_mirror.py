@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine
 from ipaddress import IPv4Address
 from typing import Any
 
@@ -23,25 +22,13 @@ from meshnode.proxy.http.mirror import Mirror, shadow_authority
 from meshnode.proxy.stats import WorkerStats
 from meshnode.route import ServiceTable
 from meshnode.route.traffic import Pick
+from tests.unit.test_h2 import run, until
 
 pytestmark = pytest.mark.timeout(20)
 
 Headers = list[tuple[bytes, bytes]]
 
 
-def run(coro: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    asyncio.run(coro())
-
-
-async def until(what: str, check: Callable[[], Any], timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 class H1Server:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from meshnode.model import Endpoint
 from meshnode.proxy.http.exchange import RequestRecord, RoutePlan, ServiceHttp
-from meshnode.proxy.http.steer import Steer
+from meshnode.proxy.http.steer import Steer, dialled_port
 from meshnode.route.table import ToService
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def begin_attempt(ex: Attempting) -> tuple[Any, str] | None:
         if pick is None:
             found = front.table.route(down.dst, down.info.peer)
         else:  # a Route's backend: that service, that subset
-            found = front.table.route_backend(pick.service, 0 if down.gateway else down.dst.port,
+            found = front.table.route_backend(pick.service, dialled_port(down),
                                               pick.subset, pick.port, down.info.peer)
         if not isinstance(found, ToService) or not found.attempts:
             reason = getattr(found, "reason", "") or \

@@ -40,7 +40,7 @@ from meshnode.proxy.http.h1_wire import (
     error_response,
 )
 from meshnode.proxy.http.pool import PoolFull
-from meshnode.proxy.http.steer import Refusal, header_map, peer_ip, steer
+from meshnode.proxy.http.steer import Refusal, dialled_port, header_map, peer_ip, steer
 from meshnode.route.table import ToService
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ class Exchange:
             down = self.down
             down.front.mirror.send(mirror, self.rec.src, self.method, self.url.decode("latin-1"),
                                    self.headers, b"".join(self.body) if self.buffered else None,
-                                   "http/1.1", 0 if down.gateway else down.dst.port)
+                                   "http/1.1", dialled_port(down))
         conn = self.conn
         if conn is not None and conn.transport is not None and self.chunk_up and not self.done:
             conn.transport.write(b"0\r\n\r\n")

@@ -60,7 +60,14 @@ from meshnode.proxy.http.grpc_status import (
 )
 from meshnode.proxy.http.h2conn import H2Upstream, Headers, pump
 from meshnode.proxy.http.pool import PoolFull
-from meshnode.proxy.http.steer import Refusal, grpc_code, header_map, peer_ip, steer
+from meshnode.proxy.http.steer import (
+    Refusal,
+    dialled_port,
+    grpc_code,
+    header_map,
+    peer_ip,
+    steer,
+)
 from meshnode.route.table import ToService
 
 if TYPE_CHECKING:
@@ -240,7 +247,7 @@ class H2Exchange:
             down.front.mirror.send(st.mirror, rec.src, rec.method, rec.path, self.headers,
                                    b"".join(self.held) if self.buffered else None,
                                    "grpc" if self.grpc else "h2",
-                                   0 if down.gateway else down.dst.port)
+                                   dialled_port(down))
 
     def client_data(self, data: bytes, flow: int) -> None:
         n = len(data)

@@ -26,7 +26,7 @@ from meshnode.route.traffic import steer as route_steer
 if TYPE_CHECKING:
     from meshnode.proxy.http.front import HttpFront
 
-__all__ = ["Refusal", "Steer", "header_map", "peer_ip", "steer"]
+__all__ = ["Refusal", "Steer", "dialled_port", "header_map", "peer_ip", "steer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +106,12 @@ def steer(front: HttpFront, gateway: str, service: str, rec: RequestRecord,
         out.refusal = Refusal("fault_abort", f"fault injected by route {d.rule} "
                               f"(Route {d.route})", status, grpc)
     return out
+
+
+def dialled_port(down: Any) -> int:
+    """The service port a connection dialled, which picks a backend's endpoints; 0 for a
+    gateway's (no service port: every endpoint of the backend)."""
+    return 0 if down.gateway else int(down.dst.port)
 
 
 def peer_ip(down: Any) -> str:
