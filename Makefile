@@ -8,7 +8,10 @@
 #   wrk and h2 with h2load through meshnode L7, HAProxy mode http and nginx proxy_pass:
 #   tests/bench/http.py, alone: python -m tests.bench.http [--quick]; then the ingress gateway:
 #   TLS 1.3 termination + routing by path to 2 backends, meshnode's Gateway against HAProxy and
-#   nginx: tests/bench/gateway.py, alone: python -m tests.bench.gateway [--quick])
+#   nginx: tests/bench/gateway.py, alone: python -m tests.bench.gateway [--quick]; then the
+#   kernel fast path (datapath: kernel) against the proxy path (now and before), direct and
+#   HAProxy, with redis-benchmark, pgbench and h2load by name: tests/bench/kernel.py, alone:
+#   python -m tests.bench.kernel [--quick])
 #   make bench BENCH_ARGS="--out DIR"
 #   make bench-scale            what one change costs with 10 000 services of 4 endpoints
 #                               (tests/bench/scale.py; a few minutes on 2 CPUs);

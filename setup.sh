@@ -33,8 +33,10 @@ case "$mode" in test|drill) pkgs+=(etcd-server etcd-client);; esac  # also the d
 # ... and drive HTTP/1.1 and HTTP/2 through the proxy with real clients (curl is in the base)
 case "$mode" in test|bench) pkgs+=(wrk nghttp2-client curl);; esac
 # the benchmarks compare against HAProxy and nginx (stream is a module in Debian 12), load HTTP
-# with wrk and chart with matplotlib
-[ "$mode" = bench ] && pkgs+=(haproxy nginx libnginx-mod-stream python3-matplotlib)
+# with wrk and chart with matplotlib; the kernel path's real clients: redis-benchmark against
+# redis-server, pgbench against PostgreSQL
+[ "$mode" = bench ] && pkgs+=(haproxy nginx libnginx-mod-stream python3-matplotlib
+  redis-server redis-tools postgresql)
 # the Vagrant testbed: three Debian VMs under libvirt, a box built from the mirror
 [ "$mode" = vagrant ] && pkgs+=(vagrant vagrant-libvirt libvirt-daemon-system
   libvirt-daemon-driver-qemu libvirt-clients dnsmasq-base qemu-system-x86 qemu-utils

@@ -107,10 +107,15 @@ int mn_dns_sendmsg4(struct bpf_sock_addr *ctx)
  * BPF_F_ALLOW_MULTI; the kernel runs them in attach order, each seeing the address the one
  * before left). mn_connect4 runs first and takes TCP connects to mesh destinations, whatever
  * their port; this one then only sees port MN_DNS_SERVICE_PORT destinations that are not
- * mesh destinations. */
+ * mesh destinations (or that mn_connect4 balanced to an endpoint on that port: skipped). */
 int mn_dns_connect4(struct bpf_sock_addr *ctx)
 {
     if (ctx->type != SOCK_DGRAM && ctx->type != SOCK_STREAM)
+        return MN_VERDICT_PROCEED;
+    /* mn_connect4 balanced it in the kernel to an endpoint that listens on port 53: that is
+     * where it goes, not to the agent's DNS server */
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    if (mn_ksock.lookup(&cookie))
         return MN_VERDICT_PROCEED;
     mn_dns_redirect(ctx);
     return MN_VERDICT_PROCEED;

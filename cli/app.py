@@ -309,6 +309,11 @@ def service_add(
         help="most of a service's endpoints ejected at once (0-1)")] = None,
     max_connections: Annotated[int | None, typer.Option(
         help="active connections per proxy worker to this service (0: no limit)")] = None,
+    datapath: Annotated[str | None, typer.Option(
+        help="who balances its connections: proxy (default), kernel or auto")] = None,
+    close_removed: Annotated[bool | None, typer.Option(
+        "--close-removed/--keep-removed",
+        help="kernel path: close connections to endpoints that leave")] = None,
     instance: Instance = "default", output: OutputOpt = Output.table,
 ) -> None:
     """Create a service (or update it) and add endpoints that are not local processes.
@@ -320,7 +325,8 @@ def service_add(
                                       "unhealthyThreshold": unhealthy_threshold}
     patch = _given(port=port, failMode=None if fail_closed is None else
                    ("closed" if fail_closed else "open"),
-                   maxConnections=max_connections,
+                   maxConnections=max_connections, datapath=datapath,
+                   closeRemovedConnections=close_removed,
                    balancer=_given(algorithm=lb, locality=locality),
                    health=_given(**health_spec),
                    outlier=_given(consecutiveFailures=eject_after, baseEjection=eject_for,

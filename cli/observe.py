@@ -1,6 +1,8 @@
 """Operators' read commands on live traffic: `stat`, `top` and `tap`. HTTP, HTTP/2 and gRPC
 services are shown in requests (rate, success, request latency, retries), TCP ones in
-connections; the agent computes every figure (success included), this only renders."""
+connections; the agent computes every figure (success included), this only renders. When a
+service's connections take the kernel path (no proxy), the TCP tables gain a PATH column and
+an RTT one (the kernel's smoothed RTT; it has no connect latency, so P50..P99 show "-")."""
 
 from __future__ import annotations
 
@@ -55,8 +57,8 @@ def stat_text(r: dict[str, Any]) -> str:
                  f"{s['healthy']}/{s['endpoints']}", f"{s['rate']:.1f}", str(s["active"]),
                  _bytes_rate(s), _percent(s), _ms(s["p50_ms"]), _ms(s["p95_ms"]),
                  _ms(s["p99_ms"])] for s in l4]
-        tables.append(table(rows, ["SERVICE", "VIP", "HEALTHY", "CONN/S", "ACTIVE",
-                                   "THROUGHPUT", "ERRORS", "P50", "P95", "P99"]))
+        tables.append(_with_path(l4, rows, ["SERVICE", "VIP", "HEALTHY", "CONN/S", "ACTIVE",
+                                            "THROUGHPUT", "ERRORS", "P50", "P95", "P99"]))
     if l7 and l4:
         head += "; latency: per request (RPS rows), to connect (CONN/S rows)"
     if len(l7) == 1 and len(r["services"]) == 1 and l7[0]["routes"]:
@@ -121,8 +123,8 @@ def top_text(r: dict[str, Any]) -> str:
     if l4:
         rows = [[p["src"], p["dst"], f"{p['rate']:.1f}", str(p["active"]), _bytes_rate(p),
                  _percent(p), _ms(p["p50_ms"]), _ms(p["p99_ms"])] for p in l4]
-        tables.append(table(rows, ["SOURCE", "DESTINATION", "CONN/S", "ACTIVE", "THROUGHPUT",
-                                   "ERRORS", "P50", "P99"]))
+        tables.append(_with_path(l4, rows, ["SOURCE", "DESTINATION", "CONN/S", "ACTIVE",
+                                            "THROUGHPUT", "ERRORS", "P50", "P99"]))
     return head + "\n" + "\n\n".join(tables)
 
 
@@ -186,6 +188,16 @@ def request_line(e: dict[str, Any]) -> str:
     if e.get("outcome") not in (None, "ok"):
         line += f" {e['outcome']}"
     return line
+
+
+def _with_path(items: list[dict[str, Any]], rows: list[list[str]], head: list[str]) -> str:
+    """A TCP table; with PATH and RTT columns once any row took the kernel path."""
+    if any("kernel" in str(i.get("path", "")) for i in items):
+        rows = [[*row, str(i.get("path") or "proxy"), _ms(i.get("rtt_ms"))]
+                for i, row in zip(items, rows, strict=True)]
+        head = [*head, "PATH", "RTT"]
+    text: str = table(rows, head)
+    return text
 
 
 def _ms(v: float | None) -> str:

@@ -39,10 +39,26 @@ MAP_COOKIE_ENTRIES: Final = 65536  # captured sockets between connect and establ
 MAP_ORIGDST_ENTRIES: Final = 65536  # established captured sockets awaiting the proxy (LRU)
 MAP_DNS_ENTRIES: Final = 16384  # sockets whose DNS queries were redirected: their resolver (LRU)
 MAP_INBOUND_ENTRIES: Final = 65536  # local ports with an mTLS mode (one per TCP port at most)
+# The kernel path (issue 17): per (service, port) a table of endpoint slots the connect hook
+# picks from. Tables and slots are allocated as entries arrive, like mn_dest.
+MAP_LB_TABLE_ENTRIES: Final = MESH_MAX_SERVICES * 4  # (service, VIP port) tables
+MAP_LB_SLOT_ENTRIES: Final = 1 << 20  # endpoint slots of every table
+LB_MAX_SLOTS: Final = 512  # slots of one table: weights are scaled down to fit
+LB_RING_SLOTS: Final = 256  # slots of a ring-hash table (consistent: see balance/slots.py)
+MAP_KSOCK_ENTRIES: Final = 65536  # open kernel-path sockets: their VIP, endpoint, start (LRU)
+MAP_KFLOW_ENTRIES: Final = 65536  # (source, service, endpoint) counter rows (LRU, per CPU)
+KLOG_SLOTS: Final = 1024  # the ring of closed kernel-path connections the agent samples
 
 # Per-service flags in the mn_svc map.
 SVC_READY: Final = 1
 SVC_FAIL_CLOSED: Final = 2
+SVC_KERNEL: Final = 4  # balanced in the kernel (datapath kernel/auto, allowed)
+SVC_FALLBACK: Final = 8  # balanced in the kernel while the proxy is not ready
+
+# mn_lb_table flags: how the connect hook picks a slot.
+LB_PICK_ROTATE: Final = 0  # the next slot (an atomic cursor): weights exact over a round
+LB_PICK_RANDOM: Final = 1  # a random slot
+LB_PICK_HASH: Final = 2  # the slot the client process's id hashes to (ring-hash)
 
 # Slots of the per-CPU counter array mn_stats.
 STAT_CAPTURED: Final = 0  # connects redirected to the proxy
@@ -51,6 +67,8 @@ STAT_REFUSED: Final = 2  # mesh destination, not ready, fail-closed: refused
 STAT_ORIGDST_HIT: Final = 3  # SO_ORIGINAL_DST answered from the map
 STAT_ORIGDST_MISS: Final = 4
 STAT_DNS_REDIRECTED: Final = 5  # DNS queries (sendmsg or connect) sent to the agent instead
+STAT_KERNEL: Final = 6  # connects balanced in the kernel (kernel path)
+STAT_KERNEL_NOEP: Final = 7  # kernel-path connects that found no endpoint (left to the VIP)
 STAT_SLOTS: Final = 8
 
 # Inbound enforcement (bpf/mn_inbound.c, the mn_inbound map's values): what a plaintext TCP
@@ -89,6 +107,9 @@ def bpf_defines() -> dict[str, int]:
         "STAT_ORIGDST_MISS", "STAT_SLOTS",
         "DNS_SERVICE_PORT", "MAP_DNS_ENTRIES", "STAT_DNS_REDIRECTED", "DNS_CFG_SLOT",
         "DNS_ENABLED", "MAP_INBOUND_ENTRIES", "INBOUND_PERMISSIVE", "INBOUND_STRICT",
+        "SVC_KERNEL", "SVC_FALLBACK", "MAP_LB_TABLE_ENTRIES", "MAP_LB_SLOT_ENTRIES",
+        "LB_MAX_SLOTS", "LB_PICK_RANDOM", "LB_PICK_HASH", "MAP_KSOCK_ENTRIES",
+        "MAP_KFLOW_ENTRIES", "KLOG_SLOTS", "STAT_KERNEL", "STAT_KERNEL_NOEP",
     )
     g = globals()
     return {f"MN_{n}": int(g[n]) for n in names}

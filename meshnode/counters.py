@@ -11,6 +11,10 @@ One declaration drives four places that used to list the fields by hand:
 - `meshnode status` (per service: the pair fields summed over sources; per endpoint: the
   ENDPOINT fields), read from the same sums as `stat` and /metrics.
 
+Kernel-path connections (no proxy: the connect hook balances them) fill the same pair fields
+from BPF maps in the agent (telemetry/kernel_flows.py), plus KERNEL_PAIR_FIELDS and
+KERNEL_FIELDS; /metrics tells the two apart by a `path` label.
+
 Adding a counter: one `Field` here and the code that bumps it in the worker. The agent, the
 wire and /metrics follow without an edit. Names a peer sends that are not declared here (a newer
 worker's) are ignored by the sums.
@@ -25,7 +29,8 @@ from typing import Literal
 
 from meshnode.histogram import CONNECT_BUCKETS, DURATION_BUCKETS, REQUEST_BUCKETS
 
-__all__ = ["ENDPOINT_FIELDS", "FAILURES", "LABELLED_FIELDS", "PAIR_FIELDS", "PAIR_HISTOGRAMS",
+__all__ = ["ENDPOINT_FIELDS", "FAILURES", "KERNEL_FIELDS", "KERNEL_PAIR_FIELDS", "KERNEL_PATH",
+           "LABELLED_FIELDS", "NOT_ESTABLISHED", "PAIR_FIELDS", "PAIR_HISTOGRAMS", "PROXY_PATH",
            "REQUEST_FIELDS", "SECURITY_FIELDS",
            "SELECTIONS", "WORKER_FIELDS", "Field", "HistogramField", "Kind", "LabelledField",
            "request_succeeded"]
@@ -85,10 +90,30 @@ PAIR_FIELDS: tuple[Field, ...] = (
           "Failed upstream connect attempts, retried ones included."),
 )
 
-# Per pair and reason (no_endpoint, refused, timeout, unreachable, error: the last attempt's).
+# Per pair and reason (no_endpoint, refused, timeout, unreachable, error: the last attempt's;
+# the kernel path cannot tell why, its reason is NOT_ESTABLISHED).
 FAILURES = Field("failures", "counter", "meshnode_connect_failures",
                  "Connections that never reached an endpoint, by reason (no_endpoint, refused, "
-                 "timeout, unreachable, error).")
+                 "timeout, unreachable, error; kernel path: not_established).")
+
+# Who carried a pair's connections: the `path` label of the pair families. Kernel-path ones
+# were balanced by the cgroup connect hook with no proxy on the path (Service `datapath`);
+# the agent reads their figures from BPF maps (telemetry/kernel_flows.py), not from workers.
+PROXY_PATH = "proxy"
+KERNEL_PATH = "kernel"
+NOT_ESTABLISHED = "not_established"
+
+# Per kernel-path pair, beside its PAIR_FIELDS: the kernel sums lifetime and smoothed RTT at
+# close (no buckets), so they are summaries whose count is `kernel_closed`.
+KERNEL_PAIR_FIELDS: tuple[Field, ...] = (
+    Field("kernel_closed", "counter", "",
+          "Kernel-path connections closed after being established (the sums' count)."),
+    Field("duration_us", "counter", "meshnode_kernel_connection_duration_seconds",
+          "Lifetime of kernel-path connections, connect to close (established ones).",
+          scale=1e-6),
+    Field("rtt_us", "counter", "meshnode_kernel_connection_rtt_seconds",
+          "Smoothed TCP round-trip time of kernel-path connections at close.", scale=1e-6),
+)
 
 PAIR_HISTOGRAMS: tuple[HistogramField, ...] = (
     HistogramField("connect", CONNECT_BUCKETS, "meshnode_connect_latency_seconds",
@@ -203,6 +228,21 @@ REQUEST_FIELDS: tuple[LabelledField, ...] = (
 
 # Every labelled field a worker sends (wire.StatsReply.labelled), by name.
 LABELLED_FIELDS: tuple[LabelledField, ...] = SECURITY_FIELDS + REQUEST_FIELDS
+
+# Kernel-path connections per endpoint (the agent's, from mn_kflow rows). Label values are
+# bounded: services are the mesh's own, endpoints the destination's registered ones ("other"
+# for an address no longer registered).
+_KERNEL_EP = ("src", "dst", "endpoint")
+KERNEL_FIELDS: tuple[LabelledField, ...] = (
+    LabelledField("kernel_endpoint_connections", "counter",
+                  "meshnode_kernel_endpoint_connections",
+                  "Kernel-path connections the connect hook sent to an endpoint.", _KERNEL_EP),
+    LabelledField("kernel_endpoint_failures", "counter", "meshnode_kernel_endpoint_failures",
+                  "Kernel-path connections to an endpoint closed without being established.",
+                  _KERNEL_EP),
+    LabelledField("kernel_endpoint_active", "gauge", "meshnode_kernel_endpoint_connections_active",
+                  "Kernel-path connections to an endpoint open now.", _KERNEL_EP),
+)
 
 
 def request_succeeded(status_class: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
@@ -202,6 +203,30 @@ class InboundRule:
     service: str = ""  # the service's name, for the per-service counters
 
 
+@dataclass(frozen=True, slots=True)
+class LbTable:
+    """What the kernel path balances a connect to one (service, VIP port) over (port 0: every
+    port of the VIP, a service with a `port`): `slots`, each endpoint as often as its share of
+    the weights, in the order the hook rotates through (or hashes into: `pick`, one of
+    constants.LB_PICK_*). `close_removed`: connections to an endpoint that leaves the table
+    are closed (the service's closeRemovedConnections)."""
+
+    service_id: int
+    port: int
+    pick: int
+    slots: tuple[HostPort, ...]
+    close_removed: bool = False
+
+    def gone_since(self, old: LbTable | None) -> set[tuple[IPv4Address, int]]:
+        """The endpoints of `old` that this table no longer holds."""
+        if old is None:
+            return set()
+        return {(a.ip, a.port) for a in old.slots} - {(a.ip, a.port) for a in self.slots}
+
+
+LbKey = tuple[int, int]  # (service id, VIP port or 0)
+
+
 @dataclass(frozen=True, slots=True, weakref_slot=True)
 class CaptureState:
     rules: frozenset[CaptureRule] = field(default_factory=frozenset)
@@ -210,6 +235,11 @@ class CaptureState:
     # Inbound enforcement of this host's endpoint ports (independent of `ready`: refusing
     # plaintext from other hosts needs no proxy).
     inbound: frozenset[InboundRule] = field(default_factory=frozenset)
+    # The kernel path: services balanced in the kernel always (`kernel`) or while the proxy is
+    # not ready (`fallback`), and their tables (only healthy endpoints are in them).
+    kernel: frozenset[int] = field(default_factory=frozenset)
+    fallback: frozenset[int] = field(default_factory=frozenset)
+    lb: Mapping[LbKey, LbTable] = field(default_factory=dict, hash=False)
     # A hint, not part of the value: the rules removed and added since `base` (a weak
     # reference: states must not keep their ancestors' rule sets alive), the state the
     # compiler made before this one, so a backend that synced `base` applies the change
@@ -228,13 +258,21 @@ class CaptureState:
         return (self.removed, self.added) if base is old else None
 
     def redirected(self) -> list[CaptureRule]:
-        """The rules the kernel redirects now: those of ready services."""
-        return sorted(r for r in self.rules if r.service_id in self.ready)
+        """The rules the kernel redirects to the proxy now: those of ready services not on
+        the kernel path."""
+        return sorted(r for r in self.rules
+                      if r.service_id in self.ready and r.service_id not in self.kernel)
+
+    def balanced(self, service_id: int) -> bool:
+        """Whether the kernel balances this service's connects now (the kernel path)."""
+        return service_id in self.kernel or (service_id in self.fallback
+                                             and service_id not in self.ready)
 
     def refused(self) -> list[CaptureRule]:
         """Rules of fail-closed services that are not ready: the kernel refuses them."""
         return sorted(r for r in self.rules
-                      if r.service_id in self.fail_closed and r.service_id not in self.ready)
+                      if r.service_id in self.fail_closed and r.service_id not in self.ready
+                      and not self.balanced(r.service_id))
 
     def inbound_modes(self) -> dict[int, bool]:
         """Local port -> strict, as the kernel enforces it: a port two services share is

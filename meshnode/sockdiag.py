@@ -7,6 +7,9 @@ are one request that the kernel answers at once.
   client's socket is local, so one request for exactly that socket returns its
   INET_DIAG_CGROUP_ID, and the agent's cgroup → service map names the source. The eBPF capture
   hands the same id over in the SO_ORIGINAL_DST answer and never needs this.
+- `destroy`: close (SOCK_DESTROY: the app sees ECONNABORTED, the peer a reset) the TCP
+  connections to given addresses that a filter picks by socket cookie; the kernel path closes
+  its connections to an endpoint that left this way when the service asks for it.
 - `tcp_listeners`: every listening TCP socket of this network namespace, by inode. Asking for
   the LISTEN state alone makes the kernel walk only its listening hash. /proc/net/tcp (psutil's
   `net_connections`) walks the established hash too, every TIME_WAIT socket of every namespace:
@@ -21,13 +24,15 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv6Address
 
 __all__ = ["SockDiag"]
 
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
+_SOCK_DESTROY = 21
+_NLM_F_ACK = 4
 _NLM_F_REQUEST = 1
 _NLM_F_DUMP = 0x300
 _NLMSG_ERROR = 2
@@ -36,6 +41,9 @@ _INET_DIAG_CGROUP_ID = 21
 _INET_DIAG_NOCOOKIE = 0xFFFFFFFF
 _ALL_STATES = 0xFFFFFFFF
 _TCP_LISTEN = 10
+# Connected states worth closing: all but LISTEN, TIME_WAIT (6) and CLOSE (7).
+_CONNECTED_STATES = _ALL_STATES & ~((1 << _TCP_LISTEN) | (1 << 6) | (1 << 7))
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 _NLMSGHDR = struct.Struct("=IHHII")
 # struct inet_diag_req_v2 { u8 family, protocol, ext, pad; u32 states; struct inet_diag_sockid }
@@ -43,6 +51,7 @@ _NLMSGHDR = struct.Struct("=IHHII")
 _REQ = struct.Struct("=BBBxI")
 _SOCKID = struct.Struct("!HH16s16s")
 _SOCKID_TAIL = struct.Struct("=III")
+_SOCKID_LEN = _SOCKID.size + _SOCKID_TAIL.size
 # struct inet_diag_msg: u8 family, state, timer, retrans; sockid (48); u32 expires, rqueue,
 # wqueue, uid, inode
 _MSG_LEN = 72
@@ -72,10 +81,7 @@ class SockDiag:
         return self._sock
 
     def _send(self, body: bytes, flags: int) -> int:
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        self._socket().send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), _SOCK_DIAG_BY_FAMILY,
-                                           _NLM_F_REQUEST | flags, self._seq, 0) + body)
-        return self._seq
+        return self._send_as(_SOCK_DIAG_BY_FAMILY, body, flags)
 
     def _replies(self, seq: int) -> Iterator[tuple[int, memoryview]]:
         """(type, message) of the answer to request `seq`, until its last part. An answer to
@@ -131,6 +137,53 @@ class SockDiag:
             self.close()
             raise
         return found
+
+    def destroy(self, targets: set[tuple[IPv4Address, int]],
+                pick: Callable[[int], bool]) -> int:
+        """Close every connected TCP socket (IPv4, or IPv6 to a v4-mapped address) whose peer
+        is in `targets` and whose cookie `pick` accepts. Returns how many the kernel closed.
+        OSError when it cannot (no sock_diag, or SOCK_DESTROY not built in)."""
+        found: list[tuple[int, bytes]] = []
+        try:
+            for family in (socket.AF_INET, socket.AF_INET6):
+                body = (_REQ.pack(family, socket.IPPROTO_TCP, 0, _CONNECTED_STATES)
+                        + bytes(_SOCKID.size)
+                        + _SOCKID_TAIL.pack(0, _INET_DIAG_NOCOOKIE, _INET_DIAG_NOCOOKIE))
+                for kind, msg in self._replies(self._send(body, _NLM_F_DUMP)):
+                    if kind == _NLMSG_ERROR:
+                        raise OSError(f"sock_diag refused the {family.name} dump")
+                    if kind != _SOCK_DIAG_BY_FAMILY:
+                        continue
+                    sockid = bytes(msg[_NLMSGHDR.size + 4:_NLMSGHDR.size + 4 + _SOCKID_LEN])
+                    _sport, dport, _src, dst = _SOCKID.unpack_from(sockid, 0)
+                    ip = dst[:4] if family == socket.AF_INET else (
+                        dst[12:] if dst[:12] == _V4_MAPPED else None)
+                    if ip is None or (IPv4Address(ip), dport) not in targets:
+                        continue
+                    _ifindex, lo, hi = _SOCKID_TAIL.unpack_from(sockid, _SOCKID.size)
+                    if pick(lo | hi << 32):
+                        found.append((family, sockid))
+            closed = 0
+            for fam, sockid in found:
+                body = _REQ.pack(fam, socket.IPPROTO_TCP, 0, _ALL_STATES) + sockid
+                seq = self._send_as(_SOCK_DESTROY, body, _NLM_F_ACK)
+                for kind, msg in self._replies(seq):
+                    if kind == _NLMSG_ERROR:
+                        err = struct.unpack_from("=i", msg, _NLMSGHDR.size)[0]
+                        if err == 0:
+                            closed += 1
+                        elif err != -2:  # ENOENT: it closed meanwhile
+                            raise OSError(-err, "SOCK_DESTROY failed")
+        except OSError:
+            self.close()
+            raise
+        return closed
+
+    def _send_as(self, kind: int, body: bytes, flags: int) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        self._socket().send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind,
+                                           _NLM_F_REQUEST | flags, self._seq, 0) + body)
+        return self._seq
 
     def close(self) -> None:
         if self._sock is not None:

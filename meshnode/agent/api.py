@@ -154,7 +154,10 @@ class ControlApi:
         totals = (await p.telemetry.sample()).by_service() if ready else {}
         inputs = ExplainInputs(
             services=services, pushed=p.compiler.pushed, ready=ready,
-            capture=compiler.capture_state(services, ready), backend=p.capture.name,
+            # what the kernel holds (kernel path and fallback included), else what it will
+            capture=p.synced() or compiler.capture_state(services, ready),
+            backend=p.capture.name,
+            datapath=dict(p.planner.choices) if p.planner is not None else {},
             capture_reason=p.capture_reason, outbound_port=p.cfg.outbound_port,
             dns_port=dns, dns_suffix=p.cfg.dns_suffix, node=p.node,
             zone=p.cfg.zone, cgroup_mount=p.mount, root_cgroup=p.root_cgroup,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -36,6 +37,7 @@ from typing import Any, Protocol
 
 import psutil
 
+from meshnode import constants
 from meshnode.agent.explain_authz import explain_authz, parse_request
 from meshnode.agent.explain_route import is_url
 from meshnode.balance.load import tier_of
@@ -44,9 +46,10 @@ from meshnode.discovery.dns_zone import MeshZone
 from meshnode.discovery.registry import EndpointRecord, ServiceRecord
 from meshnode.errors import CgroupError, NotFoundError, UsageError
 from meshnode.host import cgroup, process
-from meshnode.model import CaptureState, Endpoint, HostPort
+from meshnode.model import CaptureState, Endpoint, HostPort, LbTable
 from meshnode.policy import compiler
 from meshnode.policy.authz import AuthzTable
+from meshnode.policy.datapath import PathChoice
 from meshnode.policy.identity import BUNDLE_NAME, service_id
 from meshnode.policy.resources import Resource
 from meshnode.policy.traffic import RouteSpec
@@ -116,6 +119,8 @@ class ExplainInputs:
     trust_domain: str = DEFAULT_TRUST_DOMAIN  # `trust_domain(resources)`
     routes: Mapping[str, RouteSpec] = field(default_factory=dict)  # routes_api.route_specs
     gateways: Mapping[str, str] = field(default_factory=dict)  # Gateway name -> its service
+    # each service's path on this host and why (meshnode.policy.datapath.Planner.choices)
+    datapath: Mapping[str, PathChoice] = field(default_factory=dict)
 
 
 def gateways_of(resources: Mapping[tuple[str, str], Resource]) -> dict[str, str]:
@@ -164,7 +169,7 @@ class Proc:
 @dataclass
 class Result:
     verdict: str = ""
-    outcome: str = ""  # proxied | no-endpoint | passthrough | refused | direct
+    outcome: str = ""  # proxied | kernel | no-endpoint | passthrough | refused | direct
     captured: bool = False
     rule: str | None = None  # the proxy's routing rule: a, b or c
     candidates: list[dict[str, Any]] = field(default_factory=list)
@@ -340,6 +345,9 @@ def connection(inp: ExplainInputs, pid: int, dest: str, addr: HostPort, name: st
 
     vip_note = " (a VIP: nothing listens there, expect connection refused)" \
         if rec is not None and k.match == "vip" else ""
+    choice = inp.datapath.get(rec.name) if rec is not None else None
+    if choice is not None:
+        r.steps.append(f"datapath: {choice.path} ({choice.reason})")
     if not proc.enrolled:
         r.outcome = "direct"
         r.steps.append(f"kernel ({backend}): only connects from {apps_rel} are looked at "
@@ -352,9 +360,11 @@ def connection(inp: ExplainInputs, pid: int, dest: str, addr: HostPort, name: st
                 on_request is None or not on_request(r, proc, rec, addr)):
             _route(inp, r, rec, addr)
             _authorize(inp, r, proc, rec, addr, request)
-    if rec is not None and proc.enrolled and inp.ready:  # not ready: said above already
+    if (rec is not None and proc.enrolled and inp.ready  # not ready: said above already
+            and k.action is not KernelAction.KERNEL):
         r.steps.append("if the proxy is not ready: " + (
-            "refused (fail-closed)" if rec.fail_closed else
+            "balanced in the kernel (fallback)" if choice is not None and choice.fallback
+            else "refused (fail-closed)" if rec.fail_closed else
             f"straight to {addr} (fail-open)"))
 
     return {
@@ -368,7 +378,10 @@ def connection(inp: ExplainInputs, pid: int, dest: str, addr: HostPort, name: st
         "backend": backend,
         "capture_reason": inp.capture_reason,
         "ready": inp.ready,
-        "kernel": {"action": k.action.value, "target": str(k.target), "match": k.match},
+        "kernel": {"action": k.action.value, "target": str(k.target), "match": k.match,
+                   "endpoints": _table_shares(k.table)},
+        "datapath": None if choice is None else {
+            "path": choice.path, "fallback": choice.fallback, "reason": choice.reason},
         "process": proc.to_json(),
         "destination": {"kind": k.match or "none",
                         "service": rec.name if rec else None,
@@ -403,6 +416,9 @@ def _kernel(inp: ExplainInputs, r: Result, k: KernelVerdict, rec: ServiceRecord 
                        f"fail-closed → refused ({how})")
         r.verdict = (f"refused: the proxy is not ready and service {rec.name} is "
                      f"fail-closed; {backend} refuses the connect ({how})")
+    elif k.action is KernelAction.KERNEL:
+        assert rec is not None  # only a service's destination is balanced
+        _kernel_path(inp, r, k, rec, addr)
     elif k.action is KernelAction.DNS:
         r.outcome = "dns"
         why = "not a mesh destination" if rec is None else \
@@ -421,6 +437,50 @@ def _kernel(inp: ExplainInputs, r: Result, k: KernelVerdict, rec: ServiceRecord 
                        "→ untouched")
         r.verdict = (f"not captured: the proxy is not ready and service {rec.name} fails "
                      f"open; the connection goes straight to {addr}{vip_note}")
+
+
+def _table_shares(table: LbTable | None) -> dict[str, str]:
+    """Each endpoint of a kernel-path table with its share of the slots ("2/6")."""
+    if table is None:
+        return {}
+    counts = Counter(str(a) for a in table.slots)
+    return {addr: f"{n}/{len(table.slots)}" for addr, n in sorted(counts.items())}
+
+
+_PICK_WORDS = {constants.LB_PICK_ROTATE: "the next slot in turn (weights exact per round)",
+               constants.LB_PICK_RANDOM: "a random slot",
+               constants.LB_PICK_HASH: "the slot the client process's id hashes to "
+                                       "(consistent: it keeps its endpoint)"}
+
+
+def _kernel_path(inp: ExplainInputs, r: Result, k: KernelVerdict, rec: ServiceRecord,
+                 addr: HostPort) -> None:
+    """The kernel path's step: the connect hook balances, no proxy on the path."""
+    why = ("the proxy is not ready: fallback" if rec.id not in inp.capture.kernel
+           else f"datapath {rec.policy.datapath}")
+    if k.match == "endpoint":
+        r.outcome = "kernel"
+        r.steps.append(f"kernel ({inp.backend}): kernel path ({why}), an endpoint's own address "
+                       "→ straight to it, counted")
+        r.verdict = (f"kernel path: straight to endpoint {addr} of {rec.name}; no proxy on the "
+                     "path")
+        return
+    if k.table is None:
+        r.outcome = "no-endpoint"
+        r.steps.append(f"kernel ({inp.backend}): kernel path ({why}), but no healthy endpoint "
+                       f"of {rec.name} on port {addr.port} → left to the VIP")
+        r.verdict = (f"no endpoint: {rec.name} has no healthy endpoint for port {addr.port}; "
+                     f"the connect goes on to {addr}, where nothing listens (refused)")
+        return
+    shares = _table_shares(k.table)
+    r.outcome = "kernel"
+    r.candidates = [{"addr": a, "share": s} for a, s in shares.items()]
+    r.steps.append(f"kernel ({inp.backend}): kernel path ({why}) → the connect hook picks "
+                   f"{_PICK_WORDS.get(k.table.pick, 'a slot')} of {len(k.table.slots)}: "
+                   + ", ".join(f"{a} {s}" for a, s in shares.items()))
+    r.verdict = (f"kernel path: balanced in the kernel over {len(shares)} endpoint(s) of "
+                 f"{rec.name}; the app connects straight to the endpoint and getpeername() "
+                 f"shows {addr}; no proxy on the path")
 
 
 def _route(inp: ExplainInputs, r: Result, rec: ServiceRecord, addr: HostPort) -> None:

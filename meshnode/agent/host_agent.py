@@ -61,8 +61,8 @@ from meshnode.host import cgroup, process
 from meshnode.host.ledger import Ledger, UndoFn
 from meshnode.host.netns import enter_netns
 from meshnode.host.statefile import write_json
-from meshnode.model import CaptureState
-from meshnode.policy import compiler
+from meshnode.model import CaptureState, Endpoint
+from meshnode.policy import compiler, datapath
 from meshnode.wire import GATEWAY_FDS_SOCKET, Retain
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class HostAgent:
         self.started_at = 0.0
         self.ready_after = 0.0
         self.compiler = compiler.Compiler()  # what the workers and the kernel were given
+        self.planner = datapath.Planner()  # which services the kernel balances, and over what
         self._feed = 0  # the registry change feed's position the compiler has read to
         self._synced: CaptureState | None = None  # the state the kernel last took
         self._reconcile_lock = asyncio.Lock()
@@ -326,14 +327,29 @@ class HostAgent:
             ready = await self.workers.barrier()
             if ready and self.identity is not None:
                 self.identity.workers_have = pushed  # status says when workers present it
+            resources = self.registry.resources()
+            plan = self.planner.plan(
+                services, self._balanced_over, {*compiled.changed, *dirty},
+                datapath.environment(resources, self.node, self.cfg.zone,
+                                     self.capture.name == "ebpf"))
             state = self.compiler.capture_state(ready, self.compiler.inbound(
-                self.node, compiler.mesh_spec(self.registry.resources())))
+                self.node, compiler.mesh_spec(resources)), plan)
+            if ready and not self.workers.alive and state.fallback:
+                # no worker serves: the listening socket queues connects for the replacement,
+                # but the services that may are balanced in the kernel meanwhile
+                state = replace(state, ready=state.ready - state.fallback)
             if state is not self._synced:  # the same object: nothing the kernel holds changed
                 await asyncio.to_thread(self.capture.sync, state)
                 self._synced = state
             self.ready = ready  # published only once the kernel rules match it
             if ready and self.report is not None:
                 self.report.applied(revision)
+
+    def _balanced_over(self, rec: ServiceRecord) -> frozenset[Endpoint]:
+        """The endpoints the workers were given for `rec` (health applied): the kernel path
+        balances over the same ones."""
+        entry = self.compiler.pushed.get(rec.name)
+        return entry[1] if entry is not None else frozenset()
 
     def _share_health(self, services: Mapping[str, ServiceRecord], names: Iterable[str]) -> None:
         """Write this host's verdicts into its endpoints' registry records where they differ
@@ -412,6 +428,7 @@ class HostAgent:
         if self.gateway is not None:
             await self._step("the gateway descriptors socket", self.gateway.stop())
         await self._step("the admin port", self.telemetry.stop_admin())
+        self.telemetry.close()  # no more samples: the kernel-path maps' fds go
         await self._step("the health checks", self.health.close())
         # 3. drain the proxy: established connections finish within the grace period
         if self.workers is not None:
@@ -449,6 +466,7 @@ class HostAgent:
         if self.gateway is not None:
             await self._step("the gateway descriptors socket", self.gateway.stop())
         await self._step("the admin port", self.telemetry.stop_admin())
+        self.telemetry.close()  # no more samples: the kernel-path maps' fds go
         await self._step("the health checks", self.health.close())
         if self.workers is not None:
             self.workers.detach()
@@ -622,6 +640,7 @@ class HostAgent:
                      report=self.report, mount=self.mount, root_cgroup=self.root_cgroup,
                      ready=lambda: self.ready, ready_after=lambda: self.ready_after,
                      settle=self._settled, uninstall=self.uninstall, identity=self.identity,
+                     planner=self.planner, synced=lambda: self._synced,
                      ca=lambda: self.ca, ca_started=self.ca_started, gateway=self.gateway)
 
     async def _settled(self) -> None:

@@ -1,6 +1,8 @@
 """The agent's telemetry: it samples the workers' counters once a second into a monotonic,
 host-wide history, answers `stat`, `top` and `tap`, tells workers which cgroup is which source
-service, and feeds the admin port (/metrics, dashboard API).
+service, and feeds the admin port (/metrics, dashboard API). Kernel-path connections (no
+proxy) join each sample from the BPF maps (telemetry/kernel_flows.py), and their access log
+lines and tap events come from the agent once a second.
 
 Takes the agent's config, then `Parts` (parts.py) once the agent runs: it reads the
 registry, health, capture, names, enrollments and workers there, and changes none of them.
@@ -20,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 from meshnode import __version__
 from meshnode.agent.routes_api import service_marks
 from meshnode.config import AgentConfig
-from meshnode.counters import request_succeeded
+from meshnode.counters import KERNEL_PATH, PROXY_PATH, request_succeeded
 from meshnode.errors import MeshnodeError, UsageError
 from meshnode.telemetry.admin import AdminServer, HostsSource
 from meshnode.telemetry.aggregate import Accumulator, Totals
 from meshnode.telemetry.history import History, WindowFigures, figures
+from meshnode.telemetry.kernel_flows import FlowNames, KernelTelemetry
 from meshnode.telemetry.metrics import Snapshot
 from meshnode.telemetry.request_figures import RequestFigures, RequestTally, request_figures
 from meshnode.wire import CgroupSources
@@ -96,9 +99,10 @@ class Telemetry:
     from here); reads the running agent's collaborators once `attach` hands them over."""
 
     def __init__(self, cfg: AgentConfig, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] = time.monotonic,
+                 kernel: KernelTelemetry | None = None) -> None:
         """`clock`: the wall clock the history's samples are stamped with; `monotonic`: the
-        one that spaces them."""
+        one that spaces them; `kernel`: the kernel-path reader (default: the agent's pins)."""
         self.cfg = cfg
         self.parts: Parts | None = None
         self.acc = Accumulator()
@@ -109,6 +113,8 @@ class Telemetry:
         self._sources: dict[str, str] = {}
         self._taps: set[Tap] = set()
         self.admin: AdminServer | None = None
+        self.kernel = kernel or KernelTelemetry(cfg.pin_path, cfg.access_log_path,
+                                                cfg.access_log_sample)
 
     def attach(self, parts: Parts) -> None:
         self.parts = parts
@@ -125,6 +131,10 @@ class Telemetry:
         however often it is read."""
         async with self._sample_lock:
             totals = self.acc.update(await self._p().workers.stats())
+            if self._kernel_path():
+                rows = await asyncio.to_thread(self.kernel.read_rows)
+                self.kernel.update(rows, self._flow_names())
+                self.kernel.add_to(totals)
             now = self._monotonic()
             soon_after = now - self._sampled_at < SAMPLE_INTERVAL / 2
             self.history.add(self._clock(), totals, replace_latest=soon_after)
@@ -137,8 +147,33 @@ class Telemetry:
             await asyncio.sleep(SAMPLE_INTERVAL)
             try:
                 await self.sample()
+                await self._kernel_log()
             except Exception:
                 log.exception("telemetry sample failed")
+
+    def _kernel_path(self) -> bool:
+        """Whether kernel-path telemetry can exist: only the eBPF capture has the maps."""
+        return self.parts is not None and self.parts.capture.name == "ebpf"
+
+    def _flow_names(self) -> FlowNames:
+        return FlowNames(self._sources, self._p().registry.services())
+
+    async def _kernel_log(self) -> None:
+        """Kernel-path connections closed since the last call: access log lines, tap
+        events."""
+        if not self._kernel_path():
+            return
+        async with self._sample_lock:  # the reader is not shared between threads
+            batch = await asyncio.to_thread(self.kernel.read_log)
+        events, lines = self.kernel.records(batch, self._flow_names())
+        if lines:
+            await asyncio.to_thread(self.kernel.write_log, lines)
+        for event in events:
+            self.on_event(event)
+
+    def close(self) -> None:
+        """Release the kernel-path maps (the agent stops)."""
+        self.kernel.close()
 
     # -- admin port ------------------------------------------------------------------------
     async def start_admin(self, catalog: Catalog | None = None,
@@ -194,6 +229,7 @@ class Telemetry:
             raise UsageError(f"no service named {service!r}", "see them: meshnode status")
         per_service = self.history.by_service(window)
         per_route = self.history.by_route(window)
+        paths = self.history.paths()
         rows = []
         for name in sorted(known) if service is None else [service]:
             rec = known[name]
@@ -203,7 +239,8 @@ class Telemetry:
                                    "endpoints": len(rec.endpoints),
                                    "healthy": sum(1 for e in rec.endpoints
                                                   if a.health.healthy(name, e.addr)),
-                                   "l7": requests is not None}
+                                   "l7": requests is not None,
+                                   "path": _path(paths.get(name), rec)}
             row.update(f.to_json())
             # connection figures stay for every service; requests for HTTP/gRPC ones
             row["requests"] = None if requests is None else requests.to_json()
@@ -221,14 +258,14 @@ class Telemetry:
         await self.sample()
         known = self._p().registry.services()
         pairs = []
-        for src, dst, f in self.history.by_pair(window):
+        for src, dst, path, f in self.history.by_path_pair(window):
             rec = known.get(dst)
-            requests = _requests(rec is not None and rec.policy.l7, f)
+            requests = _requests(path == PROXY_PATH and rec is not None and rec.policy.l7, f)
             if f.connections or f.active or (requests is not None and requests.requests):
-                pairs.append({"src": src, "dst": dst, "l7": requests is not None,
+                pairs.append({"src": src, "dst": dst, "path": path, "l7": requests is not None,
                               **f.to_json(),
                               "requests": None if requests is None else requests.to_json()})
-        pairs.sort(key=lambda p: (-_busy(p), -p["active"], p["src"], p["dst"]))
+        pairs.sort(key=lambda p: (-_busy(p), -p["active"], p["src"], p["dst"], p["path"]))
         return {"window": window, "span": self._span(window), "pairs": pairs[:limit]}
 
     async def edges(self, window: float) -> tuple[float, list[tuple[str, str, WindowFigures]]]:
@@ -256,11 +293,12 @@ class Telemetry:
                               for e in sorted(rec.endpoints, key=lambda e: e.addr)],
                 **{k: row[k] for k in ("rate", "active", "error_rate", "bytes_up_rate",
                                        "bytes_down_rate", "p50_ms", "p95_ms", "p99_ms", "l7",
-                                       "requests")}})
+                                       "requests", "path", "rtt_ms")}})
         edges = [{"src": p["src"], "dst": p["dst"], "rate": p["rate"],
                   "error_rate": p["error_rate"], "active": p["active"],
                   "bytes_rate": round(p["bytes_up_rate"] + p["bytes_down_rate"], 3),
-                  "l7": p["l7"], "requests": p["requests"]}
+                  "l7": p["l7"], "requests": p["requests"], "path": p["path"],
+                  "rtt_ms": p["rtt_ms"]}
                  for p in (await self.top(window, 1000))["pairs"]]
         return {
             "node": a.node, "instance": a.cfg.instance, "version": __version__,
@@ -316,7 +354,8 @@ class Telemetry:
         cfg = self.cfg
         return {"admin": f"127.0.0.1:{self.admin.port}" if self.admin else None,
                 "access_log": cfg.access_log_path or None,
-                "access_log_sample": cfg.access_log_sample, "taps": len(self._taps)}
+                "access_log_sample": cfg.access_log_sample, "taps": len(self._taps),
+                "kernel": self.kernel.describe()}
 
     def on_event(self, event: dict[str, Any]) -> None:
         """A worker's tap event (wire.ConnEvent's record) to the taps that want it."""
@@ -356,6 +395,15 @@ class Telemetry:
 
     def initial_messages(self) -> list[CgroupSources | TapMessage]:
         return [self.sources_message(), self.tap_message()]
+
+
+def _path(seen: list[str] | None, rec: Any) -> str:
+    """What carries a service's connections: the paths its traffic took ("proxy", "kernel",
+    "proxy+kernel"), else what its Service asks for."""
+    if seen:
+        return "+".join(seen)
+    datapath = str(getattr(rec.policy, "datapath", PROXY_PATH))
+    return KERNEL_PATH if datapath == KERNEL_PATH else PROXY_PATH
 
 
 def _health(d: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,9 @@ from meshnode.capture import CaptureBackend
 from meshnode.config import AgentConfig
 from meshnode.discovery.health import HealthMonitor
 from meshnode.discovery.registry import Registry
+from meshnode.model import CaptureState
 from meshnode.policy.compiler import Compiler
+from meshnode.policy.datapath import Planner
 
 if TYPE_CHECKING:  # these modules take Parts themselves
     from meshnode.agent.enrollment import EnrollmentManager
@@ -54,3 +56,5 @@ class Parts:
     ca: Callable[[], Any]
     ca_started: Callable[[Any], Awaitable[None]]
     gateway: GatewayListeners | None = None  # this host's ingress gateway listeners
+    planner: Planner | None = None  # which path each service takes (meshnode.policy.datapath)
+    synced: Callable[[], CaptureState | None] = lambda: None  # what the kernel last took

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from meshnode import __version__
+from meshnode import __version__, constants
 from meshnode.discovery.health import HealthMonitor
 from meshnode.errors import MeshnodeError
+from meshnode.model import CaptureState
+from meshnode.policy.datapath import PathChoice
 from meshnode.policy.labels import labels_json
 from meshnode.policy.records import ServiceRecord
 
@@ -21,11 +24,33 @@ if TYPE_CHECKING:
     from meshnode.agent.parts import Parts
 
 
+_PICKS = {constants.LB_PICK_ROTATE: "rotate", constants.LB_PICK_RANDOM: "random",
+          constants.LB_PICK_HASH: "hash"}
+
+
+def describe_path(rec: ServiceRecord, choice: PathChoice | None,
+                  state: CaptureState | None) -> dict[str, Any]:
+    """Which path the service's connections take now, and why; the kernel's tables."""
+    if choice is None:
+        return {"path": "proxy", "now": "proxy", "fallback": False, "reason": "not planned yet"}
+    now = "kernel" if state is not None and state.balanced(rec.id) else (
+        "proxy" if state is not None and rec.id in state.ready else "down")
+    tables = [] if state is None else [
+        {"port": t.port, "pick": _PICKS.get(t.pick, str(t.pick)), "slots": len(t.slots),
+         "endpoints": dict(sorted(Counter(str(a) for a in t.slots).items()))}
+        for (sid, _), t in sorted(state.lb.items()) if sid == rec.id]
+    return {"path": choice.path, "now": now, "fallback": choice.fallback,
+            "local_only": choice.local_only, "reason": choice.reason,
+            "pick": tables[0]["pick"] if tables else None, "tables": tables}
+
+
 def describe_service(rec: ServiceRecord, counters: dict[str, Any],
-                     health: HealthMonitor) -> dict[str, Any]:
+                     health: HealthMonitor, path: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
     per_ep: dict[str, dict[str, Any]] = counters.get("endpoints", {})
     return {
         **rec.settings_json(),
+        "datapath": path or {},
         "counters": {k: v for k, v in counters.items() if k != "endpoints"},
         "endpoints": [
             {**e.to_json(), "labels": labels_json(e.labels),
@@ -57,7 +82,9 @@ async def status(p: Parts) -> dict[str, Any]:
         "cgroup": str(p.root_cgroup),
         "workers": p.workers.describe(),
         "proxy": dict(totals.values),
-        "services": [describe_service(rec, per_service.get(name, {}), p.health)
+        "services": [describe_service(rec, per_service.get(name, {}), p.health,
+                                      describe_path(rec, p.planner.choices.get(name)
+                                                    if p.planner else None, p.synced()))
                      for name, rec in sorted(p.registry.services().items())],
         "enrolled": p.enrollments.describe(),
         "identity": p.identity.describe(),

@@ -293,8 +293,9 @@ class WorkerPool:
             if not self.alive:
                 if backoff <= BRIDGE_BACKOFF:  # soon replaced: the socket queues meanwhile
                     self._bridging_since = time.monotonic()
-                else:  # capture falls back (fail open or closed) until a worker serves
-                    await self._on_change()
+                # capture falls back (kernel path where allowed; else, unless bridging, fail
+                # open or closed) until a worker serves
+                await self._on_change()
             ran_for = time.monotonic() - w.started_at
             await asyncio.sleep(backoff)
             if self._stopping:

@@ -28,7 +28,7 @@ from meshnode.balance.attempts import rotated
 from meshnode.balance.load import LoadFeedback, Loads
 from meshnode.model import Endpoint, HostPort
 
-__all__ = ["MAX_POINTS", "VNODES", "RingHash", "mix64"]
+__all__ = ["MAX_POINTS", "VNODES", "RingHash", "mix64", "points"]
 
 # Points per unit of weight. A node's share of the ring varies by about 1/sqrt(points) (~8%
 # here, ketama's classic 160); more points cost memory and build time, not lookup time.
@@ -48,7 +48,8 @@ def mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _points(addr: HostPort, count: int) -> list[int]:
+def points(addr: HostPort, count: int) -> list[int]:
+    """An endpoint's `count` places on the ring (the kernel path's ring slots use them too)."""
     base = str(addr).encode()
     return [int.from_bytes(hashlib.blake2b(base + b"#%d" % i, digest_size=8).digest(), "big")
             for i in range(count)]
@@ -75,7 +76,7 @@ class RingHash(LoadFeedback):
             pkey = (ep.addr, count)
             pts = self._points.get(pkey)
             if pts is None:
-                pts = _points(ep.addr, count)
+                pts = points(ep.addr, count)
             cache[pkey] = pts
             ring.extend((h, index) for h in pts)
         ring.sort()

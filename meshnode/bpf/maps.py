@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import TypeVar
 
 from meshnode import constants
-from meshnode.bpf import inbound, syscall
+from meshnode.bpf import inbound, kflow, syscall
 from meshnode.errors import BpfError
-from meshnode.model import CaptureState
+from meshnode.model import CaptureState, LbKey, LbTable
 
 # struct mn_addr4 { __u32 ip; __u16 port; __u16 pad; }: ip and port in network byte order.
 _ADDR4 = struct.Struct("!4sHxx")
@@ -34,6 +35,14 @@ ORIG_SIZE = ADDR4_SIZE + 8
 # struct mn_dns_cfg { __u32 flags; __u32 port; }: host byte order, as C reads them.
 _DNS_CFG = struct.Struct("=II")
 
+# struct mn_lb_key { __u32 service; __u16 port; __u16 pad; }: port in network order.
+_LB_KEY = struct.Struct("=I2sxx")
+# struct mn_lb_table { __u32 slots; __u32 pick; __u64 cursor; }
+_LB_TABLE = struct.Struct("=IIQ")
+# struct mn_lb_slot_key { __u32 service; __u16 port; __u16 slot; }: port network order, slot
+# host order.
+_LB_SLOT_KEY = struct.Struct("=I2sH")
+
 # Key and value sizes of every pinned map, as this module packs them. The agent checks the
 # pinned maps against them on open (maps made by another meshnode version are refused), and
 # tests/integration/test_bpf_layout.py checks them against what clang compiled.
@@ -45,6 +54,10 @@ MAP_LAYOUTS: dict[str, tuple[int, int]] = {
     "mn_stats": (_U32.size, _U64.size),  # per CPU: the kernel pads each CPU's value to 8
     "mn_dns_cfg": (_U32.size, _DNS_CFG.size),
     "mn_dns_orig": (_U64.size, ADDR4_SIZE),
+    "mn_lb_table": (_LB_KEY.size, _LB_TABLE.size),
+    "mn_lb_slot": (_LB_SLOT_KEY.size, ADDR4_SIZE),
+    "mn_ksock": (_U64.size, 40),  # struct mn_ksock: the kernel path's open sockets
+    **kflow.MAP_LAYOUTS,  # its telemetry: mn_kflow, mn_klog, mn_klog_head (bpf.kflow packs)
     **inbound.MAP_LAYOUTS,  # mn_inbound.c's, packed by meshnode.bpf.inbound
 }
 
@@ -58,6 +71,8 @@ STAT_NAMES: dict[str, int] = {
     "origdst_hit": constants.STAT_ORIGDST_HIT,
     "origdst_miss": constants.STAT_ORIGDST_MISS,
     "dns_redirected": constants.STAT_DNS_REDIRECTED,
+    "kernel": constants.STAT_KERNEL,
+    "kernel_no_endpoint": constants.STAT_KERNEL_NOEP,
 }
 
 
@@ -83,12 +98,35 @@ def pack_dns_cfg(enabled: bool, port: int) -> bytes:
     return _DNS_CFG.pack(constants.DNS_ENABLED if enabled else 0, port)
 
 
+def pack_lb_key(service_id: int, port: int) -> bytes:
+    return _LB_KEY.pack(service_id, port.to_bytes(2, "big"))
+
+
+def pack_lb_table(slots: int, pick: int) -> bytes:
+    """A table's value; the rotation cursor starts over at 0."""
+    return _LB_TABLE.pack(slots, pick, 0)
+
+
+def unpack_lb_table(raw: bytes) -> tuple[int, int, int]:
+    """(slots, pick, cursor)."""
+    slots, pick, cursor = _LB_TABLE.unpack(raw[:_LB_TABLE.size])
+    return int(slots), int(pick), int(cursor)
+
+
+def pack_lb_slot_key(service_id: int, port: int, slot: int) -> bytes:
+    return _LB_SLOT_KEY.pack(service_id, port.to_bytes(2, "big"), slot)
+
+
 def service_flags(state: CaptureState, service_id: int) -> int:
     flags = 0
     if service_id in state.ready:
         flags |= constants.SVC_READY
     if service_id in state.fail_closed:
         flags |= constants.SVC_FAIL_CLOSED
+    if service_id in state.kernel:
+        flags |= constants.SVC_KERNEL
+    if service_id in state.fallback:
+        flags |= constants.SVC_FALLBACK
     return flags
 
 
@@ -195,7 +233,8 @@ class MapMirror:
                 if not self._keys_of[was]:
                     del self._keys_of[was]
                 touched.add(was)
-        for was_set, now_set in ((old.ready, state.ready), (old.fail_closed, state.fail_closed)):
+        for was_set, now_set in ((old.ready, state.ready), (old.fail_closed, state.fail_closed),
+                                 (old.kernel, state.kernel), (old.fallback, state.fallback)):
             if now_set is not was_set:
                 for changed in _set_changes(was_set, now_set):
                     touched |= changed
@@ -262,13 +301,17 @@ class CaptureMaps:
         self._mirror: MapMirror | None = None
         self.last_writes = 0  # map writes the last sync made (for tests and timing logs)
         self._dns_port = 0  # the last port set_dns was given (kept when DNS goes off)
+        # The kernel path's tables as last written (None: not known, read them back).
+        self._lb: Mapping[LbKey, LbTable] | None = None
+        self.lb_changed: dict[LbKey, tuple[LbTable | None, LbTable | None]] = {}
 
     @classmethod
     def open(cls, pin_dir: Path) -> CaptureMaps:
         """Open the pinned maps, refusing any whose layout is not the one this code packs."""
         fds: dict[str, int] = {}
         try:
-            for name in ("mn_dest", "mn_svc", "mn_origdst", "mn_stats", "mn_dns_cfg"):
+            for name in ("mn_dest", "mn_svc", "mn_origdst", "mn_stats", "mn_dns_cfg",
+                         "mn_lb_table", "mn_lb_slot", "mn_ksock"):
                 fds[name] = syscall.obj_get(str(pin_dir / name))
                 _, key_size, value_size = syscall.map_info(fds[name])
                 if (key_size, value_size) != MAP_LAYOUTS[name]:
@@ -337,18 +380,103 @@ class CaptureMaps:
         dest_fd, svc_fd = self._fds["mn_dest"], self._fds["mn_svc"]
         for (ip, port), sid in delta.dest_updates:
             syscall.map_update(dest_fd, pack_addr4(ip, port), pack_u32(sid))
+        # tables before the flags that send connects to them; stale ones after the flags
+        # that stop doing so
+        retire = self._sync_lb(state.lb)
         for sid, flags in delta.svc_updates:
             syscall.map_update(svc_fd, pack_u32(sid), pack_u32(flags))
         for ip, port in delta.dest_deletes:
             syscall.map_delete(dest_fd, pack_addr4(ip, port))
         for sid in delta.svc_deletes:
             syscall.map_delete(svc_fd, pack_u32(sid))
-        self.last_writes = len(delta)
+        lb_writes = retire()
+        self.last_writes = len(delta) + lb_writes
         self._mirror = mirror
+
+    def ksock_service(self, cookie: int) -> int | None:
+        """The service id of an open kernel-path socket, by its cookie (None: not one)."""
+        raw = syscall.map_lookup(self._fds["mn_ksock"], _U64.pack(cookie), 40)
+        return unpack_u32(raw[4:8]) if raw else None  # struct mn_ksock: key.service
+
+    def lb_tables(self) -> dict[LbKey, tuple[int, int, int]]:
+        """What mn_lb_table holds: (service id, port) -> (slots, pick, cursor)."""
+        fd = self._fds["mn_lb_table"]
+        out: dict[LbKey, tuple[int, int, int]] = {}
+        for key in syscall.map_keys(fd, _LB_KEY.size):
+            raw = syscall.map_lookup(fd, key, _LB_TABLE.size)
+            if raw is not None:
+                sid, port = _LB_KEY.unpack(key)
+                out[(int(sid), int.from_bytes(port, "big"))] = unpack_lb_table(raw)
+        return out
+
+    def lb_slots(self, service_id: int, port: int, count: int) -> list[DestKey | None]:
+        """The first `count` slots of a table, as the hook reads them."""
+        fd = self._fds["mn_lb_slot"]
+        out: list[DestKey | None] = []
+        for i in range(count):
+            raw = syscall.map_lookup(fd, pack_lb_slot_key(service_id, port, i), ADDR4_SIZE)
+            out.append(unpack_addr4(raw) if raw else None)
+        return out
+
+    def _sync_lb(self, want: Mapping[LbKey, LbTable]) -> Callable[[], int]:
+        """Write the tables that differ from the last sync (all of them, against what the
+        kernel holds, after opening). Slots go in before the count that covers them and
+        leave after it, so the hook never indexes a missing slot. Returns the step that
+        deletes the tables no longer wanted (to run once no flag sends connects to them),
+        which returns the number of map writes made. `lb_changed` says which tables changed,
+        old and new (None: absent), for closing connections to endpoints that left."""
+        have: Mapping[LbKey, LbTable | tuple[int, int, int]]
+        if self._lb is None:
+            have = self.lb_tables()  # counts only: rewrite every wanted table
+        elif self._lb is want:
+            self.lb_changed = {}
+            return lambda: 0
+        else:
+            have = self._lb
+        self._lb = None  # unknown until the writes complete
+        table_fd, slot_fd = self._fds["mn_lb_table"], self._fds["mn_lb_slot"]
+        writes = 0
+        changed: dict[LbKey, tuple[LbTable | None, LbTable | None]] = {}
+        for key, table in want.items():
+            old = have.get(key)
+            if old is table or old == table:
+                continue
+            sid, port = key
+            old_count = len(old.slots) if isinstance(old, LbTable) else (old[0] if old else 0)
+            for i, addr in enumerate(table.slots):
+                if isinstance(old, LbTable) and i < old_count and old.slots[i] == addr:
+                    continue
+                syscall.map_update(slot_fd, pack_lb_slot_key(sid, port, i),
+                                   pack_addr4(addr.ip, addr.port))
+                writes += 1
+            syscall.map_update(table_fd, pack_lb_key(sid, port),
+                               pack_lb_table(len(table.slots), table.pick))
+            for i in range(len(table.slots), old_count):
+                syscall.map_delete(slot_fd, pack_lb_slot_key(sid, port, i))
+            writes += 1 + max(0, old_count - len(table.slots))
+            changed[key] = (old if isinstance(old, LbTable) else None, table)
+        gone = [(key, have[key]) for key in have.keys() - want.keys()]
+        for key, old in gone:
+            changed[key] = (old if isinstance(old, LbTable) else None, None)
+        self.lb_changed = changed
+
+        def retire() -> int:
+            n = writes
+            for (sid, port), old in gone:
+                syscall.map_delete(table_fd, pack_lb_key(sid, port))
+                old_count = len(old.slots) if isinstance(old, LbTable) else old[0]
+                for i in range(old_count):
+                    syscall.map_delete(slot_fd, pack_lb_slot_key(sid, port, i))
+                n += 1 + old_count
+            self._lb = want
+            return n
+
+        return retire
 
     def clear_services(self) -> None:
         """Drop every service flag: every mesh connect passes untouched (fail open)."""
         self._mirror = None
+        self._lb = None
         fd = self._fds["mn_svc"]
         for key in syscall.map_keys(fd, 4):
             syscall.map_delete(fd, key)

@@ -49,6 +49,7 @@ HOOK_NAMES: dict[AttachType, str] = {
     AttachType.CGROUP_UDP4_SENDMSG: "cgroup/sendmsg4",
     AttachType.CGROUP_UDP4_RECVMSG: "cgroup/recvmsg4",
     AttachType.CGROUP_INET4_GETPEERNAME: "cgroup/getpeername4",
+    AttachType.CGROUP_INET6_GETPEERNAME: "cgroup/getpeername6",
 }
 
 # enum bpf_func_id (uapi/linux/bpf.h): append-only, so the numbers never change.
@@ -56,9 +57,12 @@ HELPER_IDS: dict[str, int] = {
     "bpf_map_lookup_elem": 1,
     "bpf_map_update_elem": 2,
     "bpf_map_delete_elem": 3,
+    "bpf_ktime_get_ns": 5,
+    "bpf_get_prandom_u32": 7,
     "bpf_get_current_pid_tgid": 14,
     "bpf_get_current_uid_gid": 15,
     "bpf_get_socket_cookie": 46,
+    "bpf_sock_ops_cb_flags_set": 59,
     "bpf_get_current_cgroup_id": 80,
 }
 # bcc rewrites `map.method(...)` into these helper calls.

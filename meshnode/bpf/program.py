@@ -34,6 +34,7 @@ class AttachType(IntEnum):
     CGROUP_UDP4_RECVMSG = 19
     CGROUP_GETSOCKOPT = 21
     CGROUP_INET4_GETPEERNAME = 29
+    CGROUP_INET6_GETPEERNAME = 30
     SK_LOOKUP = 36  # a netns link (BPF_LINK_CREATE), not a cgroup attachment
 
 
@@ -78,6 +79,8 @@ def all_entries() -> tuple[EntrySpec, ...]:
 
 
 # Maps pinned by bpf/include/mn_maps.h (BPF_TABLE_PINNED), by pin file name.
-MAP_PINS: tuple[str, ...] = ("mn_dest", "mn_svc", "mn_cookie", "mn_origdst", "mn_stats")
+MAP_PINS: tuple[str, ...] = ("mn_dest", "mn_svc", "mn_cookie", "mn_origdst", "mn_stats",
+                             "mn_lb_table", "mn_lb_slot", "mn_ksock", "mn_kflow", "mn_klog",
+                             "mn_klog_head")
 # Maps pinned by bpf/mn_dns.c, which only it and the agent use.
 DNS_MAP_PINS: tuple[str, ...] = ("mn_dns_cfg", "mn_dns_orig")

@@ -24,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from meshnode import constants
@@ -42,6 +43,7 @@ from meshnode.capture.inbound import BpfInbound, InboundEnforcer, IptablesInboun
 from meshnode.errors import BpfError, CaptureError, MeshnodeError, UnavailableError
 from meshnode.host.ledger import Entry, Transaction, UndoFn
 from meshnode.model import CaptureState, InboundRule
+from meshnode.sockdiag import SockDiag
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +206,39 @@ class BpfCapture:
         maps = self._require_maps()
         started = time.perf_counter()
         maps.sync(state)
+        self._close_removed(maps)
         self._sync_inbound(state)
         # The kernel's share of a change, apart from the agent's reconcile (bench-scale
         # reads these lines from the agent's log).
         log.debug("capture sync: %d map writes in %.1f ms", maps.last_writes,
                   (time.perf_counter() - started) * 1000)
+
+    def _close_removed(self, maps: CaptureMaps) -> None:
+        """Close the kernel-path connections to endpoints that left the tables of services
+        asking for it (closeRemovedConnections); the others finish on their own."""
+        gone: dict[int, set[tuple[IPv4Address, int]]] = {}
+        for old, new in maps.lb_changed.values():
+            table = new or old
+            if table is None or not table.close_removed:
+                continue
+            left = new.gone_since(old) if new is not None else {(a.ip, a.port)
+                                                                  for a in table.slots}
+            if left:
+                gone.setdefault(table.service_id, set()).update(left)
+        if not gone:
+            return
+        targets = set().union(*gone.values())
+        diag = SockDiag()
+        try:
+            closed = diag.destroy(targets, lambda cookie: (
+                (sid := maps.ksock_service(cookie)) is not None and sid in gone))
+        except OSError as exc:
+            log.warning("could not close connections to removed endpoints: %s", exc)
+            return
+        finally:
+            diag.close()
+        log.info("closed %d kernel-path connections to %d removed endpoints", closed,
+                 len(targets))
 
     def set_dns(self, port: int | None) -> None:
         self._require_maps().set_dns(port)

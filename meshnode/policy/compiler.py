@@ -34,6 +34,7 @@ from meshnode.model import (
     ServiceSpec,
     Update,
 )
+from meshnode.policy.datapath import KernelPlan
 from meshnode.policy.records import ServiceRecord
 from meshnode.policy.resources import MESH_NAME, MeshSpec, Resource, mtls_mode
 
@@ -107,21 +108,27 @@ def diff(old: Snapshot, new: Snapshot) -> list[Update]:
 
 
 def capture_state(services: Mapping[str, ServiceRecord], ready: bool,
-                  inbound: frozenset[InboundRule] = frozenset()) -> CaptureState:
+                  inbound: frozenset[InboundRule] = frozenset(),
+                  kernel: KernelPlan | None = None) -> CaptureState:
     """`ready`: the proxy can serve all of these services now (workers alive and synced);
-    `inbound`: this host's inbound rules (`inbound_rules`)."""
+    `inbound`: this host's inbound rules (`inbound_rules`); `kernel`: the kernel path
+    (meshnode.policy.datapath; None: none)."""
     ids = frozenset(rec.id for rec in services.values())
+    plan = kernel or KernelPlan()
     return CaptureState(
         rules=frozenset().union(*(rules(rec) for rec in services.values())),
         ready=ids if ready else frozenset(),
         fail_closed=frozenset(rec.id for rec in services.values() if rec.fail_closed),
-        inbound=inbound)
+        inbound=inbound, kernel=plan.kernel, fallback=plan.fallback, lb=plan.lb)
 
 
 def inbound_rules(services: Mapping[str, ServiceRecord], node: str,
                   mesh: MeshSpec | None) -> frozenset[InboundRule]:
     """What this host (`node`) enforces on its endpoint ports (CaptureState.inbound)."""
     return frozenset().union(*(inbound(rec, node, mesh) for rec in services.values()))
+
+
+_NO_KERNEL = KernelPlan()
 
 
 # -- incremental ------------------------------------------------------------------------------
@@ -247,18 +254,23 @@ class Compiler:
                 self._inbound = now
         return self._inbound
 
-    def capture_state(self, ready: bool,
-                      inbound: frozenset[InboundRule] = frozenset()) -> CaptureState:
+    def capture_state(self, ready: bool, inbound: frozenset[InboundRule] = frozenset(),
+                      kernel: KernelPlan | None = None) -> CaptureState:
         """The kernel's state; the same object while nothing it holds changed, so a caller
         can tell there is nothing to sync without comparing the mesh. `inbound`: this host's
-        inbound rules (`Compiler.inbound`)."""
+        inbound rules (`Compiler.inbound`); `kernel`: the kernel path (`datapath.Planner`;
+        the same object while it did not change)."""
+        plan = kernel or _NO_KERNEL
         cached = self._capture.get(ready)
-        if cached is not None and (cached.inbound is inbound or cached.inbound == inbound):
+        if (cached is not None and (cached.inbound is inbound or cached.inbound == inbound)
+                and cached.lb is plan.lb and cached.kernel is plan.kernel
+                and cached.fallback is plan.fallback):
             return cached
         ids = frozenset(self._ids.values())
         state = CaptureState(rules=frozenset(self._all_rules),
                              ready=ids if ready else frozenset(),
                              fail_closed=frozenset(self._fail_closed), inbound=inbound,
+                             kernel=plan.kernel, fallback=plan.fallback, lb=plan.lb,
                              base=None if self._last is None else weakref.ref(self._last),
                              removed=frozenset(self._removed), added=frozenset(self._added))
         self._capture[ready] = state

@@ -52,6 +52,8 @@ IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE")
 # mutual TLS (plaintext from another host is refused in the kernel), PERMISSIVE both (the
 # plaintext ones counted), DISABLE plaintext only (the service opts out of mTLS).
 MtlsMode = Literal["STRICT", "PERMISSIVE", "DISABLE"]
+# Who balances a service's connections (ServicePolicy.datapath).
+Datapath = Literal["proxy", "kernel", "auto"]
 MTLS_MODES = ("STRICT", "PERMISSIVE", "DISABLE")
 
 
@@ -350,7 +352,11 @@ class ServicePolicy(_Spec, frozen=True):
     to this service at once, per worker (0: no limit); more are refused. `mtls`: how its
     endpoints accept connections from other hosts (None: the Mesh resource's default).
     `identity`: which processes may be enrolled as it (its SPIFFE identity is
-    spiffe://<trust domain>/svc/<name>)."""
+    spiffe://<trust domain>/svc/<name>). `datapath`: who balances its connections: the proxy
+    (`proxy`), or the kernel's connect hook (`kernel`; `auto`: the kernel whenever the policy
+    needs nothing of the proxy, see meshnode/policy/datapath.py). `close_removed_connections`:
+    on the kernel path, connections to an endpoint that left (removed or unhealthy) are
+    closed (sock_diag SOCK_DESTROY) instead of left to finish."""
 
     port: int | None = None
     protocol: Protocol = "tcp"
@@ -365,10 +371,21 @@ class ServicePolicy(_Spec, frozen=True):
     mtls: MtlsMode | None = None
     identity: WorkloadSelector = WorkloadSelector()
     http: HttpPolicy = HttpPolicy()
+    datapath: Datapath = "proxy"
+    close_removed_connections: bool = False
 
     def __post_init__(self) -> None:
         if self.port is not None:
             _check_port(self.port)
+        if self.datapath == "kernel":
+            # what the kernel can never do for it; what may change later (routes, policies,
+            # mTLS) moves it to the proxy at run time instead, saying why
+            if self.l7:
+                raise ValueError("datapath kernel carries opaque TCP only, and a port of this "
+                                 "service speaks HTTP: use datapath auto or proxy")
+            if self.max_connections:
+                raise ValueError("datapath kernel cannot enforce maxConnections (the proxy "
+                                 "does): drop it or use datapath proxy")
         seen = [p.port for p in self.ports]
         if len(seen) != len(set(seen)):
             raise ValueError("ports lists a port twice")

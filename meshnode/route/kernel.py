@@ -5,6 +5,10 @@ function of the capture state the agent last handed to the backend.
 `bpf/mn_dns.c` (`mn_dns_connect4`, attached after it on the same hook):
   1. mesh lookup (mn_dest): the destination's exact ip:port first (an endpoint), then its ip on
      any port (a VIP, stored with port 0). Found: the service id; its flags (mn_svc) decide:
+     kernel path (on it always, or falling back while not ready) -> KERNEL: an endpoint of
+       the service's table for the dialled port (else the port-0 table) is picked in the
+       kernel; with no table the connect goes on to the VIP (refused there); a connect to an
+       endpoint's own address goes there;
      ready -> REDIRECT to the proxy on 127.0.0.1:<outbound port>;
      fail-closed and not ready -> REFUSE (connect fails with EPERM, nothing else runs);
      otherwise -> PASS (fail open; counted as passthrough).
@@ -36,7 +40,7 @@ from ipaddress import IPv4Address
 from typing import Literal
 
 from meshnode import constants
-from meshnode.model import CaptureState, HostPort
+from meshnode.model import CaptureState, HostPort, LbTable
 
 __all__ = ["KernelAction", "KernelVerdict", "classify"]
 
@@ -50,17 +54,20 @@ class KernelAction(enum.Enum):
     REDIRECT = "redirect"  # to the proxy, the original destination saved
     REFUSE = "refuse"  # connect fails with EPERM at once
     DNS = "dns"  # a DNS query, to the agent's DNS server
+    KERNEL = "kernel"  # balanced in the kernel: straight to an endpoint of `table`
 
 
 @dataclass(frozen=True, slots=True)
 class KernelVerdict:
     """One destination's fate. `service_id` and `match` say what mn_dest answered (None: not a
-    mesh destination); `target` is where the connect then goes."""
+    mesh destination); `target` is where the connect then goes (KERNEL to a VIP: one of
+    `table`'s slots, picked per connect; no table: the VIP itself)."""
 
     action: KernelAction
     target: HostPort
     service_id: int | None = None
     match: Literal["endpoint", "vip"] | None = None
+    table: LbTable | None = None
 
     @property
     def mesh(self) -> bool:
@@ -75,6 +82,11 @@ def classify(state: CaptureState, dst: HostPort, *,
     the capture `state` and the agent's DNS redirect (`dns_port`; None: off)."""
     service_id, match = _lookup(state, dst)
     if service_id is not None:
+        if state.balanced(service_id):
+            table = None
+            if match == "vip":
+                table = state.lb.get((service_id, dst.port)) or state.lb.get((service_id, 0))
+            return KernelVerdict(KernelAction.KERNEL, dst, service_id, match, table)
         if service_id in state.ready:
             return KernelVerdict(KernelAction.REDIRECT, HostPort(_PROXY_IP, outbound_port),
                                  service_id, match)

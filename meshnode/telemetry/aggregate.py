@@ -10,6 +10,9 @@ How each figure combines is its `kind` in meshnode.counters: counters add (live 
 processes), gauges add over the live workers only, a max takes the largest live value. Names a
 worker sends that the schema does not declare (a newer worker's) are ignored.
 
+Kernel-path connections (no proxy on the path) join as `Totals.kernel` pairs and KERNEL_FIELDS
+rows, which the agent adds from BPF maps (telemetry/kernel_flows.py) after summing the workers.
+
 Agent side: imports the shared schema and wire types, never the proxy package.
 """
 
@@ -20,6 +23,8 @@ from typing import Any
 
 from meshnode.counters import (
     ENDPOINT_FIELDS,
+    KERNEL_FIELDS,
+    KERNEL_PAIR_FIELDS,
     LABELLED_FIELDS,
     PAIR_FIELDS,
     PAIR_HISTOGRAMS,
@@ -30,7 +35,9 @@ from meshnode.wire import HistogramCounts, PairCounters, StatsReply
 
 __all__ = ["Accumulator", "HistogramTotals", "PairTotals", "Totals"]
 
-_LABELLED = {f.name: f for f in LABELLED_FIELDS}
+_LABELLED = {f.name: f for f in (*LABELLED_FIELDS, *KERNEL_FIELDS)}
+# A pair's values: the proxy's, and the kernel path's sums (absent from workers' pairs).
+_PAIR_VALUES = PAIR_FIELDS + KERNEL_PAIR_FIELDS
 
 
 def _combine_rows(into: dict[str, dict[tuple[str, ...], int]], name: str,
@@ -97,7 +104,7 @@ class PairTotals:
         return sum(self.failures.values())
 
     def add_wire(self, w: PairCounters) -> None:
-        _combine(self.values, PAIR_FIELDS, w.values, gauges=True)
+        _combine(self.values, _PAIR_VALUES, w.values, gauges=True)
         self._add_failures(w.failures)
         for name, h in self.histograms.items():
             wh: HistogramCounts | None = w.histograms.get(name)
@@ -105,7 +112,7 @@ class PairTotals:
                 h.add(wh.counts, wh.sum)
 
     def add(self, o: PairTotals, gauges: bool = True) -> None:
-        _combine(self.values, PAIR_FIELDS, o.values, gauges)
+        _combine(self.values, _PAIR_VALUES, o.values, gauges)
         self._add_failures(o.failures)
         for name, h in self.histograms.items():
             oh = o.histograms.get(name)
@@ -119,9 +126,12 @@ class PairTotals:
 
 @dataclass
 class Totals:
-    """The host's proxy counters at one instant."""
+    """The host's traffic counters at one instant."""
 
-    pairs: dict[tuple[str, str], PairTotals] = field(default_factory=dict)
+    pairs: dict[tuple[str, str], PairTotals] = field(default_factory=dict)  # proxied
+    # kernel-path connections (counters.KERNEL_PATH) by (src, dst): PAIR_FIELDS, failures
+    # and KERNEL_PAIR_FIELDS; no histograms
+    kernel: dict[tuple[str, str], PairTotals] = field(default_factory=dict)
     # (service, endpoint address) -> ENDPOINT_FIELDS by name
     endpoints: dict[tuple[str, str], dict[str, int | float]] = field(default_factory=dict)
     selections: dict[tuple[str, str], int] = field(default_factory=dict)  # (dst, endpoint)
@@ -133,6 +143,12 @@ class Totals:
         p = self.pairs.get((src, dst))
         if p is None:
             p = self.pairs[(src, dst)] = PairTotals(src, dst)
+        return p
+
+    def kernel_pair(self, src: str, dst: str) -> PairTotals:
+        p = self.kernel.get((src, dst))
+        if p is None:
+            p = self.kernel[(src, dst)] = PairTotals(src, dst)
         return p
 
     def add_worker(self, answer: StatsReply) -> None:
@@ -153,6 +169,8 @@ class Totals:
         """Add `o`'s counters (and its gauges, unless `o` is the past: retired workers)."""
         for (src, dst), p in o.pairs.items():
             self.pair(src, dst).add(p, gauges)
+        for (src, dst), p in o.kernel.items():
+            self.kernel_pair(src, dst).add(p, gauges)
         for key, figures in o.endpoints.items():
             _combine(self.endpoints.setdefault(key, {}), ENDPOINT_FIELDS, figures, gauges)
         for k, n in o.selections.items():
@@ -163,9 +181,10 @@ class Totals:
 
     def by_service(self) -> dict[str, dict[str, Any]]:
         """What `meshnode status` shows per destination service: the PAIR_FIELDS summed over
-        sources, `failures` by reason, and `endpoints` (address -> ENDPOINT_FIELDS)."""
+        sources and both paths, `failures` by reason, and `endpoints` (address ->
+        ENDPOINT_FIELDS, the proxy's balancer records)."""
         out: dict[str, dict[str, Any]] = {}
-        for p in self.pairs.values():
+        for p in (*self.pairs.values(), *self.kernel.values()):
             svc = out.setdefault(p.dst, {**{f.name: 0 for f in PAIR_FIELDS}, "failures": {},
                                          "endpoints": {}})
             for f in PAIR_FIELDS:

@@ -8,7 +8,10 @@ figures are the difference between the newest sample and the newest one at least
 seconds older (or the oldest kept, seeded with zeros at agent start), divided by the time
 between them, the same arithmetic as Prometheus' rate() and histogram_quantile(). The figures
 read the counters by their meshnode.counters names (connections, active, bytes_up, bytes_down,
-the failures and the connect histogram).
+the failures and the connect histogram). Kernel-path pairs (`Totals.kernel`) count with the
+proxied ones per service and pair; `by_path_pair` keeps the two apart. They have no connect
+latency (the kernel connects straight to the endpoint), but an RTT: the mean smoothed RTT of
+the connections that closed in the window.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from meshnode.counters import KERNEL_PATH, PROXY_PATH
 from meshnode.histogram import CONNECT_BUCKETS, quantile
 from meshnode.telemetry.aggregate import PairTotals, Totals
 from meshnode.telemetry.request_figures import (
@@ -49,6 +53,8 @@ class WindowFigures:
     p99_ms: float | None
     # requests, when the pair or service ever had one (HTTP, HTTP/2 and gRPC ports)
     requests: RequestFigures | None = None
+    # kernel path: mean smoothed TCP RTT of the connections that closed in the window
+    rtt_ms: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: (round(v, 3) if isinstance(v, float) else v)
@@ -81,6 +87,7 @@ def figures(new: Iterable[PairTotals], old: Iterable[PairTotals], seconds: float
         latency = [a - b for a, b in zip(cur.histograms["request"].counts,
                                          base.histograms["request"].counts, strict=True)]
         requests = request_figures(req_new, req_old, seconds, latency)
+    timed = cur["kernel_closed"] - base["kernel_closed"]
     return WindowFigures(
         connections=conns, failed=failed, active=cur["active"],
         rate=conns / span, error_rate=(failed / conns) if conns > 0 else 0.0,
@@ -88,7 +95,8 @@ def figures(new: Iterable[PairTotals], old: Iterable[PairTotals], seconds: float
         bytes_down_rate=(cur["bytes_down"] - base["bytes_down"]) / span,
         p50_ms=_ms(quantile(0.50, CONNECT_BUCKETS, counts)),
         p95_ms=_ms(quantile(0.95, CONNECT_BUCKETS, counts)),
-        p99_ms=_ms(quantile(0.99, CONNECT_BUCKETS, counts)), requests=requests)
+        p99_ms=_ms(quantile(0.99, CONNECT_BUCKETS, counts)), requests=requests,
+        rtt_ms=(cur["rtt_us"] - base["rtt_us"]) / timed / 1000.0 if timed > 0 else None)
 
 
 class History:
@@ -117,7 +125,7 @@ class History:
         if cached is not None and cached[0] is totals:
             return cached[1]
         pairs: dict[str, PairTotals] = {}
-        for (_, dst), p in totals.pairs.items():
+        for (_, dst), p in (*totals.pairs.items(), *totals.kernel.items()):
             summed = pairs.get(dst)
             if summed is None:
                 summed = pairs[dst] = PairTotals("", dst)
@@ -153,13 +161,40 @@ class History:
                 for dst in sorted(self._services(new).pairs)}
 
     def by_pair(self, window: float) -> list[tuple[str, str, WindowFigures]]:
+        """Per (source, destination service) pair, both paths summed: who called whom."""
         (t1, new), (t0, old) = self.latest, self.base(window)
         req_new, req_old = tallies(new, by_pair), tallies(old, by_pair)
         out = []
-        for (src, dst), p in sorted(new.pairs.items()):
-            prev = old.pairs.get((src, dst))
-            out.append((src, dst, figures([p], [prev] if prev else [], t1 - t0,
-                                          req_new.get((src, dst)), req_old.get((src, dst)))))
+        for key in sorted(new.pairs.keys() | new.kernel.keys()):
+            out.append((*key, figures(_both(new, key), _both(old, key), t1 - t0,
+                                      req_new.get(key), req_old.get(key))))
+        return out
+
+    def by_path_pair(self, window: float) -> list[tuple[str, str, str, WindowFigures]]:
+        """Per (source, destination service, path) (counters.PROXY_PATH or KERNEL_PATH)."""
+        (t1, new), (t0, old) = self.latest, self.base(window)
+        req_new, req_old = tallies(new, by_pair), tallies(old, by_pair)
+        out = []
+        for path, now, then in ((PROXY_PATH, new.pairs, old.pairs),
+                                (KERNEL_PATH, new.kernel, old.kernel)):
+            for key, p in now.items():
+                prev = then.get(key)
+                requests = (req_new.get(key), req_old.get(key)) if path == PROXY_PATH else \
+                    (None, None)
+                out.append((*key, path, figures([p], [prev] if prev else [], t1 - t0,
+                                                *requests)))
+        return sorted(out, key=lambda row: row[:3])
+
+    def paths(self) -> dict[str, list[str]]:
+        """Per destination service, the paths that ever carried its connections (newest
+        sample): PROXY_PATH, KERNEL_PATH or both, in that order."""
+        totals = self.latest[1]
+        out: dict[str, list[str]] = {}
+        for path, pairs in ((PROXY_PATH, totals.pairs), (KERNEL_PATH, totals.kernel)):
+            for _, dst in pairs:
+                seen = out.setdefault(dst, [])
+                if path not in seen:
+                    seen.append(path)
         return out
 
     def by_route(self, window: float) -> dict[str, list[tuple[str, RequestFigures]]]:
@@ -229,3 +264,8 @@ class _PerService:
 
 def _one(p: PairTotals | None) -> list[PairTotals]:
     return [] if p is None else [p]
+
+
+def _both(totals: Totals, key: tuple[str, str]) -> list[PairTotals]:
+    """A pair's proxied and kernel-path totals (either may be absent)."""
+    return [p for p in (totals.pairs.get(key), totals.kernel.get(key)) if p is not None]

@@ -15,6 +15,11 @@ Requests (HTTP, HTTP/2 and gRPC ports) have their own families on the same `src`
 `meshnode_requests_total` adds `route`, `method` and `status_class` ("1xx".."5xx", "none", or
 the gRPC status name), and `meshnode_request_duration_seconds` is a pair histogram; the
 connection-level series keep their meaning on those ports (they count the client connections).
+
+Connections on the kernel path (no proxy: the connect hook balanced them) are in the same pair
+families, told apart by `path` ("proxy" or "kernel"); their lifetime and RTT are summaries
+(`meshnode_kernel_connection_{duration,rtt}_seconds`: the kernel sums, it keeps no buckets),
+and their per-endpoint counts `meshnode_kernel_endpoint_*` (src, dst, endpoint).
 """
 
 from __future__ import annotations
@@ -29,15 +34,20 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.registry import Collector
 
 from meshnode.counters import (
     ENDPOINT_FIELDS,
     FAILURES,
+    KERNEL_FIELDS,
+    KERNEL_PAIR_FIELDS,
+    KERNEL_PATH,
     LABELLED_FIELDS,
     PAIR_FIELDS,
     PAIR_HISTOGRAMS,
+    PROXY_PATH,
     SELECTIONS,
     WORKER_FIELDS,
     Field,
@@ -48,6 +58,7 @@ from meshnode.telemetry.aggregate import Totals
 __all__ = ["MeshCollector", "Snapshot", "cert_expiry"]
 
 _PAIR = ["src", "dst"]
+_PATHS = ["src", "dst", "path"]
 
 
 @dataclass(frozen=True)
@@ -137,15 +148,25 @@ class MeshCollector(Collector):
     def _traffic(t: Totals) -> Iterator[Metric]:
         """Every family of the counter schema (meshnode.counters), in its declared order."""
         pairs = sorted(t.pairs.items())
+        kernel = sorted(t.kernel.items())
+        both = [(path, key, p) for path, rows in ((PROXY_PATH, pairs), (KERNEL_PATH, kernel))
+                for key, p in rows]
         families: dict[str, Metric] = {}
         for f in PAIR_FIELDS:
-            fam = _family(families, f, [*_PAIR, *(k for k, _ in f.labels)])
-            for (src, dst), p in pairs:
-                fam.add_metric([src, dst, *(v for _, v in f.labels)], p[f.name] * f.scale)
-        failures = _family(families, FAILURES, [*_PAIR, "reason"])
-        for (src, dst), p in pairs:
+            fam = _family(families, f, [*_PATHS, *(k for k, _ in f.labels)])
+            for path, (src, dst), p in both:
+                fam.add_metric([src, dst, path, *(v for _, v in f.labels)], p[f.name] * f.scale)
+        failures = _family(families, FAILURES, [*_PATHS, "reason"])
+        for path, (src, dst), p in both:
             for reason, n in sorted(p.failures.items()):
-                failures.add_metric([src, dst, reason], float(n))
+                failures.add_metric([src, dst, path, reason], float(n))
+        for f in KERNEL_PAIR_FIELDS:
+            if not f.family:
+                continue
+            summary = SummaryMetricFamily(f.family, f.help, labels=_PAIR)
+            for (src, dst), p in kernel:
+                summary.add_metric([src, dst], p["kernel_closed"], p[f.name] * f.scale)
+            families[f.family] = summary
         for h in PAIR_HISTOGRAMS:
             hist = HistogramMetricFamily(h.family, h.help, labels=_PAIR)
             for (src, dst), p in pairs:
@@ -168,7 +189,7 @@ class MeshCollector(Collector):
         for f in WORKER_FIELDS:
             if f.family:
                 _family(families, f, []).add_metric([], t.values.get(f.name, 0) * f.scale)
-        for lf in LABELLED_FIELDS:
+        for lf in (*LABELLED_FIELDS, *KERNEL_FIELDS):
             fam = _family(families, lf, [*lf.labels, *(k for k, _ in lf.const)])
             for labels, n in sorted(t.labelled.get(lf.name, {}).items()):
                 fam.add_metric([*labels, *(v for _, v in lf.const)], float(n))

@@ -5,7 +5,8 @@ measures with the variants interleaved (round robin, a different one first each 
 reports medians: the table, JSON and a PNG chart in --out, and whether each target holds. Then
 mTLS between two hosts (tests/bench/tunnel.py), then HTTP/1.1 and h2 through L7 proxies
 (tests/bench/http.py), then the ingress gateway terminating TLS against HAProxy and nginx
-(tests/bench/gateway.py): each its own table, JSON and targets line, last.
+(tests/bench/gateway.py), then the kernel fast path against the proxy path, direct and HAProxy,
+with real clients (tests/bench/kernel.py): each its own table, JSON and targets line, last.
 Everything started is stopped, and every namespace removed, on success, failure or Ctrl-C.
 """
 
@@ -228,7 +229,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     sys.stdout.flush()
-    return gateway.run(args.quick, args.out, keep=args.keep) or rc
+    rc = gateway.run(args.quick, args.out, keep=args.keep) or rc
+    if rc == 130:
+        return rc
+    # the kernel fast path against the proxy path, direct and HAProxy; real clients (issue 17)
+    from tests.bench import kernel
+
+    print()
+    sys.stdout.flush()
+    return kernel.run(args.quick, args.out, keep=args.keep) or rc
 
 
 if __name__ == "__main__":

@@ -93,7 +93,8 @@ def test_a_vip_is_balanced_over_the_healthy_endpoints_not_ejected() -> None:
                             "over 1 healthy endpoint, 1 ejected")
     assert (e["outcome"], e["rule"], e["captured"], e["name"]) == (
         "proxied", "a", True, "web.mesh")
-    assert e["kernel"] == {"action": "redirect", "target": "127.0.0.1:15001", "match": "vip"}
+    assert e["kernel"] == {"action": "redirect", "target": "127.0.0.1:15001", "match": "vip",
+                           "endpoints": {}}
     assert rows(e) == {WEB[0]: (True, True, 0.0), WEB[1]: (True, False, 42.0),
                        WEB[2]: (False, False, 0.0)}
     assert "health: 2 of 3 healthy (down: 127.0.0.1:8003)" in e["steps"]

@@ -122,7 +122,7 @@ def test_metrics_show_every_request_family_with_exact_values() -> None:
     ]:
         assert want in lines, want
     # a tcp pair has connection series and no request latency series
-    assert 'meshnode_connections_opened_total{dst="db",src="web"} 5.0' in lines
+    assert 'meshnode_connections_opened_total{dst="db",path="proxy",src="web"} 5.0' in lines
     assert not [x for x in lines if x.startswith("meshnode_request_duration_seconds")
                 and 'dst="db"' in x]
 

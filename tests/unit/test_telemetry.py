@@ -119,10 +119,11 @@ def test_exposition_has_bounded_labels_and_the_right_values() -> None:
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for fam in text_string_to_metric_families(text) for s in fam.samples}
     pair = (("dst", "api"), ("src", "web"))
-    assert samples[("meshnode_connections_opened_total", pair)] == 4
-    assert samples[("meshnode_connections_active", pair)] == 1
-    assert samples[("meshnode_bytes_total", (("direction", "up"), *pair))] == 40
-    assert samples[("meshnode_connect_failures_total", (*pair[:1], ("reason", "refused"),
+    proxied = (*pair[:1], ("path", "proxy"), pair[1])  # connection series carry the path
+    assert samples[("meshnode_connections_opened_total", proxied)] == 4
+    assert samples[("meshnode_connections_active", proxied)] == 1
+    assert samples[("meshnode_bytes_total", (("direction", "up"), *proxied))] == 40
+    assert samples[("meshnode_connect_failures_total", (*proxied[:2], ("reason", "refused"),
                                                          pair[1]))] == 1
     assert samples[("meshnode_connect_latency_seconds_count", pair)] == 4
     assert samples[("meshnode_connect_latency_seconds_bucket", (*pair[:1], ("le", "+Inf"),
@@ -140,7 +141,7 @@ def test_exposition_has_bounded_labels_and_the_right_values() -> None:
     labels = {k for (_, lv) in samples for k, _ in lv}
     assert labels <= {"src", "dst", "direction", "reason", "le", "endpoint", "service",
                       "health", "result", "backend", "event", "worker", "version", "node",
-                      "instance", "capture", "state"}
+                      "instance", "capture", "state", "path"}
     buckets = [k for k in samples if k[0] == "meshnode_connect_latency_seconds_bucket"]
     assert len(buckets) == len(CONNECT_BUCKETS) + 1  # and +Inf
 

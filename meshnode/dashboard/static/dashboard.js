@@ -417,7 +417,7 @@
         rps: r ? String(num(r.rate) ?? 0) : undefined,
         success: r && num(r.success_rate) !== null ? String(r.success_rate) : undefined } },
         h('td', {}, h('span', { class: 'edge' }, edgeName(e.src), h('span', { class: 'arrow' }, '→'),
-          edgeName(e.dst))),
+          edgeName(e.dst)), pathBadge(e)),
         h('td', { class: 'num rate-cell' }, fmtRate(busyRate(e)), unit(e), h('span', {
           class: `rate-bar${bad ? ' err' : ''}`, style: { width: `${Math.round(share * 100)}%` } })),
         h('td', { class: `num${bad ? ' err' : ' dim'}` }, fmtPct(errorShare(e))),
@@ -486,10 +486,22 @@
     return `<br>Route ${esc(s.route.route)}${marks.length ? `: ${esc(marks.join(' · '))}` : ''}`;
   }
 
+  /* A "kernel" badge on a service or edge whose connections take the kernel path (`path`
+   * "kernel" or "proxy+kernel": the connect hook balanced them, no proxy; no connect latency,
+   * the kernel's smoothed RTT instead). */
+  function pathBadge(x) {
+    if (!String(x.path || '').includes('kernel')) return null;
+    const rtt = num(x.rtt_ms);
+    return h('span', { class: 'badges' }, h('span', { class: 'badge badge-kernel',
+      data: { badge: 'kernel', path: x.path },
+      title: `${x.path}: balanced in the kernel, no proxy on the path` +
+        (rtt !== null ? `\nRTT ${fmtMs(rtt)}` : '') }, 'kernel'));
+  }
+
   function serviceRow(s) {
     const bad = (num(s.error_rate) ?? 0) > 0;
     return h('tr', { data: { service: s.name } },
-      h('td', {}, h('span', { class: 'svc-name' }, s.name), routeBadges(s),
+      h('td', {}, h('span', { class: 'svc-name' }, s.name), routeBadges(s), pathBadge(s),
         h('span', { class: 'svc-lb' }, s.lb || '')),
       h('td', { class: 'mono' }, fmtVip(s)),
       h('td', {}, healthCell(s.endpoints)),
