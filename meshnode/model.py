@@ -217,6 +217,13 @@ class LbTable:
     slots: tuple[HostPort, ...]
     close_removed: bool = False
 
+    def shares(self) -> dict[str, int]:
+        """Each endpoint ("ip:port") and how many slots it holds, by address."""
+        counts: dict[str, int] = {}
+        for a in sorted(self.slots):
+            counts[str(a)] = counts.get(str(a), 0) + 1
+        return counts
+
     def gone_since(self, old: LbTable | None) -> set[tuple[IPv4Address, int]]:
         """The endpoints of `old` that this table no longer holds."""
         if old is None:
@@ -240,6 +247,9 @@ class CaptureState:
     kernel: frozenset[int] = field(default_factory=frozenset)
     fallback: frozenset[int] = field(default_factory=frozenset)
     lb: Mapping[LbKey, LbTable] = field(default_factory=dict, hash=False)
+    # A hint like the one below: the tables that differ from `lb_since`'s (None: compare).
+    lb_changed: frozenset[LbKey] = field(default_factory=frozenset, compare=False, repr=False)
+    lb_since: Mapping[LbKey, LbTable] | None = field(default=None, compare=False, repr=False)
     # A hint, not part of the value: the rules removed and added since `base` (a weak
     # reference: states must not keep their ancestors' rule sets alive), the state the
     # compiler made before this one, so a backend that synced `base` applies the change

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -443,8 +442,7 @@ def _table_shares(table: LbTable | None) -> dict[str, str]:
     """Each endpoint of a kernel-path table with its share of the slots ("2/6")."""
     if table is None:
         return {}
-    counts = Counter(str(a) for a in table.slots)
-    return {addr: f"{n}/{len(table.slots)}" for addr, n in sorted(counts.items())}
+    return {addr: f"{n}/{len(table.slots)}" for addr, n in table.shares().items()}
 
 
 _PICK_WORDS = {constants.LB_PICK_ROTATE: "the next slot in turn (weights exact per round)",

@@ -27,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import signal
 import time
 from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import replace
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, cast
 
@@ -49,6 +51,7 @@ from meshnode.agent.observe import Telemetry
 from meshnode.agent.parts import Parts
 from meshnode.agent.report import HostReport
 from meshnode.agent.requeue import reconcile_forever
+from meshnode.agent.stragglers import Stragglers
 from meshnode.agent.workers import WorkerPool
 from meshnode.capture import CaptureBackend, CaptureContext, undo_functions
 from meshnode.config import AgentConfig
@@ -61,8 +64,9 @@ from meshnode.host import cgroup, process
 from meshnode.host.ledger import Ledger, UndoFn
 from meshnode.host.netns import enter_netns
 from meshnode.host.statefile import write_json
-from meshnode.model import CaptureState, Endpoint
+from meshnode.model import CaptureState, Endpoint, HostPort
 from meshnode.policy import compiler, datapath
+from meshnode.route import KernelAction, classify
 from meshnode.wire import GATEWAY_FDS_SOCKET, Retain
 
 log = logging.getLogger(__name__)
@@ -100,6 +104,7 @@ class HostAgent:
         self.ready_after = 0.0
         self.compiler = compiler.Compiler()  # what the workers and the kernel were given
         self.planner = datapath.Planner()  # which services the kernel balances, and over what
+        self.stragglers = Stragglers()  # connects queued for a proxy that is not coming back
         self._feed = 0  # the registry change feed's position the compiler has read to
         self._synced: CaptureState | None = None  # the state the kernel last took
         self._reconcile_lock = asyncio.Lock()
@@ -341,9 +346,37 @@ class HostAgent:
             if state is not self._synced:  # the same object: nothing the kernel holds changed
                 await asyncio.to_thread(self.capture.sync, state)
                 self._synced = state
+            if (state.fallback and not self.workers.alive and self.workers.listener is not None
+                    and not state.ready - state.kernel):
+                # no worker, and no service waits for one (not bridging, or all of them fall
+                # back): nothing must stay queued for the replacement
+                self._take_stragglers(state, self.workers.listener)
             self.ready = ready  # published only once the kernel rules match it
             if ready and self.report is not None:
                 self.report.applied(revision)
+
+    def _take_stragglers(self, state: CaptureState, listener: int) -> None:
+        """No worker serves, and no service waits for one: the connects queued for the proxy
+        before capture fell back are relayed as the kernel would have sent them, or reset."""
+        capture = self.capture
+        assert capture is not None
+        turn = itertools.count()
+
+        def resolve(ip: IPv4Address, port: int) -> HostPort | None:
+            dst = capture.origdst(HostPort(ip, port))
+            if dst is None:
+                return None
+            k = classify(state, dst)
+            if k.action is not KernelAction.KERNEL:
+                return None
+            if k.table is None:
+                return dst if k.match == "endpoint" else None
+            return k.table.slots[next(turn) % len(k.table.slots)]
+
+        taken = self.stragglers.drain(listener, resolve)
+        if taken:
+            log.info("took %d connections queued for the proxy (relayed %d, reset %d so far)",
+                     taken, self.stragglers.relayed, self.stragglers.reset)
 
     def _balanced_over(self, rec: ServiceRecord) -> frozenset[Endpoint]:
         """The endpoints the workers were given for `rec` (health applied): the kernel path
@@ -430,6 +463,7 @@ class HostAgent:
         await self._step("the admin port", self.telemetry.stop_admin())
         self.telemetry.close()  # no more samples: the kernel-path maps' fds go
         await self._step("the health checks", self.health.close())
+        await self._step("connections taken from the proxy's queue", self.stragglers.close())
         # 3. drain the proxy: established connections finish within the grace period
         if self.workers is not None:
             await self._step("draining the workers", self.workers.stop(),
@@ -468,6 +502,7 @@ class HostAgent:
         await self._step("the admin port", self.telemetry.stop_admin())
         self.telemetry.close()  # no more samples: the kernel-path maps' fds go
         await self._step("the health checks", self.health.close())
+        await self._step("connections taken from the proxy's queue", self.stragglers.close())
         if self.workers is not None:
             self.workers.detach()
         if self.report is not None:

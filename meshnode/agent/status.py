@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from meshnode import __version__, constants
@@ -37,7 +36,7 @@ def describe_path(rec: ServiceRecord, choice: PathChoice | None,
         "proxy" if state is not None and rec.id in state.ready else "down")
     tables = [] if state is None else [
         {"port": t.port, "pick": _PICKS.get(t.pick, str(t.pick)), "slots": len(t.slots),
-         "endpoints": dict(sorted(Counter(str(a) for a in t.slots).items()))}
+         "endpoints": t.shares()}
         for (sid, _), t in sorted(state.lb.items()) if sid == rec.id]
     return {"path": choice.path, "now": now, "fallback": choice.fallback,
             "local_only": choice.local_only, "reason": choice.reason,

@@ -53,9 +53,14 @@ def weighted(endpoints: Sequence[Endpoint], max_slots: int) -> tuple[HostPort, .
 
 
 def _scaled(weights: list[int], max_slots: int) -> list[int]:
-    """Weights scaled to sum to at most `max_slots`, none below 1."""
+    """Weights scaled to sum to at most `max_slots` (largest remainders get the slots the
+    floors leave), none below 1."""
     total = sum(weights)
-    scaled = [max(1, w * max_slots // total) for w in weights]
+    exact = [w * max_slots / total for w in weights]
+    scaled = [max(1, int(x)) for x in exact]
+    spare = max_slots - sum(scaled)
+    for i in sorted(range(len(exact)), key=lambda i: int(exact[i]) - exact[i])[:max(spare, 0)]:
+        scaled[i] += 1
     while sum(scaled) > max_slots:  # the floors of 1 can overshoot: trim the largest
         i = max(range(len(scaled)), key=scaled.__getitem__)
         scaled[i] -= 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -382,7 +382,7 @@ class CaptureMaps:
             syscall.map_update(dest_fd, pack_addr4(ip, port), pack_u32(sid))
         # tables before the flags that send connects to them; stale ones after the flags
         # that stop doing so
-        retire = self._sync_lb(state.lb)
+        retire = self._sync_lb(state)
         for sid, flags in delta.svc_updates:
             syscall.map_update(svc_fd, pack_u32(sid), pack_u32(flags))
         for ip, port in delta.dest_deletes:
@@ -418,27 +418,38 @@ class CaptureMaps:
             out.append(unpack_addr4(raw) if raw else None)
         return out
 
-    def _sync_lb(self, want: Mapping[LbKey, LbTable]) -> Callable[[], int]:
+    def _sync_lb(self, state: CaptureState) -> Callable[[], int]:
         """Write the tables that differ from the last sync (all of them, against what the
         kernel holds, after opening). Slots go in before the count that covers them and
         leave after it, so the hook never indexes a missing slot. Returns the step that
         deletes the tables no longer wanted (to run once no flag sends connects to them),
         which returns the number of map writes made. `lb_changed` says which tables changed,
         old and new (None: absent), for closing connections to endpoints that left."""
+        want = state.lb
         have: Mapping[LbKey, LbTable | tuple[int, int, int]]
+        keys: Iterable[LbKey]
         if self._lb is None:
             have = self.lb_tables()  # counts only: rewrite every wanted table
+            keys = {*want, *have}
         elif self._lb is want:
             self.lb_changed = {}
             return lambda: 0
         else:
             have = self._lb
+            # the planner's hint: only these differ from the tables synced last
+            keys = state.lb_changed if state.lb_since is have else {*want, *have}
         self._lb = None  # unknown until the writes complete
         table_fd, slot_fd = self._fds["mn_lb_table"], self._fds["mn_lb_slot"]
         writes = 0
         changed: dict[LbKey, tuple[LbTable | None, LbTable | None]] = {}
-        for key, table in want.items():
+        gone: list[tuple[LbKey, LbTable | tuple[int, int, int]]] = []
+        for key in keys:
+            table = want.get(key)
             old = have.get(key)
+            if table is None:
+                if old is not None:
+                    gone.append((key, old))
+                continue
             if old is table or old == table:
                 continue
             sid, port = key
@@ -455,7 +466,6 @@ class CaptureMaps:
                 syscall.map_delete(slot_fd, pack_lb_slot_key(sid, port, i))
             writes += 1 + max(0, old_count - len(table.slots))
             changed[key] = (old if isinstance(old, LbTable) else None, table)
-        gone = [(key, have[key]) for key in have.keys() - want.keys()]
         for key, old in gone:
             changed[key] = (old if isinstance(old, LbTable) else None, None)
         self.lb_changed = changed

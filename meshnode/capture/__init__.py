@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from meshnode.host.ledger import Ledger, UndoFn
-from meshnode.model import CaptureState
+from meshnode.model import CaptureState, HostPort
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,10 @@ class CaptureBackend(Protocol):
 
     def stats(self) -> dict[str, int]:
         """Kernel-side counters (captured, passthrough, ...); empty without CAP_STATS."""
+
+    def origdst(self, client: HostPort) -> HostPort | None:
+        """Where a connection redirected to the proxy was going, by its client address (None:
+        not known; the iptables backend has no kernel path, so nothing asks it)."""
 
     # Inbound enforcement (sync's `state.inbound`; meshnode.capture.inbound): which mechanism
     # enforces the mTLS modes of this host's endpoint ports, and why (`meshnode status`).

@@ -42,7 +42,7 @@ from meshnode.capture import (
 from meshnode.capture.inbound import BpfInbound, InboundEnforcer, IptablesInbound, per_service
 from meshnode.errors import BpfError, CaptureError, MeshnodeError, UnavailableError
 from meshnode.host.ledger import Entry, Transaction, UndoFn
-from meshnode.model import CaptureState, InboundRule
+from meshnode.model import CaptureState, HostPort, InboundRule
 from meshnode.sockdiag import SockDiag
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,11 @@ class BpfCapture:
 
     def stats(self) -> dict[str, int]:
         return self._require_maps().stats()
+
+    def origdst(self, client: HostPort) -> HostPort | None:
+        """Where a connection redirected to the proxy was going, by its client address."""
+        dst = self._require_maps().origdst(client.ip, client.port)
+        return HostPort(*dst) if dst is not None else None
 
     def _sync_inbound(self, state: CaptureState) -> None:
         if self._inbound is None or state.inbound == self._inbound_rules:

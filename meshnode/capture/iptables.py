@@ -33,7 +33,7 @@ from meshnode.capture import CaptureContext
 from meshnode.capture.inbound import BpfInbound, IptablesInbound, per_service
 from meshnode.errors import IptablesError, MeshnodeError, UnavailableError
 from meshnode.host.ledger import Entry, UndoFn
-from meshnode.model import CaptureRule, CaptureState, InboundRule
+from meshnode.model import CaptureRule, CaptureState, HostPort, InboundRule
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +292,9 @@ class IptablesCapture:
 
     def stats(self) -> dict[str, int]:
         return {}  # packet counters of REDIRECT rules count packets, not connections
+
+    def origdst(self, client: HostPort) -> HostPort | None:
+        return None  # only the kernel path's stragglers ask, and this backend has none
 
     def inbound_counts(self) -> dict[str, dict[str, int]]:
         if self._inbound_rules is None:

@@ -271,6 +271,7 @@ class Compiler:
                              ready=ids if ready else frozenset(),
                              fail_closed=frozenset(self._fail_closed), inbound=inbound,
                              kernel=plan.kernel, fallback=plan.fallback, lb=plan.lb,
+                             lb_changed=plan.changed, lb_since=plan.since,
                              base=None if self._last is None else weakref.ref(self._last),
                              removed=frozenset(self._removed), added=frozenset(self._added))
         self._capture[ready] = state

@@ -178,22 +178,31 @@ def tables(rec: ServiceRecord, choice: PathChoice, endpoints: Iterable[Endpoint]
 
 @dataclass(frozen=True, slots=True)
 class KernelPlan:
-    """The kernel path of every service: the same object while nothing in it changed."""
+    """The kernel path of every service: the same object while nothing in it changed.
+    `changed`: the tables that differ from those of the plan before it (`since`, whose `lb`
+    it names), so a map sync writes only those instead of comparing every table."""
 
     kernel: frozenset[int] = frozenset()
     fallback: frozenset[int] = frozenset()
     lb: Mapping[LbKey, LbTable] = field(default_factory=dict, hash=False)
+    changed: frozenset[LbKey] = frozenset()
+    since: Mapping[LbKey, LbTable] | None = field(default=None, hash=False, compare=False)
 
 
 @dataclass
 class Planner:
-    """Each service's choice and tables, redone for the services that changed."""
+    """Each service's choice and tables, redone for the services that changed; each plan
+    costs the services that changed, not the mesh."""
 
     env: Environment | None = None
     choices: dict[str, PathChoice] = field(default_factory=dict)
     _records: dict[str, ServiceRecord] = field(default_factory=dict)
     _tables: dict[str, dict[LbKey, LbTable]] = field(default_factory=dict)
     _plan: KernelPlan = field(default_factory=KernelPlan)
+
+    @property
+    def current(self) -> KernelPlan:
+        return self._plan
 
     def plan(self, services: Mapping[str, ServiceRecord],
              healthy: Callable[[ServiceRecord], frozenset[Endpoint]],
@@ -206,11 +215,13 @@ class Planner:
             names = {*services, *self._records}
         else:
             names = {*dirty, *(n for n in self._records if n not in services)}
-        changed = False
+        changed: dict[str, tuple[ServiceRecord | None, PathChoice | None,
+                                 dict[LbKey, LbTable]]] = {}
         for name in names:
             rec = services.get(name)
             if rec is None:
-                changed |= self._drop(name)
+                if name in self._records:
+                    changed[name] = (None, None, {})
                 continue
             eps = healthy(rec)
             choice = choose(name, rec.policy, env, any(e.node == env.node for e in eps))
@@ -220,23 +231,40 @@ class Planner:
                     and self._tables.get(name) == new):
                 self._records[name] = rec
                 continue
-            self._records[name], self.choices[name], self._tables[name] = rec, choice, new
-            changed = True
+            changed[name] = (rec, choice, new)
         if changed:
-            self._plan = self._build()
+            self._plan = self._next(changed)
         return self._plan
 
-    def _drop(self, name: str) -> bool:
-        self.choices.pop(name, None)
-        self._tables.pop(name, None)
-        return self._records.pop(name, None) is not None
-
-    def _build(self) -> KernelPlan:
-        kernel = frozenset(self._records[n].id for n, c in self.choices.items()
-                           if c.path == "kernel")
-        fallback = frozenset(self._records[n].id for n, c in self.choices.items()
-                             if c.path == "proxy" and c.fallback)
-        lb: dict[LbKey, LbTable] = {}
-        for t in self._tables.values():
-            lb.update(t)
-        return KernelPlan(kernel, fallback, lb)
+    def _next(self, changed: Mapping[str, tuple[ServiceRecord | None, PathChoice | None,
+                                                dict[LbKey, LbTable]]]) -> KernelPlan:
+        """The plan after `changed` (each service's new record, choice and tables; None: gone),
+        from the last one by its differences."""
+        old = self._plan
+        lb = dict(old.lb)
+        kernel, fallback = set(old.kernel), set(old.fallback)
+        keys: set[LbKey] = set()
+        for name, (rec, choice, new) in changed.items():
+            prev = self._records.get(name)
+            if prev is not None:
+                kernel.discard(prev.id)
+                fallback.discard(prev.id)
+            for key in self._tables.get(name, {}):
+                lb.pop(key, None)
+                keys.add(key)
+            if rec is None or choice is None:
+                self._records.pop(name, None)
+                self.choices.pop(name, None)
+                self._tables.pop(name, None)
+                continue
+            self._records[name], self.choices[name], self._tables[name] = rec, choice, new
+            if choice.path == "kernel":
+                kernel.add(rec.id)
+            elif choice.fallback:
+                fallback.add(rec.id)
+            lb.update(new)
+            keys.update(new)
+        return KernelPlan(
+            old.kernel if kernel == old.kernel else frozenset(kernel),
+            old.fallback if fallback == old.fallback else frozenset(fallback),
+            lb, frozenset(keys), old.lb)

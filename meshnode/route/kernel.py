@@ -7,8 +7,8 @@ function of the capture state the agent last handed to the backend.
      any port (a VIP, stored with port 0). Found: the service id; its flags (mn_svc) decide:
      kernel path (on it always, or falling back while not ready) -> KERNEL: an endpoint of
        the service's table for the dialled port (else the port-0 table) is picked in the
-       kernel; with no table the connect goes on to the VIP (refused there); a connect to an
-       endpoint's own address goes there;
+       kernel; with no table the connect goes on to the VIP (refused there, or, on port 53,
+       step 2 takes it); a connect to an endpoint's own address goes there;
      ready -> REDIRECT to the proxy on 127.0.0.1:<outbound port>;
      fail-closed and not ready -> REFUSE (connect fails with EPERM, nothing else runs);
      otherwise -> PASS (fail open; counted as passthrough).
@@ -86,7 +86,10 @@ def classify(state: CaptureState, dst: HostPort, *,
             table = None
             if match == "vip":
                 table = state.lb.get((service_id, dst.port)) or state.lb.get((service_id, 0))
-            return KernelVerdict(KernelAction.KERNEL, dst, service_id, match, table)
+            if table is not None or match == "endpoint" or not (
+                    dns_port is not None and dst.port == constants.DNS_SERVICE_PORT):
+                return KernelVerdict(KernelAction.KERNEL, dst, service_id, match, table)
+            # no endpoint: the connect goes on as dialled, so port 53 meets the DNS hook
         if service_id in state.ready:
             return KernelVerdict(KernelAction.REDIRECT, HostPort(_PROXY_IP, outbound_port),
                                  service_id, match)

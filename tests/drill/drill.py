@@ -13,6 +13,11 @@ to the phase too and fails its target):
   worker-kill-2  SIGKILL one of 2 workers                          0 failed new connections
   backend-kill   SIGKILL one of the 2 echo backends                0 failed new connections
   worker-kill-1  SIGKILL the only worker (a host with 1 worker)    gap <= 1 s until it serves
+  crash-loop     the only worker SIGKILLed each time it is back,   0 failed new, gap <= 1 s
+                 4 times (restart backoff 0.2, 0.4, 0.8, 1.6 s):
+                 the proxy is down for seconds; the service (plain
+                 TCP, fail open) is balanced in the kernel meanwhile
+                 (eBPF only: the iptables backend has no kernel path)
   etcd-outage    1-member etcd stopped for `outage_seconds`        0 failed, 0 broken; a write
                                                                    fails with a clear error;
                                                                    a change converges after
@@ -68,6 +73,7 @@ class Outcome:
     note: list[str] = field(default_factory=list)
     checks: dict[str, bool] = field(default_factory=dict)  # must all hold for MET
     effective: float | None = None  # when the fault took effect, if not at once (held calls)
+    repeats: list[float] = field(default_factory=list)  # when it struck again in the window
 
 
 @dataclass
@@ -116,6 +122,7 @@ class Phase:
     rig: str  # which host it runs on: main, single, etcd1, etcd3
     target: str
     met: Callable[[Tally], bool]
+    backends: tuple[str, ...] = ("ebpf", "iptables")  # the capture backends it applies to
 
 
 PHASES: list[Phase] = [
@@ -126,6 +133,8 @@ PHASES: list[Phase] = [
     Phase("worker-kill-2", "main", "0 failed new", _new_ok),
     Phase("backend-kill", "main", "0 failed new", _new_ok),
     Phase("worker-kill-1", "single", "gap <= 1 s", lambda t: _gap(t) <= 1.0),
+    Phase("crash-loop", "single", "0 failed new, gap <= 1 s",
+          lambda t: _new_ok(t) and _gap(t) <= 1.0, backends=("ebpf",)),
     Phase("etcd-outage", "etcd1", "0 failed, 0 broken, write refused, converges", _lossless),
     Phase("etcd-members", "etcd3", "0 failed, 0 broken, converges", _lossless),
 ]
@@ -229,6 +238,29 @@ class Drill:
             f"replacement alive (agent status) in {took:.2f}s" if took is not None
             else "no replacement within 15s"))
 
+    def crash_loop(self, rig: Rig, out: Outcome, crashes: int = 4) -> None:
+        """Kill the only worker each time it is back: every quick death doubles the restart
+        backoff, so the proxy is down for seconds in all. The kernel's count of connects it
+        balanced itself says who carried the calls meanwhile."""
+        kernel0 = rig.host.status()["capture"]["kernel"].get("kernel", 0)
+        down = 0.0
+        for i in range(crashes):
+            victim = rig.workers()[0]["pid"]
+            if i == 0:
+                out.effective = CLOCK()
+            else:  # calls under way at each crash are the killed worker's to lose
+                out.repeats.append(CLOCK())
+            os.kill(victim, signal.SIGKILL)
+            took = self._replaced(rig, {victim}, 15)
+            if took is None:
+                out.checks["worker replaced"] = False
+                break
+            down += took
+        kernel = rig.host.status()["capture"]["kernel"].get("kernel", 0) - kernel0
+        out.checks["kernel carried calls"] = kernel > 0
+        out.note.append(f"{crashes} crashes, proxy down {down:.1f}s in all; "
+                        f"{kernel} connects balanced in the kernel meanwhile")
+
     def backend_kill(self, rig: Rig, out: Outcome) -> None:
         t0 = CLOCK()
         port, proc = rig.kill_backend()
@@ -310,7 +342,8 @@ class Drill:
     STEPS: dict[str, str] = {"baseline": "", "restart": "restart",
                              "kill-restart": "kill_restart", "upgrade": "upgrade",
                              "worker-kill-2": "worker_kill", "backend-kill": "backend_kill",
-                             "worker-kill-1": "worker_kill", "etcd-outage": "etcd_outage",
+                             "worker-kill-1": "worker_kill", "crash-loop": "crash_loop",
+                             "etcd-outage": "etcd_outage",
                              "etcd-members": "etcd_members"}
     AFTER: dict[str, str] = {"upgrade": "after_upgrade", "backend-kill": "after_backend_kill"}
 
@@ -355,7 +388,7 @@ class Drill:
             getattr(self, step)(rig, out)
         time.sleep(self.plan.phase_seconds)  # the observation window after recovery
         end = CLOCK()
-        t = rig.load.tally(start, end, out.effective)
+        t = rig.load.tally(start, end, out.effective, tuple(out.repeats))
         if phase.name == "worker-kill-1":
             out.note.append(f"gap {_gap(t):.2f}s")
         if after := self.AFTER.get(phase.name):
@@ -383,6 +416,10 @@ class Drill:
         kind = ""
         try:
             for phase in (p for p in PHASES if p.name in names):
+                if self.backend not in phase.backends:
+                    self.log(f"{phase.name}: not on {self.backend} (only "
+                             f"{', '.join(phase.backends)})")
+                    continue
                 if rig is not None and (kind != phase.rig or not rig.agent_alive()):
                     self._retire(rig)
                     rig = None

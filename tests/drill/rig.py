@@ -87,11 +87,15 @@ class Tally:
             return 0.0
         return self.last_fail - self.first_fail
 
-    def add(self, b: dict[str, Any], held_before: float) -> None:
+    def add(self, b: dict[str, Any], held_before: float, faults: tuple[float, ...] = (),
+            reach: float = 0.0) -> None:
+        """`faults`: later faults of the window; a failed call that started at most `reach`
+        (a call's timeout) before one of them was under way at it, so held too."""
         fails = sum(b["fail"].values())
         self.ok += b["ok"]
         self.failed += fails
-        self.held += sum(1 for s in b["fs"] if s < held_before)
+        self.held += sum(1 for s in b["fs"]
+                         if s < held_before or any(f - reach <= s < f for f in faults))
         _merge(self.kinds, b["fail"])
         self.broken += sum(b["broken"].values())
         _merge(self.broken_kinds, b["broken"])
@@ -158,14 +162,17 @@ class Load:
         """Until a bucket ending after `t` arrived (the window's last one is in)."""
         wait_for("load report", lambda: self.buckets and self.buckets[-1]["t"] >= t, timeout)
 
-    def tally(self, start: float, end: float, held_before: float | None = None) -> Tally:
+    def tally(self, start: float, end: float, held_before: float | None = None,
+              faults: tuple[float, ...] = ()) -> Tally:
         """The buckets of [start, end]. Failed calls that had started before `held_before`
-        (default: start) were under way when the fault took effect: they are `held`."""
+        (default: start) were under way when the fault took effect: they are `held`; so are
+        those under way at one of the later `faults` (a fault repeated within the window)."""
         self.wait_past(end)
         tally = Tally(seconds=end - start)
         for b in list(self.buckets):
             if start <= (b["t0"] + b["t"]) / 2 <= end:
-                tally.add(b, start if held_before is None else held_before)
+                tally.add(b, start if held_before is None else held_before, faults,
+                          self.plan.timeout)
         return tally
 
     def quiet(self, seconds: float) -> bool:

@@ -61,8 +61,8 @@ while True:
             raw = conn.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST
             port, = struct.unpack_from("!H", raw, 2)
             orig = f"{socket.inet_ntoa(raw[4:8])}:{port}"
-        except OSError:
-            orig = "-"
+        except OSError:  # not redirected: the address that answered
+            orig = "%s:%d" % conn.getsockname()
         conn.sendall(f"{label} {orig}\n".encode())
         conn.close()
 """

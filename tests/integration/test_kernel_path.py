@@ -286,3 +286,22 @@ def test_removal_leaves_no_map_or_attachment(host: Host) -> None:
                                text=True, check=False).stdout
         assert "mn_" not in shown, shown
 
+
+
+def test_iptables_says_the_kernel_path_is_ebpf_only(make_host: Any) -> None:
+    h: Host = make_host("iptables", workers=1)
+    h.start()
+    assert h.cli("service", "add", "client").returncode == 0
+    servers(h, {"a": 1})
+    assert h.cli("service", "add", "web", "--datapath", "kernel").returncode == 0
+    dp = wait_for("a choice", lambda: (d := h.service("web")["datapath"])["reason"] != "not "
+                  "planned yet" and d)
+    assert dp["path"] == "proxy" and not dp["fallback"], dp
+    assert "the kernel path needs the eBPF capture backend" in dp["reason"], dp
+    probe = h.probe("client")
+    e = json.loads(h.cli("explain", str(probe.pid), "web.mesh:80", "-o", "json").stdout)
+    assert e["outcome"] == "proxied", e
+    assert any("needs the eBPF capture backend" in s for s in e["steps"]), e["steps"]
+    before = worker_connections(h)
+    assert dial(h, h.service("web")["vip"], 80, 5)["nfailed"] == 0
+    assert worker_connections(h) - before == 5  # proxied, as the status says

@@ -16,8 +16,9 @@ from ipaddress import IPv4Address
 
 import pytest
 
+from meshnode import constants
 from meshnode.capture.ebpf import BpfCapture
-from meshnode.model import CaptureRule, CaptureState, HostPort
+from meshnode.model import CaptureRule, CaptureState, HostPort, LbTable
 from meshnode.route import KernelAction, KernelVerdict, classify
 from tests.integration.capture_fixtures import (
     CaptureEnv,
@@ -59,7 +60,15 @@ def observed(env: CaptureEnv, dst: HostPort, dns_port: int, family: str = "4",
     if label == "dns":
         return KernelAction.DNS, HostPort.parse(f"127.0.0.1:{dns_port}")
     assert label == "backend", (dst, r)
-    return KernelAction.PASS, dst
+    return KernelAction.PASS, HostPort.parse(orig)  # who answered: where it went
+
+
+def landing(v: KernelVerdict) -> tuple[KernelAction, HostPort]:
+    """What `observed` sees for a verdict: a kernel-path connect lands at its endpoint (the
+    tables here have one slot) or, with no table, where it was dialled, like a pass."""
+    if v.action is KernelAction.KERNEL:
+        return KernelAction.PASS, v.table.slots[0] if v.table is not None else v.target
+    return v.action, v.target
 
 
 def test_classify_agrees_with_the_bpf_connect_hooks(capture_env: CaptureEnv) -> None:
@@ -97,6 +106,12 @@ def test_classify_agrees_with_the_bpf_connect_hooks(capture_env: CaptureEnv) -> 
         ("all ready", CaptureState(rules, ready=frozenset({WEB, DB, OFF}),
                                    fail_closed=frozenset({DB}))),
         ("no rules", CaptureState()),
+        # the kernel path: web always (its VIP's table holds its endpoint), off while the
+        # proxy is not ready (no table: no endpoint)
+        ("web kernel, off fallback", CaptureState(
+            rules, ready=frozenset({DB}), fail_closed=frozenset({DB}), kernel=frozenset({WEB}),
+            fallback=frozenset({OFF}), lb={(WEB, 0): LbTable(WEB, 0, constants.LB_PICK_ROTATE,
+                                                            (HostPort.parse(f"127.0.0.1:{ep_web}"),))})),
     ]
     expected: Counter[str] = Counter()
     seen_actions: set[KernelAction] = set()
@@ -107,12 +122,14 @@ def test_classify_agrees_with_the_bpf_connect_hooks(capture_env: CaptureEnv) -> 
             for dst in dests:
                 v = classify(state, dst, outbound_port=env.ctx.outbound_port,
                              dns_port=dns_port if dns_on else None)
-                assert observed(env, dst, dns_port) == (v.action, v.target), (
+                assert observed(env, dst, dns_port) == landing(v), (
                     what, f"dns {'on' if dns_on else 'off'}", dst, v)
                 seen_actions.add(v.action)
                 expected[_counter(v)] += 1
                 if v.action is KernelAction.DNS and v.mesh:
-                    expected["passthrough"] += 1  # counted by mn_connect4 before DNS took it
+                    # counted by mn_connect4 before DNS took it
+                    expected["kernel_no_endpoint" if state.balanced(v.service_id or 0)
+                             else "passthrough"] += 1
                 if v.action is KernelAction.REFUSE and dns_on and dst.port == 53:
                     # every program on the hook runs: mn_dns_connect4 rewrites and counts a
                     # connect mn_connect4 refused, which still fails with EPERM
@@ -120,12 +137,13 @@ def test_classify_agrees_with_the_bpf_connect_hooks(capture_env: CaptureEnv) -> 
             # an AF_INET6 socket to the v4-mapped address: connect6 decides alike (not DNS)
             for dst in dests[:6]:
                 v = classify(state, dst, outbound_port=env.ctx.outbound_port)
-                assert observed(env, dst, dns_port, family="6") == (v.action, v.target), (
+                assert observed(env, dst, dns_port, family="6") == landing(v), (
                     what, "v4-mapped", dst, v)
                 expected[_counter(v)] += 1
     assert seen_actions == set(KernelAction)  # every verdict was exercised
     stats = backend.stats()
-    got = {k: stats[k] for k in ("captured", "refused", "passthrough", "dns_redirected")}
+    got = {k: stats[k] for k in ("captured", "refused", "passthrough", "dns_redirected",
+                                 "kernel", "kernel_no_endpoint")}
     assert got == {k: expected[k] for k in got}, (got, expected)
 
 
@@ -137,4 +155,6 @@ def _counter(v: KernelVerdict) -> str:
         return "refused"
     if v.action is KernelAction.DNS:
         return "dns_redirected"
+    if v.action is KernelAction.KERNEL:
+        return "kernel" if v.table is not None or v.match == "endpoint" else "kernel_no_endpoint"
     return "passthrough" if v.mesh else ""
