@@ -20,7 +20,6 @@ from pathlib import Path
 
 from meshnode import constants
 from meshnode.bpf import syscall
-from meshnode.errors import BpfError
 
 __all__ = ["FLOW_KEY_SIZE", "FLOW_STATS_SIZE", "KLOG_SIZE", "MAP_LAYOUTS", "FlowKey",
            "FlowStats", "KernelFlows", "KlogRecord", "LogBatch", "pack_flow_key",
@@ -192,21 +191,8 @@ class KernelFlows:
     def open(cls, pin_dir: Path) -> KernelFlows:
         """Open the three pins under `pin_dir` (the agent's, as CaptureMaps.open gets it).
         A BpfError with errno ENOENT: the running programs have no kernel path (yet)."""
-        fds: dict[str, int] = {}
-        try:
-            for name, layout in MAP_LAYOUTS.items():
-                fds[name] = syscall.obj_get(str(pin_dir / name))
-                _, key_size, value_size = syscall.map_info(fds[name])
-                if (key_size, value_size) != layout:
-                    raise BpfError(
-                        f"pinned map {pin_dir / name} has key/value sizes "
-                        f"{key_size}/{value_size}, this meshnode reads {layout[0]}/{layout[1]}",
-                        "another meshnode version made it: restart the agent to reload the "
-                        "programs", errno=errno.EPROTO)
-        except BpfError:
-            for fd in fds.values():
-                os.close(fd)
-            raise
+        fds = syscall.open_pins(str(pin_dir), MAP_LAYOUTS, "another meshnode version made "
+                                "it: restart the agent to reload the programs", errno.EPROTO)
         return cls(fds)
 
     def close(self) -> None:

@@ -308,23 +308,11 @@ class CaptureMaps:
     @classmethod
     def open(cls, pin_dir: Path) -> CaptureMaps:
         """Open the pinned maps, refusing any whose layout is not the one this code packs."""
-        fds: dict[str, int] = {}
-        try:
-            for name in ("mn_dest", "mn_svc", "mn_origdst", "mn_stats", "mn_dns_cfg",
-                         "mn_lb_table", "mn_lb_slot", "mn_ksock"):
-                fds[name] = syscall.obj_get(str(pin_dir / name))
-                _, key_size, value_size = syscall.map_info(fds[name])
-                if (key_size, value_size) != MAP_LAYOUTS[name]:
-                    raise BpfError(
-                        f"pinned map {pin_dir / name} has key/value sizes "
-                        f"{key_size}/{value_size}, this meshnode packs "
-                        "{}/{}".format(*MAP_LAYOUTS[name]),
-                        f"another meshnode version made it: stop that agent, or sweep and "
-                        f"remove {pin_dir}")
-        except BpfError:
-            for fd in fds.values():
-                os.close(fd)
-            raise
+        names = ("mn_dest", "mn_svc", "mn_origdst", "mn_stats", "mn_dns_cfg", "mn_lb_table",
+                 "mn_lb_slot", "mn_ksock")
+        fds = syscall.open_pins(str(pin_dir), {n: MAP_LAYOUTS[n] for n in names},
+                                "another meshnode version made it: stop that agent, or sweep "
+                                f"and remove {pin_dir}")
         return cls(fds)
 
     def close(self) -> None:

@@ -269,3 +269,24 @@ def possible_cpus() -> int:
         lo, _, hi = part.partition("-")
         n += (int(hi) if hi else int(lo)) - int(lo) + 1
     return n
+
+
+def open_pins(pin_dir: str, layouts: dict[str, tuple[int, int]], fix: str,
+              code: int = 0) -> dict[str, int]:
+    """Open the maps pinned under `pin_dir` by name, refusing any whose (key, value) sizes are
+    not `layouts`' (another meshnode version made it: `fix` says what to do; `code` is the
+    error's errno). All or nothing: on an error none stays open."""
+    fds: dict[str, int] = {}
+    try:
+        for name, layout in layouts.items():
+            path = f"{pin_dir}/{name}"
+            fds[name] = obj_get(path)
+            _, key_size, value_size = map_info(fds[name])
+            if (key_size, value_size) != layout:
+                raise BpfError(f"pinned map {path} has key/value sizes {key_size}/{value_size}, "
+                               f"this meshnode packs {layout[0]}/{layout[1]}", fix, errno=code)
+    except BpfError:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    return fds

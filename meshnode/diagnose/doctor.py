@@ -49,7 +49,8 @@ _DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "powerpc64le", "s
 # Kernel release that brought each hook (so the fix can name one).
 _HOOK_SINCE = {"cgroup/connect4": "4.17", "cgroup/connect6": "4.17", "sockops": "4.13",
                "cgroup/getsockopt": "5.3", "cgroup/sendmsg4": "4.18",
-               "cgroup/recvmsg4": "5.2", "cgroup/getpeername4": "5.8"}
+               "cgroup/recvmsg4": "5.2", "cgroup/getpeername4": "5.8",
+               "cgroup/getpeername6": "5.8"}
 _IPTABLES_VERSION = re.compile(r"v(\d[\w.]*)(?:\s+\((\w+)\))?")
 
 

@@ -70,7 +70,7 @@ def run(cmd):
         return {"ok": True, "addrs": sorted({a[4][0] for a in socket.getaddrinfo(
             cmd["name"], 80, socket.AF_INET, socket.SOCK_STREAM)})}
     if cmd["op"] == "dns":  # one raw query (hex) to a resolver, as an app's own stub would
-        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(3)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(cmd.get("timeout", 3))
         u.sendto(bytes.fromhex(cmd["query"]), (cmd["host"], cmd["port"]))
         data, src = u.recvfrom(4096)
         return {"ok": True, "reply": data.hex(), "from": list(src)}

@@ -22,8 +22,8 @@ from tests.harness import Host
 pytestmark = [pytest.mark.root, pytest.mark.timeout(120)]
 
 RELEASE = platform.release()
-HOOKS = ["cgroup/connect4", "cgroup/connect6", "sockops", "cgroup/getsockopt",
-         "cgroup/sendmsg4", "cgroup/recvmsg4", "cgroup/getpeername4"]
+HOOKS = ["cgroup/connect4", "cgroup/connect6", "cgroup/getpeername4", "cgroup/getpeername6",
+         "sockops", "cgroup/getsockopt", "cgroup/sendmsg4", "cgroup/recvmsg4"]
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 LISTENER = """
 import os, socket, sys, time

@@ -93,7 +93,10 @@ def test_agent_restart_keeps_calls_and_streams(make_host, backend: str, how: str
     # answered by the next agent (the redirect stayed on)
     query = dnslib.DNSRecord.question("web.mesh", "A").pack().hex()
     with ThreadPoolExecutor(1) as pool:
-        asked = pool.submit(dns_client.ask, op="dns", host="127.0.0.53", port=53, query=query)
+        # waiting as long as glibc's resolver does per try (5 s): an upgrade recompiles the
+        # programs before the new agent answers
+        asked = pool.submit(dns_client.ask, op="dns", host="127.0.0.53", port=53, query=query,
+                            timeout=5)
         # the query must be waiting in the held socket before an agent exists to answer it
         wait_for("the query queued in the DNS socket", lambda: _dns_queued(h), timeout=5)
         h.start(env={"MESHNODE_BUILD_ID": "test-upgrade"} if how == "upgrade" else None)
