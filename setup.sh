@@ -57,8 +57,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   if [[ " ${missing[*]} " == *" etcd-server "* ]]; then
     systemctl disable --now etcd.service >/dev/null 2>&1 || true
   fi
-  # Likewise nginx (port 80 on every address) and HAProxy: the benchmarks start their own.
-  for svc in nginx haproxy; do
+  # Likewise nginx (port 80 on every address), HAProxy, redis and PostgreSQL: the benchmarks
+  # start their own.
+  for svc in nginx haproxy redis-server postgresql; do
     if [[ " ${missing[*]} " == *" $svc "* ]]; then
       systemctl disable --now "$svc.service" >/dev/null 2>&1 || true
     fi
@@ -126,7 +127,7 @@ case "$mode" in
     exec "$venv/bin/python" -m pytest "$@";;
   bench)
     cd "$here"
-    log "benchmarks: direct, meshnode (eBPF, iptables, explicit), HAProxy, nginx; mTLS, 2 hosts; HTTP/1.1 and h2 (wrk, h2load); the TLS ingress gateway"
+    log "benchmarks: direct, meshnode (eBPF, iptables, explicit), HAProxy, nginx; mTLS, 2 hosts; HTTP/1.1 and h2 (wrk, h2load); the TLS ingress gateway; the kernel path vs proxy, direct and HAProxy with real clients"
     exec "$venv/bin/python" -m tests.bench "$@";;
   drill)
     cd "$here"
