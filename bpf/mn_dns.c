@@ -69,6 +69,10 @@ static __always_inline void mn_dns_redirect(struct bpf_sock_addr *ctx)
     if (!port)
         return;
     __u64 cookie = bpf_get_socket_cookie(ctx);
+    /* mn_connect4 balanced it in the kernel to an endpoint that listens on port 53: that is
+     * where it goes, not to the agent's DNS server */
+    if (mn_ksock.lookup(&cookie))
+        return;
     struct mn_addr4 orig = {.ip = ctx->user_ip4, .port = (__u16)ctx->user_port, .pad = 0};
     /* No entry, no redirect: a reply the app could not match to its resolver is worse than
      * the query going to that resolver itself. */
@@ -111,11 +115,6 @@ int mn_dns_sendmsg4(struct bpf_sock_addr *ctx)
 int mn_dns_connect4(struct bpf_sock_addr *ctx)
 {
     if (ctx->type != SOCK_DGRAM && ctx->type != SOCK_STREAM)
-        return MN_VERDICT_PROCEED;
-    /* mn_connect4 balanced it in the kernel to an endpoint that listens on port 53: that is
-     * where it goes, not to the agent's DNS server */
-    __u64 cookie = bpf_get_socket_cookie(ctx);
-    if (mn_ksock.lookup(&cookie))
         return MN_VERDICT_PROCEED;
     mn_dns_redirect(ctx);
     return MN_VERDICT_PROCEED;
