@@ -75,6 +75,9 @@ log = logging.getLogger("meshnode.proxy.http")
 MAX_RESETS_PER_SECOND = MAX_STREAMS
 
 
+CUT_LINGER = 1.0  # seconds a cut-off client's input is still read (and dropped) before closing
+
+
 class H2Downstream(asyncio.Protocol):
     """A client's HTTP/2 connection (h2, server side). `mode` is the port's protocol: "h2"
     (http2, or HTTP/2 detected on an auto port) or "grpc" (every stream is a gRPC call; on h2
@@ -113,6 +116,8 @@ class H2Downstream(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:  # cut off and lingering (`_cut`): what the client still sends is dropped
+            return
         self.last_active = self.front.clock()
         self.bytes_in += len(data)
         h = self.h2
@@ -218,8 +223,17 @@ class H2Downstream(asyncio.Protocol):
         self.closed = True
         for ex in list(self.streams.values()):
             ex.cancel(reason)
-        if self.transport is not None:
-            self.transport.close()
+        t = self.transport
+        if t is None:
+            return
+        if not t.can_write_eof():
+            t.close()
+            return
+        # A lingering close, as nginx's: the GOAWAY, then a FIN, then what the client still
+        # sends is read and dropped for a moment. Closing at once with its input unread makes
+        # the kernel answer with a reset, which can discard the GOAWAY not yet sent.
+        t.write_eof()
+        asyncio.get_running_loop().call_later(CUT_LINGER, t.abort)
 
     def eof_received(self) -> bool | None:
         # HTTP/2 has no half-close at the TCP level: responses in flight still go out.
