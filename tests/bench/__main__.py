@@ -17,20 +17,18 @@ import contextlib
 import os
 import platform
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import TypeVar
 
 from tests.bench import measures, report, variants
 from tests.bench.client import ClientError
 from tests.bench.measures import Metrics, Plan
-from tests.bench.procs import ALL_CPUS, RssPeak
+from tests.bench.procs import ALL_CPUS, RssPeak, interrupt_on_signals
 from tests.bench.variants import Variant
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,16 +59,6 @@ def _missing() -> list[str]:
     return need
 
 
-_MAIN_PID = os.getpid()
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    if os.getpid() != _MAIN_PID:
-        # A forked helper (pyroute2 forks to work in a namespace, and stops its child with
-        # SIGTERM) inherits this handler: raising there would unwind a copy of our stack,
-        # whose clean-up then removes the real run's files under it.
-        os._exit(128 + signum)
-    raise KeyboardInterrupt  # unwinds through every context manager: nothing left behind
 
 
 def _rotate(items: Sequence[T], rep: int) -> list[T]:
@@ -163,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     # the load generators and backends run as `python -m tests.bench.*` inside namespaces
     os.environ["PYTHONPATH"] = os.pathsep.join(
         x for x in (str(REPO), os.environ.get("PYTHONPATH")) if x)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    interrupt_on_signals()
 
     plan = measures.plan(args.quick, len(ALL_CPUS))
     started = time.monotonic()

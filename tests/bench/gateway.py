@@ -47,7 +47,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -67,7 +66,7 @@ from meshnode.errors import MeshnodeError
 from tests.bench import http, report
 from tests.bench import http_servers as servers
 from tests.bench.client import Client, ClientError
-from tests.bench.procs import ALL_CPUS, cpu_seconds, listens, stop_tree
+from tests.bench.procs import ALL_CPUS, cpu_seconds, interrupt_on_signals, listens, stop_tree
 from tests.bench.variants import MAX_CONNS, PORT_RANGE, spawn
 from tests.harness import Host, wait_for
 
@@ -621,13 +620,6 @@ def _mn_counted(b: Bench) -> dict[str, Any]:
     return {"seen": seen, "sent": b.sent, "access_log_lines": lines}
 
 
-_MAIN_PID = os.getpid()
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    if os.getpid() != _MAIN_PID:  # a forked pyroute2 helper: see tests/bench/__main__.py
-        os._exit(128 + signum)
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -649,8 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         return 69
     os.environ["PYTHONPATH"] = os.pathsep.join(
         x for x in (str(REPO), os.environ.get("PYTHONPATH")) if x)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    interrupt_on_signals()
     return run(args.quick, args.out, args.only, args.keep)
 
 

@@ -36,7 +36,6 @@ import contextlib
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from meshnode import constants as C
@@ -54,7 +52,7 @@ from meshnode.errors import MeshnodeError
 from tests.bench import http_servers as servers
 from tests.bench import report
 from tests.bench.client import Client, ClientError
-from tests.bench.procs import ALL_CPUS, cpu_seconds
+from tests.bench.procs import ALL_CPUS, cpu_seconds, interrupt_on_signals
 from tests.bench.variants import MAX_CONNS, PORT_RANGE, spawn
 from tests.harness import Host, wait_for
 
@@ -439,13 +437,6 @@ def _mn_counted(b: Bench) -> dict[str, Any]:
             "per_request": bool(b.sent) and all(seen.get(k, 0) >= n for k, n in b.sent.items())}
 
 
-_MAIN_PID = os.getpid()
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    if os.getpid() != _MAIN_PID:  # a forked pyroute2 helper: see tests/bench/__main__.py
-        os._exit(128 + signum)
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,8 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         return 69
     os.environ["PYTHONPATH"] = os.pathsep.join(
         x for x in (str(REPO), os.environ.get("PYTHONPATH")) if x)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    interrupt_on_signals()
     return run(args.quick, args.out, args.only, args.keep)
 
 

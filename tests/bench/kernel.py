@@ -48,7 +48,6 @@ import contextlib
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -66,7 +65,7 @@ import psutil
 from meshnode.errors import MeshnodeError
 from tests.bench import app_servers, before, measures, report, variants
 from tests.bench.client import Client, ClientError
-from tests.bench.procs import ALL_CPUS
+from tests.bench.procs import ALL_CPUS, interrupt_on_signals
 from tests.bench.variants import LOOPBACK, MAX_CONNS, Namespace, Variant, spawn
 from tests.harness import Host
 
@@ -598,13 +597,6 @@ def run(quick: bool, out: Path, keep: bool = False, rev: str | None = "") -> int
     return 0
 
 
-_MAIN_PID = os.getpid()
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    if os.getpid() != _MAIN_PID:  # a forked pyroute2 helper: see tests/bench/__main__.py
-        os._exit(128 + signum)
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -628,8 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         return 69
     os.environ["PYTHONPATH"] = os.pathsep.join(
         x for x in (str(REPO), os.environ.get("PYTHONPATH")) if x)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    interrupt_on_signals()
     return run(args.quick, args.out, args.keep, None if args.no_before else args.before)
 
 

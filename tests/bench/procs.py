@@ -120,3 +120,20 @@ def pinned(pids: Iterable[int], cpus: list[int]) -> Iterator[None]:
         yield
     finally:
         set_affinity(pids, ALL_CPUS)
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt in this process, which unwinds through every
+    context manager: nothing is left behind. A forked helper (pyroute2 forks to work in a
+    namespace, and stops its child with SIGTERM) inherits the handler: raising there would
+    unwind a copy of our stack, whose clean-up then removes the real run's files under it, so
+    it exits instead."""
+    main_pid = os.getpid()
+
+    def interrupt(signum: int, frame: object) -> None:
+        if os.getpid() != main_pid:
+            os._exit(128 + signum)
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)

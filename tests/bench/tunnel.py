@@ -30,7 +30,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -41,7 +40,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from ipaddress import IPv4Address
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from pyroute2 import NetNS, netns
@@ -63,7 +61,7 @@ from meshnode.wire import (
 from tests.bench import measures, report
 from tests.bench.client import Client, ClientError
 from tests.bench.measures import Metrics, Plan
-from tests.bench.procs import ALL_CPUS, stop_tree
+from tests.bench.procs import ALL_CPUS, interrupt_on_signals, stop_tree
 from tests.bench.variants import MAX_CONNS, PORT_RANGE, Variant, wait_ready
 from tests.tls_certs import Pki, make_pki
 
@@ -465,13 +463,6 @@ def _diff(t: report.Table, v: str, ref: str, key: str) -> float | None:
     return a - b if a is not None and b is not None else None
 
 
-_MAIN_PID = os.getpid()
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    if os.getpid() != _MAIN_PID:  # a forked pyroute2 helper: see tests/bench/__main__.py
-        os._exit(128 + signum)
-    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -490,8 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         return 69
     os.environ["PYTHONPATH"] = os.pathsep.join(
         x for x in (str(REPO), os.environ.get("PYTHONPATH")) if x)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)
+    interrupt_on_signals()
     return run(args.quick, args.out, args.only, args.keep)
 
 
