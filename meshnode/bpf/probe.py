@@ -3,7 +3,7 @@
 Checks, cheapest first: root, a cgroup2 mount, bcc findable by the loader's interpreter
 (without importing it: no LLVM in the agent), kernel headers for bcc, then the kernel itself:
 it loads a two-instruction program of each type the backend uses (connect4, connect6,
-sock_ops, getsockopt; sendmsg4, recvmsg4, getpeername4 for DNS) with raw bpf(2) and
+getpeername4, getpeername6, sock_ops, getsockopt; sendmsg4, recvmsg4 for DNS) with raw bpf(2) and
 attaches/detaches each on a throwaway empty cgroup. (bpffs is not probed: the agent mounts it.)
 
 `probe_features` is the itemised form `meshnode doctor` reports: one result per hook type and
@@ -217,8 +217,8 @@ def _load_and_attach_each(cg_fd: int) -> ProbeResult:
             return ProbeResult(False, f"kernel cannot attach a {what}: {exc.message}")
         finally:
             os.close(fd)
-    return ProbeResult(True, "cgroup connect4/connect6/sockops/getsockopt and "
-                             "sendmsg4/recvmsg4/getpeername4 load and attach")
+    return ProbeResult(True, "cgroup connect4/connect6/getpeername4/getpeername6/sockops/"
+                             "getsockopt and sendmsg4/recvmsg4 load and attach")
 
 
 def probe_sk_lookup() -> str | None:
