@@ -208,13 +208,14 @@ class Planner:
              healthy: Callable[[ServiceRecord], frozenset[Endpoint]],
              dirty: Collection[str], env: Environment) -> KernelPlan:
         """`healthy(rec)`: the endpoints the workers balance over (health applied); `dirty`:
-        services whose record or health may have changed since the last call."""
+        services whose record or health may have changed since the last call, removed ones
+        included."""
         names: Iterable[str]
         if env != self.env:
             self.env = env
             names = {*services, *self._records}
-        else:
-            names = {*dirty, *(n for n in self._records if n not in services)}
+        else:  # `dirty` names the services gone too (the compiler's change feed does)
+            names = dirty
         changed: dict[str, tuple[ServiceRecord | None, PathChoice | None,
                                  dict[LbKey, LbTable]]] = {}
         for name in names:
