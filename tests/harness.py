@@ -77,6 +77,7 @@ class Host:
         self.backend = backend
         self.workers = workers
         self.restart_backoff = restart_backoff
+        self.python = sys.executable  # meshnode's interpreter: the agent, `run`, the CLI
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "MESHNODE_RUN_DIR": str(tmp / "run"),
@@ -96,7 +97,7 @@ class Host:
     # -- agent ------------------------------------------------------------------------------
     def agent_argv(self) -> list[str]:
         """How the agent is started (a subclass may run it otherwise, e.g. profiled)."""
-        return [sys.executable, "-m", "meshnode.cli", "agent", "--instance", self.tag,
+        return [self.python, "-m", "meshnode.cli", "agent", "--instance", self.tag,
                 "--netns", self.netns, "--capture", self.backend, "--workers", str(self.workers),
                 "--restart-backoff", str(self.restart_backoff), "--drain-grace", "2",
                 "--log-level", "debug", *self.agent_args]
@@ -160,7 +161,7 @@ class Host:
     def popen(self, argv: list[str], service: str | None = None,
               **kw: Any) -> subprocess.Popen[Any]:
         if service is not None:
-            argv = [sys.executable, "-m", "meshnode.cli", "run", "--instance", self.tag,
+            argv = [self.python, "-m", "meshnode.cli", "run", "--instance", self.tag,
                     "--service", service, "--", *argv]
         p: subprocess.Popen[Any] = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{self.netns}", *argv], env=self.env, **kw)
@@ -169,7 +170,7 @@ class Host:
 
     def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """`meshnode ARGS --instance TAG`, run inside this host as a user would."""
-        return subprocess.run(["nsenter", f"--net=/run/netns/{self.netns}", sys.executable,
+        return subprocess.run(["nsenter", f"--net=/run/netns/{self.netns}", self.python,
                                "-m", "meshnode.cli", *args, "--instance", self.tag],
                               env=self.env, capture_output=True, text=True, timeout=timeout)
 

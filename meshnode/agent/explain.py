@@ -36,8 +36,8 @@ from typing import Any, Protocol
 
 import psutil
 
-from meshnode import constants
 from meshnode.agent.explain_authz import explain_authz, parse_request
+from meshnode.agent.explain_kernel import kernel_step, table_shares
 from meshnode.agent.explain_route import is_url
 from meshnode.balance.load import tier_of
 from meshnode.balance.locality import Locality
@@ -45,7 +45,7 @@ from meshnode.discovery.dns_zone import MeshZone
 from meshnode.discovery.registry import EndpointRecord, ServiceRecord
 from meshnode.errors import CgroupError, NotFoundError, UsageError
 from meshnode.host import cgroup, process
-from meshnode.model import CaptureState, Endpoint, HostPort, LbTable
+from meshnode.model import CaptureState, Endpoint, HostPort
 from meshnode.policy import compiler
 from meshnode.policy.authz import AuthzTable
 from meshnode.policy.datapath import PathChoice
@@ -378,7 +378,7 @@ def connection(inp: ExplainInputs, pid: int, dest: str, addr: HostPort, name: st
         "capture_reason": inp.capture_reason,
         "ready": inp.ready,
         "kernel": {"action": k.action.value, "target": str(k.target), "match": k.match,
-                   "endpoints": _table_shares(k.table)},
+                   "endpoints": table_shares(k.table)},
         "datapath": None if choice is None else {
             "path": choice.path, "fallback": choice.fallback, "reason": choice.reason},
         "process": proc.to_json(),
@@ -417,7 +417,9 @@ def _kernel(inp: ExplainInputs, r: Result, k: KernelVerdict, rec: ServiceRecord 
                      f"fail-closed; {backend} refuses the connect ({how})")
     elif k.action is KernelAction.KERNEL:
         assert rec is not None  # only a service's destination is balanced
-        _kernel_path(inp, r, k, rec, addr)
+        step = kernel_step(k, rec, addr, inp.backend, rec.id not in inp.capture.kernel)
+        r.outcome, r.verdict, r.candidates = step.outcome, step.verdict, step.candidates
+        r.steps.append(step.step)
     elif k.action is KernelAction.DNS:
         r.outcome = "dns"
         why = "not a mesh destination" if rec is None else \
@@ -436,49 +438,6 @@ def _kernel(inp: ExplainInputs, r: Result, k: KernelVerdict, rec: ServiceRecord 
                        "→ untouched")
         r.verdict = (f"not captured: the proxy is not ready and service {rec.name} fails "
                      f"open; the connection goes straight to {addr}{vip_note}")
-
-
-def _table_shares(table: LbTable | None) -> dict[str, str]:
-    """Each endpoint of a kernel-path table with its share of the slots ("2/6")."""
-    if table is None:
-        return {}
-    return {addr: f"{n}/{len(table.slots)}" for addr, n in table.shares().items()}
-
-
-_PICK_WORDS = {constants.LB_PICK_ROTATE: "the next slot in turn (weights exact per round)",
-               constants.LB_PICK_RANDOM: "a random slot",
-               constants.LB_PICK_HASH: "the slot the client process's id hashes to "
-                                       "(consistent: it keeps its endpoint)"}
-
-
-def _kernel_path(inp: ExplainInputs, r: Result, k: KernelVerdict, rec: ServiceRecord,
-                 addr: HostPort) -> None:
-    """The kernel path's step: the connect hook balances, no proxy on the path."""
-    why = ("the proxy is not ready: fallback" if rec.id not in inp.capture.kernel
-           else f"datapath {rec.policy.datapath}")
-    if k.match == "endpoint":
-        r.outcome = "kernel"
-        r.steps.append(f"kernel ({inp.backend}): kernel path ({why}), an endpoint's own address "
-                       "→ straight to it, counted")
-        r.verdict = (f"kernel path: straight to endpoint {addr} of {rec.name}; no proxy on the "
-                     "path")
-        return
-    if k.table is None:
-        r.outcome = "no-endpoint"
-        r.steps.append(f"kernel ({inp.backend}): kernel path ({why}), but no healthy endpoint "
-                       f"of {rec.name} on port {addr.port} → left to the VIP")
-        r.verdict = (f"no endpoint: {rec.name} has no healthy endpoint for port {addr.port}; "
-                     f"the connect goes on to {addr}, where nothing listens (refused)")
-        return
-    shares = _table_shares(k.table)
-    r.outcome = "kernel"
-    r.candidates = [{"addr": a, "share": s} for a, s in shares.items()]
-    r.steps.append(f"kernel ({inp.backend}): kernel path ({why}) → the connect hook picks "
-                   f"{_PICK_WORDS.get(k.table.pick, 'a slot')} of {len(k.table.slots)}: "
-                   + ", ".join(f"{a} {s}" for a, s in shares.items()))
-    r.verdict = (f"kernel path: balanced in the kernel over {len(shares)} endpoint(s) of "
-                 f"{rec.name}; the app connects straight to the endpoint and getpeername() "
-                 f"shows {addr}; no proxy on the path")
 
 
 def _route(inp: ExplainInputs, r: Result, rec: ServiceRecord, addr: HostPort) -> None:

@@ -27,14 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import itertools
 import logging
 import os
 import signal
 import time
 from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import replace
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any, cast
 
@@ -45,13 +43,13 @@ from meshnode.agent.control import ControlServer
 from meshnode.agent.enrollment import EnrollmentManager
 from meshnode.agent.gateway import GatewayListeners
 from meshnode.agent.identity import IdentityClient
+from meshnode.agent.kernel_path import KernelPath
 from meshnode.agent.mesh_security import HELD_INBOUND, MeshSecurity, bind_inbound
 from meshnode.agent.names import MeshNames
 from meshnode.agent.observe import Telemetry
 from meshnode.agent.parts import Parts
 from meshnode.agent.report import HostReport
 from meshnode.agent.requeue import reconcile_forever
-from meshnode.agent.stragglers import Stragglers
 from meshnode.agent.workers import WorkerPool
 from meshnode.capture import CaptureBackend, CaptureContext, undo_functions
 from meshnode.config import AgentConfig
@@ -64,9 +62,8 @@ from meshnode.host import cgroup, process
 from meshnode.host.ledger import Ledger, UndoFn
 from meshnode.host.netns import enter_netns
 from meshnode.host.statefile import write_json
-from meshnode.model import CaptureState, Endpoint, HostPort
-from meshnode.policy import compiler, datapath
-from meshnode.route import KernelAction, classify
+from meshnode.model import CaptureState
+from meshnode.policy import compiler
 from meshnode.wire import GATEWAY_FDS_SOCKET, Retain
 
 log = logging.getLogger(__name__)
@@ -103,8 +100,7 @@ class HostAgent:
         self.started_at = 0.0
         self.ready_after = 0.0
         self.compiler = compiler.Compiler()  # what the workers and the kernel were given
-        self.planner = datapath.Planner()  # which services the kernel balances, and over what
-        self.stragglers = Stragglers()  # connects queued for a proxy that is not coming back
+        self.kernel_path = KernelPath()  # which services the kernel balances, and over what
         self._feed = 0  # the registry change feed's position the compiler has read to
         self._synced: CaptureState | None = None  # the state the kernel last took
         self._reconcile_lock = asyncio.Lock()
@@ -333,56 +329,19 @@ class HostAgent:
             if ready and self.identity is not None:
                 self.identity.workers_have = pushed  # status says when workers present it
             resources = self.registry.resources()
-            plan = self.planner.plan(
-                services, self._balanced_over, {*compiled.changed, *dirty},
-                datapath.environment(resources, self.node, self.cfg.zone,
-                                     self.capture.name == "ebpf"))
-            state = self.compiler.capture_state(ready, self.compiler.inbound(
-                self.node, compiler.mesh_spec(resources)), plan)
-            if ready and not self.workers.alive and state.fallback:
-                # no worker serves: the listening socket queues connects for the replacement,
-                # but the services that may are balanced in the kernel meanwhile
-                state = replace(state, ready=state.ready - state.fallback)
+            kernel = self.kernel_path
+            plan = kernel.plan(services, self.compiler.pushed, {*compiled.changed, *dirty},
+                               resources, self.node, self.cfg.zone, self.capture.name == "ebpf")
+            state = kernel.while_down(self.compiler.capture_state(ready, self.compiler.inbound(
+                self.node, compiler.mesh_spec(resources)), plan), ready, bool(self.workers.alive))
             if state is not self._synced:  # the same object: nothing the kernel holds changed
                 await asyncio.to_thread(self.capture.sync, state)
                 self._synced = state
-            if (state.fallback and not self.workers.alive and self.workers.listener is not None
-                    and not state.ready - state.kernel):
-                # no worker, and no service waits for one (not bridging, or all of them fall
-                # back): nothing must stay queued for the replacement
-                self._take_stragglers(state, self.workers.listener)
+            kernel.take_queued(state, self.capture, self.workers.listener,
+                               bool(self.workers.alive))
             self.ready = ready  # published only once the kernel rules match it
             if ready and self.report is not None:
                 self.report.applied(revision)
-
-    def _take_stragglers(self, state: CaptureState, listener: int) -> None:
-        """No worker serves, and no service waits for one: the connects queued for the proxy
-        before capture fell back are relayed as the kernel would have sent them, or reset."""
-        capture = self.capture
-        assert capture is not None
-        turn = itertools.count()
-
-        def resolve(ip: IPv4Address, port: int) -> HostPort | None:
-            dst = capture.origdst(HostPort(ip, port))
-            if dst is None:
-                return None
-            k = classify(state, dst)
-            if k.action is not KernelAction.KERNEL:
-                return None
-            if k.table is None:
-                return dst if k.match == "endpoint" else None
-            return k.table.slots[next(turn) % len(k.table.slots)]
-
-        taken = self.stragglers.drain(listener, resolve)
-        if taken:
-            log.info("took %d connections queued for the proxy (relayed %d, reset %d so far)",
-                     taken, self.stragglers.relayed, self.stragglers.reset)
-
-    def _balanced_over(self, rec: ServiceRecord) -> frozenset[Endpoint]:
-        """The endpoints the workers were given for `rec` (health applied): the kernel path
-        balances over the same ones."""
-        entry = self.compiler.pushed.get(rec.name)
-        return entry[1] if entry is not None else frozenset()
 
     def _share_health(self, services: Mapping[str, ServiceRecord], names: Iterable[str]) -> None:
         """Write this host's verdicts into its endpoints' registry records where they differ
@@ -463,7 +422,7 @@ class HostAgent:
         await self._step("the admin port", self.telemetry.stop_admin())
         self.telemetry.close()  # no more samples: the kernel-path maps' fds go
         await self._step("the health checks", self.health.close())
-        await self._step("connections taken from the proxy's queue", self.stragglers.close())
+        await self._step("connections taken from the proxy's queue", self.kernel_path.close())
         # 3. drain the proxy: established connections finish within the grace period
         if self.workers is not None:
             await self._step("draining the workers", self.workers.stop(),
@@ -502,7 +461,7 @@ class HostAgent:
         await self._step("the admin port", self.telemetry.stop_admin())
         self.telemetry.close()  # no more samples: the kernel-path maps' fds go
         await self._step("the health checks", self.health.close())
-        await self._step("connections taken from the proxy's queue", self.stragglers.close())
+        await self._step("connections taken from the proxy's queue", self.kernel_path.close())
         if self.workers is not None:
             self.workers.detach()
         if self.report is not None:
@@ -675,7 +634,7 @@ class HostAgent:
                      report=self.report, mount=self.mount, root_cgroup=self.root_cgroup,
                      ready=lambda: self.ready, ready_after=lambda: self.ready_after,
                      settle=self._settled, uninstall=self.uninstall, identity=self.identity,
-                     planner=self.planner, synced=lambda: self._synced,
+                     planner=self.kernel_path.planner, synced=lambda: self._synced,
                      ca=lambda: self.ca, ca_started=self.ca_started, gateway=self.gateway)
 
     async def _settled(self) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from meshnode import __version__, constants
 from meshnode.discovery.health import HealthMonitor
 from meshnode.errors import MeshnodeError
-from meshnode.model import CaptureState
+from meshnode.model import CaptureState, LbKey
 from meshnode.policy.datapath import PathChoice
 from meshnode.policy.labels import labels_json
 from meshnode.policy.records import ServiceRecord
@@ -28,16 +29,16 @@ _PICKS = {constants.LB_PICK_ROTATE: "rotate", constants.LB_PICK_RANDOM: "random"
 
 
 def describe_path(rec: ServiceRecord, choice: PathChoice | None,
-                  state: CaptureState | None) -> dict[str, Any]:
-    """Which path the service's connections take now, and why; the kernel's tables."""
+                  state: CaptureState | None, keys: Iterable[LbKey] = ()) -> dict[str, Any]:
+    """Which path the service's connections take now, and why; the kernel's tables under
+    `keys` (the planner's for this service: a lookup each, not a walk of every table)."""
     if choice is None:
         return {"path": "proxy", "now": "proxy", "fallback": False, "reason": "not planned yet"}
     now = "kernel" if state is not None and state.balanced(rec.id) else (
         "proxy" if state is not None and rec.id in state.ready else "down")
-    tables = [] if state is None else [
-        {"port": t.port, "pick": _PICKS.get(t.pick, str(t.pick)), "slots": len(t.slots),
-         "endpoints": t.shares()}
-        for (sid, _), t in sorted(state.lb.items()) if sid == rec.id]
+    held = [] if state is None else [t for key in keys if (t := state.lb.get(key)) is not None]
+    tables = [{"port": t.port, "pick": _PICKS.get(t.pick, str(t.pick)), "slots": len(t.slots),
+               "endpoints": t.shares()} for t in held]
     return {"path": choice.path, "now": now, "fallback": choice.fallback,
             "local_only": choice.local_only, "reason": choice.reason,
             "pick": tables[0]["pick"] if tables else None, "tables": tables}
@@ -57,6 +58,13 @@ def describe_service(rec: ServiceRecord, counters: dict[str, Any],
              "proxy": per_ep.get(str(e.addr), {})}
             for e in sorted(rec.endpoints, key=lambda e: e.addr)],
     }
+
+
+def _path(p: Parts, name: str, rec: ServiceRecord) -> dict[str, Any]:
+    planner = p.planner
+    if planner is None:
+        return describe_path(rec, None, None)
+    return describe_path(rec, planner.choices.get(name), p.synced(), planner.keys_of(name))
 
 
 async def status(p: Parts) -> dict[str, Any]:
@@ -82,8 +90,7 @@ async def status(p: Parts) -> dict[str, Any]:
         "workers": p.workers.describe(),
         "proxy": dict(totals.values),
         "services": [describe_service(rec, per_service.get(name, {}), p.health,
-                                      describe_path(rec, p.planner.choices.get(name)
-                                                    if p.planner else None, p.synced()))
+                                      _path(p, name, rec))
                      for name, rec in sorted(p.registry.services().items())],
         "enrolled": p.enrollments.describe(),
         "identity": p.identity.describe(),

@@ -316,12 +316,6 @@ class WorkerPool:
                        else self.cfg.restart_backoff)
             await self._on_change()
 
-    @property
-    def bridging(self) -> bool:
-        """No worker is alive, and the listening socket queues connects for a replacement
-        about to start."""
-        return self._bridging()
-
     def _bridging(self) -> bool:
         since = self._bridging_since
         return (since is not None and self.listener is not None

@@ -1,7 +1,8 @@
 """Typed access to the pinned capture maps (layouts of bpf/include/mn_maps.h).
 
 The agent opens the pins once (`CaptureMaps.open`) and syncs CaptureStates into them: the kernel
-then redirects, refuses or passes each connect without the agent on the path. A sync writes
+then redirects, balances (the kernel path: its tables in lb_maps.py), refuses or passes each
+connect without the agent on the path. A sync writes
 only the keys that changed since the last one (`MapMirror`, pure, so unit tests check the
 writes without a kernel); the first sync after opening reads the maps back once, so an agent
 that finds them already filled (pins adopted after a restart) converges instead of assuming
@@ -13,16 +14,15 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import TypeVar
 
 from meshnode import constants
-from meshnode.bpf import inbound, kflow, syscall
+from meshnode.bpf import inbound, kflow, lb_maps, syscall
 from meshnode.errors import BpfError
-from meshnode.model import CaptureState, LbKey, LbTable
+from meshnode.model import CaptureState
 
 # struct mn_addr4 { __u32 ip; __u16 port; __u16 pad; }: ip and port in network byte order.
 _ADDR4 = struct.Struct("!4sHxx")
@@ -35,14 +35,6 @@ ORIG_SIZE = ADDR4_SIZE + 8
 # struct mn_dns_cfg { __u32 flags; __u32 port; }: host byte order, as C reads them.
 _DNS_CFG = struct.Struct("=II")
 
-# struct mn_lb_key { __u32 service; __u16 port; __u16 pad; }: port in network order.
-_LB_KEY = struct.Struct("=I2sxx")
-# struct mn_lb_table { __u32 slots; __u32 pick; __u64 cursor; }
-_LB_TABLE = struct.Struct("=IIQ")
-# struct mn_lb_slot_key { __u32 service; __u16 port; __u16 slot; }: port network order, slot
-# host order.
-_LB_SLOT_KEY = struct.Struct("=I2sH")
-
 # Key and value sizes of every pinned map, as this module packs them. The agent checks the
 # pinned maps against them on open (maps made by another meshnode version are refused), and
 # tests/integration/test_bpf_layout.py checks them against what clang compiled.
@@ -54,8 +46,7 @@ MAP_LAYOUTS: dict[str, tuple[int, int]] = {
     "mn_stats": (_U32.size, _U64.size),  # per CPU: the kernel pads each CPU's value to 8
     "mn_dns_cfg": (_U32.size, _DNS_CFG.size),
     "mn_dns_orig": (_U64.size, ADDR4_SIZE),
-    "mn_lb_table": (_LB_KEY.size, _LB_TABLE.size),
-    "mn_lb_slot": (_LB_SLOT_KEY.size, ADDR4_SIZE),
+    **lb_maps.LAYOUTS,  # the kernel path's tables, packed by meshnode.bpf.lb_maps
     "mn_ksock": (_U64.size, 40),  # struct mn_ksock: the kernel path's open sockets
     **kflow.MAP_LAYOUTS,  # its telemetry: mn_kflow, mn_klog, mn_klog_head (bpf.kflow packs)
     **inbound.MAP_LAYOUTS,  # mn_inbound.c's, packed by meshnode.bpf.inbound
@@ -96,25 +87,6 @@ def unpack_u32(raw: bytes) -> int:
 def pack_dns_cfg(enabled: bool, port: int) -> bytes:
     """struct mn_dns_cfg: the DNS switch's flags and port."""
     return _DNS_CFG.pack(constants.DNS_ENABLED if enabled else 0, port)
-
-
-def pack_lb_key(service_id: int, port: int) -> bytes:
-    return _LB_KEY.pack(service_id, port.to_bytes(2, "big"))
-
-
-def pack_lb_table(slots: int, pick: int) -> bytes:
-    """A table's value; the rotation cursor starts over at 0."""
-    return _LB_TABLE.pack(slots, pick, 0)
-
-
-def unpack_lb_table(raw: bytes) -> tuple[int, int, int]:
-    """(slots, pick, cursor)."""
-    slots, pick, cursor = _LB_TABLE.unpack(raw[:_LB_TABLE.size])
-    return int(slots), int(pick), int(cursor)
-
-
-def pack_lb_slot_key(service_id: int, port: int, slot: int) -> bytes:
-    return _LB_SLOT_KEY.pack(service_id, port.to_bytes(2, "big"), slot)
 
 
 def service_flags(state: CaptureState, service_id: int) -> int:
@@ -301,9 +273,7 @@ class CaptureMaps:
         self._mirror: MapMirror | None = None
         self.last_writes = 0  # map writes the last sync made (for tests and timing logs)
         self._dns_port = 0  # the last port set_dns was given (kept when DNS goes off)
-        # The kernel path's tables as last written (None: not known, read them back).
-        self._lb: Mapping[LbKey, LbTable] | None = None
-        self.lb_changed: dict[LbKey, tuple[LbTable | None, LbTable | None]] = {}
+        self.lb = lb_maps.LbMaps(fds["mn_lb_table"], fds["mn_lb_slot"])  # kernel-path tables
 
     @classmethod
     def open(cls, pin_dir: Path) -> CaptureMaps:
@@ -370,7 +340,7 @@ class CaptureMaps:
             syscall.map_update(dest_fd, pack_addr4(ip, port), pack_u32(sid))
         # tables before the flags that send connects to them; stale ones after the flags
         # that stop doing so
-        retire = self._sync_lb(state)
+        retire = self.lb.sync(state)
         for sid, flags in delta.svc_updates:
             syscall.map_update(svc_fd, pack_u32(sid), pack_u32(flags))
         for ip, port in delta.dest_deletes:
@@ -386,95 +356,10 @@ class CaptureMaps:
         raw = syscall.map_lookup(self._fds["mn_ksock"], _U64.pack(cookie), 40)
         return unpack_u32(raw[4:8]) if raw else None  # struct mn_ksock: key.service
 
-    def lb_tables(self) -> dict[LbKey, tuple[int, int, int]]:
-        """What mn_lb_table holds: (service id, port) -> (slots, pick, cursor)."""
-        fd = self._fds["mn_lb_table"]
-        out: dict[LbKey, tuple[int, int, int]] = {}
-        for key in syscall.map_keys(fd, _LB_KEY.size):
-            raw = syscall.map_lookup(fd, key, _LB_TABLE.size)
-            if raw is not None:
-                sid, port = _LB_KEY.unpack(key)
-                out[(int(sid), int.from_bytes(port, "big"))] = unpack_lb_table(raw)
-        return out
-
-    def lb_slots(self, service_id: int, port: int, count: int) -> list[DestKey | None]:
-        """The first `count` slots of a table, as the hook reads them."""
-        fd = self._fds["mn_lb_slot"]
-        out: list[DestKey | None] = []
-        for i in range(count):
-            raw = syscall.map_lookup(fd, pack_lb_slot_key(service_id, port, i), ADDR4_SIZE)
-            out.append(unpack_addr4(raw) if raw else None)
-        return out
-
-    def _sync_lb(self, state: CaptureState) -> Callable[[], int]:
-        """Write the tables that differ from the last sync (all of them, against what the
-        kernel holds, after opening). Slots go in before the count that covers them and
-        leave after it, so the hook never indexes a missing slot. Returns the step that
-        deletes the tables no longer wanted (to run once no flag sends connects to them),
-        which returns the number of map writes made. `lb_changed` says which tables changed,
-        old and new (None: absent), for closing connections to endpoints that left."""
-        want = state.lb
-        have: Mapping[LbKey, LbTable | tuple[int, int, int]]
-        keys: Iterable[LbKey]
-        if self._lb is None:
-            have = self.lb_tables()  # counts only: rewrite every wanted table
-            keys = {*want, *have}
-        elif self._lb is want:
-            self.lb_changed = {}
-            return lambda: 0
-        else:
-            have = self._lb
-            # the planner's hint: only these differ from the tables synced last
-            keys = state.lb_changed if state.lb_since is have else {*want, *have}
-        self._lb = None  # unknown until the writes complete
-        table_fd, slot_fd = self._fds["mn_lb_table"], self._fds["mn_lb_slot"]
-        writes = 0
-        changed: dict[LbKey, tuple[LbTable | None, LbTable | None]] = {}
-        gone: list[tuple[LbKey, LbTable | tuple[int, int, int]]] = []
-        for key in keys:
-            table = want.get(key)
-            old = have.get(key)
-            if table is None:
-                if old is not None:
-                    gone.append((key, old))
-                continue
-            if old is table or old == table:
-                continue
-            sid, port = key
-            old_count = len(old.slots) if isinstance(old, LbTable) else (old[0] if old else 0)
-            for i, addr in enumerate(table.slots):
-                if isinstance(old, LbTable) and i < old_count and old.slots[i] == addr:
-                    continue
-                syscall.map_update(slot_fd, pack_lb_slot_key(sid, port, i),
-                                   pack_addr4(addr.ip, addr.port))
-                writes += 1
-            syscall.map_update(table_fd, pack_lb_key(sid, port),
-                               pack_lb_table(len(table.slots), table.pick))
-            for i in range(len(table.slots), old_count):
-                syscall.map_delete(slot_fd, pack_lb_slot_key(sid, port, i))
-            writes += 1 + max(0, old_count - len(table.slots))
-            changed[key] = (old if isinstance(old, LbTable) else None, table)
-        for key, old in gone:
-            changed[key] = (old if isinstance(old, LbTable) else None, None)
-        self.lb_changed = changed
-
-        def retire() -> int:
-            n = writes
-            for (sid, port), old in gone:
-                syscall.map_delete(table_fd, pack_lb_key(sid, port))
-                old_count = len(old.slots) if isinstance(old, LbTable) else old[0]
-                for i in range(old_count):
-                    syscall.map_delete(slot_fd, pack_lb_slot_key(sid, port, i))
-                n += 1 + old_count
-            self._lb = want
-            return n
-
-        return retire
-
     def clear_services(self) -> None:
         """Drop every service flag: every mesh connect passes untouched (fail open)."""
         self._mirror = None
-        self._lb = None
+        self.lb.forget()
         fd = self._fds["mn_svc"]
         for key in syscall.map_keys(fd, 4):
             syscall.map_delete(fd, key)

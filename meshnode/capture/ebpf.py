@@ -217,7 +217,7 @@ class BpfCapture:
         """Close the kernel-path connections to endpoints that left the tables of services
         asking for it (closeRemovedConnections); the others finish on their own."""
         gone: dict[int, set[tuple[IPv4Address, int]]] = {}
-        for old, new in maps.lb_changed.values():
+        for old, new in maps.lb.changed.values():
             table = new or old
             if table is None or not table.close_removed:
                 continue

@@ -200,9 +200,9 @@ class Planner:
     _tables: dict[str, dict[LbKey, LbTable]] = field(default_factory=dict)
     _plan: KernelPlan = field(default_factory=KernelPlan)
 
-    @property
-    def current(self) -> KernelPlan:
-        return self._plan
+    def keys_of(self, name: str) -> list[LbKey]:
+        """The (service id, port) keys of one service's tables, in order."""
+        return sorted(self._tables.get(name, {}))
 
     def plan(self, services: Mapping[str, ServiceRecord],
              healthy: Callable[[ServiceRecord], frozenset[Endpoint]],

@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
 import re
-import resource
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from tests.bench.http_load import _run, op_h2load
+from tests.bench.ops import serve
 
 
 def op_resolve(name: str) -> dict[str, Any]:
@@ -65,17 +61,7 @@ OPS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def main() -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        op = OPS[cmd.pop("op")]
-        try:
-            result = op(**cmd)
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            result = {"error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(result), flush=True)
+    serve(OPS)
 
 
 if __name__ == "__main__":

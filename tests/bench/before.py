@@ -92,22 +92,7 @@ class BeforeHost(Host):
         self.env = {**{k: v for k, v in self.env.items() if k != "PYTHONPATH"},
                     "PYTHONSAFEPATH": "1"}
 
-    def agent_argv(self) -> list[str]:
-        return [self.python, *super().agent_argv()[1:]]
-
     def popen(self, argv: list[str], service: str | None = None,
               **kw: Any) -> subprocess.Popen[Any]:
         # the current tree's programs need it on their path; meshnode run must not have it
-        argv = ["env", f"PYTHONPATH={self.repo}", *argv]
-        if service is not None:
-            argv = [self.python, "-m", "meshnode.cli", "run", "--instance", self.tag,
-                    "--service", service, "--", *argv]
-        p: subprocess.Popen[Any] = subprocess.Popen(
-            ["nsenter", f"--net=/run/netns/{self.netns}", *argv], env=self.env, **kw)
-        self.procs.append(p)
-        return p
-
-    def cli(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["nsenter", f"--net=/run/netns/{self.netns}", self.python,
-                               "-m", "meshnode.cli", *args, "--instance", self.tag],
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        return super().popen(["env", f"PYTHONPATH={self.repo}", *argv], service, **kw)

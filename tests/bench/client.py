@@ -23,16 +23,16 @@ import json
 import multiprocessing
 import os
 import re
-import resource
 import select
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
+
+from tests.bench.ops import serve
 
 CHUNK = 1 << 20
 _held: list[socket.socket] = []
@@ -213,17 +213,7 @@ OPS: dict[str, Callable[..., dict[str, Any]]] = {
 
 
 def main() -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        op = OPS[cmd.pop("op")]
-        try:
-            result = op(**cmd)
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            result = {"error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(result), flush=True)
+    serve(OPS)
 
 
 class ClientError(RuntimeError):

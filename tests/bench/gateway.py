@@ -536,10 +536,7 @@ def run(quick: bool, out: Path, only: str = "", keep: bool = False) -> int:
         print("interrupted: every process and the namespace have been removed", file=sys.stderr)
         return 130
     finally:
-        if keep:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        report.release(tmp, keep)
     wall = time.monotonic() - started
     table = report.medians(raw)
     ms = table_metrics(p)

@@ -19,16 +19,14 @@ Operations (each answers one JSON line; errors answer {"error": "..."}):
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import resource
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from tests.bench.ops import serve
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
@@ -110,17 +108,7 @@ OPS: dict[str, Callable[..., dict[str, Any]]] = {"wrk": op_wrk, "h2load": op_h2l
 
 
 def main() -> None:
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    print(json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        op = OPS[cmd.pop("op")]
-        try:
-            result = op(**cmd)
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            result = {"error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(result), flush=True)
+    serve(OPS)
 
 
 if __name__ == "__main__":

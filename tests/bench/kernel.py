@@ -435,22 +435,8 @@ def _goal(name: str, what: str, value: float | None, bound: float, at_least: boo
 
 
 def table_text(t: report.Table, reps: Reps, names: list[str], ms: list[report.Metric]) -> str:
-    """report.table_text's layout; the ratio rows are paired ratios (see `paired`)."""
-    w = max(12, *(len(v) + 1 for v in names))
-    head = f"{'metric':<46}{'unit':>9}  " + "".join(f"{v:>{w}}" for v in names)
-    lines = [head, "-" * len(head)]
-    for m in ms:
-        if all(t.get(v, {}).get(m.key) is None for v in names):
-            continue
-        better = "↑" if m.higher_is_better else "↓"
-        lines.append(f"{m.label + ' ' + better:<46}{m.unit:>9}  "
-                     + "".join(f"{report._fmt(t.get(v, {}).get(m.key)):>{w}}" for v in names))
-        for ref in (DIRECT, HAPROXY):
-            cells = [paired(reps, v, ref, m.key) for v in names]
-            if any(c is not None for c in cells):
-                lines.append(f"{'  ' + report.TIMES + ' ' + ref:<46}{'':>9}  "
-                             + "".join(f"{report._fmt(c):>{w}}" for c in cells))
-    return "\n".join(lines)
+    """report.table_text, with paired ratios (see `paired`) in the ratio rows."""
+    return report.table_text(t, names, ms, ratio_of=lambda v, ref, key: paired(reps, v, ref, key))
 
 
 # "no slower than before": connection setup, bulk and the pinned round trip (its CPU cost; the
@@ -537,10 +523,7 @@ def run(quick: bool, out: Path, keep: bool = False, rev: str | None = "") -> int
         print("interrupted: every process and namespace has been removed", file=sys.stderr)
         return 130
     finally:
-        if keep:
-            print(f"logs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        report.release(tmp, keep)
     wall = time.monotonic() - started
     raw = raw_of(reps)
     table = report.medians(raw)

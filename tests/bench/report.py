@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +76,13 @@ def _fmt(x: float | None) -> str:
 
 
 def table_text(table: Table, variants: list[str], ms: list[Metric],
-               refs: tuple[str, ...] = (DIRECT, HAPROXY)) -> str:
+               refs: tuple[str, ...] = (DIRECT, HAPROXY),
+               ratio_of: Callable[[str, str, str], float | None] | None = None) -> str:
+    """The medians with a ratio row per reference; `ratio_of(variant, ref, key)` computes
+    those rows (default: the ratio of the medians)."""
+    if ratio_of is None:
+        def ratio_of(v: str, ref: str, key: str) -> float | None:
+            return ratio(table, v, ref, key)
     w = max(12, *(len(v) + 1 for v in variants))
     head = f"{'metric':<46}{'unit':>9}  " + "".join(f"{v:>{w}}" for v in variants)
     lines = [head, "-" * len(head)]
@@ -84,7 +93,7 @@ def table_text(table: Table, variants: list[str], ms: list[Metric],
         lines.append(f"{m.label + ' ' + better:<46}{m.unit:>9}  "
                      + "".join(f"{_fmt(table.get(v, {}).get(m.key)):>{w}}" for v in variants))
         for ref in refs:
-            cells = [ratio(table, v, ref, m.key) for v in variants]
+            cells = [ratio_of(v, ref, m.key) for v in variants]
             if any(c is not None for c in cells):
                 lines.append(f"{'  ' + TIMES + ' ' + ref:<46}{'':>9}  "
                              + "".join(f"{_fmt(c):>{w}}" for c in cells))
@@ -178,3 +187,11 @@ def chart(path: Path, table: Table, variants: list[str], ms: list[Metric], title
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def release(tmp: Path, keep: bool) -> None:
+    """A bench's scratch folder after its run: kept (and where said) or removed."""
+    if keep:
+        print(f"logs kept in {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -224,7 +224,10 @@ def test_connections_to_a_removed_endpoint(host: Host, close: bool) -> None:
     r = h.cli("service", "remove", "echo", "--endpoint", f"127.0.0.1:{port}")
     assert r.returncode == 0, r.stderr
     h.wait_endpoints("echo", set())
-    time.sleep(0.5)  # the agent's sync after the registry change
+    # status shows the tables the kernel took: once the endpoint has left them, the sync
+    # that closes its connections (or not) has run
+    wait_for("the endpoint out of the kernel's table",
+             lambda: h.service("echo")["datapath"]["tables"] == [])
     after = probe.ask(op="ping", id=stream["id"], data="two")
     if close:
         assert not after["ok"] and after.get("errno") in (103, 104, 32), after

@@ -13,7 +13,7 @@ import pytest
 
 from meshnode import constants
 from meshnode.balance import slots
-from meshnode.bpf import maps
+from meshnode.bpf import lb_maps, maps
 from meshnode.model import CaptureRule, CaptureState, Endpoint, HostPort, LbTable
 from meshnode.policy.datapath import Environment, Planner, choose, environment, tables
 from meshnode.policy.records import EndpointRecord, ServiceRecord
@@ -182,9 +182,9 @@ def test_classify_kernel_path() -> None:
 
 
 def test_lb_layouts_pack_as_the_c_structs() -> None:
-    assert maps.pack_lb_key(7, 80) == b"\x07\0\0\0\0\x50\0\0"
-    assert maps.pack_lb_slot_key(7, 80, 3) == b"\x07\0\0\0\0\x50\x03\0"
-    assert maps.unpack_lb_table(maps.pack_lb_table(6, constants.LB_PICK_HASH)) == (
+    assert lb_maps.pack_lb_key(7, 80) == b"\x07\0\0\0\0\x50\0\0"
+    assert lb_maps.pack_lb_slot_key(7, 80, 3) == b"\x07\0\0\0\0\x50\x03\0"
+    assert lb_maps.unpack_lb_table(lb_maps.pack_lb_table(6, constants.LB_PICK_HASH)) == (
         6, constants.LB_PICK_HASH, 0)
     assert maps.MAP_LAYOUTS["mn_lb_table"] == (8, 16)
     assert maps.MAP_LAYOUTS["mn_lb_slot"] == (8, 8)
